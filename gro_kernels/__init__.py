@@ -1,0 +1,1 @@
+"""gro_kernels."""

@@ -1,0 +1,213 @@
+"""The `torch` backend: chunked over tokens and vocabulary, any device.
+
+Forward sweeps the vocabulary in chunks with an online log-sum-exp, so no `[tokens, vocab]`
+tensor ever exists; backward recomputes each logits chunk. The workspace is bounded by
+`chunk_elements` (default 2**22 = 4M entries, 16 MiB in float32): a chunk holds at most
+`chunk_elements` logits, and at most four such buffers are alive at once (logits, softmax,
+reference logits, one transient; the gradient reuses the logits buffer), so the workspace is at most 64 MiB
+whatever the number of tokens or the vocabulary. Gradients of hidden, weight and bias accumulate
+in float32 (for bf16/fp16 weights that is one extra gradient-sized float32 buffer).
+
+Math, with z = (h W^T + b) / T, p = softmax(z), zr the reference head's logits:
+    logp = z_y - lse,   H = lse - E_p[z],   KL = E_p[z - zr] - lse + lse_ref
+    dlogp/dz = onehot - p,   dH/dz = -p (z - E_p[z]),   dKL/dz = p ((z - zr) - E_p[z - zr])
+so the logits gradient of `g_logp*logp + g_H*H + g_KL*KL` is `g_logp*onehot + p*(alpha + beta*z + gamma*zr)`
+with per-token alpha, beta, gamma: one affine expression per chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+from .api import stat_dtype
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_VOCAB = 4096
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def _logits(h, weight, bias, a, b, inv_t, dtype):
+    z = h @ weight[a:b].to(dtype).T
+    if bias is not None:
+        z += bias[a:b].to(dtype)
+    return z.mul_(inv_t)
+
+
+def _rowdot(a, b):
+    """Per-row dot product without a chunk-sized temporary."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+def _chunk_sizes(n_tokens: int, vocab: int, chunk_elements: int):
+    cv = min(vocab, DEFAULT_CHUNK_VOCAB, chunk_elements)
+    ct = max(1, min(n_tokens, chunk_elements // cv))
+    return ct, cv
+
+
+class _ChunkedTokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
+                temperature, return_entropy, return_kl, chunk_elements):
+        # `rows`: indices of the non-ignored tokens (None when all are valid); only they are computed.
+        dtype = stat_dtype(hidden.dtype)
+        inv_t = 1.0 / temperature
+        n_all = targets.shape[0]
+        h = hidden if rows is None else hidden.index_select(0, rows)
+        y = targets if rows is None else targets.index_select(0, rows)
+        hr = None
+        if return_kl:
+            hr = ref_hidden if rows is None else ref_hidden.index_select(0, rows)
+        n, vocab = h.shape[0], weight.shape[0]
+        ct, cv = _chunk_sizes(n, vocab, chunk_elements)
+
+        lse = torch.zeros(n, dtype=dtype, device=h.device)
+        ez = torch.zeros_like(lse) if return_entropy else None
+        ekl = torch.zeros_like(lse) if return_kl else None
+        lse_ref = torch.zeros_like(lse) if return_kl else None
+        z_target = torch.zeros_like(lse)
+        with torch.no_grad():
+            for s, e in _chunks(n, ct):
+                hc = h[s:e].to(dtype)
+                hrc = hr[s:e].to(dtype) if return_kl else None
+                yc = y[s:e]
+                m = torch.full((e - s,), float("-inf"), dtype=dtype, device=h.device)
+                se = torch.zeros_like(m)  # running sum exp(z - m)
+                sz = torch.zeros_like(m)  # running sum exp(z - m) * z
+                skl = torch.zeros_like(m)  # running sum exp(z - m) * (z - zr)
+                mr = torch.full_like(m, float("-inf"))
+                ser = torch.zeros_like(m)
+                for a, b in _chunks(vocab, cv):
+                    z = _logits(hc, weight, bias, a, b, inv_t, dtype)
+                    inside = (yc >= a) & (yc < b)
+                    picked = z.gather(1, (yc - a).clamp(0, b - a - 1)[:, None])[:, 0]
+                    z_target[s:e] = torch.where(inside, picked, z_target[s:e])
+                    m_new = torch.maximum(m, z.amax(1))
+                    scale = torch.exp(m - m_new)
+                    p = torch.sub(z, m_new[:, None]).exp_()
+                    se = se * scale + p.sum(1)
+                    if return_entropy:
+                        sz = sz * scale + _rowdot(p, z)
+                    if return_kl:
+                        zr = _logits(hrc, ref_weight, ref_bias, a, b, inv_t, dtype)
+                        mr_new = torch.maximum(mr, zr.amax(1))
+                        skl = skl * scale + _rowdot(p, z.sub_(zr))
+                        ser = ser * torch.exp(mr - mr_new) + zr.sub_(mr_new[:, None]).exp_().sum(1)
+                        mr = mr_new
+                    m = m_new
+                lse[s:e] = m + torch.log(se)
+                if return_entropy:
+                    ez[s:e] = sz / se
+                if return_kl:
+                    lse_ref[s:e] = mr + torch.log(ser)
+                    ekl[s:e] = skl / se
+
+        def scatter(v):
+            if rows is None:
+                return v
+            out = torch.zeros(n_all, dtype=dtype, device=v.device)
+            return out.index_copy_(0, rows, v)
+
+        logp = scatter(z_target - lse)
+        entropy = scatter(lse - ez) if return_entropy else None
+        # Clamp tiny negative round-off: KL is non-negative by definition.
+        kl = scatter((ekl - lse + lse_ref).clamp_min(0)) if return_kl else None
+
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
+                              lse, ez, ekl)
+        ctx.config = (temperature, return_entropy, return_kl, chunk_elements)
+        outs = (logp, entropy, kl, scatter(lse))
+        ctx.mark_non_differentiable(outs[3])
+        return tuple(o if o is not None else torch.zeros(0, dtype=dtype, device=h.device) for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent, g_kl, _g_lse):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ez, ekl = ctx.saved_tensors
+        temperature, return_entropy, return_kl, chunk_elements = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dtype = lse.dtype
+        inv_t = 1.0 / temperature
+        n_all, vocab = targets.shape[0], weight.shape[0]
+
+        def gather(g):
+            if g is None or g.numel() == 0:
+                return None
+            g = g.to(dtype)
+            return g if rows is None else g.index_select(0, rows)
+
+        gl, gh, gk = gather(g_logp), gather(g_ent) if return_entropy else None, gather(g_kl) if return_kl else None
+        h = hidden if rows is None else hidden.index_select(0, rows)
+        y = targets if rows is None else targets.index_select(0, rows)
+        hr = None
+        if gk is not None:
+            hr = ref_hidden if rows is None else ref_hidden.index_select(0, rows)
+        n = h.shape[0]
+        zeros = torch.zeros(n, dtype=dtype, device=h.device)
+        gl = zeros if gl is None else gl
+        # dz = gl*onehot + p*(alpha + beta*z + gamma*zr), see the module docstring.
+        alpha = -gl
+        beta = torch.zeros_like(zeros)
+        if gh is not None:
+            alpha = alpha + gh * ez
+            beta = beta - gh
+        if gk is not None:
+            alpha = alpha - gk * ekl
+            beta = beta + gk
+
+        dh = torch.zeros(n, h.shape[1], dtype=dtype, device=h.device) if need_h else None
+        dw = torch.zeros(vocab, weight.shape[1], dtype=dtype, device=h.device) if need_w else None
+        db = torch.zeros(vocab, dtype=dtype, device=h.device) if (need_b and bias is not None) else None
+        ct, cv = _chunk_sizes(n, vocab, chunk_elements)
+        for s, e in _chunks(n, ct):
+            hc = h[s:e].to(dtype)
+            yc = y[s:e]
+            hrc = hr[s:e].to(dtype) if gk is not None else None
+            for a, b in _chunks(vocab, cv):
+                z = _logits(hc, weight, bias, a, b, inv_t, dtype)
+                p = torch.sub(z, lse[s:e, None]).exp_()
+                t = z.mul_(beta[s:e, None]).add_(alpha[s:e, None])
+                if gk is not None:
+                    zr = _logits(hrc, ref_weight, ref_bias, a, b, inv_t, dtype)
+                    t.sub_(zr.mul_(gk[s:e, None]))
+                dz = t.mul_(p)
+                inside = ((yc >= a) & (yc < b)).nonzero()[:, 0]
+                if inside.numel():
+                    dz.index_put_((inside, yc[inside] - a), gl[s:e][inside], accumulate=True)
+                dz.mul_(inv_t)
+                if dh is not None:
+                    dh[s:e] += dz @ weight[a:b].to(dtype)
+                if dw is not None:
+                    dw[a:b] += dz.T @ hc
+                if db is not None:
+                    db[a:b] += dz.sum(0)
+
+        grad_h = None
+        if dh is not None:
+            if rows is None:
+                grad_h = dh.to(hidden.dtype)
+            else:
+                grad_h = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
+        return (grad_h, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None, None, None, None, None, None, None, None)
+
+
+def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
+                temperature, ignore_index, return_entropy, return_kl, chunk_elements=DEFAULT_CHUNK_ELEMENTS,
+                **options):
+    if options:
+        raise TypeError(f"backend='torch' takes only the option chunk_elements, got {sorted(options)}")
+    if not isinstance(chunk_elements, int) or chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+    valid = targets != ignore_index
+    rows = None if bool(valid.all()) else valid.nonzero()[:, 0]
+    if return_kl:  # the reference head is frozen
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+    logp, ent, kl, lse = _ChunkedTokenStats.apply(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
+        temperature, return_entropy, return_kl, chunk_elements,
+    )
+    return logp, ent if return_entropy else None, kl if return_kl else None, lse
