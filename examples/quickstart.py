@@ -1,19 +1,42 @@
-"""Per-token log-probs, entropy and exact KL from hidden states, on every CPU backend."""
+"""Every method's loss on one small random batch, straight from hidden states and the LM head.
+
+Eight sequences in four groups of two: each pair has a reward (for the RL methods) and a
+chosen/rejected label (for the preference methods), so one batch feeds every preset.
+"""
 import torch
 
-from gro_kernels.logprobs import token_logprobs
+from gro_kernels import METHODS, gro_loss
 
 torch.manual_seed(0)
-B, T, d, V = 2, 6, 64, 1000
+B, T, d, V = 8, 12, 64, 1000
 hidden = torch.randn(B, T, d, requires_grad=True)
-weight = torch.randn(V, d) / d**0.5
+weight = (torch.randn(V, d) / d**0.5).requires_grad_()
 targets = torch.randint(0, V, (B, T))
-targets[:, :2] = -100  # prompt tokens: ignored
-ref_weight = weight + 0.01 * torch.randn(V, d)
+targets[:, :3] = -100  # prompt tokens are not scored
+targets[1, 9:] = -100  # a shorter response
+batch = dict(
+    rewards=torch.tensor([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 0.9, 0.1]),
+    group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+    labels=torch.tensor([1, -1, 1, -1, -1, 1, 1, -1]),
+    baselines=torch.full((B,), 0.4),
+)
+with torch.no_grad():
+    ref_logp = gro_loss(hidden, weight + 0.01 * torch.randn(V, d), targets, method="sft").logp
+    old_logp = ref_logp + 0.05 * torch.randn(B, T)
 
-for backend in ("naive", "torch"):
-    st = token_logprobs(hidden, weight, targets, return_entropy=True,
-                        ref_hidden=hidden.detach(), ref_weight=ref_weight, backend=backend)
-    valid = targets != -100
-    print(f"{backend:>6}: mean logp {st.logp[valid].mean():.4f}  entropy {st.entropy[valid].mean():.4f}  "
-          f"KL {st.kl[valid].mean():.2e}")
+print(f"{'method':>13}  {'loss':>10}  {'|grad hidden|':>13}  notes")
+for method in METHODS:
+    kw = dict(ref_logp=ref_logp, old_logp=old_logp)
+    if method in ("remax", "reinforce"):
+        kw.update(baselines=batch["baselines"], anchor="baseline")
+    if method in ("dpo", "ipo", "cpl", "simpo", "kto"):
+        kw.update(labels=batch["labels"], group_ids=batch["group_ids"])
+    elif method != "sft":
+        kw.update(rewards=batch["rewards"], group_ids=batch["group_ids"])
+    if method == "gro":
+        kw["offline"] = torch.tensor([True, False, False, False, False, False, False, False])
+    hidden.grad = None
+    out = gro_loss(hidden, weight, targets, method=method, **kw)
+    out.loss.backward()
+    note = f"clip_frac {out.metrics['clip_frac']:.2f}" if "clip_frac" in out.metrics else ""
+    print(f"{method:>13}  {out.loss.item():>10.5f}  {hidden.grad.norm().item():>13.5f}  {note}")

@@ -1,0 +1,117 @@
+"""`gro_objective`: the GRO loss on per-token log-probs (GRO.md section 2).
+
+    loss = sum_{i,t} c[i,t] * ( -surrogate(A, l, lo) + kl_coef * k(l, lr) - entropy_coef * H )
+
+The objective never knows which backend produced `logp`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from .aggregation import token_coefficients
+from .inputs import check_requirements, kl_is_used, prepare_batch
+from .options import resolve_options
+from .surrogates import kl_estimate, policy_surrogate
+from .weights import Weights, sequence_weights, token_weights
+
+
+@dataclass
+class GROOutput:
+    """loss: 0-d tensor to backpropagate; logp: the policy's per-token log-probs [B,T] (detached,
+    0 where masked); metrics: detached diagnostics (kl, entropy, clip fractions, weights, ...)."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gro_objective(
+    logp: torch.Tensor,
+    *,
+    method: str = "gro",
+    mask: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    kl: Optional[torch.Tensor] = None,
+    rewards: Optional[torch.Tensor] = None,
+    advantages: Optional[torch.Tensor] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    baselines: Optional[torch.Tensor] = None,
+    offline: Optional[torch.Tensor] = None,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    **options,
+) -> GROOutput:
+    """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
+
+    logp, mask, entropy, kl, old_logp, ref_logp: [B,T] (entropy and kl differentiable, as from
+    `token_logprobs`). rewards, baselines, group_ids, labels (+1/-1), offline (bool): [B].
+    advantages: [B] or [B,T], replacing the weights formed from rewards. Statistics are float32
+    (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
+    the method's own loss value; its gradient is the GRO gradient, which equals the method's.
+    """
+    opts = resolve_options(method, options)
+    b = prepare_batch(
+        logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
+        group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
+        old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch,
+    )
+    check_requirements(method, opts, b)
+    l, m = b.logp, b.mask
+    has_kl = b.kl is not None if opts.kl_estimator == "full" else b.ref_logp is not None
+    kl_used = kl_is_used(opts, b.advantages is not None)
+
+    # Weights A[i,t] (steps 1-4), unless given.
+    if b.advantages is not None:
+        A = torch.where(b.offline[:, None], b.advantages * opts.offline_coef, b.advantages)
+        w = Weights(advantages=A, weights=A, units=l.shape[0])
+    else:
+        reward_kl = None
+        if kl_used and opts.kl_placement == "reward":
+            # The KL of the sampled tokens, under the behaviour policy, enters the reward.
+            reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
+        if opts.score == "token_return":
+            w = token_weights(opts, b, reward_kl)
+        else:
+            w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
+
+    surrogate = policy_surrogate(opts, l, b.old_logp, w.advantages, m, b.offline)
+    c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
+                           num_items=b.num_items)
+    policy = -(c * surrogate.value).sum()
+    if w.unit_losses is not None and opts.loss_agg == "seq_mean_token_sum":
+        # Report the method's own loss; keep the GRO gradient (equal to the method's, see tests).
+        own = w.unit_losses.sum() / max(w.units, 1)
+        policy = own.detach() + (policy - policy.detach())
+    loss = policy
+
+    metrics = {"policy_loss": policy.detach()}
+    if has_kl:
+        k = kl_estimate(opts.kl_estimator, l, b.ref_logp, b.kl)
+        if kl_used and opts.kl_placement == "loss":
+            loss = loss + opts.kl_coef * (c * k).sum()
+        metrics["kl"] = _masked_mean(k.detach(), m)
+    if b.entropy is not None:
+        if opts.entropy_coef != 0:
+            loss = loss - opts.entropy_coef * (c * b.entropy).sum()
+        metrics["entropy"] = _masked_mean(b.entropy.detach(), m)
+    if surrogate.ratio is not None:
+        online = m * (~b.offline[:, None]).to(m.dtype)
+        metrics["ratio_mean"] = _masked_mean(surrogate.ratio, online)
+        metrics["clip_frac_low"] = _masked_mean(surrogate.clipped_low.to(m.dtype), online)
+        metrics["clip_frac_high"] = _masked_mean(surrogate.clipped_high.to(m.dtype), online)
+        metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), online)
+    metrics["weights"] = w.weights.detach()
+    metrics["advantages"] = w.advantages.detach()
+    for name in ("scores", "anchors", "signs"):
+        if getattr(w, name) is not None:
+            metrics[name] = getattr(w, name).detach()
+    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics)

@@ -1,0 +1,236 @@
+"""Checks the objective's tensor inputs and brings them to one form (`Batch`).
+
+Every error names the argument. Per-token inputs are zeroed at masked positions so that
+nothing a caller put there (padding, -inf) can reach the loss or make NaN.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .options import IMPLICIT_REFERENCE, Options
+
+
+@dataclass
+class Batch:
+    logp: torch.Tensor                 # [B,T] differentiable, 0 where masked
+    mask: torch.Tensor                 # [B,T] 0/1 in the statistics dtype
+    lengths: torch.Tensor              # [B] |y_i|
+    old_logp: torch.Tensor             # [B,T] detached; sg[logp] when absent and on offline rows
+    offline: torch.Tensor              # [B] bool
+    ref_logp: Optional[torch.Tensor] = None     # [B,T] detached
+    entropy: Optional[torch.Tensor] = None      # [B,T] differentiable
+    kl: Optional[torch.Tensor] = None           # [B,T] differentiable (exact KL)
+    rewards: Optional[torch.Tensor] = None      # [B]
+    advantages: Optional[torch.Tensor] = None   # [B,T]
+    baselines: Optional[torch.Tensor] = None    # [B]
+    labels: Optional[torch.Tensor] = None       # [B] +-1
+    group: Optional[torch.Tensor] = None        # [B] int64 in [0, num_groups)
+    num_groups: int = 0
+    num_items: Optional[float] = None
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics in float32, float64 when given float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensor(name, t, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logp is on {device}")
+    return t
+
+
+def _shape(name, t, shapes):
+    if tuple(t.shape) not in shapes:
+        want = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _per_token(name, t, shape, valid, dtype, device, *, detach):
+    if t is None:
+        return None
+    _tensor(name, t, device)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    _shape(name, t, [shape])
+    t = t.detach() if detach else t
+    return torch.where(valid, t.to(dtype), torch.zeros((), dtype=dtype, device=device))
+
+
+def _per_sequence(name, t, B, dtype, device):
+    """A finite real score per sequence, [B]."""
+    if t is None:
+        return None
+    _tensor(name, t, device)
+    if t.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got dtype {t.dtype}")
+    _shape(name, t, [(B,)])
+    t = t.detach().to(dtype)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got non-finite values at rows {torch.nonzero(~torch.isfinite(t)).flatten().tolist()}")
+    return t
+
+
+def _mask(mask, shape, device):
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    _tensor("mask", mask, device)
+    _shape("mask", mask, [shape])
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be bool or hold only 0 and 1")
+        mask = mask != 0
+    return mask
+
+
+def _labels(labels, B, device, dtype):
+    if labels is None:
+        return None
+    _tensor("labels", labels, device)
+    _shape("labels", labels, [(B,)])
+    if labels.dtype == torch.bool:
+        return torch.where(labels, 1.0, -1.0).to(dtype)
+    if labels.is_complex() or not ((labels == 1) | (labels == -1)).all():
+        raise ValueError("labels must hold +1 (chosen / desirable) or -1 (rejected / undesirable) for every row")
+    return labels.detach().to(dtype)
+
+
+def _groups(group_ids, B, device):
+    if group_ids is None:
+        return None, 0
+    _tensor("group_ids", group_ids, device)
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise TypeError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    _shape("group_ids", group_ids, [(B,)])
+    uniq, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(uniq.numel())
+
+
+def _offline(offline, B, device):
+    if offline is None:
+        return torch.zeros(B, dtype=torch.bool, device=device)
+    _tensor("offline", offline, device)
+    _shape("offline", offline, [(B,)])
+    if offline.dtype != torch.bool:
+        if offline.is_floating_point() or offline.is_complex() or not ((offline == 0) | (offline == 1)).all():
+            raise TypeError(f"offline must be a bool tensor (True for offline rows), got dtype {offline.dtype}")
+        offline = offline != 0
+    return offline
+
+
+def _num_items(n):
+    if n is None:
+        return None
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
+        n = n.item()
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not n > 0:
+        raise ValueError(f"num_items_in_batch must be a positive number, got {n!r}")
+    return float(n)
+
+
+def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
+                  offline, old_logp, ref_logp, num_items_in_batch) -> Batch:
+    """Validate every input against logp [B,T] and return them cast to the statistics dtype."""
+    if not isinstance(logp, torch.Tensor):
+        raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
+    if not logp.is_floating_point():
+        raise TypeError(f"logp must be a floating-point tensor, got dtype {logp.dtype}")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T] (sequences x tokens), got shape {tuple(logp.shape)}")
+    B, T = logp.shape
+    device, dtype = logp.device, stat_dtype(logp.dtype)
+    valid = _mask(mask, (B, T), device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    m = valid.to(dtype)
+
+    l = torch.where(valid, logp.to(dtype), zero)
+    off = _offline(offline, B, device)
+    lo = _per_token("old_logp", old_logp, (B, T), valid, dtype, device, detach=True)
+    # Absent behaviour log-probs mean on-policy: sg[l]. Offline rows never use a ratio.
+    lo = l.detach() if lo is None else torch.where(off[:, None], l.detach(), lo)
+
+    adv = None
+    if advantages is not None:
+        _tensor("advantages", advantages, device)
+        if advantages.is_complex() or not advantages.is_floating_point():
+            raise TypeError(f"advantages must be a floating-point tensor, got dtype {advantages.dtype}")
+        _shape("advantages", advantages, [(B,), (B, T)])
+        adv = advantages.detach().to(dtype)
+        adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv
+        adv = torch.where(valid, adv, zero)
+        if not torch.isfinite(adv).all():
+            raise ValueError("advantages must be finite at unmasked positions")
+
+    group, num_groups = _groups(group_ids, B, device)
+    return Batch(
+        logp=l, mask=m, lengths=m.sum(1), old_logp=lo, offline=off,
+        ref_logp=_per_token("ref_logp", ref_logp, (B, T), valid, dtype, device, detach=True),
+        entropy=_per_token("entropy", entropy, (B, T), valid, dtype, device, detach=False),
+        kl=_per_token("kl", kl, (B, T), valid, dtype, device, detach=False),
+        rewards=_per_sequence("rewards", rewards, B, dtype, device),
+        advantages=adv,
+        baselines=_per_sequence("baselines", baselines, B, dtype, device),
+        labels=_labels(labels, B, device, dtype),
+        group=group, num_groups=num_groups,
+        num_items=_num_items(num_items_in_batch),
+    )
+
+
+def uses_reference_score(method: str, opts: Options, has_ref: bool) -> bool:
+    """Whether the implicit score is D_i (against the reference) rather than S_i."""
+    return opts.score == "implicit" and IMPLICIT_REFERENCE.get(method, has_ref)
+
+
+def uses_ref_logp(method: str, opts: Options) -> bool:
+    """Whether the configured objective would use reference log-probs (gro_loss then computes them)."""
+    kl_tokens = opts.kl_coef != 0 and opts.kl_estimator != "full"
+    return kl_tokens or (opts.score == "implicit" and IMPLICIT_REFERENCE.get(method, True))
+
+
+def kl_is_used(opts: Options, given_advantages: bool) -> bool:
+    """A KL term is used in the loss, or in the reward when the weights are formed from rewards."""
+    if opts.kl_coef == 0:
+        return False
+    return opts.kl_placement == "loss" or (not given_advantages and opts.score in ("reward", "token_return"))
+
+
+def check_requirements(method: str, opts: Options, b: Batch) -> None:
+    """Errors for inputs the configured method needs but did not get, or cannot use."""
+    who = f"method={method!r}"
+    if b.advantages is not None and b.rewards is not None:
+        raise ValueError("pass either rewards or advantages: given advantages replace the weights formed from rewards")
+    if b.baselines is not None and opts.anchor != "baseline":
+        raise ValueError(f"baselines were given but anchor={opts.anchor!r} does not use them (use anchor='baseline')")
+    if kl_is_used(opts, b.advantages is not None):
+        if opts.kl_estimator == "full" and b.kl is None:
+            raise ValueError(f"{who} with kl_estimator='full' needs the exact KL: pass kl (or ref_hidden and ref_weight to gro_loss)")
+        if opts.kl_estimator != "full" and b.ref_logp is None:
+            raise ValueError(f"{who} with kl_coef={opts.kl_coef} needs ref_logp (or ref_hidden and ref_weight to gro_loss)")
+    if opts.entropy_coef != 0 and b.entropy is None:
+        raise ValueError(f"entropy_coef={opts.entropy_coef} needs entropy (per-token entropies [B, T])")
+    if b.advantages is not None:
+        return  # steps 1-4 (scores, anchors, separation, weighting) are replaced
+    if opts.score in ("reward", "token_return") and b.rewards is None:
+        raise ValueError(f"{who} scores sequences by reward: pass rewards [B] (or advantages)")
+    if opts.score == "implicit" and IMPLICIT_REFERENCE.get(method) and b.ref_logp is None:
+        raise ValueError(f"{who} scores by the log-ratio to the reference: pass ref_logp (or ref_hidden and ref_weight to gro_loss)")
+    if opts.separation == "label" and b.labels is None:
+        raise ValueError(f"{who} separates by label: pass labels [B] (+1 chosen / desirable, -1 rejected / undesirable)")
+    if opts.anchor == "baseline" and b.baselines is None:
+        raise ValueError(f"{who} with anchor='baseline' needs baselines [B] (e.g. the greedy decode's reward)")
+    needs_groups = opts.anchor in ("group_mean", "leave_one_out", "pair") or opts.scale == "group_std"
+    if needs_groups and b.group is None:
+        raise ValueError(f"{who} (anchor={opts.anchor!r}, scale={opts.scale!r}) needs group_ids [B]")
+    if opts.anchor == "leave_one_out":
+        sizes = torch.bincount(b.group, minlength=b.num_groups)
+        if (sizes < 2).any():
+            raise ValueError("anchor='leave_one_out' needs at least 2 sequences in every group of group_ids; "
+                             f"smallest group has {int(sizes.min())}")
