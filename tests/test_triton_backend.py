@@ -1,0 +1,379 @@
+"""The triton backend (`gro_kernels.logprobs.triton_op` + `gro_kernels.kernels`).
+
+On a CUDA machine the kernels run compiled; elsewhere tests/conftest.py sets TRITON_INTERPRET=1
+and they run on CPU tensors through Triton's interpreter (slow: tiny shapes, small forced blocks
+so that multi-block vocabulary loops, vocab slices and ragged edges are all exercised).
+
+References: `naive.token_stats` on float64 copies of the (rounded) inputs, an independent float64
+textbook computation written here, and the chunked torch backend.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is off", allow_module_level=True)
+pytest.importorskip("triton")
+
+from gro_kernels.logprobs import naive, token_logprobs, triton_op  # noqa: E402
+
+try:
+    from gro_kernels.logprobs import chunked
+except ImportError:  # pragma: no cover - the torch backend lands separately
+    chunked = None
+
+SMALL = dict(block_n=16, block_v=32, block_d=16)   # forces several vocab blocks and ragged edges
+IGNORE = -100
+
+
+def make_inputs(n, d, v, *, dr=None, bias=False, ref=False, ref_bias=False, scale=1.0, shift=0.0,
+                n_ignored=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = dict(
+        hidden=torch.randn(n, d, generator=g, dtype=torch.float64),
+        weight=torch.randn(v, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d)),
+        targets=torch.randint(0, v, (n,), generator=g),
+        bias=(torch.randn(v, generator=g, dtype=torch.float64) + shift) if (bias or shift) else None,
+        ref_hidden=None, ref_weight=None, ref_bias=None,
+    )
+    if n_ignored:
+        x["targets"][torch.randperm(n, generator=g)[:n_ignored]] = IGNORE
+    if ref:
+        dr = dr or d
+        x["ref_hidden"] = torch.randn(n, dr, generator=g, dtype=torch.float64)
+        x["ref_weight"] = torch.randn(v, dr, generator=g, dtype=torch.float64) * (scale / math.sqrt(dr))
+        if ref_bias:
+            x["ref_bias"] = torch.randn(v, generator=g, dtype=torch.float64)
+    coefs = torch.randn(4, n, generator=g, dtype=torch.float64)
+    return x, coefs
+
+
+def run(module, x, coefs, dtype, *, temperature=1.0, entropy=True, use_lse=False, **options):
+    """Outputs and gradients (float64 copies) of sum(a*logp + b*H + c*KL [+ e*lse])."""
+    def cast(t, grad=False):
+        if t is None:
+            return None
+        t = t.to(device=DEVICE, dtype=dtype).clone()
+        return t.requires_grad_() if grad else t
+
+    h, w, b = cast(x["hidden"], True), cast(x["weight"], True), cast(x["bias"], True)
+    rh, rw, rb = cast(x["ref_hidden"]), cast(x["ref_weight"]), cast(x["ref_bias"])
+    has_ref = rh is not None
+    logp, ent, kl, lse = module.token_stats(
+        h, w, x["targets"].to(DEVICE), b, rh, rw, rb, temperature=temperature, ignore_index=IGNORE,
+        return_entropy=entropy, return_kl=has_ref, **options)
+    a, bb, c, e = coefs.to(DEVICE)
+    loss = (a * logp.double()).sum()
+    if entropy:
+        loss = loss + (bb * ent.double()).sum()
+    if has_ref:
+        loss = loss + (c * kl.double()).sum()
+    if use_lse:
+        loss = loss + (e * lse.double()).sum()
+    loss.backward()
+    out = dict(logp=logp, entropy=ent, kl=kl, lse=lse, d_hidden=h.grad, d_weight=w.grad,
+               d_bias=None if b is None else b.grad)
+    return {k: None if t is None else t.detach().double().cpu() for k, t in out.items()}
+
+
+def rounded(x, dtype):
+    """The inputs as the low-precision run sees them, back in float64 (reference from the same bits)."""
+    return {k: (t.to(dtype).double() if (t is not None and t.is_floating_point()) else t) for k, t in x.items()}
+
+
+def textbook(x, temperature=1.0):
+    """Independent float64 computation straight from the definitions, gradients by autograd."""
+    h = x["hidden"].clone().requires_grad_()
+    w = x["weight"].clone().requires_grad_()
+    b = None if x["bias"] is None else x["bias"].clone().requires_grad_()
+    y = x["targets"]
+    valid = y != IGNORE
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    z = z / temperature
+    zmax = z.max(-1, keepdim=True).values.detach()
+    lse = zmax[:, 0] + torch.log(torch.exp(z - zmax).sum(-1))
+    p = torch.exp(z - lse[:, None])
+    logp = torch.stack([z[i, y[i]] - lse[i] if valid[i] else z.new_zeros(()) for i in range(len(y))])
+    ent = torch.where(valid, -(p * (z - lse[:, None])).sum(-1), 0.0)
+    kl = None
+    if x["ref_hidden"] is not None:
+        zr = x["ref_hidden"] @ x["ref_weight"].T
+        if x["ref_bias"] is not None:
+            zr = zr + x["ref_bias"]
+        zr = zr / temperature
+        lse_r = torch.logsumexp(zr, -1)
+        kl = torch.where(valid, (p * ((z - lse[:, None]) - (zr - lse_r[:, None]))).sum(-1), 0.0)
+    return h, w, b, logp, ent, kl, torch.where(valid, lse, 0.0)
+
+
+def assert_close(got, ref, tol, what="", floor=1.0):
+    for k, r in ref.items():
+        g = got[k]
+        if r is None:
+            assert g is None, f"{what}{k}: expected None"
+            continue
+        assert torch.isfinite(g).all(), f"{what}{k}: non-finite values"
+        err = (g - r).abs().max().item() if r.numel() else 0.0
+        scale = max(floor, r.abs().max().item() if r.numel() else 0.0)
+        assert err <= tol * scale, f"{what}{k}: max abs err {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+CASES = {
+    # name: (n, d, v, make_inputs kwargs, temperature)
+    "single_token": (1, 16, 17, dict(), 1.0),
+    "odd_sizes_bias_temp": (7, 24, 100, dict(bias=True), 0.7),
+    "ref_head_dr_ne_d": (37, 24, 64, dict(ref=True, dr=16, bias=True, ref_bias=True, n_ignored=5), 1.3),
+    "ref_head_no_bias": (20, 16, 100, dict(ref=True, n_ignored=3), 1.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fp32_matches_float64_reference(case):
+    n, d, v, kw, temp = CASES[case]
+    x, coefs = make_inputs(n, d, v, **kw)
+    ref = run(naive, x, coefs, torch.float64, temperature=temp, use_lse=True)
+    got = run(triton_op, x, coefs, torch.float32, temperature=temp, use_lse=True, **SMALL)
+    assert_close(got, ref, 1e-5)
+
+
+def test_fp32_matches_textbook():
+    x, coefs = make_inputs(13, 24, 100, ref=True, dr=16, bias=True, ref_bias=True, n_ignored=2, seed=3)
+    h, w, b, logp, ent, kl, lse = textbook(x, temperature=0.8)
+    a, bb, c, _ = coefs
+    ((a * logp).sum() + (bb * ent).sum() + (c * kl).sum()).backward()
+    got = run(triton_op, x, coefs, torch.float32, temperature=0.8, **SMALL)
+    ref = dict(logp=logp.detach(), entropy=ent.detach(), kl=kl.detach(), lse=lse.detach(),
+               d_hidden=h.grad, d_weight=w.grad, d_bias=b.grad)
+    assert_close(got, ref, 1e-5)
+
+
+@pytest.mark.skipif(chunked is None, reason="torch backend (chunked.py) not available")
+def test_fp32_matches_torch_backend():
+    x, coefs = make_inputs(37, 24, 100, ref=True, dr=16, bias=True, ref_bias=True, n_ignored=4, seed=5)
+    ref = run(chunked, x, coefs, torch.float32, temperature=0.9)
+    got = run(triton_op, x, coefs, torch.float32, temperature=0.9, **SMALL)
+    assert_close(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol,gtol", [(torch.float16, 2e-5, 3e-3), (torch.bfloat16, 2e-5, 2e-2)])
+def test_half_precision_matches_reference_from_rounded_inputs(dtype, tol, gtol):
+    # Logits come from exact products of the rounded inputs with fp32 accumulation, so the
+    # statistics are fp32-accurate; gradients pass the logits gradient through the 16-bit dtype
+    # (as autograd does for a 16-bit matmul) and get a dtype-sized tolerance.
+    x, coefs = make_inputs(21, 24, 100, ref=True, dr=16, bias=True, n_ignored=2, seed=7)
+    ref = run(naive, rounded(x, dtype), coefs, torch.float64, temperature=0.9)
+    got = run(triton_op, x, coefs, dtype, temperature=0.9, **SMALL)
+    stats = ("logp", "entropy", "kl", "lse")
+    assert_close({k: got[k] for k in stats}, {k: ref[k] for k in stats}, tol, f"{dtype} ")
+    grads = ("d_hidden", "d_weight", "d_bias")
+    assert_close({k: got[k] for k in grads}, {k: ref[k] for k in grads}, gtol, f"{dtype} ")
+
+
+@pytest.mark.parametrize("kind", ["huge", "all_negative"])
+def test_extreme_logits_are_finite_and_exact(kind):
+    # huge: weights scaled by 100 (logits in the hundreds, softmax one-hot-like);
+    # all_negative: every logit around -1000 (with a 0 max identity every exp underflows: log 0).
+    kw = dict(scale=100.0, ref=True) if kind == "huge" else dict(shift=-1e3, ref=True)
+    x, coefs = make_inputs(19, 16, 64, n_ignored=2, seed=11, **kw)
+    ref = run(naive, rounded(x, torch.float32), coefs, torch.float64)
+    got = run(triton_op, x, coefs, torch.float32, **SMALL)
+    plain = run(naive, x, coefs, torch.float32)
+    # fp32 logits of magnitude ~300..1000 are only good to ~3e-5..6e-5 absolute, so the bar is
+    # plain fp32 torch on the materialized logits: the kernels may not be much worse than it.
+    for k, r in ref.items():
+        if r is None:
+            continue
+        assert torch.isfinite(got[k]).all(), k
+        err, err_plain = (got[k] - r).abs().max().item(), (plain[k] - r).abs().max().item()
+        assert err <= 4 * err_plain + 1e-6 * max(1.0, r.abs().max().item()), (k, err, err_plain)
+
+
+def test_ignored_tokens_and_fully_ignored_batch():
+    x, coefs = make_inputs(9, 16, 40, ref=True, bias=True, n_ignored=4, seed=2)
+    got = run(triton_op, x, coefs, torch.float32, **SMALL)
+    ign = x["targets"] == IGNORE
+    for k in ("logp", "entropy", "kl", "lse"):
+        assert (got[k][ign] == 0).all(), k
+    assert (got["d_hidden"][ign] == 0).all()
+    x["targets"][:] = IGNORE
+    got = run(triton_op, x, coefs, torch.float32, **SMALL)
+    for k, t in got.items():
+        assert torch.isfinite(t).all() and (t == 0).all(), k
+
+
+def test_properties_logp_entropy_kl():
+    x, coefs = make_inputs(37, 16, 100, ref=True, bias=True, scale=3.0, seed=13)
+    got = run(triton_op, x, coefs, torch.float32, temperature=0.5, **SMALL)
+    assert (got["logp"] <= 0).all()
+    assert (got["entropy"] >= 0).all() and (got["entropy"] <= math.log(100) + 1e-5).all()
+    assert (got["kl"] >= -1e-5).all()
+
+
+def test_vocab_slices_and_atomic_backward_match_default():
+    x, coefs = make_inputs(23, 24, 100, ref=True, dr=16, bias=True, n_ignored=3, seed=17)
+    base = run(triton_op, x, coefs, torch.float32, temperature=1.1, **SMALL)
+    sliced = run(triton_op, x, coefs, torch.float32, temperature=1.1, vocab_splits=3, **SMALL)
+    atomic = run(triton_op, x, coefs, torch.float32, temperature=1.1, backward_mode="atomic", **SMALL)
+    assert_close(sliced, base, 2e-6, "vocab_splits=3 ")
+    assert_close(atomic, base, 2e-6, "atomic ")
+
+
+def test_frozen_weight_or_hidden():
+    x, _ = make_inputs(11, 16, 50, bias=True, seed=19)
+    for frozen in ("weight", "hidden"):
+        h = x["hidden"].float().requires_grad_(frozen != "hidden")
+        w = x["weight"].float().requires_grad_(frozen != "weight")
+        logp, _, _, _ = triton_op.token_stats(h, w, x["targets"], None, None, None, None, temperature=1.0,
+                                              ignore_index=IGNORE, return_entropy=False, return_kl=False, **SMALL)
+        logp.sum().backward()
+        hh = x["hidden"].clone().requires_grad_()
+        ww = x["weight"].clone().requires_grad_()
+        torch.log_softmax(hh @ ww.T, -1).gather(1, x["targets"][:, None]).sum().backward()
+        live, ref = (h.grad, hh.grad) if frozen == "weight" else (w.grad, ww.grad)
+        assert (w.grad if frozen == "weight" else h.grad) is None
+        assert (live.double() - ref).abs().max() < 1e-5
+
+
+def test_filtered_backward_error_is_small():
+    # As in a trained LM, the softmax mass and the targets sit in a few vocab blocks (here the
+    # first 16 ids, boosted by a bias); every other tile carries a tiny gradient and may be skipped.
+    x, coefs = make_inputs(37, 16, 100, ref=True, scale=2.0, bias=True, seed=23)
+    x["bias"][:16] += torch.linspace(6.0, 14.0, 16, dtype=torch.float64)
+    x["targets"] = torch.randint(0, 16, (37,), generator=torch.Generator().manual_seed(1))
+    x["targets"][5] = IGNORE
+    exact = run(triton_op, x, coefs, torch.float32, **SMALL)
+    zero_eps = run(triton_op, x, coefs, torch.float32, filter_eps=0.0, **SMALL)
+    for k in ("d_hidden", "d_weight", "d_bias"):   # filter_eps=0 skips only exactly-zero tiles
+        assert torch.equal(zero_eps[k], exact[k]), k
+    errs = {}
+    for eps in (1e-6, 1e-3, 1e-1):
+        got = run(triton_op, x, coefs, torch.float32, filter_eps=eps, **SMALL)
+        errs[eps] = max((got[k] - exact[k]).abs().max().item() / exact[k].abs().max().item()
+                        for k in ("d_hidden", "d_weight"))
+        for k in ("logp", "entropy", "kl", "lse", "d_bias"):
+            assert torch.equal(got[k], exact[k]), k   # the forward and db are never filtered
+    print("filtered backward, max relative gradient error vs exact, by filter_eps:", errs)
+    assert errs[1e-6] < 1e-5 and errs[1e-3] < 1e-2
+    assert errs[1e-1] > 0    # the filter really engages
+
+
+def test_api_dispatch_shapes_and_options():
+    x, _ = make_inputs(12, 16, 40, bias=True, seed=29)
+    h = x["hidden"].float().reshape(3, 4, 16)
+    y = x["targets"].reshape(3, 4)
+    st = token_logprobs(h, x["weight"].float(), y, bias=x["bias"].float(), return_entropy=True, backend="triton",
+                        **SMALL)
+    ref = token_logprobs(h.double(), x["weight"], y, bias=x["bias"], return_entropy=True, backend="naive")
+    assert st.logp.shape == (3, 4) and st.logp.dtype == torch.float32 and st.kl is None
+    assert (st.logp.double() - ref.logp).abs().max() < 1e-5
+    assert (st.entropy.double() - ref.entropy).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="unknown options"):
+        token_logprobs(h, x["weight"].float(), y, backend="triton", chunk_size=3)
+    with pytest.raises(ValueError, match="block_n"):
+        token_logprobs(h, x["weight"].float(), y, backend="triton", block_n=24)
+
+
+def test_float64_inputs_are_computed_in_float64():
+    x, coefs = make_inputs(7, 16, 30, ref=True, bias=True, seed=31)
+    got = run(triton_op, x, coefs, torch.float64)
+    ref = run(naive, x, coefs, torch.float64)
+    assert_close(got, ref, 1e-12)
+
+
+def test_many_tokens_one_dimensional_grid():
+    # More than 65535 token rows (a 2-D grid (tokens, ...) would overflow its y axis); the grid is
+    # 1-D with int64 row offsets. Tiny d and V keep the interpreter fast.
+    n, d, v = 70_000, 16, 17
+    g = torch.Generator().manual_seed(37)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) / 4
+    y = torch.randint(0, v, (n,), generator=g)
+    y[-1] = IGNORE
+    hd, wd = h.to(DEVICE).clone().requires_grad_(), w.to(DEVICE).clone().requires_grad_()
+    logp, _, _, lse = triton_op.token_stats(hd, wd, y.to(DEVICE), None, None, None, None, temperature=1.0,
+                                            ignore_index=IGNORE, return_entropy=False, return_kl=False,
+                                            block_n=4096, block_v=32, block_d=16)
+    logp.sum().backward()
+    hh, ww = h.double().requires_grad_(), w.double().requires_grad_()
+    lp = torch.log_softmax(hh @ ww.T, -1).gather(1, y.clamp(min=0)[:, None])[:, 0]
+    lp = torch.where(y != IGNORE, lp, 0.0)
+    lp.sum().backward()
+    assert (logp.double().cpu() - lp.detach()).abs().max() < 1e-5
+    assert logp[-1] == 0 and lse[-1] == 0
+    assert (hd.grad.double().cpu() - hh.grad).abs().max() < 1e-5
+    assert (wd.grad.double().cpu() - ww.grad).abs().max() < 1e-5 * ww.grad.abs().max()
+
+
+# ---- every gro_loss preset: the triton backend gives the torch backend's loss and gradients ----
+
+PRESET_METHODS = ["reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
+                  "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro"]
+_REWARD_METHODS = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp", "gro"}
+_GROUP_METHODS = {"rloo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "gro"}
+_RATIO_METHODS = {"grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp", "gro"}
+_EXTRA_OPTIONS = {
+    "grpo": dict(kl_estimator="full"),            # the exact KL from the fused pass
+    "reinforce_pp": dict(kl_coef=0.05),
+    "gro": dict(kl_coef=0.05, offline_coef=0.5, entropy_coef=0.01),   # k3 KL from a ref head + entropy bonus
+}
+
+
+def _preset_inputs(method, B=8, T=6, d=16, V=40, seed=0):
+    """An fp32 batch (B sequences of T tokens, right padding, two reward groups or four labelled
+    pairs) with every input `method` needs, per GRO.md section 5."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, d, generator=g)
+    weight = 0.5 * torch.randn(V, d, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.tensor([6, 5, 4, 6, 3, 6, 2, 5])
+    targets[torch.arange(T)[None, :] >= lengths[:, None]] = IGNORE
+    kw = dict(ref_hidden=hidden + 0.1 * torch.randn(B, T, d, generator=g),
+              ref_weight=weight + 0.1 * torch.randn(V, d, generator=g))
+    if method in _REWARD_METHODS:
+        kw["rewards"] = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.3])
+    if method in _GROUP_METHODS:
+        kw["group_ids"] = torch.tensor([3, 7, 3, 7, 7, 3, 3, 7])
+    if method == "remax":
+        kw["baselines"] = torch.tensor([0.2, 0.5, 0.1, 0.9, 0.0, 0.4, 0.7, 0.3])
+    if method in ("dpo", "ipo", "cpl", "simpo"):
+        kw["group_ids"] = torch.tensor([5, 9, 5, 2, 9, 2, 0, 0])
+        kw["labels"] = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1])
+    if method == "kto":
+        kw["labels"] = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+    if method == "gro":
+        kw["offline"] = torch.tensor([False, False, True, False, False, False, False, True])
+    if method in _RATIO_METHODS:
+        with torch.no_grad():   # behaviour log-probs: the policy's, perturbed per row so clipping happens
+            logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            noise = torch.tensor([0.0, 1e-4, 0.3, 2.0, 5e-4, 0.1, 0.5, 1e-3])[:, None]
+            kw["old_logp"] = torch.where(targets != IGNORE, logp + noise * torch.randn(B, T, generator=g), 0.0)
+    return hidden, weight, targets, kw
+
+
+@pytest.mark.parametrize("method", PRESET_METHODS)
+def test_every_preset_same_loss_and_gradients_as_torch_backend(method):
+    loss_mod = pytest.importorskip("gro_kernels.loss")
+    if chunked is None:
+        pytest.skip("torch backend (chunked.py) not available")
+    hidden, weight, targets, kw = _preset_inputs(method)
+    results = {}
+    for backend in ("torch", "triton"):
+        h = hidden.to(DEVICE).clone().requires_grad_()
+        w = weight.to(DEVICE).clone().requires_grad_()
+        args = {k: v.to(DEVICE) for k, v in kw.items()}
+        out = loss_mod.gro_loss(h, w, targets.to(DEVICE), method=method, backend=backend, **args,
+                                **_EXTRA_OPTIONS.get(method, {}))
+        dh, dw = torch.autograd.grad(out.loss, (h, w))
+        results[backend] = (out.loss.detach().double().cpu(), dh.double().cpu(), dw.double().cpu())
+    (lt, dht, dwt), (lx, dhx, dwx) = results["torch"], results["triton"]
+    assert dht.abs().max() > 1e-6, "degenerate case: zero gradient"
+    torch.testing.assert_close(lx, lt, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dhx, dht, atol=2e-5 * dht.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(dwx, dwt, atol=2e-5 * dwt.abs().max().item(), rtol=1e-4)
