@@ -1,0 +1,80 @@
+"""Trainer settings: one flat dataclass, every field documented where it is declared."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+@dataclass
+class GROConfig:
+    # --- the objective -------------------------------------------------------------------------
+    method: str = "gro"                 # any gro_loss preset: grpo, rloo, dapo, gro, dpo, kto, sft, ...
+    loss_options: Dict[str, Any] = field(default_factory=dict)  # GRO.md section 2 options (kl_coef, eps_low, ...)
+    backend: str = "auto"               # gro_loss backend: auto | naive | torch | triton
+
+    # --- sampling (online) ---------------------------------------------------------------------
+    num_generations: int = 8            # K completions per prompt (one group per prompt)
+    max_new_tokens: int = 64
+    temperature: float = 1.0            # sampling temperature; also the loss's temperature unless overridden
+    top_k: int = 0                      # 0: full distribution (what the importance ratios assume)
+    top_p: float = 1.0
+
+    # --- offline data mixed into online groups (GRO.md section 4) ------------------------------
+    offline_column: Optional[str] = None  # prompt-dataset column holding gold completion(s) to mix in
+    offline_per_group: int = 1          # how many offline rows join each prompt's group (when available)
+    offline_reward: Optional[float] = None  # reward of a gold row; None: score it with the reward functions
+
+    # --- batch and optimisation ----------------------------------------------------------------
+    prompts_per_step: int = 8           # prompts per optimizer step, summed over all processes
+    micro_batch_size: int = 64          # rows per forward/backward (whole groups are kept together)
+    num_iterations: int = 1             # updates per sampled batch (ratios against old_logp when > 1)
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.99)
+    max_grad_norm: Optional[float] = 1.0
+    warmup_steps: int = 0               # linear warm-up of the learning rate, then constant
+
+    # --- reference policy ----------------------------------------------------------------------
+    use_reference: Optional[bool] = None  # None: a frozen copy iff the method or kl_coef needs one
+
+    # --- run -----------------------------------------------------------------------------------
+    steps: int = 100
+    seed: int = 0
+    output_dir: str = "runs/gro"
+    metrics_file: Optional[str] = "metrics.jsonl"  # relative to output_dir; None disables
+    save_every: int = 0                 # 0: only at the end (when save_final)
+    save_final: bool = True
+    progress: bool = True               # tqdm bar (rank 0 only)
+    run_name: Optional[str] = None      # the bar's label (default: the method)
+    mixed_precision: str = "auto"       # auto (bf16 autocast on CUDA) | bf16 | no
+
+    def __post_init__(self):
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.micro_batch_size < 1 or self.prompts_per_step < 1:
+            raise ValueError("micro_batch_size and prompts_per_step must be >= 1")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    # Resolved settings (the objective's own option table decides, so the two never disagree) ---
+    def resolved_options(self):
+        """The loss options `gro_loss` will use: DEFAULTS <- preset <- loss_options (validated)."""
+        from gro_kernels.objective.options import resolve_options
+
+        return resolve_options(self.method, {"temperature": self.temperature, **self.loss_options})
+
+    def needs_reference(self) -> bool:
+        """A frozen reference copy: asked for, or the objective uses reference log-probs / the exact KL."""
+        if self.use_reference is not None:
+            return bool(self.use_reference)
+        from gro_kernels.objective.inputs import uses_ref_logp
+
+        opts = self.resolved_options()
+        return uses_ref_logp(self.method, opts) or (opts.kl_coef != 0 and opts.kl_estimator == "full")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d

@@ -1,0 +1,499 @@
+"""`GROTrainer`: sample, score, and optimize any causal LM with `gro_loss` (any preset).
+
+One step:
+
+1. take this process's share of the step's prompts (a deterministic function of seed and step);
+2. sample `num_generations` completions per prompt (`model.generate`), score them with the reward
+   functions, and add the prompt's gold completions as offline rows of the same group (if any);
+   in pure offline mode (no reward functions) take dataset rows (pairs / labelled / scored) instead;
+3. under `no_grad`, compute the old log-probs (only when `num_iterations > 1`: with one update the
+   ratio is exactly 1 and `gro_loss` uses `sg[logp]`) and the reference log-probs (frozen copy);
+4. `num_iterations` times: for each micro-batch (whole groups), run the backbone for the final
+   hidden states and call `gro_loss(hidden, lm_head.weight, targets, ...)` - the full `[N, V]`
+   logits are never built - backward with global normalization, then clip and step AdamW.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as gdist
+from .config import GROConfig
+from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
+from .rollout import IGNORE_INDEX, Batch, collate, generate, score
+
+
+
+def _gro_loss():
+    from gro_kernels.loss import gro_loss  # imported late: the objective layer is a separate module
+
+    return gro_loss
+
+
+# ---- model plumbing -------------------------------------------------------------------------------
+def pick_attn_implementation() -> str:
+    """`flash_attention_2` on CUDA when flash-attn is installed, `sdpa` otherwise."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(name_or_config, *, dtype=None, **kwargs):
+    """`AutoModelForCausalLM` from a hub name / path, or from a config (no download), with the best attention."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    attn = kwargs.pop("attn_implementation", None) or pick_attn_implementation()
+    if isinstance(name_or_config, PretrainedConfig):
+        return AutoModelForCausalLM.from_config(name_or_config, attn_implementation=attn, dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(name_or_config, attn_implementation=attn, dtype=dtype, **kwargs)
+
+
+def final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The backbone's last hidden state (after the final norm), without computing any logits."""
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def lm_head(model):
+    """(weight [V, d], bias [V] or None) of the output projection."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight")
+    return head.weight, getattr(head, "bias", None)
+
+
+def check_supported(model) -> None:
+    cfg = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale"):
+        value = getattr(cfg, name, None)
+        if value not in (None, 0, 1, 1.0):
+            raise ValueError(f"{type(model).__name__} post-processes its logits ({name}={value}); gro_loss "
+                             "computes log-probs from hidden @ lm_head.weight.T and would not match the model")
+
+
+def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None):
+    """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head."""
+    ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        hidden = final_hidden(model, input_ids, attention_mask, position_ids)
+    hidden = hidden[:, prompt_len - 1:-1]
+    weight, bias = lm_head(model)
+    if hidden.dtype != weight.dtype:  # bf16 autocast: project in bf16 (the kernels accumulate in fp32)
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+    return hidden, weight, bias
+
+
+class PolicyLoss(nn.Module):
+    """The module DDP wraps: its forward runs the backbone *and* `gro_loss`.
+
+    Both the backbone parameters and the `lm_head` weight are used inside this forward, so DDP
+    synchronizes all their gradients (see `distributed.py`). `gro_loss` itself runs outside
+    autocast: its backends do their own fp32 accumulation and must not see bf16-rounded logits.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype=None):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
+        hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
+                                             self.autocast_dtype)
+        out = _gro_loss()(hidden, weight, targets, bias=bias, **loss_kwargs)
+        return out.loss, out.logp.detach(), out.metrics
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+class GROTrainer:
+    """Train `model` (an HF causal LM) with `gro_loss`.
+
+    Args:
+        model: the policy (`AutoModelForCausalLM`); moved to this process's device.
+        tokenizer: anything with `encode(text[, add_special_tokens])` and `decode(ids[, skip_special_tokens])`.
+        reward_funcs: callables `(prompts, completions, **columns) -> list[float]`; `columns` are the
+            dataset row's other keys, repeated per completion. None / empty: pure offline training.
+        train_dataset: a list (or indexable) of dicts. Online: `{"prompt": str, ...}` (plus the gold
+            column named by `config.offline_column`); offline: see `offline.py`.
+        ref_model: the frozen reference; by default a copy of `model` made here when the method or
+            `kl_coef` needs one (`config.use_reference`).
+        reward_weights: one weight per reward function (default 1).
+    """
+
+    def __init__(self, model, tokenizer, *, reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None,
+                 config: Optional[GROConfig] = None, ref_model=None, reward_weights=None,
+                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None):
+        self.config = cfg = config or GROConfig()
+        self.dist = gdist.info()
+        self.device = self.dist.device if self.dist.device.type == "cuda" else next(model.parameters()).device
+        check_supported(model)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.reward_funcs = list(reward_funcs or [])
+        self.reward_weights = reward_weights
+        self.dataset = train_dataset
+        self.online = bool(self.reward_funcs)
+        if self.dataset is None or len(self.dataset) == 0:
+            raise ValueError("train_dataset must be a non-empty list of dict rows")
+        if cfg.prompts_per_step % self.dist.world_size:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
+                             f"processes ({self.dist.world_size})")
+        self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
+
+        self.eos_ids = self._eos_ids(eos_token_id)
+        self.pad_id = self._pad_id(pad_token_id)
+
+        mp = cfg.mixed_precision
+        use_bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        self.ref_model = ref_model
+        if self.ref_model is None and cfg.needs_reference():
+            self.ref_model = copy.deepcopy(model)
+        if self.ref_model is not None:
+            self.ref_model.to(self.device).eval().requires_grad_(False)
+
+        torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # sampling stream; model init is the caller's
+        random.seed(cfg.seed + 1000 * self.dist.rank)
+        np.random.seed((cfg.seed + 1000 * self.dist.rank) % 2**32)
+
+        self.policy = PolicyLoss(self.model, self.autocast_dtype)
+        self.wrapped = gdist.wrap_ddp(self.policy, self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        warm = max(0, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.step = 0
+        self.history: List[dict] = []
+
+    # -- token ids --------------------------------------------------------------------------------
+    def _eos_ids(self, eos_token_id) -> List[int]:
+        cands = [eos_token_id, getattr(self.tokenizer, "eos_token_id", None),
+                 getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+                 getattr(self.model.config, "eos_token_id", None)]
+        for c in cands:
+            if c is not None:
+                return [int(x) for x in (c if isinstance(c, (list, tuple)) else [c])]
+        raise ValueError("no EOS token id: pass eos_token_id or use a tokenizer/model config that has one")
+
+    def _pad_id(self, pad_token_id) -> int:
+        for c in (pad_token_id, getattr(self.tokenizer, "pad_token_id", None),
+                  getattr(self.model.config, "pad_token_id", None)):
+            if c is not None:
+                return int(c)
+        return self.eos_ids[0]
+
+    # -- data -------------------------------------------------------------------------------------
+    def rows_for_step(self, step: int) -> List[dict]:
+        """This process's dataset rows for `step`: a seeded permutation per epoch, sliced by step and rank."""
+        n, per = len(self.dataset), self.config.prompts_per_step
+        local = per // self.dist.world_size
+        start = step * per + self.dist.rank * local
+        rows, perms = [], {}
+        for pos in range(start, start + local):
+            epoch = pos // n
+            if epoch not in perms:
+                g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+                perms[epoch] = torch.randperm(n, generator=g).tolist()
+            rows.append(self.dataset[perms[epoch][pos % n]])
+        return rows
+
+    def make_batch(self, step: int) -> Batch:
+        rows = self.rows_for_step(step)
+        if not self.online:
+            return offline_batch(rows, self.tokenizer, eos_id=self.eos_ids[0], pad_id=self.pad_id, device=self.device)
+        return self.rollout(rows)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return decode_completion(self.tokenizer, [t for t in ids if t not in self.eos_ids])
+
+    def _columns(self, rows: Sequence[dict]) -> dict:
+        keys = [k for k in rows[0] if k != "prompt"] if rows else []
+        return {k: [r.get(k) for r in rows] for k in keys}
+
+    @torch.no_grad()
+    def rollout(self, rows: Sequence[dict]) -> Batch:
+        """Sample, score and lay out one group per row (online samples first, then its gold rows)."""
+        cfg, K = self.config, self.config.num_generations
+        prompts = [r["prompt"] for r in rows]
+        pids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        comps = generate(self.model, pids, num_generations=K, max_new_tokens=cfg.max_new_tokens,
+                         pad_id=self.pad_id, eos_ids=self.eos_ids, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p)
+        texts = [self._decode(c) for c in comps]
+        rep = [r for r in rows for _ in range(K)]
+        rewards = score(self.reward_funcs, [r["prompt"] for r in rep], texts, self._columns(rep), self.reward_weights)
+
+        baselines = None
+        if cfg.method == "remax":  # ReMax: the greedy completion's reward is the baseline
+            greedy = generate(self.model, pids, num_generations=1, max_new_tokens=cfg.max_new_tokens,
+                              pad_id=self.pad_id, eos_ids=self.eos_ids, do_sample=False)
+            g_r = score(self.reward_funcs, prompts, [self._decode(c) for c in greedy], self._columns(rows),
+                        self.reward_weights)
+            baselines = g_r.repeat_interleave(K)
+
+        # offline gold rows of each group
+        gold_rows, gold_texts, gold_group = [], [], []
+        for gi, r in enumerate(rows):
+            for text in gold_completions(r, cfg.offline_column, cfg.offline_per_group):
+                gold_rows.append(r)
+                gold_texts.append(text)
+                gold_group.append(gi)
+        if gold_rows and cfg.offline_reward is None:
+            gold_r = score(self.reward_funcs, [r["prompt"] for r in gold_rows], gold_texts,
+                           self._columns(gold_rows), self.reward_weights)
+        else:
+            gold_r = torch.full((len(gold_rows),), float(cfg.offline_reward or 0.0))
+
+        P, C, G, OFF, R, B, PR, CT = [], [], [], [], [], [], [], []
+        for gi in range(len(rows)):
+            for k in range(gi * K, (gi + 1) * K):
+                P.append(pids[gi]); C.append(comps[k]); G.append(gi); OFF.append(False); R.append(float(rewards[k]))
+                B.append(float(baselines[k]) if baselines is not None else 0.0); PR.append(prompts[gi]); CT.append(texts[k])
+            for j, g in enumerate(gold_group):
+                if g == gi:
+                    P.append(pids[gi]); C.append(encode_completion(self.tokenizer, gold_texts[j], self.eos_ids[0]))
+                    G.append(gi); OFF.append(True); R.append(float(gold_r[j])); PR.append(prompts[gi]); CT.append(gold_texts[j])
+                    B.append(float(baselines[gi * K]) if baselines is not None else 0.0)
+        return collate(P, C, pad_id=self.pad_id, group_ids=G, offline=OFF, rewards=R,
+                       baselines=B if baselines is not None else None, prompts=PR, completions=CT,
+                       device=self.device)
+
+    # -- log-probs --------------------------------------------------------------------------------
+    def micro_batches(self, batch: Batch) -> List[List[int]]:
+        """Row numbers of each micro-batch: whole groups, packed up to `micro_batch_size` rows."""
+        out, cur = [], []
+        for g in batch.group_slices():
+            if cur and len(cur) + len(g) > self.config.micro_batch_size:
+                out.append(cur)
+                cur = []
+            cur = cur + g
+        if cur:
+            out.append(cur)
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, model, batch: Batch) -> torch.Tensor:
+        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
+        from gro_kernels.logprobs import token_logprobs
+
+        out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
+        temp = float(self.options.temperature)
+        for idx in self.micro_batches(batch):
+            mb = batch.select(idx)
+            h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
+                                    self.autocast_dtype)
+            lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
+            out[torch.as_tensor(idx, device=self.device)] = lp.float()
+        return out
+
+    # -- the update -------------------------------------------------------------------------------
+    def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
+        cfg, opts = self.config, self.options
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **cfg.loss_options)
+        kw.setdefault("temperature", cfg.temperature)
+        if opts.score in ("reward", "token_return"):
+            kw["rewards"] = mb.rewards
+        if opts.separation == "label":
+            kw["labels"] = mb.labels
+        if mb.offline.any():
+            kw["offline"] = mb.offline
+        if mb.baselines is not None and opts.anchor == "baseline":
+            kw["baselines"] = mb.baselines
+        if mb.old_logp is not None:
+            kw["old_logp"] = mb.old_logp
+        if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
+            with torch.no_grad():
+                rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
+                                           mb.prompt_len, self.autocast_dtype)
+            kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+        elif mb.ref_logp is not None:
+            kw["ref_logp"] = mb.ref_logp
+        if opts.loss_agg == "token_mean":
+            kw["num_items_in_batch"] = tokens_global
+        if opts.loss_agg == "seq_mean_token_sum_norm" and opts.max_completion_length is None:
+            # the same normalizer on every micro-batch and process (the default, T, varies with padding)
+            kw["max_completion_length"] = cfg.max_new_tokens
+        return kw
+
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        """`num_iterations` optimizer steps on `batch` (this process's rows of the global batch)."""
+        cfg, W = self.config, self.dist.world_size
+        batch = batch.to(self.device)
+        counts = torch.tensor([len(batch), batch.num_tokens()], dtype=torch.float64, device=self.device)
+        gdist.all_reduce(counts)
+        rows_global, tokens_global = int(counts[0]), int(counts[1])
+        token_mean = self.options.loss_agg == "token_mean"
+
+        if cfg.num_iterations > 1:
+            batch.old_logp = self.logprobs(self.model, batch)
+        if self.ref_model is not None and not (self.options.kl_estimator == "full" and self.options.kl_coef != 0):
+            batch.ref_logp = self.logprobs(self.ref_model, batch)
+
+        micro = self.micro_batches(batch)
+        ddp = self.wrapped is not self.policy
+        sums: Dict[str, float] = {}
+        mask = batch.targets != IGNORE_INDEX
+        logp_all = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
+        self.model.train()
+        grad_norm = torch.zeros(())
+        loss_total = 0.0
+        for it in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for j, idx in enumerate(micro):
+                mb = batch.select(idx)
+                kw = self._loss_kwargs(mb, tokens_global)
+                scale = W if token_mean else W * len(mb) / rows_global
+                sync = contextlib.nullcontext() if (not ddp or j == len(micro) - 1) else self.wrapped.no_sync()
+                with sync:
+                    loss, logp, metrics = self.wrapped(mb.input_ids, mb.attention_mask, mb.position_ids,
+                                                       mb.targets, mb.prompt_len, kw)
+                    (loss * scale).backward()
+                if it == 0:
+                    logp_all[torch.as_tensor(idx, device=self.device)] = logp.float()
+                    for k, v in (metrics or {}).items():
+                        if isinstance(v, torch.Tensor) and v.numel() == 1:
+                            v = float(v.detach())
+                        if isinstance(v, (int, float)):
+                            sums[k] = sums.get(k, 0.0) + float(v) * len(mb)
+                if it == cfg.num_iterations - 1:
+                    loss_total += float(loss.detach()) * scale / W
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if cfg.max_grad_norm:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else grad_norm
+            self.optimizer.step()
+            self.scheduler.step()
+        self.step += 1
+        return self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+
+    def _metrics(self, batch, mask, logp, sums, loss_total, grad_norm) -> Dict[str, float]:
+        """Global (all-process) step metrics."""
+        on = ~batch.offline
+        r = batch.rewards if batch.rewards is not None else torch.zeros(len(batch), device=self.device)
+        r = r.to(self.device).float()
+        lengths = mask.sum(1).float()
+        vals = {
+            "reward": ((r * on).sum(), on.sum()),
+            "reward_sq": ((r * r * on).sum(), on.sum()),
+            "offline_reward": ((r * ~on).sum(), (~on).sum()),
+            "completion_length": ((lengths * on).sum(), on.sum()),
+            "loss": (torch.tensor(loss_total), torch.tensor(1.0 / self.dist.world_size)),
+        }
+        if batch.ref_logp is not None:  # k3 estimate of KL(pi || ref) on the sampled tokens, before the update
+            d = (batch.ref_logp - logp).masked_fill(~mask, 0.0)
+            k3 = (torch.exp(d) - d - 1).masked_fill(~mask, 0.0)
+            vals["kl"] = (k3.sum(), mask.sum())
+        for k, v in sums.items():
+            key = k if k not in vals else f"loss_{k}"
+            vals[key] = (torch.tensor(v), torch.tensor(float(len(batch))))
+        keys = sorted(vals)
+        t = torch.tensor([[float(vals[k][0]), float(vals[k][1])] for k in keys], dtype=torch.float64, device=self.device)
+        gdist.all_reduce(t)
+        out = {k: (float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else float("nan")) for i, k in enumerate(keys)}
+        out["reward_std"] = float(max(out.pop("reward_sq") - out["reward"] ** 2, 0.0) ** 0.5)
+        out["grad_norm"] = grad_norm
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["step"] = self.step
+        return out
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self, callback: Optional[Callable[["GROTrainer", dict], None]] = None) -> List[dict]:
+        """Run until `config.steps`; returns the per-step metrics (also in `output_dir/metrics.jsonl`)."""
+        from tqdm.auto import tqdm
+
+        cfg, main = self.config, self.dist.is_main
+        metrics_path = (os.path.join(cfg.output_dir, cfg.metrics_file)
+                        if cfg.metrics_file and main else None)
+        if metrics_path:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.run_name or cfg.method, disable=not (cfg.progress and main),
+                   dynamic_ncols=True, leave=True)
+        t_start = time.time()
+        while self.step < cfg.steps:
+            batch = self.make_batch(self.step)
+            m = self.train_step(batch)
+            m["time"] = time.time() - t_start
+            self.history.append(m)
+            if metrics_path:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            post = {"reward": f"{m['reward']:.3f}"}
+            for k, name in (("kl", "kl"), ("entropy", "ent")):
+                if k in m and m[k] == m[k]:
+                    post[name] = f"{m[k]:.3f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if callback is not None:
+                callback(self, m)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        if cfg.save_final:
+            self.save_checkpoint()
+        return self.history
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, path: Optional[str] = None) -> str:
+        """`save_pretrained` weights + optimizer/scheduler/step (+ each process's RNG state)."""
+        path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
+        os.makedirs(path, exist_ok=True)
+        if self.dist.is_main:
+            self.model.save_pretrained(path)
+            if hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(path)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
+                        "world_size": self.dist.world_size}, os.path.join(path, "trainer_state.pt"))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, os.path.join(path, f"rng_state_{self.dist.rank}.pt"))
+        gdist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Resume from `save_checkpoint`'s folder: policy weights, optimizer, scheduler, step, RNG.
+
+        The reference policy is not in the checkpoint: build the trainer from the same initial model
+        (so its frozen copy is the original reference), then call this.
+        """
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        del saved
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        rng_file = os.path.join(path, f"rng_state_{self.dist.rank}.pt")
+        if os.path.exists(rng_file):
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
