@@ -1,19 +1,29 @@
 PYTHON ?= python3
+STAMP := .installed
 
-.PHONY: install test demo bench-quick gpu-suite
+.PHONY: install test demo bench-quick gpu-suite clean
 
-install:  ## CPU machine: the CPU build of torch first, then the package with its extras
-	$(PYTHON) -m pip install "torch==2.13.0"
+# Install once per pyproject change. torch first: the CPU build (2.13.0) on a machine without
+# torch, so that `torch>=2.4` is already satisfied and pip never pulls the multi-GB CUDA build;
+# a machine that already has torch (a GPU image) keeps its own.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
 	$(PYTHON) -m pip install -e ".[test,train]"
+	touch $(STAMP)
 
-test:  ## the whole test suite (Triton kernels run under TRITON_INTERPRET=1 when no GPU is present)
+test: $(STAMP)  ## the whole suite; without a GPU the Triton kernels run under TRITON_INTERPRET=1
 	$(PYTHON) -m pytest -q tests
 
-demo:
+demo: $(STAMP)  ## tiny Llama learns to reverse digits: GRPO vs RLOO vs GRO with gold answers
 	$(PYTHON) -m gro_kernels.demo
 
-bench-quick:
+bench-quick: $(STAMP)
+	$(PYTHON) -m pip install -q -e ".[bench]"
 	$(PYTHON) bench/run.py --quick
 
-gpu-suite:  ## run on a GPU machine: kernel tests, correctness sweep at real sizes, benchmark table
+gpu-suite:  ## on a GPU machine: kernel tests, correctness sweep at real sizes, benchmark table
 	bash bench/gpu_suite.sh
+
+clean:
+	rm -f $(STAMP)

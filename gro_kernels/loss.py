@@ -37,6 +37,8 @@ def gro_loss(
     num_items_in_batch=None,
     ignore_index: int = -100,
     backend: str = "auto",
+    backend_options: Optional[dict] = None,
+    return_entropy: Optional[bool] = None,
     **options,
 ) -> GROOutput:
     """The GRO loss of `method` straight from the LM head, without materializing the logits.
@@ -44,8 +46,13 @@ def gro_loss(
     hidden [B,T,d] predicts targets [B,T] (already shifted; `ignore_index` marks padding / prompt);
     weight [V,d] is the LM head. The reference head (ref_hidden, ref_weight, ref_bias) is frozen:
     it supplies the exact KL when kl_estimator="full" (in the same pass) and ref_logp when the
-    method needs it and none was given. Every other argument goes to `gro_objective`.
+    method needs it and none was given. `backend_options` go to the `token_logprobs` backend
+    (e.g. `{"filter_eps": 1e-3}` for the triton backend's filtered backward, `{"chunk_elements": n}`
+    for the torch backend). The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
+    (then `metrics["entropy"]` holds its mean); it costs an extra pass, so it is off otherwise.
+    Every other argument goes to `gro_objective`.
     """
+    backend_options = dict(backend_options or {})
     opts = resolve_options(method, options)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -68,15 +75,18 @@ def gro_loss(
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
     stats = token_logprobs(
         hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-        return_entropy=True, backend=backend, **ref_head,
+        return_entropy=bool(return_entropy) or opts.entropy_coef != 0, backend=backend, **ref_head,
+        **backend_options,
     )
-    entropy = stats.entropy if opts.entropy_coef != 0 else stats.entropy.detach()  # else: metrics only
+    entropy = stats.entropy
+    if entropy is not None and opts.entropy_coef == 0:
+        entropy = entropy.detach()  # metrics only
 
     if ref_logp is None and has_ref_head and uses_ref_logp(method, opts):
         with torch.no_grad():
             ref_logp = token_logprobs(
                 ref_hidden, ref_weight, targets, bias=ref_bias, temperature=opts.temperature,
-                ignore_index=ignore_index, backend=backend,
+                ignore_index=ignore_index, backend=backend, **backend_options,
             ).logp
 
     return gro_objective(
@@ -98,12 +108,13 @@ class GROLoss(nn.Module):
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, ignore_index=-100,
-                backend="auto") -> GROOutput:
+                backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
         return gro_loss(
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
-            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, backend=backend, **self.options,
+            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, backend=backend,
+            backend_options=backend_options, return_entropy=return_entropy, **self.options,
         )
 
     def extra_repr(self) -> str:

@@ -48,14 +48,14 @@ def make_case(B=3, T=7, d=12, V=53, scale=1.0, dtype=torch.float64, seed=0, bias
 
 
 def run(backend, h, w, b, y, rh, rw, rb, T, coefs, **kw):
-    """Forward, then backward of a random combination of the three outputs."""
+    """Forward, then backward of a random combination of the four outputs."""
     h = h.clone().requires_grad_()
     w = w.clone().requires_grad_()
     b = None if b is None else b.clone().requires_grad_()
     st = token_logprobs(h, w, y, bias=b, temperature=T, return_entropy=True,
                         ref_hidden=rh, ref_weight=rw, ref_bias=rb, backend=backend, **kw)
-    a, c, e = coefs
-    total = (a * st.logp + c * st.entropy).sum()
+    a, c, e, f = coefs
+    total = (a * st.logp + c * st.entropy + f * st.lse).sum()
     if st.kl is not None:
         total = total + (e * st.kl).sum()
     total.backward()
@@ -67,8 +67,8 @@ def reference_grads(h, w, b, y, rh, rw, rb, T, coefs):
     w = w.double().clone().requires_grad_()
     b = None if b is None else b.double().clone().requires_grad_()
     logp, ent, kl, lse = textbook(h, w, y, b, T, rh, rw, rb)
-    a, c, e = (x.double() for x in coefs)
-    total = (a * logp + c * ent).sum() + (0 if kl is None else (e * kl).sum())
+    a, c, e, f = (x.double() for x in coefs)
+    total = (a * logp + c * ent + f * lse).sum() + (0 if kl is None else (e * kl).sum())
     total.backward()
     return (logp, ent, kl, lse), h.grad, w.grad, None if b is None else b.grad
 
@@ -87,7 +87,7 @@ CASES = {
 @pytest.mark.parametrize("T", [1.0, 0.7])
 def test_matches_float64_textbook(backend, case, T):
     h, w, b, y, rh, rw, rb = make_case(**CASES[case])
-    coefs = torch.randn(3, *y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    coefs = torch.randn(4, *y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     kw = {"chunk_elements": 24} if backend == "torch" else {}  # many small chunks: ragged edges
     st, gh, gw, gb = run(backend, h, w, b, y, rh, rw, rb, T, coefs, **kw)
     (logp, ent, kl, lse), rgh, rgw, rgb = reference_grads(h, w, b, y, rh, rw, rb, T, coefs)
@@ -104,9 +104,24 @@ def test_matches_float64_textbook(backend, case, T):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("T", [1.0, 1.7])
+def test_logp_only_gradient(backend, T):
+    # Only logp is differentiated: the torch backend takes its in-place fast path.
+    h, w, b, y, *_ = make_case(ref=False, V=67)
+    h = h.requires_grad_()
+    up = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    st = token_logprobs(h, w, y, bias=b, temperature=T, backend=backend, chunk_elements=40) if backend == "torch" \
+        else token_logprobs(h, w, y, bias=b, temperature=T, backend=backend)
+    (gh,) = torch.autograd.grad((st.logp * up).sum(), h)
+    h2 = h.detach().clone().requires_grad_()
+    (rgh,) = torch.autograd.grad((textbook(h2, w, y, b, T)[0] * up).sum(), h2)
+    torch.testing.assert_close(gh, rgh, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float32_statistics_and_grads(backend):
     h, w, b, y, rh, rw, rb = make_case(dtype=torch.float32, V=211, d=16)
-    coefs = torch.randn(3, *y.shape, generator=torch.Generator().manual_seed(2))
+    coefs = torch.randn(4, *y.shape, generator=torch.Generator().manual_seed(2))
     st, gh, gw, gb = run(backend, h, w, b, y, rh, rw, rb, 1.3, coefs)
     assert st.logp.dtype == st.entropy.dtype == st.kl.dtype == st.lse.dtype == torch.float32
     assert gh.dtype == gw.dtype == torch.float32

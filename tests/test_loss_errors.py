@@ -194,3 +194,35 @@ def test_zero_variance_group_gives_zero_weights_and_finite_loss(method):
     assert torch.isfinite(out.loss)
     assert (out.metrics["weights"] == 0).all()
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.loss, (d.hidden, d.weight)))
+
+
+def test_backend_options_reach_the_backend():
+    # The torch backend's chunk size changes nothing numerically; an unknown option is an error.
+    import torch
+    from gro_kernels import gro_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 30, (2, 4), generator=g)
+    a = gro_loss(h, w, y, method="sft", backend="torch").loss
+    b = gro_loss(h, w, y, method="sft", backend="torch", backend_options={"chunk_elements": 16}).loss
+    torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="chunk_size"):
+        gro_loss(h, w, y, method="sft", backend="torch", backend_options={"chunk_size": 16})
+
+
+def test_entropy_is_computed_only_when_needed():
+    import torch
+    from gro_kernels import gro_loss
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 30, (2, 4), generator=g)
+    assert "entropy" not in gro_loss(h, w, y, method="sft").metrics
+    asked = gro_loss(h, w, y, method="sft", return_entropy=True).metrics["entropy"]
+    bonus = gro_loss(h, w, y, method="sft", entropy_coef=0.01).metrics["entropy"]
+    p = torch.softmax(h @ w.T, -1)
+    torch.testing.assert_close(asked, -(p * p.log()).sum(-1).mean())
+    torch.testing.assert_close(bonus, asked)

@@ -120,7 +120,8 @@ class PolicyLoss(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
                                              self.autocast_dtype)
-        out = _gro_loss()(hidden, weight, targets, bias=bias, **loss_kwargs)
+        # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
+        out = _gro_loss()(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
         return out.loss, out.logp.detach(), out.metrics
 
 
