@@ -14,6 +14,8 @@
 # .whl/) are installed first with --no-deps, so the GPU image's torch is never replaced.
 set -u
 cd "$(dirname "$0")/.."
+# The GPU machine has no network: import the package from the checkout instead of pip-installing it.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS=bench/results
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y-%m-%d)"
@@ -44,6 +46,9 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     fi
   done
 fi
+
+echo "== 0. compile check: every kernel variant for this GPU (registers, spills, shared memory)"
+timeout 120 python -m gro_kernels.kernels.compile_check 2>&1 | tail -n 40
 
 echo "== 1. kernel tests"
 timeout 120 python -m pytest tests/test_triton_backend.py -q 2>&1 | tee "$TESTLOG" | tail -n 25

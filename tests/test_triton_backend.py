@@ -225,6 +225,19 @@ def test_vocab_slices_and_atomic_backward_match_default():
     assert_close(atomic, base, 2e-6, "atomic ")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_weight_gradient_in_vocab_slices_matches_one_slice(dtype):
+    # 16-bit weights: dW is accumulated in fp32 one vocabulary slice at a time (bounded memory).
+    # Slices of 32 rows (5 slices over V=150, the last ragged) must give what one slice gives,
+    # bias and exact-KL gradients included.
+    x, coefs = make_inputs(19, 16, 150, ref=True, dr=16, bias=True, ref_bias=True, n_ignored=2, seed=23)
+    one = run(triton_op, x, coefs, dtype, temperature=0.8, **SMALL)
+    many = run(triton_op, x, coefs, dtype, temperature=0.8, dw_slice_elements=32 * 16, **SMALL)
+    assert_close(many, one, 1e-6, f"{dtype} dw slices ")
+    ref = run(naive, rounded(x, dtype), coefs, torch.float64, temperature=0.8)
+    assert_close({"d_weight": many["d_weight"]}, {"d_weight": ref["d_weight"]}, 3e-3 if dtype == torch.float16 else 2e-2)
+
+
 def test_frozen_weight_or_hidden():
     x, _ = make_inputs(11, 16, 50, bias=True, seed=19)
     for frozen in ("weight", "hidden"):

@@ -303,9 +303,44 @@ def launch_backward(h, w, b, y, hr, wr, br, lse, ez, ed, g_logp, g_ent, g_kl, g_
         _dh_kernel[(triton.cdiv(n, bn) * split,)](*common, buf, *sizes, v_per_split, SPLIT=split, **flags)
         dh = buf[0] if split == 1 else buf.sum(0)
     if need_dw or need_db:
-        dw = torch.zeros(vocab, d, **f32) if need_dw else dummy
         db = torch.empty(vocab, **f32) if need_db else dummy
-        _dw_kernel[(n_vblocks,)](*common, dw, db, *sizes, NEED_DW=need_dw, NEED_DB=need_db, **flags)
-        dw = dw if need_dw else None
+        if not need_dw or w.dtype == torch.float32:
+            # fp32 weights: the fp32 accumulator is the gradient itself, one launch.
+            dw = torch.zeros(vocab, d, **f32) if need_dw else dummy
+            _dw_kernel[(n_vblocks,)](*common, dw, db, *sizes, NEED_DW=need_dw, NEED_DB=need_db, **flags)
+            dw = dw if need_dw else None
+        else:
+            dw = _dw_in_vocab_slices(common, sizes, flags, db if need_db else None, need_db, w.dtype,
+                                     int(cfg.get("DW_SLICE_ELEMENTS", DW_SLICE_ELEMENTS)))
         db = db if need_db else None
     return dh, dw, db
+
+
+# bf16/fp16 weights: each dW program accumulates its vocabulary block in fp32 in global memory.
+# A whole [V, d] fp32 buffer would be 2.4 GiB at V=151936, d=4096, so the kernel is launched over
+# vocabulary slices with one reusable fp32 buffer of at most this many elements (256 MiB), each
+# slice cast to the weight's dtype as it finishes. Sliced views keep the kernel unchanged: the
+# targets are shifted by the slice's start (they are only compared with column ids).
+DW_SLICE_ELEMENTS = 1 << 26
+
+
+def _dw_in_vocab_slices(common, sizes, flags, db, need_db, out_dtype, slice_elements):
+    h, w, b, hr, wr, br, y = common[:7]
+    rest = common[7:]
+    vocab, d = w.shape
+    bv = flags["BLOCK_V"]
+    rows = max(bv, (slice_elements // d) // bv * bv)
+    out = torch.empty(vocab, d, dtype=out_dtype, device=w.device)
+    buf = torch.empty(min(rows, vocab), d, dtype=torch.float32, device=w.device)
+    has_bias, has_ref_bias, has_kl = flags["HAS_BIAS"], flags["HAS_REF_BIAS"], flags["HAS_KL"]
+    for a in range(0, vocab, rows):
+        e = min(a + rows, vocab)
+        acc = buf[: e - a].zero_()
+        sliced = (h, w[a:e], b[a:e] if has_bias else b, hr, wr[a:e] if has_kl else w[a:e],
+                  br[a:e] if has_ref_bias else br, y - a, *rest)
+        part_sizes = (sizes[0], e - a, *sizes[2:])
+        db_part = db[a:e] if need_db else acc  # a placeholder when no bias gradient is needed
+        _dw_kernel[(triton.cdiv(e - a, bv),)](*sliced, acc, db_part, *part_sizes, NEED_DW=True,
+                                               NEED_DB=need_db, **flags)
+        out[a:e] = acc
+    return out
