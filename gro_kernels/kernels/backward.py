@@ -299,9 +299,13 @@ def launch_backward(h, w, b, y, hr, wr, br, lse, ez, ed, g_logp, g_ent, g_kl, g_
         split = max(1, min(int(cfg.get("SPLIT", 1)), n_vblocks))
         v_per_split = triton.cdiv(n_vblocks, split) * bv
         split = triton.cdiv(vocab, v_per_split)
-        buf = torch.zeros(split, n, d, **f32)
-        _dh_kernel[(triton.cdiv(n, bn) * split,)](*common, buf, *sizes, v_per_split, SPLIT=split, **flags)
-        dh = buf[0] if split == 1 else buf.sum(0)
+        if h.dtype == torch.float32:  # the fp32 accumulator is the gradient itself
+            buf = torch.zeros(split, n, d, **f32)
+            _dh_kernel[(triton.cdiv(n, bn) * split,)](*common, buf, *sizes, v_per_split, SPLIT=split, **flags)
+            dh = buf[0] if split == 1 else buf.sum(0)
+        else:
+            dh = _dh_in_token_slices(common, sizes, flags, split, v_per_split, h.dtype,
+                                     int(cfg.get("DH_SLICE_ELEMENTS", DH_SLICE_ELEMENTS)))
     if need_dw or need_db:
         db = torch.empty(vocab, **f32) if need_db else dummy
         if not need_dw or w.dtype == torch.float32:
@@ -314,6 +318,30 @@ def launch_backward(h, w, b, y, hr, wr, br, lse, ez, ed, g_logp, g_ent, g_kl, g_
                                      int(cfg.get("DW_SLICE_ELEMENTS", DW_SLICE_ELEMENTS)))
         db = db if need_db else None
     return dh, dw, db
+
+
+# bf16/fp16 hidden states: each dH program accumulates its token block in fp32 in global memory;
+# a whole [N, d] fp32 buffer would be 8 GiB at N=131072, d=4096 (long context), so the kernel runs
+# over token slices with an fp32 buffer of at most this many elements per vocabulary split.
+DH_SLICE_ELEMENTS = 1 << 25
+
+
+def _dh_in_token_slices(common, sizes, flags, split, v_per_split, out_dtype, slice_elements):
+    h, w, b, hr, wr, br = common[:6]
+    per_row = common[6:]  # y, lse, gl, c0, gh, ez, gk, ed, thr: [N] vectors
+    n, d = h.shape
+    bn = flags["BLOCK_N"]
+    rows = max(bn, (slice_elements // d) // bn * bn)
+    out = torch.empty(n, d, dtype=out_dtype, device=h.device)
+    same_ref = hr is h  # no KL: the kernel gets h as a placeholder for the reference hidden states
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        buf = torch.zeros(split, e - s, d, dtype=torch.float32, device=h.device)
+        sliced = (h[s:e], w, b, h[s:e] if same_ref else hr[s:e], wr, br, *(v[s:e] for v in per_row))
+        _dh_kernel[(triton.cdiv(e - s, bn) * split,)](*sliced, buf, e - s, *sizes[1:], v_per_split,
+                                                       SPLIT=split, **flags)
+        out[s:e] = buf[0] if split == 1 else buf.sum(0)
+    return out
 
 
 # bf16/fp16 weights: each dW program accumulates its vocabulary block in fp32 in global memory.

@@ -17,7 +17,7 @@ import torch
 import triton
 
 OVERRIDE_KEYS = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "vocab_splits",
-                 "dw_slice_elements")
+                 "dw_slice_elements", "dh_slice_elements")
 
 # (dtype class) -> settings for the tile shared by the forward sweep and the backward kernels.
 _FWD_TABLE = {
@@ -78,7 +78,8 @@ def _split(n_programs: int, n_vblocks: int, device: torch.device, interpreting: 
 
 def _apply_overrides(cfg: dict, overrides: dict) -> dict:
     names = dict(block_n="BLOCK_N", block_v="BLOCK_V", block_d="BLOCK_D", num_warps="num_warps",
-                 num_stages="num_stages", vocab_splits="SPLIT", dw_slice_elements="DW_SLICE_ELEMENTS")
+                 num_stages="num_stages", vocab_splits="SPLIT", dw_slice_elements="DW_SLICE_ELEMENTS",
+                 dh_slice_elements="DH_SLICE_ELEMENTS")
     for key, value in overrides.items():
         if value is None:
             continue
