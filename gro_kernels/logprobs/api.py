@@ -41,7 +41,7 @@ class TokenStats:
     lse: torch.Tensor
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -53,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+    if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
             f"CPU through Triton's interpreter); got tensors on {device}"
@@ -188,6 +188,24 @@ def token_logprobs(
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are float32, or float64 when the inputs are float64 (the test reference)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the tokens that count, or None when all do (then nothing is copied)."""
+    valid = targets != ignore_index
+    return None if bool(valid.all()) else valid.nonzero()[:, 0]
+
+
+def take_rows(t: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The rows of `t` that count (backends compute only those)."""
+    return t if t is None or rows is None else t.index_select(0, rows)
+
+
+def scatter_rows(v: Optional[torch.Tensor], rows: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """`v` back at `rows` of an n-row tensor, exactly 0 at the ignored rows."""
+    if v is None or rows is None:
+        return v
+    return v.new_zeros((n,) + tuple(v.shape[1:])).index_copy_(0, rows, v)
 
 
 def reject_options(backend: str, options: dict) -> None:

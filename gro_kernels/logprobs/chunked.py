@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import stat_dtype
+from .api import scatter_rows, stat_dtype, take_rows, valid_rows
 
 # 2M logits = 8 MiB in float32 (512 tokens x 4096 vocab): big enough for efficient matmuls, small
 # enough that the elementwise passes over a chunk mostly stay in cache; on 2 CPU cores (N=2048,
@@ -58,11 +58,8 @@ class _ChunkedTokenStats(torch.autograd.Function):
         dtype = stat_dtype(hidden.dtype)
         inv_t = 1.0 / temperature
         n_all = targets.shape[0]
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = targets if rows is None else targets.index_select(0, rows)
-        hr = None
-        if return_kl:
-            hr = ref_hidden if rows is None else ref_hidden.index_select(0, rows)
+        h, y = take_rows(hidden, rows), take_rows(targets, rows)
+        hr = take_rows(ref_hidden, rows) if return_kl else None
         n, vocab = h.shape[0], weight.shape[0]
         ct, cv = _chunk_sizes(n, vocab, chunk_elements)
 
@@ -107,21 +104,15 @@ class _ChunkedTokenStats(torch.autograd.Function):
                     lse_ref[s:e] = mr + torch.log(ser)
                     ekl[s:e] = skl / se
 
-        def scatter(v):
-            if rows is None:
-                return v
-            out = torch.zeros(n_all, dtype=dtype, device=v.device)
-            return out.index_copy_(0, rows, v)
-
-        logp = scatter(z_target - lse)
-        entropy = scatter(lse - ez) if return_entropy else None
+        logp = scatter_rows(z_target - lse, rows, n_all)
+        entropy = scatter_rows(lse - ez, rows, n_all) if return_entropy else None
         # Clamp tiny negative round-off: KL is non-negative by definition.
-        kl = scatter((ekl - lse + lse_ref).clamp_min(0)) if return_kl else None
+        kl = scatter_rows((ekl - lse + lse_ref).clamp_min(0), rows, n_all) if return_kl else None
 
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
                               lse, ez, ekl)
         ctx.config = (temperature, return_entropy, return_kl, chunk_elements)
-        outs = (logp, entropy, kl, scatter(lse))
+        outs = (logp, entropy, kl, scatter_rows(lse, rows, n_all))
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         return tuple(o if o is not None else torch.zeros(0, dtype=dtype, device=h.device) for o in outs)
 
@@ -136,19 +127,13 @@ class _ChunkedTokenStats(torch.autograd.Function):
         n_all, vocab = targets.shape[0], weight.shape[0]
 
         def gather(g):
-            if g is None or g.numel() == 0:
-                return None
-            g = g.to(dtype)
-            return g if rows is None else g.index_select(0, rows)
+            return None if g is None or g.numel() == 0 else take_rows(g.to(dtype), rows)
 
         gl, gs = gather(g_logp), gather(g_lse)
         gh = gather(g_ent) if return_entropy else None
         gk = gather(g_kl) if return_kl else None
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = targets if rows is None else targets.index_select(0, rows)
-        hr = None
-        if gk is not None:
-            hr = ref_hidden if rows is None else ref_hidden.index_select(0, rows)
+        h, y = take_rows(hidden, rows), take_rows(targets, rows)
+        hr = take_rows(ref_hidden, rows) if gk is not None else None
         n = h.shape[0]
         zeros = torch.zeros(n, dtype=dtype, device=h.device)
         # dz = (gl*onehot + p*(alpha + beta*z - gk*zr)) / T, see the module docstring; dlse/dz = p.
@@ -196,12 +181,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
                 if db is not None:
                     db[a:b] += dz.sum(0)
 
-        grad_h = None
-        if dh is not None:
-            if rows is None:
-                grad_h = dh.to(hidden.dtype)
-            else:
-                grad_h = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
+        grad_h = None if dh is None else scatter_rows(dh.to(hidden.dtype), rows, n_all)
         return (grad_h, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
                 None, None, None, None, None, None, None, None, None)
 
@@ -213,8 +193,7 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         raise TypeError(f"backend='torch' takes only the option chunk_elements, got {sorted(options)}")
     if not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-    valid = targets != ignore_index
-    rows = None if bool(valid.all()) else valid.nonzero()[:, 0]
+    rows = valid_rows(targets, ignore_index)
     if return_kl:  # the reference head is frozen
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()

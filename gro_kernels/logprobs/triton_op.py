@@ -14,18 +14,13 @@ computes in float64 (the kernels are fp32/fp16/bf16 only).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..kernels import OVERRIDE_KEYS, backward_config, forward_config, launch_backward, launch_forward
+from .api import interpreting, scatter_rows, take_rows, valid_rows
 
 _OPTIONS = ("filter_eps", "backward_mode") + OVERRIDE_KEYS
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _rowmajor(t):
@@ -43,15 +38,12 @@ class _TritonTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
                 temperature, return_entropy, return_kl, options):
-        interp = _interpreting()
+        interp = interpreting()
         n_all = targets.shape[0]
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = targets if rows is None else targets.index_select(0, rows)
-        hr = None
-        if return_kl:
-            hr = ref_hidden if rows is None else ref_hidden.index_select(0, rows)
+        h, y = take_rows(hidden, rows), take_rows(targets, rows)
+        hr = take_rows(ref_hidden, rows) if return_kl else None
         h, w, hr, wr = _rowmajor(h), _rowmajor(weight), _rowmajor(hr), _rowmajor(ref_weight)
         b = None if bias is None else bias.contiguous()
         br = None if (ref_bias is None or not return_kl) else ref_bias.contiguous()
@@ -71,9 +63,7 @@ class _TritonTokenStats(torch.autograd.Function):
             kl = ed = torch.zeros(0, **f32) if return_kl else None
 
         def scatter(v):
-            if v is None or rows is None:
-                return v
-            return torch.zeros(n_all, **f32).index_copy_(0, rows, v)
+            return scatter_rows(v, rows, n_all)
 
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse,
                               ez if return_entropy else None, ed if return_kl else None)
@@ -93,7 +83,7 @@ class _TritonTokenStats(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_db = need_db and bias is not None
         grads = [None] * 12
-        n = lse.shape[0]
+        n, n_all = lse.shape[0], targets.shape[0]
         if n == 0 or not (need_dh or need_dw or need_db):
             if need_dh:
                 grads[0] = torch.zeros_like(hidden)
@@ -107,16 +97,14 @@ class _TritonTokenStats(torch.autograd.Function):
         def gather(g):
             if g is None:
                 return None
-            g = g.float()
-            return (g if rows is None else g.index_select(0, rows)).contiguous()
+            return take_rows(g.float(), rows).contiguous()
 
         g_ent = g_ent if ctx.return_entropy else None
         g_kl = g_kl if ctx.return_kl else None
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = targets if rows is None else targets.index_select(0, rows)
+        h, y = take_rows(hidden, rows), take_rows(targets, rows)
         hr = wr = br = None
         if g_kl is not None:
-            hr = ref_hidden if rows is None else ref_hidden.index_select(0, rows)
+            hr = take_rows(ref_hidden, rows)
             hr, wr = _rowmajor(hr), _rowmajor(ref_weight)
             br = None if ref_bias is None else ref_bias.contiguous()
         h, w = _rowmajor(h), _rowmajor(weight)
@@ -129,10 +117,7 @@ class _TritonTokenStats(torch.autograd.Function):
             filter_eps=ctx.options.get("filter_eps"), mode=ctx.options.get("backward_mode", "split"),
             cfg=cfg, upcast=upcast, precision=prec, ref_precision=ref_prec)
         if need_dh:
-            dh = dh.to(hidden.dtype)
-            if rows is not None:
-                dh = torch.zeros_like(hidden).index_copy_(0, rows, dh)
-            grads[0] = dh
+            grads[0] = scatter_rows(dh.to(hidden.dtype), rows, n_all)
         if need_dw:
             grads[1] = dw.to(weight.dtype)
         if need_db:
@@ -164,9 +149,7 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         return chunked.token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                                    temperature=temperature, ignore_index=ignore_index,
                                    return_entropy=return_entropy, return_kl=return_kl)
-    valid = targets != ignore_index
-    n_valid = int(valid.sum())
-    rows = None if n_valid == targets.shape[0] else valid.nonzero().squeeze(1)
+    rows = valid_rows(targets, ignore_index)
     logp, ent, kl, lse = _TritonTokenStats.apply(
         hidden, weight, bias, ref_hidden if return_kl else None, ref_weight if return_kl else None,
         ref_bias if return_kl else None, targets, rows, float(temperature), bool(return_entropy),
