@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .tiles import logits_tile
+from .tuning import vocab_split
 
 
 @triton.jit
@@ -87,40 +88,25 @@ def _any_above(dz, thr):
 
 
 @triton.jit
-def _acc_dh(dz, w_ptr, dh_ptr, rows, cols, row_mask, col_mask, D, stride_w, stride_dh,
-            BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    dzc = dz.to(w_ptr.dtype.element_ty)
+def _acc_dot(a, src_ptr, dst_ptr, src_idx, dst_idx, src_mask, dst_mask, D, stride_src, stride_dst,
+             BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dst[dst_idx, :] += a @ src[src_idx, :] in fp32, one BLOCK_D chunk of the hidden dim at a time.
+    dH: a = dz, src = W at the tile's columns, dst = dH at its rows; dW: a = dz^T, src = h, dst = dW.
+    `a` is rounded to the source dtype for the tensor-core dot (as autograd does for a bf16 matmul)."""
+    a = a.to(src_ptr.dtype.element_ty)
     if UPCAST:
-        dzc = dzc.to(tl.float32)
+        a = a.to(tl.float32)
     for k in range(0, D, BLOCK_D):
         dk = k + tl.arange(0, BLOCK_D)
         d_mask = dk < D
-        w = tl.load(w_ptr + cols[:, None] * stride_w + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        src = tl.load(src_ptr + src_idx[:, None] * stride_src + dk[None, :],
+                      mask=src_mask[:, None] & d_mask[None, :], other=0.0)
         if UPCAST:
-            w = w.to(tl.float32)
-        ptrs = dh_ptr + rows[:, None] * stride_dh + dk[None, :]
-        m2 = row_mask[:, None] & d_mask[None, :]
+            src = src.to(tl.float32)
+        ptrs = dst_ptr + dst_idx[:, None] * stride_dst + dk[None, :]
+        m2 = dst_mask[:, None] & d_mask[None, :]
         acc = tl.load(ptrs, mask=m2, other=0.0)
-        acc = tl.dot(dzc, w, acc, input_precision=PRECISION)
-        tl.store(ptrs, acc, mask=m2)
-
-
-@triton.jit
-def _acc_dw(dz, h_ptr, dw_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_dw,
-            BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
-    if UPCAST:
-        dzt = dzt.to(tl.float32)
-    for k in range(0, D, BLOCK_D):
-        dk = k + tl.arange(0, BLOCK_D)
-        d_mask = dk < D
-        h = tl.load(h_ptr + rows[:, None] * stride_h + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-        ptrs = dw_ptr + cols[:, None] * stride_dw + dk[None, :]
-        m2 = col_mask[:, None] & d_mask[None, :]
-        acc = tl.load(ptrs, mask=m2, other=0.0)
-        acc = tl.dot(dzt, h, acc, input_precision=PRECISION)
+        acc = tl.dot(a, src, acc, input_precision=PRECISION)
         tl.store(ptrs, acc, mask=m2)
 
 
@@ -149,13 +135,12 @@ def _dh_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr,
                        y, lse, gl, c0, gh, ez, gk, ed, D, DR, stride_h, stride_w, stride_hr, stride_wr, inv_t,
                        HAS_BIAS, HAS_REF_BIAS, HAS_ENT, HAS_KL, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
                        REF_PRECISION)
+        keep = True
         if FILTER:
-            if _any_above(dz, thr):
-                _acc_dh(dz, w_ptr, dh_base, rows, cols, row_mask, col_mask, D, stride_w, D,
-                        BLOCK_D, UPCAST, PRECISION)
-        else:
-            _acc_dh(dz, w_ptr, dh_base, rows, cols, row_mask, col_mask, D, stride_w, D,
-                    BLOCK_D, UPCAST, PRECISION)
+            keep = _any_above(dz, thr)
+        if keep:
+            _acc_dot(dz, w_ptr, dh_base, cols, rows, col_mask, row_mask, D, stride_w, D,
+                     BLOCK_D, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -182,13 +167,12 @@ def _dw_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr,
         if NEED_DB:
             db += tl.sum(dz, axis=0)
         if NEED_DW:
+            keep = True
             if FILTER:
-                if _any_above(dz, thr):
-                    _acc_dw(dz, h_ptr, dw_ptr, rows, cols, row_mask, col_mask, D, stride_h, D,
-                            BLOCK_D, UPCAST, PRECISION)
-            else:
-                _acc_dw(dz, h_ptr, dw_ptr, rows, cols, row_mask, col_mask, D, stride_h, D,
-                        BLOCK_D, UPCAST, PRECISION)
+                keep = _any_above(dz, thr)
+            if keep:
+                _acc_dot(tl.trans(dz), h_ptr, dw_ptr, rows, cols, row_mask, col_mask, D, stride_h, D,
+                         BLOCK_D, UPCAST, PRECISION)
     if NEED_DB:
         tl.store(db_ptr + cols, db, mask=col_mask)
 
@@ -296,9 +280,7 @@ def launch_backward(h, w, b, y, hr, wr, br, lse, ez, ed, g_logp, g_ent, g_kl, g_
         raise ValueError(f"backward mode must be 'split' or 'atomic', got {mode!r}")
 
     if need_dh:
-        split = max(1, min(int(cfg.get("SPLIT", 1)), n_vblocks))
-        v_per_split = triton.cdiv(n_vblocks, split) * bv
-        split = triton.cdiv(vocab, v_per_split)
+        split, v_per_split = vocab_split(cfg, vocab)
         if h.dtype == torch.float32:  # the fp32 accumulator is the gradient itself
             buf = torch.zeros(split, n, d, **f32)
             _dh_kernel[(triton.cdiv(n, bn) * split,)](*common, buf, *sizes, v_per_split, SPLIT=split, **flags)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .tiles import logits_tile
+from .tuning import vocab_split
 
 
 @triton.jit
@@ -146,10 +147,7 @@ def launch_forward(h, w, b, y, hr, wr, br, *, temperature, cfg, upcast, precisio
     has_ref = hr is not None
     dev = h.device
     bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
-    n_vblocks = triton.cdiv(vocab, bv)
-    split = max(1, min(int(cfg.get("SPLIT", 1)), n_vblocks))
-    v_per_split = triton.cdiv(n_vblocks, split) * bv
-    split = triton.cdiv(vocab, v_per_split)                         # no empty slice
+    split, v_per_split = vocab_split(cfg, vocab)
     grid = (triton.cdiv(n, bn) * split,)
 
     f32 = dict(dtype=torch.float32, device=dev)

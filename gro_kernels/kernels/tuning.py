@@ -91,6 +91,15 @@ def _apply_overrides(cfg: dict, overrides: dict) -> dict:
     return cfg
 
 
+def vocab_split(cfg: dict, vocab: int):
+    """(split, v_per_split): cfg's SPLIT clamped to the vocabulary blocks, each slice a run of whole
+    BLOCK_V blocks, and the count recomputed so that no slice is empty."""
+    n_vblocks = triton.cdiv(vocab, cfg["BLOCK_V"])
+    split = max(1, min(int(cfg.get("SPLIT", 1)), n_vblocks))
+    v_per_split = triton.cdiv(n_vblocks, split) * cfg["BLOCK_V"]
+    return triton.cdiv(vocab, v_per_split), v_per_split
+
+
 def forward_config(n, vocab, d, dtype, device, interpreting, overrides) -> dict:
     cfg = _base(n, d, dtype, interpreting, _FWD_TABLE)
     cfg["SPLIT"] = _split(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]), device, interpreting)
