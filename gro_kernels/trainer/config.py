@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
+from ..objective.inputs import uses_ref_logp
+from ..objective.options import resolve_options
+
 @dataclass
 class GROConfig:
     # --- the objective -------------------------------------------------------------------------
@@ -61,16 +64,12 @@ class GROConfig:
     # Resolved settings (the objective's own option table decides, so the two never disagree) ---
     def resolved_options(self):
         """The loss options `gro_loss` will use: DEFAULTS <- preset <- loss_options (validated)."""
-        from gro_kernels.objective.options import resolve_options
-
         return resolve_options(self.method, {"temperature": self.temperature, **self.loss_options})
 
     def needs_reference(self) -> bool:
         """A frozen reference copy: asked for, or the objective uses reference log-probs / the exact KL."""
         if self.use_reference is not None:
             return bool(self.use_reference)
-        from gro_kernels.objective.inputs import uses_ref_logp
-
         opts = self.resolved_options()
         return uses_ref_logp(self.method, opts) or (opts.kl_coef != 0 and opts.kl_estimator == "full")
 

@@ -26,17 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..logprobs import token_logprobs
+from ..loss import gro_loss
 from . import distributed as gdist
 from .config import GROConfig
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
-
-
-def _gro_loss():
-    from gro_kernels.loss import gro_loss  # imported late: the objective layer is a separate module
-
-    return gro_loss
 
 
 # ---- model plumbing -------------------------------------------------------------------------------
@@ -121,7 +117,7 @@ class PolicyLoss(nn.Module):
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
                                              self.autocast_dtype)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
-        out = _gro_loss()(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
+        out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
         return out.loss, out.logp.detach(), out.metrics
 
 
@@ -298,8 +294,6 @@ class GROTrainer:
     @torch.no_grad()
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
         """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
-        from gro_kernels.logprobs import token_logprobs
-
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
         temp = float(self.options.temperature)
         for idx in self.micro_batches(batch):
