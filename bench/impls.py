@@ -24,7 +24,6 @@ Rows:
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Callable, Dict, Optional
 
 import torch
@@ -410,7 +409,3 @@ def agreement(loss, inp, ref) -> dict:
         out[f"{key}_max_abs_diff"] = diff
         out[f"{key}_rel_diff"] = diff / max(r.abs().max().item(), 1e-30)
     return out
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

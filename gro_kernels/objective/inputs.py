@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..logprobs.api import stat_dtype  # float32 statistics, float64 when given float64
 from .options import IMPLICIT_REFERENCE, Options
 
 
@@ -31,11 +32,6 @@ class Batch:
     group: Optional[torch.Tensor] = None        # [B] int64 in [0, num_groups)
     num_groups: int = 0
     num_items: Optional[float] = None
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics in float32, float64 when given float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tensor(name, t, device):
