@@ -12,9 +12,10 @@ from typing import Dict, Optional
 import torch
 
 from .aggregation import token_coefficients
-from .inputs import check_requirements, kl_is_used, prepare_batch
-from .options import resolve_options
-from .surrogates import kl_estimate, policy_surrogate
+from .inputs import Batch, check_requirements, kl_is_used, prepare_batch
+from .options import Options, resolve_options
+from .split import token_loss
+from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
 
 
@@ -30,6 +31,37 @@ class GROOutput:
 
 def _masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class SequencePlan:
+    """Step (a) of GRO.md section 6: everything formed before the pass over the vocabulary (detached)."""
+
+    weights: Weights         # A[i,t] = weights.advantages
+    coef: torch.Tensor       # c[i,t], the aggregation coefficients
+    kl_in_loss: bool
+
+
+def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
+    """Weights and aggregation coefficients for a validated batch. Reads b.logp only (detached)
+    for the methods `split.needs_policy_logp` names; the rest never look at it."""
+    m = b.mask
+    kl_used = kl_is_used(opts, b.advantages is not None)
+    if b.advantages is not None:
+        A = torch.where(b.offline[:, None], b.advantages * opts.offline_coef, b.advantages)
+        w = Weights(advantages=A, weights=A, units=m.shape[0])
+    else:
+        reward_kl = None
+        if kl_used and opts.kl_placement == "reward":
+            # The KL of the sampled tokens, under the behaviour policy, enters the reward.
+            reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
+        if opts.score == "token_return":
+            w = token_weights(opts, b, reward_kl)
+        else:
+            w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
+    c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
+                           num_items=b.num_items)
+    return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss")
 
 
 def gro_objective(
@@ -66,49 +98,32 @@ def gro_objective(
     )
     check_requirements(method, opts, b)
     l, m = b.logp, b.mask
-    has_kl = b.kl is not None if opts.kl_estimator == "full" else b.ref_logp is not None
-    kl_used = kl_is_used(opts, b.advantages is not None)
-
-    # Weights A[i,t] (steps 1-4), unless given.
-    if b.advantages is not None:
-        A = torch.where(b.offline[:, None], b.advantages * opts.offline_coef, b.advantages)
-        w = Weights(advantages=A, weights=A, units=l.shape[0])
-    else:
-        reward_kl = None
-        if kl_used and opts.kl_placement == "reward":
-            # The KL of the sampled tokens, under the behaviour policy, enters the reward.
-            reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
-        if opts.score == "token_return":
-            w = token_weights(opts, b, reward_kl)
-        else:
-            w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
-
-    surrogate = policy_surrogate(opts, l, b.old_logp, w.advantages, m, b.offline)
-    c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
-                           num_items=b.num_items)
-    policy = -(c * surrogate.value).sum()
+    plan = sequence_plan(method, opts, b)
+    online = ~b.offline[:, None]
+    terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,
+                       advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,
+                       kl_in_loss=plan.kl_in_loss)
+    loss = terms.loss
+    w, surrogate = plan.weights, terms.surrogate
+    policy = -(plan.coef * surrogate.value).sum()
     if w.unit_losses is not None and opts.loss_agg == "seq_mean_token_sum":
         # Report the method's own loss; keep the GRO gradient (equal to the method's, see tests).
+        # Token-local terms other than the surrogate (KL, entropy) keep their values.
         own = w.unit_losses.sum() / max(w.units, 1)
-        policy = own.detach() + (policy - policy.detach())
-    loss = policy
+        loss = loss + (own - policy).detach()
+        policy = own
 
     metrics = {"policy_loss": policy.detach()}
-    if has_kl:
-        k = kl_estimate(opts.kl_estimator, l, b.ref_logp, b.kl)
-        if kl_used and opts.kl_placement == "loss":
-            loss = loss + opts.kl_coef * (c * k).sum()
-        metrics["kl"] = _masked_mean(k.detach(), m)
+    if terms.kl is not None:
+        metrics["kl"] = _masked_mean(terms.kl.detach(), m)
     if b.entropy is not None:
-        if opts.entropy_coef != 0:
-            loss = loss - opts.entropy_coef * (c * b.entropy).sum()
         metrics["entropy"] = _masked_mean(b.entropy.detach(), m)
     if surrogate.ratio is not None:
-        online = m * (~b.offline[:, None]).to(m.dtype)
-        metrics["ratio_mean"] = _masked_mean(surrogate.ratio, online)
-        metrics["clip_frac_low"] = _masked_mean(surrogate.clipped_low.to(m.dtype), online)
-        metrics["clip_frac_high"] = _masked_mean(surrogate.clipped_high.to(m.dtype), online)
-        metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), online)
+        on = m * online.to(m.dtype)
+        metrics["ratio_mean"] = _masked_mean(surrogate.ratio, on)
+        metrics["clip_frac_low"] = _masked_mean(surrogate.clipped_low.to(m.dtype), on)
+        metrics["clip_frac_high"] = _masked_mean(surrogate.clipped_high.to(m.dtype), on)
+        metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), on)
     metrics["weights"] = w.weights.detach()
     metrics["advantages"] = w.advantages.detach()
     for name in ("scores", "anchors", "signs"):

@@ -29,9 +29,10 @@ class Surrogate:
     clipped_high: Optional[torch.Tensor] = None
 
 
-def policy_surrogate(opts: Options, logp, old_logp, advantages, mask, offline) -> Surrogate:
+def policy_surrogate(opts: Options, logp, old_logp, advantages, mask, online) -> Surrogate:
     """`logp`: A l; `ratio_clip` (PPO, token or sequence ratio, optional delta); `cispo`: sg[min(rho, eps_high)] A l.
-    Offline rows always use A l: they were not sampled from the old policy."""
+    Offline rows (`online` False, broadcastable to logp) always use A l: they were not sampled
+    from the old policy. Elementwise except for the sequence ratio, which reads whole rows."""
     A = advantages
     plain = A * logp
     if opts.surrogate == "logp":
@@ -54,6 +55,5 @@ def policy_surrogate(opts: Options, logp, old_logp, advantages, mask, offline) -
         low = torch.zeros_like(ratio, dtype=torch.bool)
         high = ratio > opts.eps_high
 
-    online = ~offline[:, None]
     return Surrogate(value=torch.where(online, value, plain), ratio=ratio.detach(),
                      clipped_low=low & online, clipped_high=high & online)
