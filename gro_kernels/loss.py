@@ -1,6 +1,10 @@
-"""`gro_loss`: hidden states -> token log-probs (one fused pass) -> the GRO objective.
+"""`gro_loss`: hidden states -> the GRO loss and its gradients, without materializing the logits.
 
-The only glue between layer 2 (`token_logprobs`) and layer 3 (`gro_objective`).
+The only glue between layer 2 (`token_logprobs`, the fused pass) and layer 3 (`gro_objective`).
+Token-local objectives (GRO.md section 6) take the single fused pass: three GEMMs, the gradients
+computed inside the forward call and handed back by backward. The others (weights that depend on
+the policy's own log-probs: DPO, IPO, CPL, SimPO, KTO, GSPO's sequence ratio) take the composable
+path: `token_logprobs` forward (one GEMM), the objective, `token_logprobs` backward (three).
 """
 from __future__ import annotations
 
@@ -9,10 +13,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .logprobs import token_logprobs
+from .logprobs import resolve_backend, token_logprobs
+from .logprobs.api import check_inputs, stat_dtype
+from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
+from .objective.core import prepare_objective
 from .objective.inputs import uses_ref_logp
 from .objective.options import resolve_options
+from .objective.split import needs_policy_logp, token_loss
 
 
 def gro_loss(
@@ -65,35 +73,111 @@ def gro_loss(
     if full_kl and opts.kl_coef != 0 and not has_ref_head:
         raise ValueError("kl_estimator='full' needs the reference head: pass ref_hidden and ref_weight")
 
+    # Masked positions are ignored tokens: dropped before any matrix work, so nothing there
+    # (padding, a NaN hidden state) reaches a GEMM.
     valid = targets != ignore_index
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {shape}")
-        valid = valid & (mask != 0)
+        valid = valid & _mask(mask, targets)
+        targets = targets.masked_fill(~valid, ignore_index)
 
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
-    stats = token_logprobs(
-        hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-        return_entropy=bool(return_entropy) or opts.entropy_coef != 0, backend=backend, **ref_head,
-        **backend_options,
-    )
-    entropy = stats.entropy
-    if entropy is not None and opts.entropy_coef == 0:
-        entropy = entropy.detach()  # metrics only
-
+    want_entropy = bool(return_entropy) or opts.entropy_coef != 0
     if ref_logp is None and has_ref_head and uses_ref_logp(method, opts):
         with torch.no_grad():
             ref_logp = token_logprobs(
                 ref_hidden, ref_weight, targets, bias=ref_bias, temperature=opts.temperature,
                 ignore_index=ignore_index, backend=backend, **backend_options,
             ).logp
+    objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
+                     labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
+                     num_items_in_batch=num_items_in_batch, **options)
 
-    return gro_objective(
-        stats.logp, method=method, mask=valid, entropy=entropy, kl=stats.kl, rewards=rewards,
-        advantages=advantages, group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
-        old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, **options,
+    if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages):
+        return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
+                           ignore_index=ignore_index, backend=backend, backend_options=backend_options)
+
+    stats = token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
+        return_entropy=want_entropy, backend=backend, **ref_head, **backend_options,
     )
+    entropy = stats.entropy
+    if entropy is not None and opts.entropy_coef == 0:
+        entropy = entropy.detach()  # metrics only
+    return gro_objective(stats.logp, entropy=entropy, kl=stats.kl, **objective)
+
+
+def _mask(mask, targets):
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {shape}")
+    if mask.device != targets.device:
+        raise ValueError(f"mask is on {mask.device} but targets are on {targets.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be bool or hold only 0 and 1")
+        mask = mask != 0
+    return mask
+
+
+def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages) -> bool:
+    """The single fused pass (three GEMMs) applies when gradients are wanted, the backend is a
+    chunked one, and the objective is token-local (GRO.md section 6)."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return False  # token_logprobs names the bad argument
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if not wants_grad or resolve_backend(backend, hidden.device) == "naive":
+        return False
+    return not needs_policy_logp(opts, has_old_logp=old_logp is not None, has_advantages=advantages is not None)
+
+
+def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, want_entropy, ignore_index,
+                backend, backend_options) -> GROOutput:
+    """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
+    derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
+    B, T = targets.shape
+    stat = stat_dtype(hidden.dtype) if isinstance(hidden, torch.Tensor) else torch.float32
+    zeros = torch.zeros(B, T, dtype=stat, device=targets.device)
+    want_kl = bool(ref_head)
+    kl_grad = want_kl and opts.kl_coef != 0
+    # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
+    _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
+                                   kl=zeros if want_kl else None, **objective)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
+    online = flat((~b.offline)[:, None].expand(B, T))
+    # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
+    given_lo = flat(b.old_logp) if objective["old_logp"] is not None else None
+
+    def coefficients(pos, cs):
+        with torch.enable_grad():
+            leaves = [cs.logp.detach().requires_grad_()]
+            H = cs.entropy.detach().requires_grad_() if opts.entropy_coef != 0 else None
+            K = cs.kl.detach().requires_grad_() if kl_grad else None
+            leaves += [t for t in (H, K) if t is not None]
+            l = leaves[0]
+            lo = l.detach() if given_lo is None else torch.where(online[pos], given_lo[pos], l.detach())
+            terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=None if lr is None else lr[pos][None],
+                               entropy=None if H is None else H[None], kl=None if K is None else K[None],
+                               advantages=A[pos][None], coef=c[pos][None], online=online[pos][None], mask=None,
+                               kl_in_loss=plan.kl_in_loss)
+            g = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
+        g = [torch.zeros_like(l) if x is None else x for x in g]
+        return g[0], (g[1] if H is not None else None), (g[-1] if K is not None else None)
+
+    flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
+                             ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    (logp, entropy, kl, _), (dh, dw, db) = fused_token_loss(
+        *flat_args, temperature=opts.temperature, ignore_index=ignore_index, return_entropy=want_entropy,
+        coefficients=coefficients, need_grads=need, backend=resolve_backend(backend, targets.device),
+        **backend_options)
+    # The value and the metrics: the same objective on the detached [B,T] statistics.
+    with torch.no_grad():
+        out = gro_objective(logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
+                            kl=None if kl is None else kl.reshape(B, T), **objective)
+    loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
+    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
 
 
 class GROLoss(nn.Module):

@@ -1,4 +1,5 @@
-"""The torch backend's chunking is real: peak memory stays within the documented workspace.
+"""The chunking is real: peak memory stays within the documented workspace, for `token_logprobs`
+(forward, then backward) and for `gro_loss`'s single fused pass.
 
 Runs in a fresh subprocess (so the high-water mark of resident memory belongs to this measurement
 alone) at a size where the materialized float32 logits alone would take 4 GiB.
@@ -9,16 +10,20 @@ import subprocess
 import sys
 import textwrap
 
-from gro_kernels.logprobs.chunked import DEFAULT_CHUNK_ELEMENTS
+import pytest
+
+from gro_kernels.logprobs.engine import CPU_CHUNK_ELEMENTS, chunk_tokens
 
 N, D, V = 8192, 32, 131072
 LOGITS_BYTES = N * V * 4  # 4 GiB
-# chunked.py documents at most four chunk-sized float32 buffers alive at once.
-WORKSPACE_BYTES = 4 * DEFAULT_CHUNK_ELEMENTS * 4
+# engine.py documents at most four chunk-sized float32 buffers alive at once.
+WORKSPACE_BYTES = 4 * chunk_tokens(N, V, __import__("torch").device("cpu")) * V * 4
+assert WORKSPACE_BYTES <= 4 * max(CPU_CHUNK_ELEMENTS, 16 * V) * 4
 SLACK_BYTES = 32 << 20  # allocator and interpreter noise, small [N]-vectors
 
 SCRIPT = textwrap.dedent(f"""
     import json, resource, torch
+    from gro_kernels import gro_loss
     from gro_kernels.logprobs import token_logprobs
     torch.manual_seed(0)
     h = (torch.randn({N}, {D}) * 0.3).requires_grad_()
@@ -29,8 +34,13 @@ SCRIPT = textwrap.dedent(f"""
     (warm.logp.sum() + warm.entropy.sum()).backward()
     h.grad = w.grad = None
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    st = token_logprobs(h, w, y, return_entropy=True, backend="torch")
-    (st.logp.sum() - 0.1 * st.entropy.sum()).backward()
+    if {{call!r}} == "token_logprobs":
+        st = token_logprobs(h, w, y, return_entropy=True, backend="torch")
+        (st.logp.sum() - 0.1 * st.entropy.sum()).backward()
+    else:
+        r = torch.rand({N} // 64)
+        gro_loss(h.view(-1, 64, {D}), w, y.view(-1, 64), method="dapo", rewards=r, group_ids=torch.arange(r.numel()) // 4,
+                 entropy_coef=0.01, backend="torch").loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ok = bool(torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0)
     grads = (h.numel() + w.numel()) * 4  # the gradients themselves are not workspace
@@ -38,11 +48,12 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
-def test_torch_backend_peak_memory_is_bounded_by_workspace():
+@pytest.mark.parametrize("call", ["token_logprobs", "gro_loss"])
+def test_peak_memory_is_bounded_by_workspace(call):
     # A fixed mmap threshold makes glibc return every large freed buffer at once, so the resident
     # high-water mark measures live allocations rather than free heap glibc chose to keep.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run([sys.executable, "-c", SCRIPT.replace("{call!r}", repr(call))], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["ok"]

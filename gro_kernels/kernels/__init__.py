@@ -1,11 +1,6 @@
-"""Layer 1: Triton kernels (forward sweep, backward recompute) and their launchers.
+"""Layer 1: the Triton kernels of the GPU path (the fused epilogue between the vendor GEMMs).
 
-`forward.launch_forward` and `backward.launch_backward` work on compacted, contiguous rows;
-`gro_kernels.logprobs.triton_op` is the autograd op that calls them. Block sizes: `tuning.py`.
+`epilogue.launch_row_stats` and `epilogue.launch_logits_grad` work on one fp32 logits chunk;
+`gro_kernels.logprobs.engine` runs the GEMMs around them. `compile_check` compiles them for
+sm_90 without a GPU.
 """
-from .backward import launch_backward
-from .forward import launch_forward, merge_partials
-from .tuning import OVERRIDE_KEYS, backward_config, forward_config
-
-__all__ = ["launch_forward", "launch_backward", "merge_partials", "forward_config", "backward_config",
-           "OVERRIDE_KEYS"]

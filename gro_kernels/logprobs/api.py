@@ -2,7 +2,7 @@
 
 This file checks the arguments, flattens them to `[N, d]` / `[N]`, picks a backend and
 reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
-`triton_op.py`); each exposes `token_stats(...)` with identical semantics:
+`chunked.py` for both `torch` and `triton`); each exposes `token_stats(...)` with identical semantics:
 
     token_stats(hidden[N,d], weight[V,d], targets[N] int64, bias[V]|None,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
@@ -15,6 +15,7 @@ flows into ref_hidden / ref_weight / ref_bias.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -63,15 +64,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _triton_available() -> bool:
     try:
-        importlib.import_module("gro_kernels.logprobs.triton_op")
+        importlib.import_module("gro_kernels.kernels.epilogue")
         return True
     except ImportError:
         return False
 
 
 def _backend_fn(name: str):
-    module = {"naive": "naive", "torch": "chunked", "triton": "triton_op"}[name]
-    return importlib.import_module(f"gro_kernels.logprobs.{module}").token_stats
+    if name == "naive":
+        return importlib.import_module("gro_kernels.logprobs.naive").token_stats
+    chunked = importlib.import_module("gro_kernels.logprobs.chunked")
+    return functools.partial(chunked.token_stats, backend=name)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -131,9 +134,34 @@ def token_logprobs(
     Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test reference).
     `hidden[..., d]` predicts `targets[...]` (already shifted). With `ref_hidden` and `ref_weight`
     the exact full-vocabulary KL(policy || reference) is computed in the same pass, with the
-    temperature applied to both heads. `backend_options` go to the backend (e.g. the triton
-    backend's `filter_eps`); an option a backend does not know is an error.
+    temperature applied to both heads. `backend_options` go to the backend (the chunked backends
+    take `chunk_elements`, the logits per chunk); an option a backend does not know is an error.
     """
+    h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                                            temperature=temperature, ignore_index=ignore_index)
+    device, lead = targets.device, targets.shape
+    name = resolve_backend(backend, device)
+    fn = _backend_fn(name)
+    # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
+    with torch.autocast(device.type, enabled=False):
+        logp, ent, kl, lse = fn(
+            h2, w, y, b, rh2, rw, rb,
+            temperature=float(temperature), ignore_index=ignore_index,
+            return_entropy=bool(return_entropy), return_kl=rh2 is not None,
+            **backend_options,
+        )
+    shape = tuple(lead)
+    return TokenStats(
+        logp=logp.reshape(shape),
+        entropy=None if ent is None else ent.reshape(shape),
+        kl=None if kl is None else kl.reshape(shape),
+        lse=lse.reshape(shape),
+    )
+
+
+def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index):
+    """Validate the arguments of `token_logprobs` (each error names its argument) and flatten them:
+    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -168,21 +196,7 @@ def token_logprobs(
                 f"targets holds token id {bad} outside [0, {vocab}) that is not ignore_index ({ignore_index})"
             )
 
-    name = resolve_backend(backend, device)
-    fn = _backend_fn(name)
-    logp, ent, kl, lse = fn(
-        h2, w, y, b, rh2, rw, rb,
-        temperature=float(temperature), ignore_index=ignore_index,
-        return_entropy=bool(return_entropy), return_kl=rh2 is not None,
-        **backend_options,
-    )
-    shape = tuple(lead)
-    return TokenStats(
-        logp=logp.reshape(shape),
-        entropy=None if ent is None else ent.reshape(shape),
-        kl=None if kl is None else kl.reshape(shape),
-        lse=lse.reshape(shape),
-    )
+    return h2, w, y, b, rh2, rw, rb
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

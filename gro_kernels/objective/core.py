@@ -64,6 +64,19 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
     return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss")
 
 
+def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
+                      offline, old_logp, ref_logp, num_items_in_batch, **options):
+    """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan)."""
+    opts = resolve_options(method, options)
+    b = prepare_batch(
+        logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
+        group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
+        old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch,
+    )
+    check_requirements(method, opts, b)
+    return opts, b, sequence_plan(method, opts, b)
+
+
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -90,15 +103,11 @@ def gro_objective(
     (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
     the method's own loss value; its gradient is the GRO gradient, which equals the method's.
     """
-    opts = resolve_options(method, options)
-    b = prepare_batch(
-        logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
-        group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
-        old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch,
-    )
-    check_requirements(method, opts, b)
+    opts, b, plan = prepare_objective(
+        logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
+        group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
+        ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, **options)
     l, m = b.logp, b.mask
-    plan = sequence_plan(method, opts, b)
     online = ~b.offline[:, None]
     terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,
                        advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,

@@ -1,0 +1,166 @@
+"""Layer 1: the two memory-bound Triton kernels that sit between the vendor GEMMs.
+
+The logits chunk z [ct, V] (fp32, from cuBLAS) is read once by `_row_stats_kernel` and read and
+written once by `_logits_grad_kernel`; nothing else touches it. One program per row (a 1-D grid,
+int64 row offsets), a loop over the vocabulary in BLOCK_V-wide vectors with per-lane running
+max / sums (an online log-sum-exp with -inf as the identity, so all-negative or huge logits are
+exact), merged across lanes at the end. Block sizes and warps autotune on the user's GPU, keyed on
+V and the dtypes; the gradient kernel writes its input in place, so tuning restores it.
+
+Math (u = z / T, p = softmax(u)): see `gro_kernels/logprobs/engine.py`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Small and few: the kernels stream memory; wider vectors only add registers.
+_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv in (1024, 2048, 4096) for w in (4, 8)]
+_INTERPRETER_BLOCK_V = 256
+
+
+@triton.jit
+def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ez_ptr, ekl_ptr, lser_ptr,
+                      V, stride_z, stride_zr, inv_t,
+                      WANT_EZ: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    zr_row = zr_ptr + row * stride_zr
+    offs = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    m = tl.full([BLOCK_V], neg_inf, tl.float32)      # per-lane running max of u
+    s = tl.zeros([BLOCK_V], tl.float32)              # sum exp(u - m)
+    sz = tl.zeros([BLOCK_V], tl.float32)             # sum exp(u - m) * u
+    mr = tl.full([BLOCK_V], neg_inf, tl.float32)     # reference: running max, sum
+    sr = tl.zeros([BLOCK_V], tl.float32)
+    skl = tl.zeros([BLOCK_V], tl.float32)            # sum exp(u - m) * (u - ur)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        inside = idx < V
+        u = tl.load(z_row + idx, mask=inside, other=neg_inf).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, u)
+        # A lane that has seen only -inf keeps max 0 for the exponent: exp(-inf - 0) = 0, no NaN.
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        scale = tl.exp(m - m_safe)
+        e = tl.exp(u - m_safe)
+        s = s * scale + e
+        if WANT_EZ or HAS_REF:
+            sz = sz * scale + e * tl.where(inside, u, 0.0)
+        if HAS_REF:
+            ur = tl.load(zr_row + idx, mask=inside, other=neg_inf).to(tl.float32) * inv_t
+            mr_new = tl.maximum(mr, ur)
+            mr_safe = tl.where(mr_new == neg_inf, 0.0, mr_new)
+            sr = sr * tl.exp(mr - mr_safe) + tl.exp(ur - mr_safe)
+            skl = skl * scale + e * tl.where(inside, u - ur, 0.0)
+            mr = mr_new
+        m = m_new
+    big = tl.max(m, 0)
+    w = tl.exp(m - big)
+    total = tl.sum(s * w, 0)
+    lse = big + tl.log(total)
+    target = tl.load(y_ptr + row)
+    u_y = tl.load(z_row + target).to(tl.float32) * inv_t
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, u_y - lse)
+    if WANT_EZ:
+        tl.store(ez_ptr + row, tl.sum(sz * w, 0) / total)
+    if HAS_REF:
+        big_r = tl.max(mr, 0)
+        w_r = tl.exp(mr - big_r)
+        tl.store(lser_ptr + row, big_r + tl.log(tl.sum(sr * w_r, 0)))
+        tl.store(ekl_ptr + row, tl.sum(skl * w, 0) / total)
+
+
+@triton.jit
+def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, lse_ptr, gl_ptr, alpha_ptr, beta_ptr, gamma_ptr,
+                        V, stride_z, stride_zr, stride_dz, inv_t,
+                        HAS_BETA: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+    # dz = gl * onehot + p * (alpha + beta u + gamma ur). dz may alias z: each program owns its row
+    # and stores a block only after loading it, and a 16-bit dz row lies in the first half of its
+    # own fp32 row, behind the loads, so no program reads what another has written.
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    zr_row = zr_ptr + row * stride_zr
+    dz_row = dz_ptr + row * stride_dz
+    lse = tl.load(lse_ptr + row)
+    alpha = tl.load(alpha_ptr + row)
+    gl = tl.load(gl_ptr + row)
+    target = tl.load(y_ptr + row)
+    beta = 0.0
+    gamma = 0.0
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + row)
+    if HAS_REF:
+        gamma = tl.load(gamma_ptr + row)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        inside = idx < V
+        u = tl.load(z_row + idx, mask=inside, other=0.0).to(tl.float32) * inv_t
+        p = tl.exp(u - lse)
+        t = alpha
+        if HAS_BETA:
+            t = t + beta * u
+        if HAS_REF:
+            ur = tl.load(zr_row + idx, mask=inside, other=0.0).to(tl.float32) * inv_t
+            t = t + gamma * ur
+        d = p * t + tl.where(idx == target, gl, 0.0)
+        tl.store(dz_row + idx, d.to(dz_ptr.dtype.element_ty), mask=inside)
+
+
+_row_stats_tuned = triton.autotune(_CONFIGS, key=["V", "WANT_EZ", "HAS_REF"])(_row_stats_kernel)
+_logits_grad_tuned = triton.autotune(_CONFIGS, key=["V", "HAS_BETA", "HAS_REF"],
+                                     restore_value=["z_ptr"])(_logits_grad_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch(tuned, raw, n, args, flags):
+    if n == 0:
+        return
+    if _interpreting():  # numpy underneath: no timing to tune on
+        raw[(n,)](*args, **flags, BLOCK_V=_INTERPRETER_BLOCK_V)
+    else:
+        tuned[(n,)](*args, **flags)
+
+
+def _rowmajor(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ez=None, ekl=None, lse_ref=None):
+    """Fill lse, logp (and ez = E_p[u]; with zr, ekl = E_p[u - ur] and lse_ref) for each row of z."""
+    z, zr = _rowmajor(z), _rowmajor(zr)
+    n, vocab = z.shape
+    dummy = lse
+    args = (z, dummy if zr is None else zr, y, lse, logp, dummy if ez is None else ez,
+            dummy if ekl is None else ekl, dummy if lse_ref is None else lse_ref,
+            vocab, z.stride(0), 0 if zr is None else zr.stride(0), float(inv_t))
+    _launch(_row_stats_tuned, _row_stats_kernel, n, args, dict(WANT_EZ=ez is not None, HAS_REF=zr is not None))
+
+
+def launch_logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, out_dtype=torch.float32):
+    """The logits gradient dz [ct, V] in `out_dtype`, written over z's memory (a 16-bit dz is a
+    strided view of the first half of each fp32 row). Under the interpreter dz is a new tensor:
+    the interpreter copies each argument, so aliasing arguments would not write back in order."""
+    zr = None if gamma is None else _rowmajor(zr)  # the reference chunk matters only through gamma
+    z = _rowmajor(z)
+    n, vocab = z.shape
+    if _interpreting():
+        dz = torch.empty(n, vocab, dtype=out_dtype, device=z.device)
+    elif out_dtype == z.dtype:
+        dz = z
+    else:
+        if z.dtype != torch.float32 or out_dtype not in (torch.float16, torch.bfloat16) or not z.is_contiguous():
+            raise ValueError(f"in-place dz needs a contiguous fp32 z and a 16-bit out_dtype, got {z.dtype} -> {out_dtype}")
+        dz = z.view(out_dtype)[:, :vocab]   # row stride 2V: each row's first half
+    args = (z, lse if zr is None else zr, dz, y, lse, gl, alpha, lse if beta is None else beta,
+            lse if gamma is None else gamma, vocab, z.stride(0), 0 if zr is None else zr.stride(0), dz.stride(0),
+            float(inv_t))
+    _launch(_logits_grad_tuned, _logits_grad_kernel, n, args, dict(HAS_BETA=beta is not None, HAS_REF=zr is not None))
+    return dz

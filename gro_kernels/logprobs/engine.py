@@ -1,0 +1,222 @@
+"""The chunked engine every fast backend runs on: vendor GEMMs for the FLOPs, an epilogue for the rest.
+
+Per chunk of `ct` tokens (the non-ignored rows only):
+
+    z   = h_c @ W^T + b            the vendor GEMM (cuBLAS / MKL), fp32 out: never rounded to 16 bits
+    stats(z)                       one read: lse, target logit, E_p[u], with a reference chunk the exact KL
+    dz  = grad(z; coefficients)    one read-write, in place (16-bit for 16-bit inputs, fp32 math)
+    dh_c = dz @ W,  dW += dz^T @ h_c,  db += sum dz     the vendor GEMM, dW/db accumulated in fp32
+
+with u = z / T. The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never
+knows which. Three ways through it:
+
+    forward_stats     the statistics only (1 GEMM per chunk): `token_logprobs` forward, forward-only passes
+    backward_grads    recompute z, dz from upstream per-token gradients (3 GEMMs): `token_logprobs` backward
+    fused_pass        statistics, then the per-token coefficients from a callback (the objective's
+                      token-local loss), then dz and the gradients, in one sweep (3 GEMMs in all)
+
+Math (u = z/T, p = softmax(u), ur the reference head's scaled logits):
+    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref
+    d/du of gl*logp + gH*H + gK*KL + gs*lse  =  gl*onehot + p*(alpha + beta*u + gamma*ur)
+    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur],  beta = gK - gH,  gamma = -gK;  dz = du / T.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# Workspace per chunk, in fp32 logits. At most four chunk-sized buffers are alive at once (z, the
+# torch epilogue's p, the reference chunk, one transient), so the workspace is bounded whatever N. GPU: about 1 GiB, big enough that the GEMMs run at full
+# speed and the per-chunk fp32 dW update is amortized. CPU: 4M logits (16 MiB): cache-sized
+# chunks win there; side by side on 2 cores (N=2048, d=512, V=32768) 4M beat 1M, 2M and 16M.
+GPU_CHUNK_ELEMENTS = 1 << 28
+CPU_CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_TOKENS = 16
+# The fp32 dW update of 16-bit inputs goes through temporaries of at most this many elements.
+DW_SLICE_ELEMENTS = 1 << 26
+
+
+def chunk_tokens(n: int, vocab: int, device: torch.device, chunk_elements: Optional[int] = None) -> int:
+    """Tokens per chunk: `chunk_elements` logits (a chunk holds at least one token's whole row).
+    By default the device's budget above, at least 16 tokens, whole 64-row tiles from 128 up."""
+    if chunk_elements is not None:
+        return max(1, min(n, chunk_elements // max(vocab, 1)))
+    budget = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+    ct = max(MIN_CHUNK_TOKENS, budget // max(vocab, 1))
+    if ct >= 128:
+        ct -= ct % 64
+    return max(1, min(n, ct))
+
+
+def _mm_fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch.mm(a, b, out_dtype=torch.float32) for fp16/bf16 inputs: CUDA, torch >= 2.8."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
+
+
+@dataclass
+class Head:
+    """One linear head on the compacted rows: h [n, d], W [V, d], b [V] or None."""
+
+    h: torch.Tensor
+    w: torch.Tensor
+    b: Optional[torch.Tensor]
+    stat: torch.dtype          # float32 (float64 for float64 inputs)
+
+    def __post_init__(self):
+        self.native = self.w.dtype == self.stat or _mm_fp32_out_supported(self.w.device, self.w.dtype)
+        # No fp32-output GEMM for 16-bit inputs here (CPU, old torch): upcast once per call, never
+        # round the logits to 16 bits.
+        self.w_stat = self.w if self.native else self.w.to(self.stat)
+        self.b_stat = None if self.b is None else self.b.to(self.stat)
+
+    def logits(self, s: int, e: int) -> torch.Tensor:
+        """z = h[s:e] @ W^T + b, in the statistics dtype."""
+        hc = self.h[s:e]
+        if self.w_stat.dtype == self.stat:
+            hc = hc.to(self.stat)
+            if self.b_stat is None:
+                return hc @ self.w_stat.T
+            return torch.addmm(self.b_stat, hc, self.w_stat.T)
+        z = torch.mm(hc, self.w.T, out_dtype=torch.float32)
+        return z if self.b_stat is None else z.add_(self.b_stat)
+
+
+class Grads:
+    """dh rows written per chunk; dW and db accumulated across chunks in fp32 (or float64)."""
+
+    def __init__(self, head: Head, need_dh: bool, need_dw: bool, need_db: bool):
+        n, d = head.h.shape
+        vocab = head.w.shape[0]
+        dev, stat = head.h.device, head.stat
+        self.head = head
+        self.dh = torch.empty(n, d, dtype=head.h.dtype, device=dev) if need_dh else None
+        self.dw = torch.zeros(vocab, d, dtype=stat, device=dev) if need_dw else None
+        self.db = torch.zeros(vocab, dtype=stat, device=dev) if (need_db and head.b is not None) else None
+
+    def add(self, dz: torch.Tensor, s: int, e: int) -> None:
+        head = self.head
+        if self.dh is not None:
+            if dz.dtype == head.w.dtype:
+                torch.mm(dz, head.w, out=self.dh[s:e])
+            else:
+                self.dh[s:e] = (dz @ head.w_stat).to(self.dh.dtype)
+        if self.dw is not None:
+            hc = head.h[s:e]
+            if dz.dtype == self.dw.dtype:
+                self.dw.addmm_(dz.T, hc.to(self.dw.dtype))  # accumulates inside the GEMM
+            elif head.native:
+                # 16-bit dz and h: fp32-output GEMM per vocabulary slice, added to the fp32 sum.
+                step = max(1, DW_SLICE_ELEMENTS // max(hc.shape[1], 1))
+                for a in range(0, dz.shape[1], step):
+                    self.dw[a:a + step] += torch.mm(dz[:, a:a + step].T, hc, out_dtype=torch.float32)
+            else:
+                self.dw.addmm_(dz.T.to(self.dw.dtype), hc.to(self.dw.dtype))
+        if self.db is not None:
+            self.db += dz.sum(0, dtype=self.db.dtype)
+
+
+@dataclass
+class Stats:
+    """Per-token statistics of the compacted rows, in the statistics dtype."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    ez: Optional[torch.Tensor] = None       # E_p[u]      (entropy = lse - ez)
+    ekl: Optional[torch.Tensor] = None      # E_p[u - ur] (kl = ekl - lse + lse_ref)
+    lse_ref: Optional[torch.Tensor] = None
+
+    @property
+    def entropy(self):
+        return None if self.ez is None else self.lse - self.ez
+
+    @property
+    def kl(self):
+        # Clamp tiny negative round-off: KL is non-negative by definition.
+        return None if self.ekl is None else (self.ekl - self.lse + self.lse_ref).clamp_min(0)
+
+
+def _alloc(n, like, want):
+    return torch.zeros(n, dtype=like.dtype, device=like.device) if want else None
+
+
+def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
+                  epilogue, ct: int) -> Stats:
+    """Statistics of every row, one GEMM (two with a reference head) per chunk."""
+    n = y.shape[0]
+    lse = torch.zeros(n, dtype=head.stat, device=y.device)
+    st = Stats(logp=torch.zeros_like(lse), lse=lse, ez=_alloc(n, lse, want_entropy),
+               ekl=_alloc(n, lse, ref is not None), lse_ref=_alloc(n, lse, ref is not None))
+    for s in range(0, n, ct):
+        e = min(s + ct, n)
+        z = head.logits(s, e)
+        zr = None if ref is None else ref.logits(s, e)
+        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+    return st
+
+
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
+    """(gl, alpha, beta, gamma) of the module docstring, each scaled by 1/T (dz is wrt the raw z)."""
+    zeros = torch.zeros_like(st.lse)
+    gl = zeros if gl is None else gl.to(st.lse.dtype)
+    alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
+    beta = gamma = None
+    if gh is not None:
+        alpha = alpha + gh * st.ez
+        beta = -gh
+    if gk is not None:
+        alpha = alpha - gk * st.ekl
+        beta = gk if beta is None else beta + gk
+        gamma = -gk
+    scale = (lambda t: None if t is None else t * inv_t)
+    return scale(gl), scale(alpha), scale(beta), scale(gamma)
+
+
+def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs, *, inv_t: float,
+                   grads: Grads, epilogue, ct: int) -> None:
+    """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
+    gl, alpha, beta, gamma = coefs
+    n = y.shape[0]
+    for s in range(0, n, ct):
+        e = min(s + ct, n)
+        z = head.logits(s, e)
+        zr = None if gamma is None else ref.logits(s, e)
+        sl = slice(s, e)
+        dz = epilogue.grad(z, zr, y[sl], inv_t, st.lse[sl], gl[sl], alpha[sl],
+                           None if beta is None else beta[sl], None if gamma is None else gamma[sl],
+                           out_dtype=head.w.dtype)
+        grads.add(dz, s, e)
+
+
+CoefficientFn = Callable[[int, int, Stats], tuple]
+
+
+def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
+               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int) -> Stats:
+    """Statistics, coefficients and gradients in one sweep: 3 GEMMs per chunk (plus the reference's).
+
+    `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
+    per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
+    """
+    n = y.shape[0]
+    lse = torch.zeros(n, dtype=head.stat, device=y.device)
+    st = Stats(logp=torch.zeros_like(lse), lse=lse, ez=_alloc(n, lse, want_entropy),
+               ekl=_alloc(n, lse, ref is not None), lse_ref=_alloc(n, lse, ref is not None))
+    for s in range(0, n, ct):
+        e = min(s + ct, n)
+        z = head.logits(s, e)
+        zr = None if ref is None else ref.logits(s, e)
+        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+        sl = slice(s, e)
+        chunk = Stats(logp=st.logp[sl], lse=st.lse[sl], ez=None if st.ez is None else st.ez[sl],
+                      ekl=None if st.ekl is None else st.ekl[sl],
+                      lse_ref=None if st.lse_ref is None else st.lse_ref[sl])
+        gl, gh, gk = coefficients(s, e, chunk)
+        c_gl, alpha, beta, gamma = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t)
+        dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype)
+        grads.add(dz, s, e)
+    return st
