@@ -23,9 +23,9 @@ _INTERPRETER_BLOCK_V = 256
 
 
 @triton.jit
-def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ez_ptr, ekl_ptr, lser_ptr,
+def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, ekl_ptr,
                       V, stride_z, stride_zr, inv_t,
-                      WANT_EZ: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+                      WANT_ENT: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
@@ -33,10 +33,10 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ez_ptr, ekl_ptr, 
     neg_inf = float("-inf")
     m = tl.full([BLOCK_V], neg_inf, tl.float32)      # per-lane running max of u
     s = tl.zeros([BLOCK_V], tl.float32)              # sum exp(u - m)
-    sz = tl.zeros([BLOCK_V], tl.float32)             # sum exp(u - m) * u
+    sd = tl.zeros([BLOCK_V], tl.float32)             # sum exp(u - m) (u - m): relative, no cancellation
     mr = tl.full([BLOCK_V], neg_inf, tl.float32)     # reference: running max, sum
     sr = tl.zeros([BLOCK_V], tl.float32)
-    skl = tl.zeros([BLOCK_V], tl.float32)            # sum exp(u - m) * (u - ur)
+    sdr = tl.zeros([BLOCK_V], tl.float32)            # sum exp(u - m) (ur - mr): relative too
     for start in range(0, V, BLOCK_V):
         idx = start + offs
         inside = idx < V
@@ -46,32 +46,38 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ez_ptr, ekl_ptr, 
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
         scale = tl.exp(m - m_safe)
         e = tl.exp(u - m_safe)
-        s = s * scale + e
-        if WANT_EZ or HAS_REF:
-            sz = sz * scale + e * tl.where(inside, u, 0.0)
+        if WANT_ENT or HAS_REF:
+            shift = tl.where(m == neg_inf, 0.0, m - m_safe)
+            sd = scale * (sd + shift * s) + e * tl.where(inside, u - m_safe, 0.0)
         if HAS_REF:
             ur = tl.load(zr_row + idx, mask=inside, other=neg_inf).to(tl.float32) * inv_t
             mr_new = tl.maximum(mr, ur)
             mr_safe = tl.where(mr_new == neg_inf, 0.0, mr_new)
+            shift_r = tl.where(mr == neg_inf, 0.0, mr - mr_safe)
+            sdr = scale * (sdr + shift_r * s) + e * tl.where(inside, ur - mr_safe, 0.0)
             sr = sr * tl.exp(mr - mr_safe) + tl.exp(ur - mr_safe)
-            skl = skl * scale + e * tl.where(inside, u - ur, 0.0)
             mr = mr_new
+        s = s * scale + e
         m = m_new
     big = tl.max(m, 0)
     w = tl.exp(m - big)
     total = tl.sum(s * w, 0)
-    lse = big + tl.log(total)
+    log_total = tl.log(total)
+    lse = big + log_total
     target = tl.load(y_ptr + row)
     u_y = tl.load(z_row + target).to(tl.float32) * inv_t
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, u_y - lse)
-    if WANT_EZ:
-        tl.store(ez_ptr + row, tl.sum(sz * w, 0) / total)
-    if HAS_REF:
+    if WANT_ENT or HAS_REF:
+        e_rel = tl.sum(tl.where(m == neg_inf, 0.0, sd + (m - big) * s) * w, 0) / total    # E_p[u - big]
+    if WANT_ENT:   # H = log total - E_p[u - big]
+        tl.store(ent_ptr + row, log_total - e_rel)
+    if HAS_REF:    # KL = E_p[u - big] - E_p[ur - big_r] - log total + log total_r
         big_r = tl.max(mr, 0)
-        w_r = tl.exp(mr - big_r)
-        tl.store(lser_ptr + row, big_r + tl.log(tl.sum(sr * w_r, 0)))
-        tl.store(ekl_ptr + row, tl.sum(skl * w, 0) / total)
+        log_total_r = tl.log(tl.sum(sr * tl.exp(mr - big_r), 0))
+        e_rel_r = tl.sum(tl.where(mr == neg_inf, 0.0, sdr + (mr - big_r) * s) * w, 0) / total
+        tl.store(ekl_ptr + row, e_rel - e_rel_r + (big - big_r))   # E_p[u - ur], for the gradient
+        tl.store(kl_ptr + row, tl.maximum(e_rel - e_rel_r - log_total + log_total_r, 0.0))
 
 
 @triton.jit
@@ -111,7 +117,7 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, lse_ptr, gl_ptr, alpha_ptr
         tl.store(dz_row + idx, d.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
-_row_stats_tuned = triton.autotune(_CONFIGS, key=["V", "WANT_EZ", "HAS_REF"])(_row_stats_kernel)
+_row_stats_tuned = triton.autotune(_CONFIGS, key=["V", "WANT_ENT", "HAS_REF"])(_row_stats_kernel)
 _logits_grad_tuned = triton.autotune(_CONFIGS, key=["V", "HAS_BETA", "HAS_REF"],
                                      restore_value=["z_ptr"])(_logits_grad_kernel)
 
@@ -133,15 +139,13 @@ def _rowmajor(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ez=None, ekl=None, lse_ref=None):
-    """Fill lse, logp (and ez = E_p[u]; with zr, ekl = E_p[u - ur] and lse_ref) for each row of z."""
+def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None):
+    """Fill lse and logp (and the entropy; with zr, the exact KL and E_p[u - ur]) for each row of z."""
     z, zr = _rowmajor(z), _rowmajor(zr)
     n, vocab = z.shape
-    dummy = lse
-    args = (z, dummy if zr is None else zr, y, lse, logp, dummy if ez is None else ez,
-            dummy if ekl is None else ekl, dummy if lse_ref is None else lse_ref,
-            vocab, z.stride(0), 0 if zr is None else zr.stride(0), float(inv_t))
-    _launch(_row_stats_tuned, _row_stats_kernel, n, args, dict(WANT_EZ=ez is not None, HAS_REF=zr is not None))
+    args = (z, lse if zr is None else zr, y, lse, logp, lse if ent is None else ent, lse if kl is None else kl,
+            lse if ekl is None else ekl, vocab, z.stride(0), 0 if zr is None else zr.stride(0), float(inv_t))
+    _launch(_row_stats_tuned, _row_stats_kernel, n, args, dict(WANT_ENT=ent is not None, HAS_REF=zr is not None))
 
 
 def launch_logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, out_dtype=torch.float32):

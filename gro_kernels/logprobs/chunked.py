@@ -1,7 +1,7 @@
 """The `torch` and `triton` backends: the chunked engine (`engine.py`) behind two autograd entries.
 
 - `token_stats`: the composable op behind `token_logprobs`. Forward: statistics (one GEMM per
-  chunk); saved: the inputs and [N] vectors (lse, E_p[u], E_p[u - ur]), never anything [N, V].
+  chunk); saved: the inputs and [N] vectors (lse, entropy, E_p[u - ur]), never anything [N, V].
   Backward: recompute each chunk, dz from any upstream per-token gradients, two GEMMs.
 - `fused_token_loss`: the single pass of `gro_loss` for token-local objectives. Statistics,
   per-token coefficients from the caller's callback, dz and the gradients in one sweep (three
@@ -51,7 +51,7 @@ class _TokenStats(torch.autograd.Function):
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                   epilogue=epi, ct=ct)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                              st.lse, st.ez, st.ekl)
+                              st.lse, st.ent, st.ekl)
         ctx.config = (temperature, chunk_elements, backend)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse)
@@ -61,18 +61,18 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ez, ekl = ctx.saved_tensors
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
         temperature, chunk_elements, backend = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
-        st = engine.Stats(logp=lse, lse=lse, ez=ez, ekl=ekl)
+        st = engine.Stats(logp=lse, lse=lse, ent=ent, ekl=ekl)
 
         def gather(g, present=True):
             return None if (g is None or g.numel() == 0 or not present) else take_rows(g, rows).to(lse.dtype)
 
         inv_t = 1.0 / temperature
-        coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ez is not None),
+        coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
                                                   gather(g_kl, ekl is not None), gather(g_lse), inv_t)
         grads = engine.Grads(head, need_h, need_w, need_b)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)

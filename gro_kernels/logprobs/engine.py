@@ -3,7 +3,7 @@
 Per chunk of `ct` tokens (the non-ignored rows only):
 
     z   = h_c @ W^T + b            the vendor GEMM (cuBLAS / MKL), fp32 out: never rounded to 16 bits
-    stats(z)                       one read: lse, target logit, E_p[u], with a reference chunk the exact KL
+    stats(z)                       one read: lse, target logit, entropy, with a reference chunk the exact KL
     dz  = grad(z; coefficients)    one read-write, in place (16-bit for 16-bit inputs, fp32 math)
     dh_c = dz @ W,  dW += dz^T @ h_c,  db += sum dz     the vendor GEMM, dW/db accumulated in fp32
 
@@ -122,22 +122,18 @@ class Grads:
 
 @dataclass
 class Stats:
-    """Per-token statistics of the compacted rows, in the statistics dtype."""
+    """Per-token statistics of the compacted rows, in the statistics dtype. The entropy and KL are
+    formed from sums relative to each row's max (no cancellation of two large lse values)."""
 
     logp: torch.Tensor
     lse: torch.Tensor
-    ez: Optional[torch.Tensor] = None       # E_p[u]      (entropy = lse - ez)
-    ekl: Optional[torch.Tensor] = None      # E_p[u - ur] (kl = ekl - lse + lse_ref)
-    lse_ref: Optional[torch.Tensor] = None
+    ent: Optional[torch.Tensor] = None      # H = lse - E_p[u]
+    kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
+    ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
 
     @property
     def entropy(self):
-        return None if self.ez is None else self.lse - self.ez
-
-    @property
-    def kl(self):
-        # Clamp tiny negative round-off: KL is non-negative by definition.
-        return None if self.ekl is None else (self.ekl - self.lse + self.lse_ref).clamp_min(0)
+        return self.ent
 
 
 def _alloc(n, like, want):
@@ -149,8 +145,8 @@ def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: fl
     """Statistics of every row, one GEMM (two with a reference head) per chunk."""
     n = y.shape[0]
     lse = torch.zeros(n, dtype=head.stat, device=y.device)
-    st = Stats(logp=torch.zeros_like(lse), lse=lse, ez=_alloc(n, lse, want_entropy),
-               ekl=_alloc(n, lse, ref is not None), lse_ref=_alloc(n, lse, ref is not None))
+    st = Stats(logp=torch.zeros_like(lse), lse=lse, ent=_alloc(n, lse, want_entropy),
+               kl=_alloc(n, lse, ref is not None), ekl=_alloc(n, lse, ref is not None))
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
@@ -166,7 +162,7 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
     beta = gamma = None
     if gh is not None:
-        alpha = alpha + gh * st.ez
+        alpha = alpha + gh * (st.lse - st.ent)   # E_p[u]
         beta = -gh
     if gk is not None:
         alpha = alpha - gk * st.ekl
@@ -204,17 +200,16 @@ def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float
     """
     n = y.shape[0]
     lse = torch.zeros(n, dtype=head.stat, device=y.device)
-    st = Stats(logp=torch.zeros_like(lse), lse=lse, ez=_alloc(n, lse, want_entropy),
-               ekl=_alloc(n, lse, ref is not None), lse_ref=_alloc(n, lse, ref is not None))
+    st = Stats(logp=torch.zeros_like(lse), lse=lse, ent=_alloc(n, lse, want_entropy),
+               kl=_alloc(n, lse, ref is not None), ekl=_alloc(n, lse, ref is not None))
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
         epilogue.stats(z, zr, y[s:e], inv_t, st, s)
         sl = slice(s, e)
-        chunk = Stats(logp=st.logp[sl], lse=st.lse[sl], ez=None if st.ez is None else st.ez[sl],
-                      ekl=None if st.ekl is None else st.ekl[sl],
-                      lse_ref=None if st.lse_ref is None else st.lse_ref[sl])
+        part = (lambda t: None if t is None else t[sl])  # noqa: E731
+        chunk = Stats(logp=st.logp[sl], lse=st.lse[sl], ent=part(st.ent), kl=part(st.kl), ekl=part(st.ekl))
         gl, gh, gk = coefficients(s, e, chunk)
         c_gl, alpha, beta, gamma = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t)
         dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype)

@@ -1,7 +1,7 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / ez / ekl / lse_ref at rows s.. from z [ct, V]
+    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / ent / kl / ekl at rows s.. from z [ct, V]
     grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype) -> dz [ct, V] (may reuse z's memory)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
@@ -27,21 +27,29 @@ class TorchEpilogue:
     def stats(self, z, zr, y, inv_t, st, s):
         e = s + z.shape[0]
         m = z.amax(1, keepdim=True)
-        p = torch.sub(z, m)
+        d = torch.sub(z, m)
         if inv_t != 1.0:
-            p.mul_(inv_t)
-        p.exp_()                                     # exp(u - max u), u = z / T
+            d.mul_(inv_t)                            # u - max u, u = z / T
+        p = d.exp()
         se = p.sum(1)
-        lse = m[:, 0] * inv_t + se.log()
+        log_se = se.log()
+        lse = m[:, 0] * inv_t + log_se
         st.lse[s:e] = lse
         st.logp[s:e] = z.gather(1, y[:, None])[:, 0] * inv_t - lse
-        if st.ez is not None or zr is not None:
-            pz = _rowdot(p, z)
-            if st.ez is not None:
-                st.ez[s:e] = pz * inv_t / se
+        pd = _rowdot(p, d) / se if (st.ent is not None or zr is not None) else None   # E_p[u - max u]
+        del d
+        if st.ent is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
+            st.ent[s:e] = log_se - pd
         if zr is not None:
-            st.ekl[s:e] = (pz - _rowdot(p, zr)) * inv_t / se
-            st.lse_ref[s:e] = torch.logsumexp(zr * inv_t if inv_t != 1.0 else zr, 1)
+            mr = zr.amax(1, keepdim=True)
+            dr = torch.sub(zr, mr)
+            if inv_t != 1.0:
+                dr.mul_(inv_t)                       # ur - max ur
+            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
+            log_se_r = dr.exp_().sum(1).log()
+            st.ekl[s:e] = ekl_rel + (m[:, 0] - mr[:, 0]) * inv_t
+            # Clamp tiny negative round-off: KL is non-negative by definition.
+            st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         self._cache = (z, p, se)
 
     def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
@@ -80,8 +88,8 @@ class TritonEpilogue:
         def part(t):
             return None if t is None else t[s:e]
 
-        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ez=part(st.ez),
-                                ekl=part(st.ekl), lse_ref=part(st.lse_ref))
+        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.ent),
+                                kl=part(st.kl), ekl=part(st.ekl))
 
     def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
         return self.k.launch_logits_grad(z, zr, y, inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
