@@ -1,0 +1,211 @@
+"""The single fused pass of `gro_loss` (GRO.md section 6; issue: one pass, three GEMMs).
+
+1. For every preset, with entropy bonus, exact KL to a reference head, temperature, bias, ignored
+   tokens and chunks whose boundaries fall inside sequences and groups: loss and gradients wrt
+   hidden, weight and bias of `gro_loss` (torch backend: the fused pass for token-local presets)
+   equal the composable autograd path (`token_logprobs` + `gro_objective`, naive backend), float64,
+   1e-8. (tests/test_unification.py compares the same calls with the textbook losses.)
+2. The matrix-product FLOPs of one forward + backward, counted in a TorchDispatchMode of our own
+   (every mm / addmm / in-place / out= / bmm variant): 6 N d V for token-local presets, 8 N d V
+   for the others.
+3. Upstream gradients scale the precomputed gradients; no gradient is computed without need.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gro_kernels import gro_loss, gro_objective, token_logprobs
+from gro_kernels.objective import METHODS
+from gro_kernels.objective.options import resolve_options
+from gro_kernels.objective.split import needs_policy_logp
+
+IGNORE = -100
+B, T, D, V = 8, 6, 12, 40
+TOKEN_LOCAL = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro"}
+GROUPS = torch.tensor([3, 7, 3, 7, 7, 3, 3, 7])
+PAIRS = torch.tensor([5, 9, 5, 2, 9, 2, 0, 0])
+
+
+def batch(method, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=dtype)
+    weight = 0.5 * torch.randn(V, D, generator=g, dtype=dtype)
+    bias = 0.3 * torch.randn(V, generator=g, dtype=dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.tensor([6, 5, 4, 6, 3, 6, 2, 5])
+    targets[torch.arange(T)[None, :] >= lengths[:, None]] = IGNORE
+    targets[1, 0] = IGNORE
+    kw = dict(ref_hidden=hidden + 0.1 * torch.randn(B, T, D, generator=g, dtype=dtype),
+              ref_weight=weight + 0.1 * torch.randn(V, D, generator=g, dtype=dtype))
+    kw["ref_logp"] = torch.log_softmax(kw["ref_hidden"] @ kw["ref_weight"].T, -1).gather(
+        -1, targets.clamp(min=0)[..., None])[..., 0]
+    kw["rewards"] = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.3], dtype=dtype)
+    kw["group_ids"] = GROUPS
+    if method == "remax":
+        kw["baselines"] = torch.tensor([0.2, 0.5, 0.1, 0.9, 0.0, 0.4, 0.7, 0.3], dtype=dtype)
+    if method in ("dpo", "ipo", "cpl", "simpo"):
+        kw.pop("rewards")
+        kw["group_ids"] = PAIRS
+        kw["labels"] = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1])
+    if method == "kto":
+        kw.pop("rewards"), kw.pop("group_ids")
+        kw["labels"] = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+    if method == "sft":
+        kw.pop("rewards"), kw.pop("group_ids")
+    if method == "gro":
+        kw["offline"] = torch.tensor([False, False, True, False, False, False, False, True])
+    with torch.no_grad():  # behaviour log-probs near the policy's, so that some ratios clip
+        logp = torch.log_softmax((hidden @ weight.T + bias) / 0.9, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        noise = torch.tensor([0.0, 1e-4, 0.3, 2.0, 5e-4, 0.1, 0.5, 1e-3], dtype=dtype)[:, None]
+        kw["old_logp"] = logp + noise * torch.randn(B, T, generator=g, dtype=dtype)
+    return hidden, weight, bias, targets, kw
+
+
+# Options that touch every token-local term: entropy bonus, exact KL from the reference head in the
+# same pass, temperature; RL-free presets take the entropy bonus and temperature.
+def options(method):
+    opts = dict(temperature=0.9, entropy_coef=0.03)
+    if method in ("grpo", "gro", "dapo", "cispo"):
+        opts.update(kl_coef=0.05, kl_estimator="full")
+    if method in ("reinforce", "rloo", "remax", "reinforce_pp", "dr_grpo"):
+        opts.update(kl_coef=0.05)   # k1 / k3 from ref_logp (in the reward or in the loss)
+    return opts
+
+
+def run(method, backend, *, chunk_elements=None, **extra):
+    hidden, weight, bias, targets, kw = batch(method)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    opts = {**options(method), **extra}
+    if opts.get("kl_estimator") != "full":
+        kw.pop("ref_hidden"), kw.pop("ref_weight")
+    bo = {"chunk_elements": chunk_elements} if chunk_elements else None
+    out = gro_loss(h, w, targets, method=method, bias=b, backend=backend, backend_options=bo, **kw, **opts)
+    return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
+
+
+def composable(method, **extra):
+    """token_logprobs (naive) + gro_objective, autograd through both: the reference path."""
+    hidden, weight, bias, targets, kw = batch(method)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    opts = {**options(method), **extra}
+    ref = dict(ref_hidden=kw.pop("ref_hidden"), ref_weight=kw.pop("ref_weight"))
+    full = opts.get("kl_estimator") == "full"
+    st = token_logprobs(h, w, targets, bias=b, temperature=opts["temperature"], return_entropy=True,
+                        backend="naive", **(ref if full else {}))
+    out = gro_objective(st.logp, mask=targets != IGNORE, entropy=st.entropy, kl=st.kl, method=method, **kw, **opts)
+    return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
+
+
+def assert_same(got, want, tol=1e-8):
+    for name, g, r in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, want):
+        torch.testing.assert_close(g, r, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("chunk_elements", [None, 3 * V, 5 * V])   # 3 and 5 tokens: boundaries inside rows and groups
+def test_fused_pass_equals_autograd_path(method, chunk_elements):
+    got, out = run(method, "torch", chunk_elements=chunk_elements)
+    want, ref = composable(method)
+    assert_same(got, want)
+    assert got[2].abs().max() > 1e-4, "degenerate case: zero gradient"
+    for k in ("kl", "entropy", "clip_frac"):
+        if k in ref.metrics:
+            torch.testing.assert_close(out.metrics[k], ref.metrics[k], atol=1e-10, rtol=1e-10)
+
+
+def test_token_local_presets_are_the_ones_the_split_says():
+    for method in METHODS:
+        opts = resolve_options(method, {})
+        assert needs_policy_logp(opts, has_old_logp=True, has_advantages=False) == (method not in TOKEN_LOCAL), method
+    # Without old_logp a reward-placed KL reads sg[l]: a forward-only pass first.
+    assert needs_policy_logp(resolve_options("rloo", {"kl_coef": 0.1}), has_old_logp=False, has_advantages=False)
+    assert not needs_policy_logp(resolve_options("rloo", {}), has_old_logp=False, has_advantages=False)
+
+
+def test_given_advantages_and_offline_rows_in_one_pass():
+    got, _ = run("gro", "torch", chunk_elements=4 * V, kl_coef=0.0, entropy_coef=0.0)
+    want, _ = composable("gro", kl_coef=0.0, entropy_coef=0.0)
+    assert_same(got, want)
+    hidden, weight, bias, targets, kw = batch("dapo")
+    adv = torch.randn(B, T, dtype=torch.float64)
+    res = []
+    for backend in ("torch", "naive"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = gro_loss(h, w, targets, method="dapo", advantages=adv, old_logp=kw["old_logp"], backend=backend,
+                       backend_options={"chunk_elements": 2 * V} if backend == "torch" else None)
+        res.append((out.loss, *torch.autograd.grad(out.loss, (h, w))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_upstream_gradient_scales_and_no_grad_computes_none():
+    hidden, weight, bias, targets, kw = batch("dapo")
+    kw = {k: kw[k] for k in ("rewards", "group_ids", "old_logp")}
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = gro_loss(h, w, targets, method="dapo", backend="torch", **kw)
+    (3.0 * out.loss).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    gro_loss(h2, w2, targets, method="dapo", backend="naive", **kw).loss.backward()
+    torch.testing.assert_close(h.grad, 3 * h2.grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(w.grad, 3 * w2.grad, atol=1e-10, rtol=1e-10)
+    # A frozen hidden: only the weight's gradient; under no_grad: the value alone.
+    w3 = weight.clone().requires_grad_()
+    out = gro_loss(hidden, w3, targets, method="dapo", backend="torch", **kw)
+    out.loss.backward()
+    torch.testing.assert_close(w3.grad, w2.grad, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():
+        val = gro_loss(hidden, weight, targets, method="dapo", backend="torch", **kw).loss
+    torch.testing.assert_close(val, out.loss.detach(), atol=1e-12, rtol=1e-12)
+
+
+# ---- FLOPs: three GEMMs for token-local presets, four for the others ------------------------
+
+class MatmulFlops(TorchDispatchMode):
+    """2 * m * n * k for every matrix product that reaches the dispatcher, whatever its form."""
+
+    OPS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "dot", "mv", "addmv"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in self.OPS:
+            self.seen.add(str(func))
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            a, b = mats[-2], mats[-1]   # addmm(bias, a, b), mm(a, b), bmm(a, b)
+            batch_size = a.shape[0] if a.dim() == 3 else 1
+            m, k = a.shape[-2], a.shape[-1]
+            self.flops += 2 * batch_size * m * k * b.shape[-1]
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["dapo", "grpo", "cispo", "rloo", "sft", "gro", "dpo", "kto", "gspo"])
+def test_gemm_flops_of_one_forward_and_backward(method):
+    hidden, weight, _, targets, kw = batch(method, dtype=torch.float32)
+    for k in ("ref_hidden", "ref_weight"):
+        kw.pop(k)
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))  # every token counts
+    n = targets.numel()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with MatmulFlops() as counter:
+        out = gro_loss(h, w, targets, method=method, backend="torch", backend_options={"chunk_elements": 7 * V}, **kw)
+        out.loss.backward()
+    gemms = 3 if method in TOKEN_LOCAL else 4
+    assert counter.flops == gemms * 2 * n * D * V, (counter.flops / (2 * n * D * V), counter.seen)
+
+
+def test_flop_counter_sees_in_place_and_out_forms():
+    a, b = torch.randn(4, 5), torch.randn(5, 3)
+    c, out = torch.zeros(4, 3), torch.empty(4, 3)
+    with MatmulFlops() as counter:
+        c.addmm_(a, b)
+        torch.mm(a, b, out=out)
+        torch.addmm(c, a, b, out=out)
+        torch.bmm(a[None], b[None])
+    assert counter.flops == 4 * 2 * 4 * 5 * 3
