@@ -12,13 +12,16 @@ Math (u = z / T, p = softmax(u)): see `gro_kernels/logprobs/engine.py`.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-# Small and few: the kernels stream memory; wider vectors only add registers.
-_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv in (1024, 2048, 4096) for w in (4, 8)]
+# Small and few: the kernels stream memory; wider vectors only add registers. (4096 lanes on 4
+# warps spills 96 bytes in the statistics kernel with a reference head on sm_90: left out.)
+_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((1024, 4), (1024, 8), (2048, 4), (2048, 8),
+                                                                       (4096, 8))]
 _INTERPRETER_BLOCK_V = 256
 
 
@@ -126,9 +129,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_warned_unaligned = False
+
+
 def _launch(tuned, raw, n, args, flags):
+    global _warned_unaligned
     if n == 0:
         return
+    vocab = args[[i for i, a in enumerate(args) if isinstance(a, int)][0]]
+    if vocab % 4 and not _warned_unaligned and not _interpreting():
+        # fp32 rows of V % 4 != 0 logits are not 16-byte aligned: the loads fall back to 32 bits.
+        warnings.warn(f"vocabulary size {vocab} is not a multiple of 4: the epilogue kernels lose their "
+                      "128-bit loads (pad the LM head to a multiple of 64 rows for full speed)")
+        _warned_unaligned = True
     if _interpreting():  # numpy underneath: no timing to tune on
         raw[(n,)](*args, **flags, BLOCK_V=_INTERPRETER_BLOCK_V)
     else:
