@@ -63,14 +63,18 @@ def opts(case: Case) -> dict:
     return dict(case.options)
 
 
-def ppo_loss(logp, old_logp, advantages, mask, *, eps_low, eps_high, kl_coef, ref_logp, agg):
-    """Clipped surrogate (GRPO / DAPO): -min(rho*A, clip(rho, 1-el, 1+eh)*A) + kl_coef*k3, aggregated."""
+def ppo_loss(logp, old_logp, advantages, mask, *, eps_low, eps_high, kl_coef, ref_logp, agg, entropy=None,
+             entropy_coef=0.0):
+    """Clipped surrogate (GRPO / DAPO): -min(rho*A, clip(rho, 1-el, 1+eh)*A) + kl_coef*k3
+    - entropy_coef*H, aggregated."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     if kl_coef:
         x = ref_logp - logp
         per_token = per_token + kl_coef * (torch.exp(x) - x - 1)
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy
     if agg == "token_mean":
         return (per_token * mask).sum() / mask.sum().clamp_min(1)
     if agg == "seq_mean_token_mean":
@@ -87,8 +91,8 @@ def dpo_loss(logp, ref_logp, mask, *, beta):
 
 def case_loss(case: Case, inp: Dict[str, torch.Tensor], logp, entropy=None, ref_logp=None):
     o, m = opts(case), inp["mask"]
-    if case.name in ("grpo", "dapo"):
-        return ppo_loss(logp, inp["old_logp"], inp["advantages"], m, ref_logp=inp["ref_logp"], **o)
+    if case.name in ("grpo", "dapo", "grpo_ent"):
+        return ppo_loss(logp, inp["old_logp"], inp["advantages"], m, ref_logp=inp["ref_logp"], entropy=entropy, **o)
     if case.name == "dpo":
         return dpo_loss(logp, ref_logp, m, **o)
     if case.name == "logprob_entropy":
@@ -191,6 +195,8 @@ def build_liger(case, inp, device):
         d = inp["hidden"].shape[-1]
         return Step(lambda: loss_mod(inp["weight"], inp["hidden"].reshape(-1, d), inp["targets"].reshape(-1)),
                     note="LigerFusedLinearCrossEntropyLoss (Triton)")
+    if case.name == "grpo_ent":
+        raise Skip("Liger's fused GRPO loss has no entropy bonus (one of the restrictions TRL lists)")
     raise Skip(f"no Liger loss for case {case.name}")
 
 
@@ -278,11 +284,11 @@ def _build_gro_loss(case, inp, device, backend):
     tl = _import("gro_kernels.logprobs").token_logprobs
     h, w, y, m = inp["hidden"], inp["weight"], inp["targets"], inp["mask"]
     o = opts(case)
-    if case.name == "grpo":
+    if case.name in ("grpo", "grpo_ent"):
         fn = lambda: gro_loss(h, w, y, method="grpo", mask=m, rewards=inp["rewards"],  # noqa: E731
                               group_ids=inp["group_ids"], old_logp=inp["old_logp"], ref_logp=inp["ref_logp"],
                               kl_coef=o["kl_coef"], eps_low=o["eps_low"], eps_high=o["eps_high"],
-                              backend=backend).loss
+                              entropy_coef=o.get("entropy_coef", 0.0), backend=backend).loss
     elif case.name == "dapo":
         fn = lambda: gro_loss(h, w, y, method="dapo", mask=m, rewards=inp["rewards"],  # noqa: E731
                               group_ids=inp["group_ids"], old_logp=inp["old_logp"],

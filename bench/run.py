@@ -79,7 +79,7 @@ def build_plans(args):
     if args.quick:
         return "quick", C.quick_plans()
     if args.foundation:
-        return "foundation", [C.foundation_plan()]
+        return "foundation", C.foundation_plan()
     if args.gpu:
         return "gpu", C.gpu_plans()
     if args.correctness:

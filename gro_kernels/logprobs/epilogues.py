@@ -30,13 +30,14 @@ class TorchEpilogue:
         d = torch.sub(z, m)
         if inv_t != 1.0:
             d.mul_(inv_t)                            # u - max u, u = z / T
-        p = d.exp()
+        need_rel = st.ent is not None or zr is not None
+        p = d.exp() if need_rel else d.exp_()        # in place when d is not needed again
         se = p.sum(1)
         log_se = se.log()
         lse = m[:, 0] * inv_t + log_se
         st.lse[s:e] = lse
         st.logp[s:e] = z.gather(1, y[:, None])[:, 0] * inv_t - lse
-        pd = _rowdot(p, d) / se if (st.ent is not None or zr is not None) else None   # E_p[u - max u]
+        pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
         del d
         if st.ent is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
             st.ent[s:e] = log_se - pd
