@@ -54,10 +54,11 @@ def gro_loss(
     hidden [B,T,d] predicts targets [B,T] (already shifted; `ignore_index` marks padding / prompt);
     weight [V,d] is the LM head. The reference head (ref_hidden, ref_weight, ref_bias) is frozen:
     it supplies the exact KL when kl_estimator="full" (in the same pass) and ref_logp when the
-    method needs it and none was given. `backend_options` go to the `token_logprobs` backend
-    (e.g. `{"filter_eps": 1e-3}` for the triton backend's filtered backward, `{"chunk_elements": n}`
-    for the torch backend). The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
-    (then `metrics["entropy"]` holds its mean); it costs an extra pass, so it is off otherwise.
+    method needs it and none was given. `backend_options` go to the backend (`{"chunk_elements": n}`:
+    logits per chunk). `mask` (bool or 0/1) marks the tokens that count; masked tokens are dropped
+    like ignored ones. The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
+    (then `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
+    (three GEMMs, gradients computed in the forward call); the others the composable path (four).
     Every other argument goes to `gro_objective`.
     """
     backend_options = dict(backend_options or {})
