@@ -146,6 +146,7 @@ class PrecomputedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw, db = ctx.grads
+        ctx.grads = None  # no second reference: autograd can take the buffers as .grad without a copy
 
         def scaled(t):  # the buffers are ours and used once: scale in place
             return None if t is None else t.mul_(g.to(t.dtype))

@@ -58,6 +58,30 @@ def _mm_fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return (major, minor) >= (2, 8)
 
 
+_ACCUMULATE_PROBE: dict = {}
+
+
+def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(c32, a16, b16, out_dtype=float32, out=c32)` accumulates correctly here.
+    The overload exists from torch 2.8 on CUDA, but its early `out=` form was broken (torch issue
+    154086), so it is checked once per device and dtype on tiny matrices against the slow path."""
+    key = (str(device), dtype)
+    if key not in _ACCUMULATE_PROBE:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(5, 7, generator=g, device=device).to(dtype)
+            b = torch.randn(7, 3, generator=g, device=device).to(dtype)
+            c = torch.randn(5, 3, generator=g, device=device)
+            want = c + a.float() @ b.float()
+            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            ok = bool(torch.allclose(c, want, atol=1e-3, rtol=1e-3))
+        except (RuntimeError, TypeError):
+            ok = False
+        _ACCUMULATE_PROBE[key] = ok
+    return _ACCUMULATE_PROBE[key]
+
+
 @dataclass
 class Head:
     """One linear head on the compacted rows: h [n, d], W [V, d], b [V] or None."""
@@ -109,8 +133,11 @@ class Grads:
             hc = head.h[s:e]
             if dz.dtype == self.dw.dtype:
                 self.dw.addmm_(dz.T, hc.to(self.dw.dtype))  # accumulates inside the GEMM
+            elif head.native and _gemm_accumulates_fp32(dz.device, dz.dtype):
+                # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1).
+                torch.addmm(self.dw, dz.T, hc, out_dtype=torch.float32, out=self.dw)
             elif head.native:
-                # 16-bit dz and h: fp32-output GEMM per vocabulary slice, added to the fp32 sum.
+                # The same without that overload: fp32-output GEMM per vocabulary slice, then add.
                 step = max(1, DW_SLICE_ELEMENTS // max(hc.shape[1], 1))
                 for a in range(0, dz.shape[1], step):
                     self.dw[a:a + step] += torch.mm(dz[:, a:a + step].T, hc, out_dtype=torch.float32)
