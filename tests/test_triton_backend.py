@@ -320,3 +320,16 @@ def test_every_preset_same_loss_and_gradients_as_torch_backend(method):
     torch.testing.assert_close(lx, lt, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(dhx, dht, atol=2e-5 * dht.abs().max().item(), rtol=1e-4)
     torch.testing.assert_close(dwx, dwt, atol=2e-5 * dwt.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,vocab", [(torch.int16, 300), (torch.uint8, 200), (torch.int32, 300)])
+def test_narrow_target_dtypes(dtype, vocab):
+    # Targets arrive as any integer dtype; the kernels index with int64 (no wrap-around in the
+    # target comparison or the row offsets).
+    x, coefs = make_inputs(13, 16, vocab, bias=True, seed=41)
+    ref = run(torch_op, x, coefs, torch.float32)
+    x["targets"] = x["targets"].to(dtype)
+    st = token_logprobs(x["hidden"].float().to(DEVICE), x["weight"].float().to(DEVICE), x["targets"].to(DEVICE),
+                        bias=x["bias"].float().to(DEVICE), return_entropy=True, backend="triton")
+    assert (st.logp.double().cpu() - ref["logp"]).abs().max() < 1e-5
+    assert (st.entropy.double().cpu() - ref["entropy"]).abs().max() < 1e-5

@@ -78,16 +78,13 @@ class _TokenStats(torch.autograd.Function):
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
         engine.backward_grads(head, ref, y, st, coefs, inv_t=inv_t, grads=grads,
                               epilogue=_epilogue(backend, hidden.dtype), ct=ct)
-        return (_full_dh(grads, hidden, rows), _cast(grads.dw, weight), _cast(grads.db, bias),
-                None, None, None, None, None, None, None, None, None)
+        dh, dw, db = grads.result()
+        return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
+                _cast(db, bias), None, None, None, None, None, None, None, None, None)
 
 
 def _cast(g, like):
     return None if g is None else g.to(like.dtype)
-
-
-def _full_dh(grads, hidden, rows):
-    return None if grads.dh is None else scatter_rows(grads.dh, rows, hidden.shape[0])
 
 
 def _check_options(backend, options):
@@ -131,7 +128,8 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
                                grads=grads, epilogue=_epilogue(backend, hidden.dtype), ct=ct)
     outs = tuple(None if o is None else scatter_rows(o, rows, n_all) for o in (st.logp, st.entropy, st.kl, st.lse))
-    return outs, (_full_dh(grads, hidden, rows), _cast(grads.dw, weight), _cast(grads.db, bias))
+    dh, dw, db = grads.result()
+    return outs, (None if dh is None else scatter_rows(dh, rows, n_all), _cast(dw, weight), _cast(db, bias))
 
 
 class PrecomputedGrad(torch.autograd.Function):

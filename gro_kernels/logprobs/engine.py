@@ -119,10 +119,13 @@ class Grads:
         dev, stat = head.h.device, head.stat
         self.head = head
         self.dh = torch.empty(n, d, dtype=head.h.dtype, device=dev) if need_dh else None
-        self.dw = torch.zeros(vocab, d, dtype=stat, device=dev) if need_dw else None
+        # The first chunk writes dW (beta = 0) rather than adding to a zero-filled buffer.
+        self.dw = torch.empty(vocab, d, dtype=stat, device=dev) if need_dw else None
+        self._dw_written = False
         self.db = torch.zeros(vocab, dtype=stat, device=dev) if (need_db and head.b is not None) else None
 
     def add(self, dz: torch.Tensor, s: int, e: int) -> None:
+        """The gradients of chunk rows s..e from its logits gradient dz [e - s, V]."""
         head = self.head
         if self.dh is not None:
             if dz.dtype == head.w.dtype:
@@ -130,21 +133,36 @@ class Grads:
             else:
                 self.dh[s:e] = (dz @ head.w_stat).to(self.dh.dtype)
         if self.dw is not None:
-            hc = head.h[s:e]
-            if dz.dtype == self.dw.dtype:
-                self.dw.addmm_(dz.T, hc.to(self.dw.dtype))  # accumulates inside the GEMM
-            elif head.native and _gemm_accumulates_fp32(dz.device, dz.dtype):
-                # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1).
-                torch.addmm(self.dw, dz.T, hc, out_dtype=torch.float32, out=self.dw)
-            elif head.native:
-                # The same without that overload: fp32-output GEMM per vocabulary slice, then add.
-                step = max(1, DW_SLICE_ELEMENTS // max(hc.shape[1], 1))
-                for a in range(0, dz.shape[1], step):
-                    self.dw[a:a + step] += torch.mm(dz[:, a:a + step].T, hc, out_dtype=torch.float32)
-            else:
-                self.dw.addmm_(dz.T.to(self.dw.dtype), hc.to(self.dw.dtype))
+            self._add_dw(dz, head.h[s:e])
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
+
+    def _add_dw(self, dz, hc):
+        first, self._dw_written = not self._dw_written, True
+        if dz.dtype == self.dw.dtype:
+            if first:
+                torch.mm(dz.T, hc.to(self.dw.dtype), out=self.dw)
+            else:
+                self.dw.addmm_(dz.T, hc.to(self.dw.dtype))  # accumulates inside the GEMM
+            return
+        if first:
+            self.dw.zero_()
+        if self.head.native and _gemm_accumulates_fp32(dz.device, dz.dtype):
+            # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1).
+            torch.addmm(self.dw, dz.T, hc, out_dtype=torch.float32, out=self.dw)
+        elif self.head.native:
+            # The same without that overload: fp32-output GEMM per vocabulary slice, then add.
+            step = max(1, DW_SLICE_ELEMENTS // max(hc.shape[1], 1))
+            for a in range(0, dz.shape[1], step):
+                self.dw[a:a + step] += torch.mm(dz[:, a:a + step].T, hc, out_dtype=torch.float32)
+        else:
+            self.dw.addmm_(dz.T.to(self.dw.dtype), hc.to(self.dw.dtype))
+
+    def result(self):
+        """(dh, dW, db) in the statistics dtype (dW zero when no chunk ran)."""
+        if self.dw is not None and not self._dw_written:
+            self.dw.zero_()
+        return self.dh, self.dw, self.db
 
 
 @dataclass
