@@ -209,3 +209,13 @@ def test_flop_counter_sees_in_place_and_out_forms():
         torch.addmm(c, a, b, out=out)
         torch.bmm(a[None], b[None])
     assert counter.flops == 4 * 2 * 4 * 5 * 3
+
+
+def test_second_backward_is_a_clear_error():
+    hidden, weight, _, targets, kw = batch("dapo")
+    h = hidden.clone().requires_grad_()
+    out = gro_loss(h, weight, targets, method="dapo", rewards=kw["rewards"], group_ids=kw["group_ids"],
+                   old_logp=kw["old_logp"], backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="hands its gradients back once"):
+        out.loss.backward()

@@ -142,7 +142,11 @@ class PrecomputedGrad(torch.autograd.Function):
         return value.detach().clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        if ctx.grads is None:
+            raise RuntimeError("gro_loss's fused pass hands its gradients back once: a second backward through "
+                               "the same loss (retain_graph=True) needs a new gro_loss call")
         dh, dw, db = ctx.grads
         ctx.grads = None  # no second reference: autograd can take the buffers as .grad without a copy
 
