@@ -255,3 +255,19 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_auto_picks_torch_on_cpu():
     from gro_kernels.logprobs import resolve_backend
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_sum_p2_from_the_same_pass(backend):
+    # sum_v p_v^2 (verl's optimal token baseline): against a float64 softmax written here.
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(3, 7, 16, generator=g, dtype=torch.float64), torch.randn(50, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 50, (3, 7), generator=g)
+    y[0, 2] = -100
+    st = token_logprobs(h, w, y, temperature=0.7, return_sum_p2=True, backend=backend, **(
+        {"chunk_elements": 150} if backend == "torch" else {}))
+    p = torch.softmax(h @ w.T / 0.7, -1)
+    want = torch.where(y != -100, (p * p).sum(-1), 0.0)
+    torch.testing.assert_close(st.sum_p2, want, atol=1e-12, rtol=1e-12)
+    assert st.sum_p2.requires_grad is False
+    assert token_logprobs(h, w, y, backend=backend).sum_p2 is None

@@ -66,7 +66,7 @@ def run(module, x, coefs, dtype, *, temperature=1.0, entropy=True, use_lse=False
     h, w, b = cast(x["hidden"], True), cast(x["weight"], True), cast(x["bias"], True)
     rh, rw, rb = cast(x["ref_hidden"]), cast(x["ref_weight"]), cast(x["ref_bias"])
     has_ref = rh is not None
-    logp, ent, kl, lse = module.token_stats(
+    logp, ent, kl, lse, _ = module.token_stats(
         h, w, x["targets"].to(DEVICE), b, rh, rw, rb, temperature=temperature, ignore_index=IGNORE,
         return_entropy=entropy, return_kl=has_ref, **options)
     a, bb, c, e = coefs.to(DEVICE)
@@ -228,7 +228,7 @@ def test_frozen_weight_or_hidden():
     for frozen in ("weight", "hidden"):
         h = x["hidden"].float().requires_grad_(frozen != "hidden")
         w = x["weight"].float().requires_grad_(frozen != "weight")
-        logp, _, _, _ = triton_op.token_stats(h, w, x["targets"], None, None, None, None, temperature=1.0,
+        logp, _, _, _, _ = triton_op.token_stats(h, w, x["targets"], None, None, None, None, temperature=1.0,
                                               ignore_index=IGNORE, return_entropy=False, return_kl=False, **SMALL)
         logp.sum().backward()
         hh = x["hidden"].clone().requires_grad_()
@@ -339,3 +339,12 @@ def test_narrow_target_dtypes(dtype, vocab):
                         bias=x["bias"].float().to(DEVICE), return_entropy=True, backend="triton")
     assert (st.logp.double().cpu() - ref["logp"]).abs().max() < 1e-5
     assert (st.entropy.double().cpu() - ref["entropy"]).abs().max() < 1e-5
+
+
+def test_sum_p2_matches_torch_epilogue():
+    x, _ = make_inputs(17, 16, 300, bias=True, seed=43)
+    args = [x["hidden"].float().to(DEVICE), x["weight"].float().to(DEVICE), x["targets"].to(DEVICE)]
+    kw = dict(bias=x["bias"].float().to(DEVICE), return_sum_p2=True, temperature=0.8)
+    got = token_logprobs(*args, backend="triton", **kw).sum_p2
+    want = token_logprobs(*args, backend="torch", **kw).sum_p2
+    assert (got - want).abs().max() < 1e-6 and want.max() > 1e-3

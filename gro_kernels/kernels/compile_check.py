@@ -40,8 +40,8 @@ def _resources(kernel) -> dict:
 
 def _variants():
     """(kernel name, z dtype, dz dtype, constexpr flags) for every variant a launch can make."""
-    for want_ent, has_ref in itertools.product((False, True), (False, True)):
-        yield "row_stats", "fp32", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref)
+    for want_ent, has_ref, want_p2 in itertools.product((False, True), (False, True), (False, True)):
+        yield "row_stats", "fp32", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref, WANT_P2=want_p2)
     for dz, has_beta, has_ref in itertools.product(("fp32", "bf16", "fp16"), (False, True), (False, True)):
         if has_ref and not has_beta:
             continue  # a KL coefficient always brings beta

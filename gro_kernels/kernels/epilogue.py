@@ -26,9 +26,9 @@ _INTERPRETER_BLOCK_V = 256
 
 
 @triton.jit
-def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, ekl_ptr,
+def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, ekl_ptr, p2_ptr,
                       V, stride_z, stride_zr, inv_t,
-                      WANT_ENT: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+                      WANT_ENT: tl.constexpr, HAS_REF: tl.constexpr, WANT_P2: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
@@ -40,6 +40,7 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, 
     mr = tl.full([BLOCK_V], neg_inf, tl.float32)     # reference: running max, sum
     sr = tl.zeros([BLOCK_V], tl.float32)
     sdr = tl.zeros([BLOCK_V], tl.float32)            # sum exp(u - m) (ur - mr): relative too
+    s2 = tl.zeros([BLOCK_V], tl.float32)             # sum exp(u - m)^2
     for start in range(0, V, BLOCK_V):
         idx = start + offs
         inside = idx < V
@@ -60,6 +61,8 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, 
             sdr = scale * (sdr + shift_r * s) + e * tl.where(inside, ur - mr_safe, 0.0)
             sr = sr * tl.exp(mr - mr_safe) + tl.exp(ur - mr_safe)
             mr = mr_new
+        if WANT_P2:
+            s2 = s2 * scale * scale + e * e
         s = s * scale + e
         m = m_new
     big = tl.max(m, 0)
@@ -73,6 +76,8 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, 
     tl.store(logp_ptr + row, u_y - lse)
     if WANT_ENT or HAS_REF:
         e_rel = tl.sum(tl.where(m == neg_inf, 0.0, sd + (m - big) * s) * w, 0) / total    # E_p[u - big]
+    if WANT_P2:    # sum_v p_v^2
+        tl.store(p2_ptr + row, tl.sum(s2 * w * w, 0) / (total * total))
     if WANT_ENT:   # H = log total - E_p[u - big]
         tl.store(ent_ptr + row, log_total - e_rel)
     if HAS_REF:    # KL = E_p[u - big] - E_p[ur - big_r] - log total + log total_r
@@ -120,7 +125,7 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, lse_ptr, gl_ptr, alpha_ptr
         tl.store(dz_row + idx, d.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
-_row_stats_tuned = triton.autotune(_CONFIGS, key=["V", "WANT_ENT", "HAS_REF"])(_row_stats_kernel)
+_row_stats_tuned = triton.autotune(_CONFIGS, key=["V", "WANT_ENT", "HAS_REF", "WANT_P2"])(_row_stats_kernel)
 _logits_grad_tuned = triton.autotune(_CONFIGS, key=["V", "HAS_BETA", "HAS_REF"],
                                      restore_value=["z_ptr"])(_logits_grad_kernel)
 
@@ -152,13 +157,15 @@ def _rowmajor(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None):
-    """Fill lse and logp (and the entropy; with zr, the exact KL and E_p[u - ur]) for each row of z."""
+def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None, sum_p2=None):
+    """Fill lse and logp (and the entropy, sum_v p_v^2; with zr, the exact KL and E_p[u - ur]) for each row of z."""
     z, zr = _rowmajor(z), _rowmajor(zr)
     n, vocab = z.shape
     args = (z, lse if zr is None else zr, y, lse, logp, lse if ent is None else ent, lse if kl is None else kl,
-            lse if ekl is None else ekl, vocab, z.stride(0), 0 if zr is None else zr.stride(0), float(inv_t))
-    _launch(_row_stats_tuned, _row_stats_kernel, n, args, dict(WANT_ENT=ent is not None, HAS_REF=zr is not None))
+            lse if ekl is None else ekl, lse if sum_p2 is None else sum_p2,
+            vocab, z.stride(0), 0 if zr is None else zr.stride(0), float(inv_t))
+    _launch(_row_stats_tuned, _row_stats_kernel, n, args,
+            dict(WANT_ENT=ent is not None, HAS_REF=zr is not None, WANT_P2=sum_p2 is not None))
 
 
 def launch_logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, out_dtype=torch.float32):

@@ -6,8 +6,8 @@ reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
 
     token_stats(hidden[N,d], weight[V,d], targets[N] int64, bias[V]|None,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
-                temperature, ignore_index, return_entropy, return_kl, **backend_options)
-        -> (logp[N], entropy[N]|None, kl[N]|None, lse[N])
+                temperature, ignore_index, return_entropy, return_kl, return_sum_p2, **backend_options)
+        -> (logp[N], entropy[N]|None, kl[N]|None, lse[N], sum_p2[N]|None)
 
 all float32 (float64 when the inputs are float64), exactly 0 at ignored positions, and
 differentiable in hidden, weight and bias. The reference head is frozen: no gradient
@@ -34,12 +34,14 @@ class TokenStats:
     entropy: entropy of softmax(z), or None when not asked for.
     kl: exact KL(softmax(z) || softmax(z_ref)) over the whole vocabulary, or None without a reference head.
     lse: logsumexp(z), the softmax normalizer.
+    sum_p2: sum_v softmax(z)_v^2 (verl's optimal token baseline), detached, or None when not asked for.
     """
 
     logp: torch.Tensor
     entropy: Optional[torch.Tensor]
     kl: Optional[torch.Tensor]
     lse: torch.Tensor
+    sum_p2: Optional[torch.Tensor] = None
 
 
 def interpreting() -> bool:
@@ -123,6 +125,7 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_sum_p2: bool = False,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
@@ -144,10 +147,10 @@ def token_logprobs(
     fn = _backend_fn(name)
     # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
     with torch.autocast(device.type, enabled=False):
-        logp, ent, kl, lse = fn(
+        logp, ent, kl, lse, p2 = fn(
             h2, w, y, b, rh2, rw, rb,
             temperature=float(temperature), ignore_index=ignore_index,
-            return_entropy=bool(return_entropy), return_kl=rh2 is not None,
+            return_entropy=bool(return_entropy), return_kl=rh2 is not None, return_sum_p2=bool(return_sum_p2),
             **backend_options,
         )
     shape = tuple(lead)
@@ -156,6 +159,7 @@ def token_logprobs(
         entropy=None if ent is None else ent.reshape(shape),
         kl=None if kl is None else kl.reshape(shape),
         lse=lse.reshape(shape),
+        sum_p2=None if p2 is None else p2.reshape(shape),
     )
 
 

@@ -42,25 +42,27 @@ def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                temperature, return_entropy, chunk_elements, backend):
+                temperature, return_entropy, return_sum_p2, chunk_elements, backend):
         n_all = targets.shape[0]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
         epi = _epilogue(backend, hidden.dtype)
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
-                                  epilogue=epi, ct=ct)
+                                  epilogue=epi, ct=ct, want_sum_p2=return_sum_p2)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
                               st.lse, st.ent, st.ekl)
         ctx.config = (temperature, chunk_elements, backend)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
-        outs = (st.logp, st.entropy, st.kl, st.lse)
+        outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
-        return tuple(empty if o is None else scatter_rows(o, rows, n_all) for o in outs)
+        outs = tuple(empty if o is None else scatter_rows(o, rows, n_all) for o in outs)
+        ctx.mark_non_differentiable(outs[4])  # sum_v p_v^2 is a statistic, returned without gradient
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_ent, g_kl, g_lse):
+    def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
         temperature, chunk_elements, backend = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -80,7 +82,7 @@ class _TokenStats(torch.autograd.Function):
                               epilogue=_epilogue(backend, hidden.dtype), ct=ct)
         dh, dw, db = grads.result()
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
-                _cast(db, bias), None, None, None, None, None, None, None, None, None)
+                _cast(db, bias), None, None, None, None, None, None, None, None, None, None)
 
 
 def _cast(g, like):
@@ -98,15 +100,17 @@ def _check_options(backend, options):
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
-                return_entropy, return_kl, backend="torch", **options):
-    """See `gro_kernels.logprobs.api`. Returns (logp, entropy|None, kl|None, lse), each [N]."""
+                return_entropy, return_kl, return_sum_p2=False, backend="torch", **options):
+    """See `gro_kernels.logprobs.api`. Returns (logp, entropy|None, kl|None, lse, sum_p2|None), each [N]."""
     chunk_elements = _check_options(backend, options)
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
-    logp, ent, kl, lse = _TokenStats.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                                           float(temperature), bool(return_entropy), chunk_elements, backend)
-    return logp, ent if return_entropy else None, kl if return_kl else None, lse
+    logp, ent, kl, lse, p2 = _TokenStats.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                                               rows, float(temperature), bool(return_entropy), bool(return_sum_p2),
+                                               chunk_elements, backend)
+    return (logp, ent if return_entropy else None, kl if return_kl else None, lse,
+            p2 if return_sum_p2 else None)
 
 
 def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,

@@ -175,6 +175,7 @@ class Stats:
     ent: Optional[torch.Tensor] = None      # H = lse - E_p[u]
     kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
     ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
+    sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
 
     @property
     def entropy(self):
@@ -186,12 +187,13 @@ def _alloc(n, like, want):
 
 
 def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-                  epilogue, ct: int) -> Stats:
+                  epilogue, ct: int, want_sum_p2: bool = False) -> Stats:
     """Statistics of every row, one GEMM (two with a reference head) per chunk."""
     n = y.shape[0]
     lse = torch.zeros(n, dtype=head.stat, device=y.device)
     st = Stats(logp=torch.zeros_like(lse), lse=lse, ent=_alloc(n, lse, want_entropy),
-               kl=_alloc(n, lse, ref is not None), ekl=_alloc(n, lse, ref is not None))
+               kl=_alloc(n, lse, ref is not None), ekl=_alloc(n, lse, ref is not None),
+               sum_p2=_alloc(n, lse, want_sum_p2))
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)

@@ -1,7 +1,7 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / ent / kl / ekl at rows s.. from z [ct, V]
+    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / ent / kl / ekl / sum_p2 at rows s.. from z [ct, V]
     grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype) -> dz [ct, V] (may reuse z's memory)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
@@ -52,6 +52,8 @@ class TorchEpilogue:
             st.ekl[s:e] = ekl_rel + (m[:, 0] - mr[:, 0]) * inv_t
             # Clamp tiny negative round-off: KL is non-negative by definition.
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
+        if st.sum_p2 is not None:
+            st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
         self._cache = (z, p, se)
 
     def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
@@ -91,7 +93,7 @@ class TritonEpilogue:
             return None if t is None else t[s:e]
 
         self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.ent),
-                                kl=part(st.kl), ekl=part(st.ekl))
+                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
 
     def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
         return self.k.launch_logits_grad(z, zr, y, inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,

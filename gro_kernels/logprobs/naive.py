@@ -17,7 +17,7 @@ def _logits(hidden, weight, bias, temperature, dtype):
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
-                temperature, ignore_index, return_entropy, return_kl, **options):
+                temperature, ignore_index, return_entropy, return_kl, return_sum_p2=False, **options):
     reject_options("naive", options)
     dtype = stat_dtype(hidden.dtype)
     valid = targets != ignore_index
@@ -35,4 +35,5 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         with torch.no_grad():  # the reference head is frozen
             ref_logprobs = torch.log_softmax(_logits(ref_hidden, ref_weight, ref_bias, temperature, dtype), dim=-1)
         kl = torch.where(valid, (p * (logprobs - ref_logprobs)).sum(-1), zero)
-    return logp, entropy, kl, lse
+    sum_p2 = torch.where(valid, (p * p).sum(-1), zero).detach() if return_sum_p2 else None
+    return logp, entropy, kl, lse, sum_p2
