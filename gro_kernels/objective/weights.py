@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -111,6 +113,13 @@ def anchors(opts: Options, x, b: Batch, partner):
 def _scale(opts: Options, s, b: Batch):
     if opts.scale == "none":
         return torch.ones_like(s)
+    if opts.scale == "nonzero_fraction":
+        # GPG (verl compute_gpg_outcome_advantage): A = alpha (r - mean_group r), alpha = B / #(r != 0)
+        if (torch.bincount(b.group, minlength=b.num_groups) < 2).any():
+            raise ValueError("scale='nonzero_fraction' (GPG) needs at least 2 sequences in every group of group_ids "
+                             "(verl gives a lone sequence the anchor 0, this package its own reward)")
+        nonzero = torch.count_nonzero(b.rewards).clamp(min=1).to(s.dtype)
+        return torch.ones_like(s) * nonzero / s.numel()
     if opts.scale == "group_std":
         std = group_std(s, b.group, b.num_groups)
     else:
@@ -155,6 +164,69 @@ def _squared_pair(opts, x, y, partner):
     return -2 * gap, (gap ** 2)[y > 0]
 
 
+def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, chosen_tokens):
+    """TRL DPOTrainer's per-pair loss of `kind` (dpo_trainer.py, TRL 1.16), from the chosen / rejected
+    sequence log-probs S and reference log-probs R [pairs] and the completion lengths n."""
+    beta, eps = opts.beta, opts.label_smoothing
+    cw, cl = S_w - R_w, S_l - R_l          # chosen / rejected log-ratios
+    delta = cw - cl
+    ls = F.logsigmoid
+    if kind == "sigmoid":
+        return -ls(beta * delta)
+    if kind == "hinge":
+        return torch.relu(1 - beta * delta)
+    if kind == "ipo":   # TRL's IPO averages the log-ratio per token
+        return (cw / n_w.clamp(min=1) - cl / n_l.clamp(min=1) - 1 / (2 * beta)) ** 2
+    if kind == "sigmoid_norm":
+        return -ls(beta * (cw / n_w.clamp(min=1) - cl / n_l.clamp(min=1)))
+    if kind == "exo_pair":
+        h = beta * delta
+        return torch.sigmoid(h) * (ls(h) - math.log1p(-eps)) + torch.sigmoid(-h) * (ls(-h) - math.log(eps))
+    if kind == "nca_pair":
+        return -ls(beta * cw) - 0.5 * ls(-beta * cw) - 0.5 * ls(-beta * cl)
+    if kind == "robust":
+        return (-(1 - eps) * ls(beta * delta) + eps * ls(-beta * delta)) / (1 - 2 * eps)
+    if kind == "bco_pair":
+        return -ls(beta * cw) - ls(-beta * cl)
+    if kind == "sppo_hard":
+        return (cw - 0.5 / beta) ** 2 + (cl + 0.5 / beta) ** 2
+    if kind in ("aot", "aot_unpaired"):
+        if kind == "aot":   # sort the policy's and the reference's chosen-rejected gaps separately
+            d = torch.sort(S_w - S_l).values - torch.sort(R_w - R_l).values
+        else:               # sort the chosen and the rejected log-ratios separately
+            d = torch.sort(cw).values - torch.sort(cl).values
+        return -ls(beta * d) * (1 - eps) - ls(-beta * d) * eps
+    if kind == "apo_zero":
+        return 1 - torch.sigmoid(beta * cw) + torch.sigmoid(beta * cl)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * cw) + 1 - torch.sigmoid(beta * delta)
+    if kind == "discopop":
+        h = beta * delta
+        mix = torch.sigmoid(h / opts.discopop_tau)
+        return -ls(h) * (1 - mix) + torch.exp(-h) * mix
+    # sft: the mean negative log-likelihood of the chosen tokens, the same value on every pair
+    return (-S_w.sum() / chosen_tokens.clamp(min=1)).expand_as(S_w)
+
+
+def pair_loss_weights(opts: Options, b: Batch, y, partner):
+    """Weights for TRL's DPO loss types (`pair_loss`, combined by `loss_weights`). The per-pair loss
+    is written once (`_trl_pair_loss`); w_i = -dL/dS_i of L = sum_k weight_k sum_pairs loss_k,
+    by autograd on the detached per-sequence sums S_i, so sum_i w_i grad S_i is its gradient."""
+    m = b.mask
+    with torch.enable_grad():
+        S = (m * b.logp.detach()).sum(1).requires_grad_()
+        R = (m * b.ref_logp).sum(1) if b.ref_logp is not None else torch.zeros_like(S)
+        chosen = torch.nonzero(y > 0).flatten()
+        rejected = partner[chosen]
+        n = b.lengths
+        total = torch.zeros_like(S[chosen])
+        for kind, weight in zip(opts.pair_loss, opts.loss_weights):
+            total = total + weight * _trl_pair_loss(kind, opts, S[chosen], S[rejected], R[chosen], R[rejected],
+                                                    n[chosen], n[rejected], n[chosen].sum())
+        (grad,) = torch.autograd.grad(total.sum(), S)
+    return -grad, total.detach()
+
+
 def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     """w_i per sequence, broadcast over its tokens as A[i,t] = w_i."""
     x, g = sequence_scores(method, opts, b, reward_kl)
@@ -167,8 +239,10 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     if pairwise:
         _check_pairs(y, partner)
 
-    kind = opts.weighting
-    if kind == "linear":
+    kind = "pair_loss" if opts.pair_loss is not None else opts.weighting
+    if kind == "pair_loss":
+        w, unit_losses = pair_loss_weights(opts, b, y, partner)
+    elif kind == "linear":
         w = coef * g * (x - a) / _scale(opts, g * x, b)
     elif kind == "constant":
         w = y * coef

@@ -1,0 +1,463 @@
+"""Every loss type and correction added for issue 9, against its published formula.
+
+Each row: a method and options, the inputs it gets, and a textbook loss written here from the
+paper / the peer's definition (docs/methods.md) in plain torch on float64 log-probs. The loss and
+its gradients w.r.t. the LM head (hidden, weight) must match to 1e-8 on the naive and the chunked
+torch backends. Then: each option changes the result, and is refused where it cannot apply.
+"""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gro_kernels.logprobs import token_logprobs
+from gro_kernels.loss import gro_loss
+from gro_kernels.objective import gro_objective
+
+from helpers_objective import IGNORE, grads, plain_logprobs, plain_token_logp, tiny_batch
+
+STD_EPS = 1e-4
+GROUP_IDS = torch.tensor([3, 7, 3, 7, 7, 3, 3, 7])
+REWARDS = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.3], dtype=torch.float64)
+PAIR_IDS = torch.tensor([5, 9, 5, 2, 9, 2, 0, 0])
+PAIR_LABELS = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1])
+KTO_LABELS = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+TRUNCATED = torch.tensor([False, True, False, False, False, True, False, False])
+OLD_NOISE = torch.tensor([0.0, 1e-4, 0.3, 2.0, 5e-4, 0.1, 0.5, 1e-3], dtype=torch.float64)
+
+
+# ---- plain-torch building blocks ------------------------------------------------------------
+
+def group_normalized(r, groups, eps=STD_EPS):
+    A = torch.empty_like(r)
+    for g in groups.unique():
+        v = r[groups == g]
+        A[groups == g] = (v - v.mean()) / (v.std() + eps)
+    return A
+
+
+def token_mean(x, m):
+    return (x * m).sum() / m.sum()
+
+
+def seq_mean_token_mean(x, m):
+    return ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+
+
+def ppo_min(ratio, A, lo=0.2, hi=0.2):
+    return torch.minimum(ratio * A, ratio.clamp(1 - lo, 1 + hi) * A)
+
+
+def k3(l, ref):
+    return torch.exp(ref - l) - (ref - l) - 1
+
+
+def grpo_A():
+    return group_normalized(REWARDS, GROUP_IDS)[:, None]
+
+
+def pairs(ids, labels):
+    chosen, rejected = [], []
+    for gid in ids.unique():
+        rows = torch.nonzero(ids == gid).flatten()
+        chosen.append(int(rows[labels[rows] == 1]))
+        rejected.append(int(rows[labels[rows] == -1]))
+    return torch.tensor(chosen), torch.tensor(rejected)
+
+
+# ---- policy losses --------------------------------------------------------------------------
+
+def bnpo(tb):
+    """TRL bnpo: PPO clip, normalized by the batch's tokens."""
+    return -token_mean(ppo_min(torch.exp(tb.l - tb.old), grpo_A()), tb.m)
+
+
+def sapo(tb, tau_pos=1.0, tau_neg=1.05):
+    """SAPO (arXiv 2511.20347): -f(r) A with f(r) = sigmoid(tau (r - 1)) 4/tau; sequence mean of token means."""
+    A = grpo_A().expand_as(tb.l)
+    r = torch.exp(tb.l - tb.old)
+    tau = torch.where(A > 0, torch.tensor(tau_pos, dtype=A.dtype), torch.tensor(tau_neg, dtype=A.dtype))
+    return -seq_mean_token_mean(torch.sigmoid(tau * (r - 1)) * 4 / tau * A, tb.m)
+
+
+def luspo(tb, lo=3e-4, hi=4e-4):
+    """LUSPO (arXiv 2602.05261): GSPO's sequence loss scaled by the sequence's length, mean over sequences."""
+    A = grpo_A()[:, 0]
+    s = torch.exp(((tb.l - tb.old) * tb.m).sum(1) / tb.m.sum(1))
+    seq_loss = -torch.minimum(s * A, s.clamp(1 - lo, 1 + hi) * A)
+    return (tb.m.sum(1) * seq_loss).mean()
+
+
+def vespo_phi(A, log_w, k_pos=2.0, lam_pos=3.0, k_neg=3.0, lam_neg=2.0):
+    w = torch.exp(log_w)
+    k = torch.where(A >= 0, torch.tensor(k_pos, dtype=A.dtype), torch.tensor(k_neg, dtype=A.dtype))
+    lam = torch.where(A >= 0, torch.tensor(lam_pos, dtype=A.dtype), torch.tensor(lam_neg, dtype=A.dtype))
+    return math.e ** lam * w ** k * torch.exp(-lam * w)  # phi(w) = e^lam w^k e^(-lam w), phi(1) = 1
+
+
+def vespo(tb):
+    """VESPO: -sg[phi(w)] A l, w the sequence ratio prod_t r_t; token mean."""
+    A = grpo_A()
+    log_w = ((tb.l - tb.old) * tb.m).sum(1, keepdim=True).detach().clamp(math.log(1e-8), 20)
+    return -token_mean(vespo_phi(A, log_w) * A * tb.l, tb.m)
+
+
+def gpg(tb):
+    """GPG (verl): A = alpha (r - group mean), alpha = B / #nonzero rewards; -A l, token mean."""
+    A = torch.empty_like(REWARDS)
+    for g in GROUP_IDS.unique():
+        A[GROUP_IDS == g] = REWARDS[GROUP_IDS == g] - REWARDS[GROUP_IDS == g].mean()
+    A = A * len(REWARDS) / (REWARDS != 0).sum()
+    return -token_mean(A[:, None] * tb.l, tb.m)
+
+
+def geo_mean(tb, eps=0.4):
+    """GMPO (arXiv 2507.20673, verl geo_mean): -A exp(mean_t sgn(A) min(sgn(A) lr, sgn(A) clip(lr, -eps, eps))), mean over sequences."""
+    A = grpo_A().expand_as(tb.l)
+    lr = tb.l - tb.old
+    s = torch.sign(A)
+    kept = s * torch.minimum(s * lr, s * lr.clamp(-eps, eps))
+    rho = torch.exp((kept * tb.m).sum(1) / tb.m.sum(1))
+    return -(grpo_A()[:, 0] * rho).mean()
+
+
+def covariance(tb):
+    A = grpo_A().expand_as(tb.l)
+    valid = tb.m > 0
+    l = tb.l.detach()
+    return (A - A[valid].mean()) * (l - l[valid].mean())
+
+
+def clip_cov(tb, ratio=0.1, lb=1.0, ub=5.0):
+    """Clip-Cov (arXiv 2505.22617, verl): drop from the PPO loss a random max(1, floor(ratio N)) of the
+    tokens PPO leaves unclipped whose covariance (A - mean A)(l - mean l) is in (lb, ub); token mean."""
+    A = grpo_A().expand_as(tb.l)
+    r = torch.exp(tb.l - tb.old)
+    surrogate = ppo_min(r, A)
+    unclipped = (r * A <= r.clamp(0.8, 1.2) * A)
+    cov = covariance(tb)
+    cand = torch.nonzero((cov > lb) & (cov < ub) & (tb.m > 0) & unclipped.detach())
+    n = max(int(ratio * tb.m.sum().item()), 1)
+    drop = cand[torch.randperm(len(cand))[:n]]
+    keep = torch.ones_like(tb.m)
+    keep[drop[:, 0], drop[:, 1]] = 0
+    assert 0 < len(drop) < len(cand), "the case must drop some candidates and keep others"
+    return -token_mean(keep * surrogate, tb.m)
+
+
+def kl_cov(tb, ratio=0.1, coef=1.0):
+    """KL-Cov (arXiv 2505.22617, verl): -r A, plus coef |l - lo| on the max(1, floor(ratio N)) tokens of
+    largest covariance; token mean."""
+    A = grpo_A().expand_as(tb.l)
+    r = torch.exp(tb.l - tb.old)
+    cov = covariance(tb).masked_fill(tb.m == 0, -math.inf)
+    n = max(int(ratio * tb.m.sum().item()), 1)
+    top = torch.topk(cov.flatten(), n).indices
+    pen = torch.zeros(cov.numel(), dtype=cov.dtype)
+    pen[top] = coef
+    pen = pen.view_as(cov)
+    return token_mean(-r * A + pen * (tb.l - tb.old).abs(), tb.m)
+
+
+def dual_clip(tb, c=1.1):
+    """Dual-clip PPO (arXiv 1912.09729): for A < 0 the loss is at most -c A; token mean."""
+    A = grpo_A().expand_as(tb.l)
+    r = torch.exp(tb.l - tb.old)
+    clipped = ppo_min(r, A, 0.2, 0.28)
+    return -token_mean(torch.where(A < 0, torch.maximum(clipped, c * A), clipped), tb.m)
+
+
+def apo_zero_unpaired(tb, beta=0.1):
+    """KTO's apo_zero_unpaired (TRL): chosen 1 - sigma(beta D), rejected sigma(beta D), class weights; mean."""
+    D = ((tb.l - tb.ref) * tb.m).sum(1)
+    lam = torch.where(KTO_LABELS > 0, 1.0, 1.33).to(D.dtype)
+    return (lam * torch.where(KTO_LABELS > 0, 1 - torch.sigmoid(beta * D), torch.sigmoid(beta * D))).mean()
+
+
+def dft(tb):
+    """DFT (arXiv 2508.05629): -sg[p] log p per token, token mean."""
+    return -token_mean(tb.l.exp().detach() * tb.l, tb.m)
+
+
+# ---- KL variants (grpo, kl_coef 0.04, sequence mean of token means) -------------------------
+
+def grpo_with_kl(kl_fn, bias_correction=False):
+    def loss(tb):
+        r = torch.exp(tb.l - tb.old)
+        k = kl_fn(tb.l, tb.ref)
+        if bias_correction:
+            k = k * r
+        return seq_mean_token_mean(-ppo_min(r, grpo_A()) + 0.04 * k, tb.m)
+    loss.__name__ = getattr(kl_fn, "__name__", "kl")
+    return loss
+
+
+def st(value_fn):
+    """verl's straight-through '+': the value of value_fn, the gradient of k2."""
+    def k(l, ref):
+        k2 = 0.5 * (l - ref) ** 2
+        return k2 - k2.detach() + value_fn(l, ref).detach()
+    return k
+
+
+def low_var_kl(l, ref):
+    x = (ref - l).clamp(-20, 20)
+    return (torch.exp(x) - x - 1).clamp(-10, 10)
+
+
+KL_ROWS = {
+    "k1": lambda l, ref: l - ref,
+    "k2": lambda l, ref: 0.5 * (l - ref) ** 2,
+    "abs": lambda l, ref: (l - ref).abs(),
+    "low_var_kl": low_var_kl,
+    "k1+": st(lambda l, ref: l - ref),
+    "k3+": st(k3),
+    "low_var_kl+": st(low_var_kl),
+    "abs+": st(lambda l, ref: (l - ref).abs()),
+}
+
+
+# ---- train/inference mismatch, token selection (DAPO: eps_high 0.28, token mean) ------------
+
+def dapo_times(weight_fn):
+    def loss(tb):
+        r = torch.exp(tb.l - tb.old)
+        return -token_mean(weight_fn(tb) * ppo_min(r, grpo_A(), 0.2, 0.28), tb.m)
+    return loss
+
+
+def _d(tb):
+    return (tb.old - tb.rollout) * tb.m
+
+
+ROLLOUT_MODES = {   # TRL vllm_importance_sampling_mode / OpenRLHF is_correction, default bounds
+    "token_truncate": lambda tb: torch.exp(_d(tb)).clamp(max=3.0),
+    "token_mask": lambda tb: torch.where(torch.exp(_d(tb)) <= 3.0, torch.exp(_d(tb)), 0.0),
+    "sequence_truncate": lambda tb: torch.exp(_d(tb).sum(1, keepdim=True)).clamp(max=3.0),
+    "sequence_mask": lambda tb: torch.where(torch.exp(_d(tb).sum(1, keepdim=True)) <= 3.0,
+                                            torch.exp(_d(tb).sum(1, keepdim=True)), 0.0),
+    "icepop": lambda tb: torch.where((torch.exp(_d(tb)) >= 0.5) & (torch.exp(_d(tb)) <= 5.0), torch.exp(_d(tb)), 0.0),
+    "seq_mask_tis": lambda tb: torch.where(
+        ((g := torch.exp(_d(tb).sum(1, keepdim=True) / tb.m.sum(1, keepdim=True))) >= 0.5) & (g <= 5.0),
+        torch.exp(_d(tb)), 0.0),
+}
+
+
+def off_policy(delta, use_rollout):
+    """DeepSeek-V3.2 off-policy sequence mask: drop rows with A < 0 and mean(l_behaviour - l) > delta."""
+    def w(tb):
+        behaviour = tb.rollout if use_rollout else tb.old
+        kl = ((behaviour - tb.l.detach()) * tb.m).sum(1, keepdim=True) / tb.m.sum(1, keepdim=True)
+        return ((grpo_A() >= 0) | (kl <= delta)).to(tb.l.dtype)
+    return w
+
+
+def top_entropy(tb, rho=0.5, entropy_coef=0.01):
+    """Beyond the 80/20 rule: the policy term (and entropy bonus) only on tokens with entropy >= the
+    (1 - rho) quantile of the batch's entropies."""
+    H = tb.entropy
+    thr = torch.quantile(H[tb.m > 0].detach(), 1 - rho)
+    keep = ((H.detach() >= thr) & (tb.m > 0)).to(H.dtype)
+    r = torch.exp(tb.l - tb.old)
+    return token_mean(-keep * ppo_min(r, grpo_A(), 0.2, 0.28) - entropy_coef * keep * H, tb.m)
+
+
+def truncated_dapo(tb):
+    """mask_truncated_completions: truncated rows leave the loss mask (advantages use every reward)."""
+    m = tb.m * (~TRUNCATED)[:, None].to(tb.m.dtype)
+    return -token_mean(ppo_min(torch.exp(tb.l - tb.old), grpo_A(), 0.2, 0.28), m)
+
+
+# ---- preference losses (TRL DPOTrainer, mean over pairs) ------------------------------------
+
+def dpo_parts(tb):
+    c, r = pairs(PAIR_IDS, PAIR_LABELS)
+    S = (tb.l * tb.m).sum(1)
+    R = (tb.ref * tb.m).sum(1)
+    n = tb.m.sum(1)
+    return SimpleNamespace(Sw=S[c], Sl=S[r], Rw=R[c], Rl=R[r], nw=n[c], nl=n[r], c=c)
+
+
+def pref(kind, beta=0.1, eps=0.0, tau=0.05):
+    def loss(tb):
+        p = dpo_parts(tb)
+        cw, cl = p.Sw - p.Rw, p.Sl - p.Rl
+        h = beta * (cw - cl)
+        ls = F.logsigmoid
+        if kind == "hinge":
+            v = torch.relu(1 - h)
+        elif kind == "robust":
+            v = (-(1 - eps) * ls(h) + eps * ls(-h)) / (1 - 2 * eps)
+        elif kind == "bco_pair":
+            v = -ls(beta * cw) - ls(-beta * cl)
+        elif kind == "sppo_hard":
+            v = (cw - 0.5 / beta) ** 2 + (cl + 0.5 / beta) ** 2
+        elif kind == "aot":
+            d = torch.sort(p.Sw - p.Sl).values - torch.sort(p.Rw - p.Rl).values
+            v = -ls(beta * d) * (1 - eps) - ls(-beta * d) * eps
+        elif kind == "aot_unpaired":
+            d = torch.sort(cw).values - torch.sort(cl).values
+            v = -ls(beta * d) * (1 - eps) - ls(-beta * d) * eps
+        elif kind == "apo_zero":
+            v = 1 - torch.sigmoid(beta * cw) + torch.sigmoid(beta * cl)
+        elif kind == "apo_down":
+            v = torch.sigmoid(beta * cw) + 1 - torch.sigmoid(h)
+        elif kind == "exo_pair":   # KL(softmax over {w, l} of beta*logratio || [1 - eps, eps])
+            q = torch.stack([torch.sigmoid(h), torch.sigmoid(-h)])
+            pr = torch.tensor([1 - eps, eps], dtype=h.dtype)[:, None]
+            v = (q * (q.log() - pr.log())).sum(0)
+        elif kind == "nca_pair":
+            v = -ls(beta * cw) - 0.5 * ls(-beta * cw) - 0.5 * ls(-beta * cl)
+        elif kind == "discopop":
+            mix = torch.sigmoid(h / tau)
+            v = -ls(h) * (1 - mix) + torch.exp(-h) * mix
+        elif kind == "sigmoid_norm":
+            v = -ls(beta * (cw / p.nw - cl / p.nl))
+        elif kind == "ipo":
+            v = (cw / p.nw - cl / p.nl - 1 / (2 * beta)) ** 2
+        elif kind == "sigmoid":
+            v = -ls(h)
+        return v.mean()
+    return loss
+
+
+def sft_on_chosen(tb):
+    p = dpo_parts(tb)
+    return -(tb.l * tb.m)[p.c].sum() / tb.m[p.c].sum()
+
+
+def mpo(tb):
+    """MPO-style combination (TRL loss_weights): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft."""
+    return 0.8 * pref("sigmoid")(tb) + 0.2 * pref("bco_pair")(tb) + 1.0 * sft_on_chosen(tb)
+
+
+# ---- the table ------------------------------------------------------------------------------
+RL = ("rewards", "group_ids", "old_logp")
+ROWS = [
+    ("bnpo", {}, RL, bnpo),
+    ("sapo", {}, RL, sapo),
+    ("luspo", {}, RL, luspo),
+    ("vespo", {}, RL, vespo),
+    ("gpg", {}, ("rewards", "group_ids"), gpg),
+    ("geo_mean", {}, RL, geo_mean),
+    ("clip_cov", {"clip_cov_ratio": 0.1}, RL, clip_cov),
+    ("kl_cov", {"kl_cov_ratio": 0.1}, RL, kl_cov),
+    ("dapo", {"clip_ratio_c": 1.1}, RL, dual_clip),
+    ("apo_zero_unpaired", {"neg_coef": 1.33}, ("kto_labels", "ref_logp"), apo_zero_unpaired),
+    ("dft", {}, (), dft),
+    *[("grpo", {"kl_estimator": k}, RL + ("ref_logp",), grpo_with_kl(fn)) for k, fn in KL_ROWS.items()],
+    ("grpo", {"use_bias_correction_kl": True}, RL + ("ref_logp",), grpo_with_kl(k3, bias_correction=True)),
+    *[("dapo", {"rollout_correction": mode}, RL + ("rollout_logp",), dapo_times(fn)) for mode, fn in ROLLOUT_MODES.items()],
+    ("dapo", {"rollout_correction": "token_mask", "rollout_clip_min": 0.8, "rollout_clip_max": 1.5},
+     RL + ("rollout_logp",), dapo_times(lambda tb: torch.where((torch.exp(_d(tb)) >= 0.8) & (torch.exp(_d(tb)) <= 1.5), torch.exp(_d(tb)), 0.0))),
+    ("dapo", {"off_policy_mask_threshold": 0.05}, RL, dapo_times(off_policy(0.05, False))),
+    ("dapo", {"off_policy_mask_threshold": 0.05}, RL + ("rollout_only",), dapo_times(off_policy(0.05, True))),
+    ("dapo", {"top_entropy_quantile": 0.5, "entropy_coef": 0.01}, RL + ("entropy",), top_entropy),
+    ("dapo", {"mask_truncated_completions": True}, RL + ("truncated",), truncated_dapo),
+    *[("dpo", {"pair_loss": k, **o}, ("pairs", "ref_logp"), pref(k, eps=o.get("label_smoothing", 0.0))) for k, o in [
+        ("sigmoid", {}), ("hinge", {}), ("ipo", {}), ("robust", {"label_smoothing": 0.1}), ("bco_pair", {}),
+        ("sppo_hard", {}), ("aot", {"label_smoothing": 0.1}), ("aot_unpaired", {}), ("apo_zero", {}),
+        ("apo_down", {}), ("exo_pair", {"label_smoothing": 0.1}), ("nca_pair", {}), ("discopop", {}),
+        ("sigmoid_norm", {})]],
+    ("dpo", {"pair_loss": ("sigmoid", "bco_pair", "sft"), "loss_weights": (0.8, 0.2, 1.0)}, ("pairs", "ref_logp"), mpo),
+]
+
+
+def _row_id(row):
+    return row[0] + "".join(f"-{k}={v}" for k, v in row[1].items())
+
+
+def _data(seed=0):
+    data = tiny_batch(seed=seed)
+    m = (data.targets != IGNORE).to(torch.float64)
+    l = plain_token_logp(data.hidden, data.weight, data.targets)
+    ref = plain_token_logp(data.ref_hidden, data.ref_weight, data.targets)
+    old = (l + OLD_NOISE[:, None] * data.noise).detach() * m
+    g = torch.Generator().manual_seed(seed + 100)
+    rollout = (old + 0.4 * torch.randn(old.shape, generator=g, dtype=old.dtype)) * m
+    lp = plain_logprobs(data.hidden, data.weight, data.targets)
+    entropy = -(lp.exp() * lp).sum(-1) * m
+    tb = SimpleNamespace(l=l, m=m, old=old, ref=ref, rollout=rollout, entropy=entropy)
+    return data, tb
+
+
+def _run(data, tb, method, inputs, options, backend):
+    """gro_loss; for the inputs gro_loss does not take yet (rollout_logp, truncated) the same
+    composition gro_loss makes: token_logprobs on the backend, then gro_objective."""
+    given = {
+        "rewards": {"rewards": REWARDS}, "group_ids": {"group_ids": GROUP_IDS}, "old_logp": {"old_logp": tb.old},
+        "ref_logp": {"ref_logp": tb.ref}, "kto_labels": {"labels": KTO_LABELS},
+        "pairs": {"group_ids": PAIR_IDS, "labels": PAIR_LABELS},
+        "rollout_logp": {"rollout_logp": tb.rollout}, "rollout_only": {"rollout_logp": tb.rollout},
+        "truncated": {"truncated": TRUNCATED}, "entropy": {},
+    }
+    kwargs = {k: v for name in inputs for k, v in given[name].items()}
+    if "rollout_logp" in kwargs or "truncated" in kwargs:
+        stats = token_logprobs(data.hidden, data.weight, data.targets, return_entropy="entropy" in inputs,
+                               backend=backend)
+        return gro_objective(stats.logp, method=method, mask=data.targets != IGNORE, entropy=stats.entropy,
+                             **kwargs, **options)
+    return gro_loss(data.hidden, data.weight, data.targets, method=method, backend=backend,
+                    return_entropy="entropy" in inputs, **kwargs, **options)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("row", ROWS, ids=_row_id)
+def test_loss_and_gradient_equal_the_published_formula(row, backend):
+    method, options, inputs, textbook = row
+    data, tb = _data()
+    torch.manual_seed(0)
+    expected = textbook(tb)
+    expected_grads = grads(expected, (data.hidden, data.weight))
+    torch.manual_seed(0)  # clip_cov draws its tokens from torch's default generator, as verl does
+    out = _run(data, tb, method, inputs, options, backend)
+    got_grads = grads(out.loss, (data.hidden, data.weight))
+    torch.testing.assert_close(out.loss, expected, atol=1e-8, rtol=1e-8)
+    for got, want, name in zip(got_grads, expected_grads, ("hidden", "weight")):
+        assert want.abs().max() > 1e-6, f"degenerate case: textbook gradient w.r.t. {name} is zero"
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8, msg=lambda s: f"grad {name}: {s}")
+
+
+# ---- each option changes the result ---------------------------------------------------------
+BASE = {"bnpo": "grpo", "sapo": "grpo", "luspo": "gspo", "vespo": "dapo", "gpg": "dapo", "geo_mean": "grpo",
+        "clip_cov": "dapo", "kl_cov": "dapo", "apo_zero_unpaired": "kto", "dft": "sft"}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=_row_id)
+def test_each_option_changes_the_result(row):
+    """Against the same call without the option (or the preset's base method): the loss or its
+    gradient differs. pair_loss='sigmoid' is DPO itself and must agree with it instead."""
+    method, options, inputs, _ = row
+    data, tb = _data()
+    base_inputs = tuple(i for i in inputs if i not in ("rollout_logp", "rollout_only", "truncated"))
+    torch.manual_seed(0)
+    out = _run(data, tb, method, inputs, options, "naive")
+    g = grads(out.loss, (data.hidden, data.weight))[1]
+    if options.get("kl_estimator") == "low_var_kl":
+        return  # k3 with clamps that bite only at |log-ratio| > 20: test_low_var_kl_clamps
+    base_options = {"neg_coef": 1.33} if method == "apo_zero_unpaired" else {}
+    if BASE.get(method) == "grpo":
+        base_options["kl_coef"] = 0.0
+    if method == "dpo" and options.get("pair_loss") in ("sigmoid",):
+        base = _run(data, tb, "dpo", base_inputs, {}, "naive")
+        torch.testing.assert_close(out.loss, base.loss, atol=1e-12, rtol=1e-12)
+        return
+    if method == "apo_zero_unpaired":
+        base_options["anchor_value"] = 0.3
+    base = _run(data, tb, BASE.get(method, method), base_inputs, base_options if method in BASE else {}, "naive")
+    g0 = grads(base.loss, (data.hidden, data.weight))[1]
+    assert not torch.allclose(g, g0, atol=1e-6, rtol=1e-6), f"{options} does not change the gradient"
+
+
+def test_low_var_kl_clamps():
+    """low_var_kl is k3 with the log-ratio clamped to [-20, 20] and the value to [-10, 10] (verl)."""
+    from gro_kernels.objective.surrogates import kl_estimate
+    l = torch.tensor([-30.0, -5.0, 0.3, 4.0, 25.0], dtype=torch.float64)
+    ref = torch.zeros_like(l)
+    k3v = kl_estimate("k3", l, ref)
+    low = kl_estimate("low_var_kl", l, ref)
+    x = (ref - l).clamp(-20, 20)
+    torch.testing.assert_close(low, (torch.exp(x) - x - 1).clamp(-10, 10))
+    assert low[2] == k3v[2] and low[0] == 10.0 and k3v[0] > 1e12
