@@ -461,3 +461,129 @@ def test_low_var_kl_clamps():
     x = (ref - l).clamp(-20, 20)
     torch.testing.assert_close(low, (torch.exp(x) - x - 1).clamp(-10, 10))
     assert low[2] == k3v[2] and low[0] == 10.0 and k3v[0] > 1e12
+
+
+# ---- refused where it cannot apply ----------------------------------------------------------
+REFUSED = [  # (method, options, inputs, the error names)
+    ("cispo", {"importance_sampling": "sequence"}, RL, "importance_sampling"),
+    ("sapo", {"importance_sampling": "sequence"}, RL, "importance_sampling"),
+    ("vespo", {"importance_sampling": "sequence"}, RL, "importance_sampling"),
+    ("grpo", {"sapo_temperature_pos": 2.0}, RL, "sapo_temperature_pos"),
+    ("sapo", {"clip_ratio_c": 3.0}, RL, "clip_ratio_c"),
+    ("cispo", {"delta": 2.0}, RL, "delta"),
+    ("dapo", {"vespo_k_pos": 1.0}, RL, "vespo_k_pos"),
+    ("dapo", {"clip_cov_ratio": 0.1}, RL, "clip_cov_ratio"),
+    ("dapo", {"ppo_kl_coef": 0.1}, RL, "ppo_kl_coef"),
+    ("dapo", {"clip_ratio_c": 1.0}, RL, "clip_ratio_c"),
+    ("dapo", {"rollout_clip_max": 2.0}, RL, "rollout_clip"),
+    ("dapo", {"rollout_correction": "token_mask", "rollout_clip_min": 2.0, "rollout_clip_max": 1.5}, RL + ("rollout_logp",), "rollout_clip_min"),
+    ("dapo", {"rollout_correction": "token_truncate"}, RL, "rollout_logp"),
+    ("dapo", {}, RL + ("rollout_logp",), "rollout_logp"),
+    ("vespo", {"rollout_correction": "sequence_mask"}, RL + ("rollout_logp",), "vespo"),
+    ("dapo", {"rollout_correction": "bogus"}, RL, "rollout_correction"),
+    ("dapo", {"top_entropy_quantile": 0.5}, RL, "entropy"),
+    ("dapo", {"top_entropy_quantile": 1.5}, RL, "top_entropy_quantile"),
+    ("dapo", {"mask_truncated_completions": True}, RL, "truncated"),
+    ("dapo", {}, RL + ("truncated",), "mask_truncated_completions"),
+    ("dpo", {"mask_truncated_completions": True}, ("pairs", "ref_logp", "truncated"), "mask_truncated_completions"),
+    ("rloo", {"use_bias_correction_kl": True, "kl_coef": 0.1}, ("rewards", "group_ids"), "use_bias_correction_kl"),
+    ("dpo", {"pair_loss": "bogus"}, ("pairs", "ref_logp"), "pair_loss"),
+    ("grpo", {"pair_loss": "hinge"}, RL, "pair_loss"),
+    ("dpo", {"pair_loss": "hinge", "label_smoothing": 0.1}, ("pairs", "ref_logp"), "label_smoothing"),
+    ("dpo", {"pair_loss": "exo_pair"}, ("pairs", "ref_logp"), "exo_pair"),
+    ("dpo", {"pair_loss": "robust", "label_smoothing": 0.5}, ("pairs", "ref_logp"), "robust"),
+    ("dpo", {"pair_loss": "hinge", "margin": 0.5}, ("pairs", "ref_logp"), "margin"),
+    ("dpo", {"pair_loss": ("sigmoid", "sft"), "loss_weights": (1.0,)}, ("pairs", "ref_logp"), "loss_weights"),
+    ("dpo", {"loss_weights": (1.0,)}, ("pairs", "ref_logp"), "loss_weights"),
+    ("dpo", {"pair_loss": "hinge", "discopop_tau": 0.1}, ("pairs", "ref_logp"), "discopop_tau"),
+    ("gpg", {}, ("rewards", "group_ids_with_singleton"), "nonzero_fraction"),
+]
+
+
+@pytest.mark.parametrize("row", REFUSED, ids=lambda r: r[0] + "-" + "-".join(f"{k}={v}" for k, v in r[1].items()))
+def test_refused_with_an_error_naming_the_option(row):
+    method, options, inputs, name = row
+    data, tb = _data()
+    inputs = tuple(i if i != "group_ids_with_singleton" else "singleton" for i in inputs)
+    if "singleton" in inputs:
+        inputs = tuple(i for i in inputs if i != "singleton")
+        options = dict(options, group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 2, 3]))
+    with pytest.raises((ValueError, TypeError), match=name):
+        _run(data, tb, method, inputs, options, "naive")
+
+
+# ---- the split contract: token-local configurations run chunk by chunk ----------------------
+from gro_kernels.objective.core import sequence_plan                      # noqa: E402
+from gro_kernels.objective.inputs import prepare_batch                    # noqa: E402
+from gro_kernels.objective.options import resolve_options                 # noqa: E402
+from gro_kernels.objective.split import needs_policy_logp, token_loss     # noqa: E402
+
+TOKEN_LOCAL = [
+    ("bnpo", {}), ("sapo", {}), ("gpg", {}), ("dft", {}), ("dapo", {"clip_ratio_c": 1.1}),
+    ("grpo", {"kl_estimator": "k3+", "use_bias_correction_kl": True}),
+    ("dapo", {"rollout_correction": "token_truncate"}), ("dapo", {"rollout_correction": "sequence_mask"}),
+    ("dapo", {"rollout_correction": "seq_mask_tis", "entropy_coef": 0.01}),
+]
+NOT_TOKEN_LOCAL = [
+    ("gspo", {}), ("luspo", {}), ("vespo", {}), ("geo_mean", {}), ("clip_cov", {}), ("kl_cov", {}),
+    ("dapo", {"top_entropy_quantile": 0.2}), ("dapo", {"off_policy_mask_threshold": 0.1}),
+    ("dpo", {"pair_loss": "hinge"}), ("apo_zero_unpaired", {}),
+]
+
+
+def test_needs_policy_logp_names_the_configurations_that_read_whole_rows():
+    for method, options in TOKEN_LOCAL:
+        assert not needs_policy_logp(resolve_options(method, options), has_old_logp=True, has_advantages=False), method
+    for method, options in NOT_TOKEN_LOCAL:
+        assert needs_policy_logp(resolve_options(method, options), has_old_logp=True, has_advantages=False), method
+    rollout = resolve_options("dapo", {"rollout_correction": "token_mask"})
+    assert needs_policy_logp(rollout, has_old_logp=False, has_advantages=False)  # the train side is then sg[l]
+
+
+@pytest.mark.parametrize("config", TOKEN_LOCAL, ids=lambda c: c[0] + "-" + "-".join(f"{k}={v}" for k, v in c[1].items()))
+def test_token_local_configurations_run_chunk_by_chunk(config):
+    """The plan of a token-local configuration never reads the policy's log-probs, and token_loss
+    over chunks of 7 tokens ([1, n], per-token inputs gathered) gives the batch's loss and gradients."""
+    method, options = config
+    _, tb = _data()
+    opts = resolve_options(method, options)
+    inputs = dict(mask=tb.m > 0, rewards=REWARDS, advantages=None, group_ids=GROUP_IDS, labels=None,
+                  baselines=None, offline=None, old_logp=tb.old, ref_logp=tb.ref, kl=None,
+                  num_items_in_batch=None, rollout_logp=tb.rollout if opts.rollout_correction else None)
+    l = tb.l.detach().clone().requires_grad_()
+    H = tb.entropy.detach().clone().requires_grad_()
+    b = prepare_batch(l, entropy=H, **inputs)
+    plan = sequence_plan(method, opts, b)
+    other = prepare_batch(torch.randn_like(l), entropy=H, **inputs)   # a different policy, same inputs
+    other_plan = sequence_plan(method, opts, other)
+    for name in ("coef", "policy_weight", "entropy_weight", "abs_kl_coef"):
+        x, y = getattr(plan, name), getattr(other_plan, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+    assert torch.equal(plan.weights.advantages, other_plan.weights.advantages)
+
+    online = (~b.offline[:, None]).expand_as(b.logp)
+    full = token_loss(opts, logp=b.logp, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=None,
+                      advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=b.mask,
+                      kl_in_loss=plan.kl_in_loss, policy_weight=plan.policy_weight,
+                      entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef).loss
+    want = torch.autograd.grad(full, (l, H), allow_unused=True, retain_graph=True)
+
+    def flat(x):
+        return None if x is None else x.reshape(1, -1)
+
+    total = 0
+    n = b.logp.numel()
+    for start in range(0, n, 7):
+        sl = slice(start, min(start + 7, n))
+        pick = lambda x: None if x is None else flat(x)[:, sl]   # noqa: E731
+        total = total + token_loss(
+            opts, logp=pick(b.logp), old_logp=pick(b.old_logp), ref_logp=pick(b.ref_logp), entropy=pick(b.entropy),
+            kl=None, advantages=pick(plan.weights.advantages), coef=pick(plan.coef), online=pick(online),
+            mask=pick(b.mask), kl_in_loss=plan.kl_in_loss, policy_weight=pick(plan.policy_weight),
+            entropy_weight=pick(plan.entropy_weight), abs_kl_coef=pick(plan.abs_kl_coef)).loss
+    got = torch.autograd.grad(total, (l, H), allow_unused=True)
+    torch.testing.assert_close(total, full, atol=1e-12, rtol=1e-12)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)

@@ -1,0 +1,203 @@
+"""The issue-9 loss types against the peer libraries themselves, on the same inputs.
+
+Liger-Kernel's fused GRPO loss (hidden states in, loss out), TRL's GRPOTrainer helpers and verl's
+policy losses / KL penalties. Each peer is imported with importorskip: `make install` installs
+Liger and TRL (the `test` extra); verl needs ray and is checked where it is installed.
+Liger computes its log-probs in float32, so it is matched to 1e-5 relative; TRL and verl work in
+the inputs' float64 and are matched to 1e-7 or better.
+"""
+import pytest
+import torch
+
+from gro_kernels.loss import gro_loss
+from gro_kernels.objective import gro_objective
+from gro_kernels.objective import corrections
+from gro_kernels.objective.options import resolve_options
+from gro_kernels.objective.surrogates import kl_estimate
+
+B, T, D, V = 6, 5, 8, 24
+LIGER_TOL = dict(rtol=1e-5, atol=1e-6)   # Liger's float32 log-probs
+
+
+def _batch(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=dtype)
+    weight = 0.5 * torch.randn(V, D, generator=g, dtype=dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[4, 2:] = False
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None])[..., 0]
+    old = torch.where(mask, logp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype), 0.0)
+    ref = torch.where(mask, logp + 0.2 * torch.randn(B, T, generator=g, dtype=dtype), 0.0)
+    rollout = torch.where(mask, old + 0.8 * torch.randn(B, T, generator=g, dtype=dtype), 0.0)
+    adv = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9, -0.3], dtype=dtype)
+    return hidden, weight, targets, mask, old, ref, rollout, adv
+
+
+# ---- Liger-Kernel 0.8.5: LigerFusedLinearGRPOLoss --------------------------------------------
+
+LIGER_CASES = [  # (liger kwargs, gro method, gro options, with KL)
+    (dict(loss_type="bnpo"), "bnpo", {}, False),
+    (dict(loss_type="sapo"), "sapo", {}, False),
+    (dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=0.5), "sapo",
+     dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5), False),
+    (dict(loss_type="luspo", importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4), "luspo", {}, False),
+    (dict(loss_type="vespo"), "vespo", {}, False),
+    (dict(loss_type="dapo", delta=1.2, epsilon_high=0.28), "dapo", dict(delta=1.2), False),
+    (dict(loss_type="grpo", use_bias_correction_kl=True), "grpo", dict(use_bias_correction_kl=True), True),
+    (dict(loss_type="dapo", epsilon_high=0.28, use_bias_correction_kl=True), "dapo",
+     dict(use_bias_correction_kl=True, kl_coef=0.04), True),
+]
+
+
+@pytest.mark.parametrize("case", LIGER_CASES, ids=lambda c: c[1] + "-" + "-".join(f"{k}={v}" for k, v in c[2].items()))
+def test_against_liger_grpo(case):
+    liger = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+    kwargs, method, options, with_kl = case
+    hidden, weight, targets, mask, old, ref, _, adv = _batch()
+    beta = 0.04 if with_kl else 0.0
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    peer = liger.LigerFusedLinearGRPOLoss(beta=beta, compiled=False, use_ref_model=with_kl, chunk_size=1, **kwargs)
+    want, _ = peer(h1, w1, targets, mask.long(), adv, ref_per_token_logps=ref if with_kl else None,
+                   old_per_token_logps=old)
+    want_grads = torch.autograd.grad(want, (h1, w1))
+
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    extra = dict(ref_logp=ref) if with_kl else {}
+    if method == "grpo":
+        options = dict(options, kl_coef=beta)
+    out = gro_loss(h2, w2, targets, method=method, mask=mask, advantages=adv, old_logp=old, backend="naive",
+                   **extra, **options)
+    got_grads = torch.autograd.grad(out.loss, (h2, w2))
+    torch.testing.assert_close(out.loss, want.to(out.loss.dtype), **LIGER_TOL)
+    for got, ref_g in zip(got_grads, want_grads):
+        assert ref_g.abs().max() > 1e-6
+        torch.testing.assert_close(got, ref_g, **LIGER_TOL)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_rollout_correction_against_liger_with_trl_ratio(mode):
+    """TRL's importance_sampling_ratio (formula copied from no peer: computed here as TRL documents it)
+    given to Liger as vllm_is_ratio, against gro_objective's own rollout_correction from rollout_logp."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+    hidden, weight, targets, mask, old, _, rollout, adv = _batch(seed=1)
+    d = (old - rollout) * mask
+    ratio = torch.exp(d.sum(-1, keepdim=True)) if mode.startswith("sequence") else torch.exp(d)
+    ratio = ratio.clamp(max=3.0) if mode.endswith("truncate") else ratio.masked_fill(ratio > 3.0, 0.0)
+    assert mode.endswith("truncate") or (ratio == 0).any()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    peer = liger.LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="dapo",
+                                          epsilon_high=0.28)
+    want, _ = peer(h1, w1, targets, mask.long(), adv, old_per_token_logps=old, vllm_is_ratio=ratio)
+    want_grads = torch.autograd.grad(want, (h1, w1))
+
+    from gro_kernels.logprobs import token_logprobs
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = token_logprobs(h2, w2, targets, backend="naive").logp
+    out = gro_objective(logp, method="dapo", mask=mask, advantages=adv, old_logp=old, rollout_logp=rollout,
+                        rollout_correction=mode)
+    got_grads = torch.autograd.grad(out.loss, (h2, w2))
+    torch.testing.assert_close(out.loss, want.to(out.loss.dtype), **LIGER_TOL)
+    for got, ref_g in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, ref_g, **LIGER_TOL)
+
+
+# ---- TRL 1.16: GRPOTrainer's static helpers --------------------------------------------------
+
+def test_off_policy_mask_and_vespo_weight_against_trl():
+    trl = pytest.importorskip("trl.trainer.grpo_trainer")
+    _, _, _, mask, old, _, rollout, adv = _batch(seed=2)
+    m = mask.to(old.dtype)
+    logp = old + 0.05
+    opts = resolve_options("dapo", dict(off_policy_mask_threshold=0.02))
+    A = adv[:, None] * m
+    ours = corrections.off_policy_mask(opts, A, logp, rollout, m)
+    want = trl.GRPOTrainer.get_off_policy_mask(adv[:, None], logp, rollout, m, 0.02)
+    assert 0 < want.sum() < B
+    torch.testing.assert_close(ours[:, 0], want[:, 0].to(ours.dtype))
+
+    opts = resolve_options("vespo", {})
+    is_ratio = torch.exp((old - rollout) * m).clamp(max=3.0)
+    ours = corrections.vespo_weight(opts, A, logp, old, m, is_ratio)
+    want = trl.GRPOTrainer.get_gamma_weights(adv[:, None], logp - old, m, is_ratio)
+    torch.testing.assert_close(ours[:, 0], want[:, 0], rtol=1e-12, atol=1e-12)
+
+
+# ---- verl 0.9.1: policy losses and KL penalties ----------------------------------------------
+
+def _verl():
+    pytest.importorskip("ray")
+    algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    from verl.workers.config import ActorConfig
+    from verl.workers.config.actor import PolicyLossConfig
+    return algos, ActorConfig, PolicyLossConfig
+
+
+VERL_CASES = [  # (verl policy loss, verl config, gro method, gro options)
+    ("vanilla", dict(clip_ratio=0.2, clip_ratio_c=1.1), "dapo", dict(eps_high=0.2, clip_ratio_c=1.1)),
+    ("gpg", {}, "gpg", {}),
+    ("geo_mean", dict(clip_ratio_low=0.4, clip_ratio_high=0.4), "geo_mean", {}),
+    ("sapo", {}, "sapo", {}),
+    ("clip_cov", dict(clip_ratio=0.2, policy_loss=dict(clip_cov_ratio=0.15)), "clip_cov", dict(clip_cov_ratio=0.15)),
+    ("kl_cov", dict(policy_loss=dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5)), "kl_cov", dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5)),
+]
+
+
+@pytest.mark.parametrize("case", VERL_CASES, ids=lambda c: c[0])
+def test_policy_losses_against_verl(case):
+    algos, ActorConfig, PolicyLossConfig = _verl()
+    name, cfg, method, options = case
+    cfg = dict(cfg)
+    policy = PolicyLossConfig(**cfg.pop("policy_loss", {}))
+    config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, policy_loss=policy, **cfg)
+    _, _, _, mask, old, _, _, adv = _batch(seed=3)
+    mask[1] = True  # verl's sequence means count only non-empty rows; here every row is non-empty
+    m = mask.to(old.dtype)
+    logp = (old + 0.25 * torch.randn(B, T, generator=torch.Generator().manual_seed(9), dtype=old.dtype)) * m
+    A = adv[:, None] * m
+    if name == "clip_cov":   # make the covariance band (1, 5) hold a few tokens
+        A = A * 4
+    l1 = logp.clone().requires_grad_()
+    torch.manual_seed(0)
+    want, _ = algos.get_policy_loss_fn(name)(old_log_prob=old, log_prob=l1, advantages=A, response_mask=m,
+                                             loss_agg_mode="token-mean", config=config)
+    (want_grad,) = torch.autograd.grad(want, l1)
+    l2 = logp.clone().requires_grad_()
+    torch.manual_seed(0)
+    out = gro_objective(l2, method=method, mask=mask, advantages=A, old_logp=old, **options)
+    (got_grad,) = torch.autograd.grad(out.loss, l2)
+    assert want_grad.abs().max() > 1e-6
+    torch.testing.assert_close(out.loss, want, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-7, atol=1e-9)
+
+
+def test_gpg_advantage_against_verl():
+    algos, _, _ = _verl()
+    import numpy as np
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0], dtype=torch.float64)
+    groups = torch.tensor([0, 1, 0, 1, 1, 0])
+    m = torch.ones(B, T, dtype=torch.float64)
+    token_rewards = torch.zeros(B, T, dtype=torch.float64)
+    token_rewards[:, -1] = rewards
+    want, _ = algos.compute_gpg_outcome_advantage(token_rewards, m, np.array(groups.tolist()))
+    out = gro_objective(torch.zeros(B, T, dtype=torch.float64, requires_grad=True), method="gpg",
+                        rewards=rewards, group_ids=groups)
+    torch.testing.assert_close(out.metrics["advantages"], want)
+
+
+@pytest.mark.parametrize("ours,theirs", [("k1", "k1"), ("k2", "k2"), ("abs", "abs"), ("low_var_kl", "low_var_kl"),
+                                          ("low_var_kl", "k3"), ("k1+", "k1+"), ("low_var_kl+", "k3+"),
+                                          ("low_var_kl+", "low_var_kl+"), ("abs+", "abs+")])
+def test_kl_estimators_against_verl(ours, theirs):
+    algos, _, _ = _verl()
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(40, dtype=torch.float64, generator=g)
+    logp = ref + 3 * torch.randn(40, dtype=torch.float64, generator=g)
+    logp[0], logp[1] = ref[0] + 25.0, ref[1] - 25.0   # the clamps bite
+    l1, l2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    want = algos.kl_penalty(l1, ref, theirs)
+    got = kl_estimate(ours, l2, ref)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), l2)[0], torch.autograd.grad(want.sum(), l1)[0])
