@@ -280,11 +280,20 @@ def dpo_parts(tb):
     return SimpleNamespace(Sw=S[c], Sl=S[r], Rw=R[c], Rl=R[r], nw=n[c], nl=n[r], c=c)
 
 
-def pref(kind, beta=0.1, eps=0.0, tau=0.05):
+F_DIVERGENCES = {   # f'(t) as a function of u = log t (f-DPO, arXiv 2309.16240)
+    "reverse_kl": lambda u: u,
+    "forward_kl": lambda u: 1 - 1 / torch.exp(u),
+    "js_divergence": lambda u: torch.log(2 * torch.exp(u) / (torch.exp(u) + 1)),
+    "alpha_divergence": lambda u: (torch.exp(u) ** (0.5 - 1) - 1) / (0.5 - 1),   # alpha = 0.5
+}
+
+
+def pref(kind, beta=0.1, eps=0.0, tau=0.05, f="reverse_kl"):
     def loss(tb):
         p = dpo_parts(tb)
         cw, cl = p.Sw - p.Rw, p.Sl - p.Rl
-        h = beta * (cw - cl)
+        fw, fl = F_DIVERGENCES[f](cw), F_DIVERGENCES[f](cl)
+        h = beta * (fw - fl)
         ls = F.logsigmoid
         if kind == "hinge":
             v = torch.relu(1 - h)
@@ -303,7 +312,7 @@ def pref(kind, beta=0.1, eps=0.0, tau=0.05):
         elif kind == "apo_zero":
             v = 1 - torch.sigmoid(beta * cw) + torch.sigmoid(beta * cl)
         elif kind == "apo_down":
-            v = torch.sigmoid(beta * cw) + 1 - torch.sigmoid(h)
+            v = torch.sigmoid(beta * cw) + 1 - torch.sigmoid(beta * (cw - cl))
         elif kind == "exo_pair":   # KL(softmax over {w, l} of beta*logratio || [1 - eps, eps])
             q = torch.stack([torch.sigmoid(h), torch.sigmoid(-h)])
             pr = torch.tensor([1 - eps, eps], dtype=h.dtype)[:, None]
@@ -314,9 +323,9 @@ def pref(kind, beta=0.1, eps=0.0, tau=0.05):
             mix = torch.sigmoid(h / tau)
             v = -ls(h) * (1 - mix) + torch.exp(-h) * mix
         elif kind == "sigmoid_norm":
-            v = -ls(beta * (cw / p.nw - cl / p.nl))
+            v = -ls(beta * (fw / p.nw - fl / p.nl))
         elif kind == "ipo":
-            v = (cw / p.nw - cl / p.nl - 1 / (2 * beta)) ** 2
+            v = (fw / p.nw - fl / p.nl - 1 / (2 * beta)) ** 2
         elif kind == "sigmoid":
             v = -ls(h)
         return v.mean()
@@ -362,6 +371,9 @@ ROWS = [
         ("apo_down", {}), ("exo_pair", {"label_smoothing": 0.1}), ("nca_pair", {}), ("discopop", {}),
         ("sigmoid_norm", {})]],
     ("dpo", {"pair_loss": ("sigmoid", "bco_pair", "sft"), "loss_weights": (0.8, 0.2, 1.0)}, ("pairs", "ref_logp"), mpo),
+    *[("dpo", {"pair_loss": k, "f_divergence_type": f}, ("pairs", "ref_logp"), pref(k, f=f)) for k, f in [
+        ("sigmoid", "forward_kl"), ("sigmoid", "js_divergence"), ("sigmoid", "alpha_divergence"),
+        ("hinge", "js_divergence"), ("ipo", "forward_kl"), ("sigmoid_norm", "alpha_divergence")]],
 ]
 
 
@@ -440,7 +452,7 @@ def test_each_option_changes_the_result(row):
     base_options = {"neg_coef": 1.33} if method == "apo_zero_unpaired" else {}
     if BASE.get(method) == "grpo":
         base_options["kl_coef"] = 0.0
-    if method == "dpo" and options.get("pair_loss") in ("sigmoid",):
+    if method == "dpo" and options.get("pair_loss") == "sigmoid" and "f_divergence_type" not in options:
         base = _run(data, tb, "dpo", base_inputs, {}, "naive")
         torch.testing.assert_close(out.loss, base.loss, atol=1e-12, rtol=1e-12)
         return
@@ -496,6 +508,9 @@ REFUSED = [  # (method, options, inputs, the error names)
     ("dpo", {"pair_loss": ("sigmoid", "sft"), "loss_weights": (1.0,)}, ("pairs", "ref_logp"), "loss_weights"),
     ("dpo", {"loss_weights": (1.0,)}, ("pairs", "ref_logp"), "loss_weights"),
     ("dpo", {"pair_loss": "hinge", "discopop_tau": 0.1}, ("pairs", "ref_logp"), "discopop_tau"),
+    ("dpo", {"pair_loss": "bco_pair", "f_divergence_type": "forward_kl"}, ("pairs", "ref_logp"), "f_divergence_type"),
+    ("dpo", {"f_divergence_type": "forward_kl"}, ("pairs", "ref_logp"), "f_divergence_type"),
+    ("dpo", {"pair_loss": "sigmoid", "f_alpha_divergence_coef": 0.3}, ("pairs", "ref_logp"), "f_alpha_divergence_coef"),
     ("gpg", {}, ("rewards", "group_ids_with_singleton"), "nonzero_fraction"),
 ]
 

@@ -26,6 +26,7 @@ CHOICES = {
     "importance_sampling": ("token", "sequence"),
     # `+`: verl's straight-through variants (the base estimator's value, k2's gradient)
     "kl_estimator": ("k1", "k2", "k3", "low_var_kl", "abs", "k1+", "k3+", "low_var_kl+", "abs+", "full"),
+    "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     "rollout_correction": (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask",
                            "icepop", "seq_mask_tis"),
     "kl_placement": ("loss", "reward"),
@@ -77,6 +78,8 @@ DEFAULTS = {
     "pair_loss": None,
     "loss_weights": None,
     "discopop_tau": 0.05,
+    "f_divergence_type": "reverse_kl",   # TRL's f-DPO: the divergence whose f'(ratio) scores each completion
+    "f_alpha_divergence_coef": 0.5,
     # KL and entropy
     "kl_coef": 0.0,
     "kl_estimator": "k3",
@@ -144,6 +147,7 @@ PRESETS = {m: {**dict(zip(_COLUMNS, row)), **_EXTRA.get(m, {})} for m, row in _T
 PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
                "apo_down", "exo_pair", "nca_pair", "discopop", "sigmoid_norm", "sft")
 _SMOOTHED_PAIR_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")  # the ones that read label_smoothing
+_F_DIVERGENCE_PAIR_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 # Options that mean something only for one surrogate (or family): giving them elsewhere is an error.
 _SURROGATE_OPTIONS = {
@@ -309,3 +313,10 @@ def _check_issue9_options(o: Options, given: dict) -> None:
             raise ValueError("pair_loss='robust' needs label_smoothing < 0.5 (it divides by 1 - 2 label_smoothing)")
     if "discopop_tau" in given and (kinds is None or "discopop" not in kinds):
         raise ValueError("option discopop_tau applies to pair_loss='discopop' only")
+    o["f_alpha_divergence_coef"] = _number("f_alpha_divergence_coef", o["f_alpha_divergence_coef"])
+    if o["f_divergence_type"] != "reverse_kl":
+        if kinds is None or not set(kinds) <= set(_F_DIVERGENCE_PAIR_LOSSES):
+            raise ValueError(f"option f_divergence_type={o['f_divergence_type']!r} applies to pair_loss types "
+                             f"{_F_DIVERGENCE_PAIR_LOSSES} only (TRL), got pair_loss={kinds!r}")
+    if "f_alpha_divergence_coef" in given and o["f_divergence_type"] != "alpha_divergence":
+        raise ValueError("option f_alpha_divergence_coef applies to f_divergence_type='alpha_divergence' only")

@@ -164,21 +164,38 @@ def _squared_pair(opts, x, y, partner):
     return -2 * gap, (gap ** 2)[y > 0]
 
 
+def _f_scores(opts, log_ratio):
+    """f'(pi / pi_ref) of the chosen f-divergence, as a function of the log-ratio u (TRL f-DPO)."""
+    kind = opts.f_divergence_type
+    if kind == "reverse_kl":
+        return log_ratio
+    if kind == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    alpha = opts.f_alpha_divergence_coef
+    if abs(alpha - 1.0) < 1e-6:   # the limit alpha -> 1 is reverse KL
+        return log_ratio
+    return (torch.exp(((alpha - 1) * log_ratio).clamp(max=80.0)) - 1) / (alpha - 1)
+
+
 def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, chosen_tokens):
     """TRL DPOTrainer's per-pair loss of `kind` (dpo_trainer.py, TRL 1.16), from the chosen / rejected
-    sequence log-probs S and reference log-probs R [pairs] and the completion lengths n."""
+    sequence log-probs S and reference log-probs R [pairs] and the completion lengths n. The losses
+    TRL writes with `delta_score` / `chosen_scores` use the f-divergence scores; the others the log-ratios."""
     beta, eps = opts.beta, opts.label_smoothing
     cw, cl = S_w - R_w, S_l - R_l          # chosen / rejected log-ratios
-    delta = cw - cl
+    fw, fl = _f_scores(opts, cw), _f_scores(opts, cl)
+    delta = fw - fl
     ls = F.logsigmoid
     if kind == "sigmoid":
         return -ls(beta * delta)
     if kind == "hinge":
         return torch.relu(1 - beta * delta)
-    if kind == "ipo":   # TRL's IPO averages the log-ratio per token
-        return (cw / n_w.clamp(min=1) - cl / n_l.clamp(min=1) - 1 / (2 * beta)) ** 2
+    if kind == "ipo":   # TRL's IPO averages the score per token
+        return (fw / n_w.clamp(min=1) - fl / n_l.clamp(min=1) - 1 / (2 * beta)) ** 2
     if kind == "sigmoid_norm":
-        return -ls(beta * (cw / n_w.clamp(min=1) - cl / n_l.clamp(min=1)))
+        return -ls(beta * (fw / n_w.clamp(min=1) - fl / n_l.clamp(min=1)))
     if kind == "exo_pair":
         h = beta * delta
         return torch.sigmoid(h) * (ls(h) - math.log1p(-eps)) + torch.sigmoid(-h) * (ls(-h) - math.log(eps))
@@ -199,7 +216,7 @@ def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, chosen_tokens):
     if kind == "apo_zero":
         return 1 - torch.sigmoid(beta * cw) + torch.sigmoid(beta * cl)
     if kind == "apo_down":
-        return torch.sigmoid(beta * cw) + 1 - torch.sigmoid(beta * delta)
+        return torch.sigmoid(beta * cw) + 1 - torch.sigmoid(beta * (cw - cl))
     if kind == "discopop":
         h = beta * delta
         mix = torch.sigmoid(h / opts.discopop_tau)
