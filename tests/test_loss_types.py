@@ -602,3 +602,30 @@ def test_token_local_configurations_run_chunk_by_chunk(config):
         assert (g is None) == (w is None)
         if w is not None:
             torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+ROBUST = [("dapo", {"rollout_correction": m}) for m in ("token_truncate", "token_mask", "sequence_truncate",
+                                                          "sequence_mask", "icepop", "seq_mask_tis")] + [
+    ("vespo", {"rollout_correction": "token_mask"}), ("dapo", {"off_policy_mask_threshold": 0.05}),
+    ("geo_mean", {}), ("luspo", {}), ("sapo", {}), ("clip_cov", {}), ("kl_cov", {}), ("dapo", {"clip_ratio_c": 2.0}),
+    ("dapo", {"top_entropy_quantile": 0.3, "entropy_coef": 0.01}),
+]
+
+
+@pytest.mark.parametrize("config", ROBUST, ids=lambda c: c[0] + "-" + "-".join(f"{k}={v}" for k, v in c[1].items()))
+def test_empty_rows_and_unscored_rollout_tokens_give_no_nan(config):
+    """A fully masked row contributes 0; a NaN rollout log-prob (a token the sampler could not
+    score) counts as no mismatch, as TRL does."""
+    method, options = config
+    data, tb = _data()
+    mask = data.targets != IGNORE
+    mask[4] = False
+    rollout = tb.rollout.clone()
+    rollout[0, 1] = float("nan")
+    stats = token_logprobs(data.hidden, data.weight, data.targets, return_entropy=True, backend="naive")
+    kw = dict(rollout_logp=rollout) if "rollout_correction" in options or "off_policy_mask_threshold" in options else {}
+    out = gro_objective(stats.logp, method=method, mask=mask, entropy=stats.entropy, rewards=REWARDS,
+                        group_ids=GROUP_IDS, old_logp=tb.old, **kw, **options)
+    dh, dw = grads(out.loss, (data.hidden, data.weight))
+    assert torch.isfinite(out.loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
+    assert dh[4].abs().max() == 0, "the empty row must get no gradient"

@@ -275,3 +275,47 @@ def test_pair_losses_against_trl_dpo_trainer(case):
     assert want_grad.abs().max() > 1e-6
     torch.testing.assert_close(out.loss, want.to(out.loss.dtype), **tol)
     torch.testing.assert_close(got_grad, want_grad.to(got_grad.dtype), **tol)
+
+
+# ---- TRL 1.16: KTOTrainer (kto with its batch KL as z0, apo_zero_unpaired; class weights) -----
+
+@pytest.mark.parametrize("loss_type,weights", [("kto", (1.0, 1.0)), ("kto", (1.0, 1.33)), ("apo_zero_unpaired", (0.7, 1.5))])
+def test_kto_losses_against_trl_kto_trainer(loss_type, weights):
+    pytest.importorskip("trl.trainer.kto_trainer")
+    from collections import defaultdict
+    from types import SimpleNamespace
+    from trl.trainer.kto_trainer import KTOTrainer
+    g = torch.Generator().manual_seed(6)
+    n, L = 7, 5
+    m = torch.ones(n, L, dtype=torch.float64)
+    m[2, 3:] = 0
+    labels = torch.tensor([True, False, True, True, False, False, True])
+    logp = -3 * torch.rand(n, L, generator=g, dtype=torch.float64) * m
+    ref = (logp + 0.5 * torch.randn(n, L, generator=g, dtype=torch.float64)) * m
+    KL_logps, ref_KL_logps = -torch.rand(n, generator=g, dtype=torch.float64) * 5, -torch.rand(n, generator=g, dtype=torch.float64) * 5
+    calculate_KL = loss_type == "kto"
+    z0 = float((KL_logps - ref_KL_logps).mean().clamp(min=0)) if calculate_KL else 0.0
+
+    l1 = logp.clone().requires_grad_()
+    completion_mask = torch.cat([torch.zeros(n, 1, dtype=torch.long), m.long()], 1)
+    batch = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
+             "completion_mask": completion_mask, "label": labels, "ref_logps": (ref * m).sum(1),
+             "ref_KL_logps": ref_KL_logps}
+    outputs = SimpleNamespace(log_probs=l1 * m, entropy=torch.zeros_like(l1), mean_logits=torch.zeros_like(l1))
+    identity = SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x, device=l1.device)
+    trainer = SimpleNamespace(
+        beta=0.1, loss_type=loss_type, calculate_KL=calculate_KL, desirable_weight=weights[0],
+        undesirable_weight=weights[1], precompute_ref_logps=True, aux_loss_enabled=False,
+        model=SimpleNamespace(training=True), accelerator=identity, _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1, _compute_kl_logps=lambda model, b: KL_logps if calculate_KL else None)
+    want = KTOTrainer._compute_loss(trainer, lambda **kw: outputs, batch, return_outputs=False)
+    (want_grad,) = torch.autograd.grad(want, l1)
+
+    l2 = logp.clone().requires_grad_()
+    options = dict(anchor_value=z0) if loss_type == "kto" else {}
+    out = gro_objective(l2, method=loss_type, mask=m > 0, ref_logp=ref, labels=torch.where(labels, 1, -1),
+                        pos_coef=weights[0], neg_coef=weights[1], **options)
+    (got_grad,) = torch.autograd.grad(out.loss, l2)
+    assert z0 > 0 or not calculate_KL
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
