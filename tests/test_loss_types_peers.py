@@ -319,3 +319,47 @@ def test_kto_losses_against_trl_kto_trainer(loss_type, weights):
     assert z0 > 0 or not calculate_KL
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+# ---- OpenRLHF 0.11.2: PolicyLoss (ICEPOP, seq-mask-tis, TIS, dual clip) ------------------------
+
+def _openrlhf_policy_loss():
+    """OpenRLHF's PolicyLoss class from its own source file. Importing the package pulls in
+    deepspeed and peft, so loss.py is executed alone with its one helper (masked_mean) supplied."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "loss.py")
+    src = open(path).read().replace("from .utils import masked_mean", "")
+    scope = {"masked_mean": lambda t, mask, dim=None: t.mean(dim=dim) if mask is None
+             else (t * mask).sum(dim=dim) / mask.sum(dim=dim)}
+    exec(compile(src, path, "exec"), scope)
+    return scope["PolicyLoss"]
+
+
+@pytest.mark.parametrize("peer,ours", [
+    (dict(is_correction_level="token", is_correction_mode="mask"), dict(rollout_correction="icepop")),
+    (dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.8, 1.3)),
+     dict(rollout_correction="seq_mask_tis", rollout_clip_min=0.8, rollout_clip_max=1.3)),   # drops 2 of 6 rows
+    (dict(is_correction_level="token", is_correction_mode="clip"),
+     dict(rollout_correction="token_truncate", rollout_clip_min=0.5, rollout_clip_max=5.0)),
+    (dict(dual_clip=1.1), dict(clip_ratio_c=1.1)),
+], ids=["icepop", "seq_mask_tis", "tis", "dual_clip"])
+def test_rollout_corrections_against_openrlhf(peer, ours):
+    PolicyLoss = _openrlhf_policy_loss()
+    _, _, _, mask, old, _, rollout, adv = _batch(seed=7)
+    m = mask.to(old.dtype)
+    logp = (old + 0.3 * torch.randn(B, T, generator=torch.Generator().manual_seed(8), dtype=old.dtype)) * m
+    A = adv[:, None] * m
+    l1 = logp.clone().requires_grad_()
+    want, *_ = PolicyLoss(**peer)(l1, old, A, action_mask=m, rollout_log_probs=rollout)
+    (want_grad,) = torch.autograd.grad(want, l1)
+    l2 = logp.clone().requires_grad_()
+    extra = dict(rollout_logp=rollout) if "rollout_correction" in ours else {}
+    out = gro_objective(l2, method="dapo", eps_high=0.2, mask=mask, advantages=A, old_logp=old, **extra, **ours)
+    (got_grad,) = torch.autograd.grad(out.loss, l2)
+    assert want_grad.abs().max() > 1e-6
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
