@@ -499,6 +499,8 @@ REFUSED = [  # (method, options, inputs, the error names)
     ("dapo", {}, RL + ("truncated",), "mask_truncated_completions"),
     ("dpo", {"mask_truncated_completions": True}, ("pairs", "ref_logp", "truncated"), "mask_truncated_completions"),
     ("rloo", {"use_bias_correction_kl": True, "kl_coef": 0.1}, ("rewards", "group_ids"), "use_bias_correction_kl"),
+    ("dpo", {"top_entropy_quantile": 0.5}, ("pairs", "ref_logp", "entropy"), "top_entropy_quantile"),
+    ("kto", {"rollout_correction": "token_mask"}, ("kto_labels", "ref_logp", "rollout_logp"), "rollout_correction"),
     ("dpo", {"pair_loss": "bogus"}, ("pairs", "ref_logp"), "pair_loss"),
     ("grpo", {"pair_loss": "hinge"}, RL, "pair_loss"),
     ("dpo", {"pair_loss": "hinge", "label_smoothing": 0.1}, ("pairs", "ref_logp"), "label_smoothing"),

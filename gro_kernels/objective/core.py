@@ -158,7 +158,7 @@ def gro_objective(
                        entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef)
     loss = terms.loss
     w, surrogate = plan.weights, terms.surrogate
-    policy = -(plan.coef * surrogate.value).sum()
+    policy = terms.policy
     if w.unit_losses is not None and opts.loss_agg == "seq_mean_token_sum":
         # Report the method's own loss; keep the GRO gradient (equal to the method's, see tests).
         # Token-local terms other than the surrogate (KL, entropy) keep their values.

@@ -289,6 +289,11 @@ def _check_issue9_options(o: Options, given: dict) -> None:
         if surrogate == "vespo" and mode not in _TOKEN_ROLLOUT_MODES:
             raise ValueError(f"surrogate='vespo' folds the rollout correction into its sequence weight: it needs a "
                              f"token-level rollout_correction {_TOKEN_ROLLOUT_MODES}, got {mode!r}")
+    reweighting = [name for name, off in (("rollout_correction", None), ("off_policy_mask_threshold", None),
+                                          ("top_entropy_quantile", 1.0)) if o[name] != off]
+    if reweighting and o["weighting"] in ("sigmoid", "squared", "sigmoid_bell"):
+        raise ValueError(f"option {reweighting[0]} reweights sampled tokens of an RL loss; it has no meaning for "
+                         f"the preference weighting {o['weighting']!r}")
     if o["use_bias_correction_kl"] and o["kl_placement"] != "loss":
         raise ValueError("option use_bias_correction_kl multiplies the KL term of the loss by the importance ratio: "
                          "it needs kl_placement='loss'")

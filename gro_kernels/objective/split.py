@@ -54,6 +54,7 @@ def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool
 @dataclass
 class TokenTerms:
     loss: torch.Tensor                       # 0-d: sum over the tokens given
+    policy: torch.Tensor                     # 0-d: the policy term's part of it
     surrogate: Surrogate
     kl: Optional[torch.Tensor]               # the per-token KL estimate (or None)
 
@@ -83,7 +84,8 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
         value = value - abs_kl_coef * (logp - old_logp).abs()
     if policy_weight is not None:
         value = policy_weight * value
-    loss = -(coef * value).sum()
+    policy = -(coef * value).sum()
+    loss = policy
     has_kl = kl is not None if opts.kl_estimator == "full" else ref_logp is not None
     k = kl_estimate(opts.kl_estimator, logp, ref_logp, kl) if has_kl else None
     if kl_in_loss and k is not None:
@@ -97,4 +99,4 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
     if entropy is not None and opts.entropy_coef != 0:
         e = entropy if entropy_weight is None else entropy_weight * entropy
         loss = loss - opts.entropy_coef * (coef * e).sum()
-    return TokenTerms(loss=loss, surrogate=surrogate, kl=k)
+    return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k)
