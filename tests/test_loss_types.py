@@ -264,6 +264,21 @@ def top_entropy(tb, rho=0.5, entropy_coef=0.01):
     return token_mean(-keep * ppo_min(r, grpo_A(), 0.2, 0.28) - entropy_coef * keep * H, tb.m)
 
 
+def top_entropy_trl(tb, rho=0.5, entropy_coef=0.01):
+    """As TRL: the entropy bonus is the mean entropy of the selected tokens (entropy_agg='token_mean')."""
+    H = tb.entropy
+    thr = torch.quantile(H[tb.m > 0].detach(), 1 - rho)
+    keep = ((H.detach() >= thr) & (tb.m > 0)).to(H.dtype)
+    r = torch.exp(tb.l - tb.old)
+    return -token_mean(keep * ppo_min(r, grpo_A(), 0.2, 0.28), tb.m) - entropy_coef * (keep * H).sum() / keep.sum()
+
+
+def grpo_entropy_token_mean(tb, entropy_coef=0.02):
+    """GRPO's sequence mean of token means for the policy, TRL's token mean for the entropy bonus."""
+    r = torch.exp(tb.l - tb.old)
+    return seq_mean_token_mean(-ppo_min(r, grpo_A()), tb.m) - entropy_coef * token_mean(tb.entropy, tb.m)
+
+
 def truncated_dapo(tb):
     """mask_truncated_completions: truncated rows leave the loss mask (advantages use every reward)."""
     m = tb.m * (~TRUNCATED)[:, None].to(tb.m.dtype)
@@ -364,6 +379,8 @@ ROWS = [
     ("dapo", {"off_policy_mask_threshold": 0.05}, RL, dapo_times(off_policy(0.05, False))),
     ("dapo", {"off_policy_mask_threshold": 0.05}, RL + ("rollout_only",), dapo_times(off_policy(0.05, True))),
     ("dapo", {"top_entropy_quantile": 0.5, "entropy_coef": 0.01}, RL + ("entropy",), top_entropy),
+    ("dapo", {"top_entropy_quantile": 0.5, "entropy_coef": 0.01, "entropy_agg": "token_mean"}, RL + ("entropy",), top_entropy_trl),
+    ("grpo", {"kl_coef": 0.0, "entropy_coef": 0.02, "entropy_agg": "token_mean"}, RL + ("entropy",), grpo_entropy_token_mean),
     ("dapo", {"mask_truncated_completions": True}, RL + ("truncated",), truncated_dapo),
     *[("dpo", {"pair_loss": k, **o}, ("pairs", "ref_logp"), pref(k, eps=o.get("label_smoothing", 0.0))) for k, o in [
         ("sigmoid", {}), ("hinge", {}), ("ipo", {}), ("robust", {"label_smoothing": 0.1}), ("bco_pair", {}),
@@ -447,6 +464,11 @@ def test_each_option_changes_the_result(row):
     torch.manual_seed(0)
     out = _run(data, tb, method, inputs, options, "naive")
     g = grads(out.loss, (data.hidden, data.weight))[1]
+    if "entropy_agg" in options:
+        base = _run(data, tb, method, inputs, {k: v for k, v in options.items() if k != "entropy_agg"}, "naive")
+        g0 = grads(base.loss, (data.hidden, data.weight))[1]
+        assert not torch.allclose(g, g0, atol=1e-6, rtol=1e-6), "entropy_agg does not change the gradient"
+        return
     if options.get("kl_estimator") == "low_var_kl":
         return  # k3 with clamps that bite only at |log-ratio| > 20: test_low_var_kl_clamps
     base_options = {"neg_coef": 1.33} if method == "apo_zero_unpaired" else {}
@@ -501,6 +523,8 @@ REFUSED = [  # (method, options, inputs, the error names)
     ("rloo", {"use_bias_correction_kl": True, "kl_coef": 0.1}, ("rewards", "group_ids"), "use_bias_correction_kl"),
     ("dpo", {"top_entropy_quantile": 0.5}, ("pairs", "ref_logp", "entropy"), "top_entropy_quantile"),
     ("kto", {"rollout_correction": "token_mask"}, ("kto_labels", "ref_logp", "rollout_logp"), "rollout_correction"),
+    ("dapo", {"entropy_agg": "token_mean"}, RL, "entropy_agg"),
+    ("dapo", {"entropy_agg": "token_mean", "entropy_coef": 0.1, "num_items_in_batch": 30}, RL + ("entropy",), "entropy_agg"),
     ("dpo", {"pair_loss": "bogus"}, ("pairs", "ref_logp"), "pair_loss"),
     ("grpo", {"pair_loss": "hinge"}, RL, "pair_loss"),
     ("dpo", {"pair_loss": "hinge", "label_smoothing": 0.1}, ("pairs", "ref_logp"), "label_smoothing"),

@@ -47,8 +47,8 @@ class SequencePlan:
     abs_kl_coef: Optional[torch.Tensor] = None
 
 
-def _token_weights(opts: Options, b: Batch, A: torch.Tensor):
-    """The per-token policy weight g, entropy weight e and KL-Cov coefficient a (corrections.py).
+def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
+    """The per-token policy weight g, entropy coefficient e and KL-Cov coefficient a (corrections.py).
     Offline rows were not sampled: no mismatch correction, off-policy mask, VESPO weight or covariance
     selection applies to them (the top-entropy selection does)."""
     m, l, lo = b.mask, b.logp.detach(), b.old_logp
@@ -70,9 +70,12 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor):
     if opts.off_policy_mask_threshold is not None:
         behaviour = b.rollout_logp if b.rollout_logp is not None else lo
         g = times(g, online_only(corrections.off_policy_mask(opts, A, l, behaviour, on_mask)))
+    keep = m
     if opts.top_entropy_quantile < 1:
         keep = corrections.top_entropy_mask(opts, b.entropy, m)
-        g, e = times(g, keep), keep
+        g, e = times(g, keep), keep * c
+    if opts.entropy_agg == "token_mean":  # TRL: the mean entropy of the (selected) tokens, whatever c is
+        e = keep / keep.sum().clamp(min=1)
     if opts.surrogate == "vespo":
         g = times(g, online_only(corrections.vespo_weight(opts, A, l, lo, on_mask, is_weight)))
     elif opts.surrogate == "clip_cov":
@@ -101,7 +104,7 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
             w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
     c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
                            num_items=b.num_items)
-    g, e, a = _token_weights(opts, b, w.advantages)
+    g, e, a = _token_weights(opts, b, w.advantages, c)
     return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss",
                         policy_weight=g, entropy_weight=e, abs_kl_coef=a)
 

@@ -226,6 +226,9 @@ def check_requirements(method: str, opts: Options, b: Batch) -> None:
             raise ValueError(f"{who} with kl_coef={opts.kl_coef} needs ref_logp (or ref_hidden and ref_weight to gro_loss)")
     if opts.entropy_coef != 0 and b.entropy is None:
         raise ValueError(f"entropy_coef={opts.entropy_coef} needs entropy (per-token entropies [B, T])")
+    if opts.entropy_agg == "token_mean" and b.num_items is not None:
+        raise ValueError("entropy_agg='token_mean' is TRL's mean entropy of this call's tokens; it does not take "
+                         "num_items_in_batch (leave entropy_agg='loss' to aggregate the bonus like the loss)")
     if opts.top_entropy_quantile < 1 and b.entropy is None:
         raise ValueError(f"top_entropy_quantile={opts.top_entropy_quantile} selects tokens by entropy: pass entropy "
                          "[B, T] (gro_loss: return_entropy=True)")

@@ -26,6 +26,7 @@ CHOICES = {
     "importance_sampling": ("token", "sequence"),
     # `+`: verl's straight-through variants (the base estimator's value, k2's gradient)
     "kl_estimator": ("k1", "k2", "k3", "low_var_kl", "abs", "k1+", "k3+", "low_var_kl+", "abs+", "full"),
+    "entropy_agg": ("loss", "token_mean"),
     "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     "rollout_correction": (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask",
                            "icepop", "seq_mask_tis"),
@@ -86,6 +87,7 @@ DEFAULTS = {
     "kl_placement": "loss",
     "use_bias_correction_kl": False,
     "entropy_coef": 0.0,
+    "entropy_agg": "loss",   # "loss": the loss's own c[i,t]; "token_mean": TRL's mean over the (selected) tokens
     # aggregation
     "loss_agg": "token_mean",
     "max_completion_length": None,
@@ -294,6 +296,8 @@ def _check_issue9_options(o: Options, given: dict) -> None:
     if reweighting and o["weighting"] in ("sigmoid", "squared", "sigmoid_bell"):
         raise ValueError(f"option {reweighting[0]} reweights sampled tokens of an RL loss; it has no meaning for "
                          f"the preference weighting {o['weighting']!r}")
+    if "entropy_agg" in given and o["entropy_coef"] == 0:
+        raise ValueError("option entropy_agg aggregates the entropy bonus: set entropy_coef")
     if o["use_bias_correction_kl"] and o["kl_placement"] != "loss":
         raise ValueError("option use_bias_correction_kl multiplies the KL term of the loss by the importance ratio: "
                          "it needs kl_placement='loss'")

@@ -61,7 +61,7 @@ class TokenTerms:
 
 def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantages, coef, online,
                mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None) -> TokenTerms:
-    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] - entropy_coef * e * H ).
+    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] ) - entropy_coef * sum e * H.
 
     Every argument is shaped like `logp` ([B,T], or one chunk of tokens as [1, n]); `online` is
     broadcastable to it (False on offline rows, which use the plain A l surrogate). `mask` is used
@@ -73,7 +73,8 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
       policy_weight  g [B,T]: multiplies the policy term: the rollout importance weight
                      (`rollout_correction`), the off-policy sequence mask, the top-entropy token mask,
                      VESPO's sequence weight phi, Clip-Cov's dropped tokens (0);
-      entropy_weight e [B,T]: the top-entropy token mask on the entropy bonus;
+      entropy_weight e [B,T]: the entropy bonus's coefficient per token, in place of c (the top-entropy
+                     token mask times c, or TRL's token mean with entropy_agg='token_mean');
       abs_kl_coef    a [B,T]: KL-Cov's penalty coefficient (ppo_kl_coef on the selected tokens, else 0).
     `[* r]`: with use_bias_correction_kl the KL term is multiplied by the importance ratio r (with its
     gradient; DeepSeek-V3.2).
@@ -97,6 +98,6 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
             k_loss = k * ratio
         loss = loss + opts.kl_coef * (coef * k_loss).sum()
     if entropy is not None and opts.entropy_coef != 0:
-        e = entropy if entropy_weight is None else entropy_weight * entropy
-        loss = loss - opts.entropy_coef * (coef * e).sum()
+        e = coef if entropy_weight is None else entropy_weight
+        loss = loss - opts.entropy_coef * (e * entropy).sum()
     return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k)
