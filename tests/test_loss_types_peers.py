@@ -363,3 +363,107 @@ def test_rollout_corrections_against_openrlhf(peer, ours):
     assert want_grad.abs().max() > 1e-6
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+# ---- TRL 1.16: GRPOTrainer's own loss, end to end --------------------------------------------
+
+def _trl_is_ratio(old, sampling, m, mode, clip_min=None, clip_max=3.0):
+    """TRL's importance_sampling_ratio as _generate_and_score_completions forms it (not callable alone)."""
+    d = torch.nan_to_num((old - sampling) * m, nan=0.0)
+    d = d.sum(-1, keepdim=True) if mode.startswith("sequence") else d
+    ratio = torch.exp(d)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -float("inf")
+    hi = clip_max if clip_max is not None else float("inf")
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+def _trl_grpo_loss(logp, entropy, m, adv, old, ref, sampling, *, loss_type, beta=0.0, eps_high=0.28, is_mode=None,
+                   entropy_coef=0.0, top_entropy_quantile=1.0, off_policy=None, bias_kl=False, level="token"):
+    """GRPOTrainer._compute_loss with a stand-in trainer and model that return the given log-probs
+    and entropies; one process, no gradient accumulation."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    Bn, Tn = logp.shape
+    acc = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
+                          pad_across_processes=lambda x, dim=0, pad_index=0: x, num_processes=1, sync_gradients=True)
+    args = SimpleNamespace(use_bias_correction_kl=bias_kl, delta=None, sapo_temperature_pos=1.0,
+                           sapo_temperature_neg=1.25, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                           vespo_lambda_neg=2.0, steps_per_generation=1)
+    t = SimpleNamespace(
+        top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=off_policy, importance_sampling_level=level,
+        beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=eps_high, use_vllm=is_mode is not None,
+        vllm_importance_sampling_correction=is_mode is not None, current_gradient_accumulation_steps=1,
+        max_completion_length=Tn, model=SimpleNamespace(training=True), accelerator=acc, args=args,
+        _entropy_bonus_enabled=entropy_coef != 0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list)},
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask, get_gamma_weights=GRPOTrainer.get_gamma_weights,
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, entropy, None))
+    t.get_high_entropy_mask = lambda e, mk, thr: GRPOTrainer.get_high_entropy_mask(t, e, mk, thr)
+    inputs = {"prompt_ids": torch.zeros(Bn, 1, dtype=torch.long), "prompt_mask": torch.ones(Bn, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(Bn, Tn, dtype=torch.long), "completion_mask": m.long(),
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": m.sum(), "sampling_per_token_logps": sampling}
+    if is_mode is not None:
+        inputs["importance_sampling_ratio"] = _trl_is_ratio(old, sampling, m, is_mode)
+    return GRPOTrainer._compute_loss(t, None, inputs)
+
+
+TRL_GRPO_CASES = [  # (TRL loss_type and options, gro method and options)
+    (dict(loss_type="grpo", beta=0.04, bias_kl=True, entropy_coef=0.01, top_entropy_quantile=0.5, off_policy=0.02,
+          is_mode="token_truncate"),
+     ("grpo", dict(kl_coef=0.04, eps_high=0.28, use_bias_correction_kl=True, entropy_coef=0.01, entropy_agg="token_mean",
+                   top_entropy_quantile=0.5, off_policy_mask_threshold=0.02, rollout_correction="token_truncate"))),
+    (dict(loss_type="dapo", entropy_coef=0.02, is_mode="sequence_mask"),
+     ("dapo", dict(entropy_coef=0.02, entropy_agg="token_mean", rollout_correction="sequence_mask"))),
+    (dict(loss_type="sapo", off_policy=0.02, is_mode="token_mask"),   # tau_neg 1.25: TRL rounds it to float32
+     ("sapo", dict(off_policy_mask_threshold=0.02, rollout_correction="token_mask", sapo_temperature_neg=1.25))),
+    (dict(loss_type="luspo", level="sequence", beta=0.04, bias_kl=True, eps_high=4e-4),
+     ("luspo", dict(kl_coef=0.04, use_bias_correction_kl=True, eps_low=0.2))),
+    (dict(loss_type="vespo", entropy_coef=0.01, is_mode="token_truncate"),
+     ("vespo", dict(entropy_coef=0.01, entropy_agg="token_mean", rollout_correction="token_truncate"))),
+    (dict(loss_type="cispo", eps_high=5.0, is_mode="sequence_truncate"),
+     ("cispo", dict(rollout_correction="sequence_truncate"))),
+    (dict(loss_type="bnpo", top_entropy_quantile=0.3, entropy_coef=0.01),
+     ("bnpo", dict(eps_high=0.28, top_entropy_quantile=0.3, entropy_coef=0.01, entropy_agg="token_mean"))),
+    (dict(loss_type="dr_grpo", beta=0.04), ("dr_grpo", dict(kl_coef=0.04, eps_high=0.28))),
+]
+
+
+@pytest.mark.parametrize("case", TRL_GRPO_CASES, ids=lambda c: c[1][0] + "-" + "-".join(sorted(c[1][1])))
+def test_grpo_loss_types_and_corrections_against_trl_grpo_trainer(case):
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    trl_kw, (method, options) = case
+    hidden, weight, targets, mask, old, ref, rollout, adv = _batch(seed=13)
+    m = mask.to(old.dtype)
+    g = torch.Generator().manual_seed(11)
+    logp = (old + 0.2 * torch.randn(B, T, generator=g, dtype=old.dtype)) * m
+    # float32-representable entropies: TRL takes the quantile threshold in float32, which could
+    # otherwise round the token at the threshold out of the selection.
+    entropy = (2 * torch.rand(B, T, generator=g, dtype=old.dtype)).float().double() * m
+    l1, h1 = logp.clone().requires_grad_(), entropy.clone().requires_grad_()
+    want = _trl_grpo_loss(l1, h1, m, adv, old, ref, rollout, **trl_kw)
+    want_grads = torch.autograd.grad(want, (l1, h1), allow_unused=True)
+    l2, h2 = logp.clone().requires_grad_(), entropy.clone().requires_grad_()
+    extra = dict(rollout_logp=rollout) if ("rollout_correction" in options or "off_policy_mask_threshold" in options) else {}
+    if method == "dr_grpo":
+        options = dict(options, max_completion_length=T)
+    out = gro_objective(l2, method=method, mask=mask, entropy=h2, advantages=adv, old_logp=old, ref_logp=ref,
+                        **extra, **options)
+    got_grads = torch.autograd.grad(out.loss, (l2, h2), allow_unused=True)
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    assert want_grads[0].abs().max() > 1e-6
+    for name in ("rollout_correction", "off_policy_mask_threshold", "top_entropy_quantile", "use_bias_correction_kl"):
+        if name in options:   # each correction is active on this batch
+            without = {k: v for k, v in options.items() if k != name}
+            kw = extra if ("rollout_correction" in without or "off_policy_mask_threshold" in without) else {}
+            other = gro_objective(logp, method=method, mask=mask, entropy=entropy, advantages=adv, old_logp=old,
+                                  ref_logp=ref, **kw, **without)
+            assert abs(float(other.loss.detach()) - float(out.loss.detach())) > 1e-9, f"{name} changes nothing here"
+    for got, w in zip(got_grads, want_grads):
+        if w is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-12)
