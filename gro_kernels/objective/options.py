@@ -160,6 +160,8 @@ _SURROGATE_OPTIONS = {
     "kl_cov_ratio": ("kl_cov",), "ppo_kl_coef": ("kl_cov",),
 }
 _TOKEN_ROLLOUT_MODES = ("token_truncate", "token_mask", "icepop")
+# The surrogates that read the clip range: eps_low / eps_high given for another one is an error.
+_EPS_READERS = {"eps_low": ("ratio_clip", "clip_cov", "geo_mean"), "eps_high": ("ratio_clip", "clip_cov", "geo_mean", "cispo")}
 
 # How the implicit score X_i uses the reference: True = D_i (ref_logp required), False = S_i
 # (reference-free, ref_logp is not used for the score). Methods not listed use D_i when ref_logp is given.
@@ -273,6 +275,9 @@ def _check_issue9_options(o: Options, given: dict) -> None:
     _pair_losses(o)
 
     surrogate = o["surrogate"]
+    for name, surrogates in _EPS_READERS.items():
+        if name in given and surrogate not in surrogates:
+            raise ValueError(f"option {name} is read by surrogates {surrogates} only, got surrogate={surrogate!r}")
     for name, surrogates in _SURROGATE_OPTIONS.items():
         if name in given and given[name] is not None and surrogate not in surrogates:
             raise ValueError(f"option {name} applies to surrogate {surrogates[0]!r} only, got surrogate={surrogate!r}")
@@ -298,6 +303,8 @@ def _check_issue9_options(o: Options, given: dict) -> None:
                          f"the preference weighting {o['weighting']!r}")
     if "entropy_agg" in given and o["entropy_coef"] == 0:
         raise ValueError("option entropy_agg aggregates the entropy bonus: set entropy_coef")
+    if o["use_bias_correction_kl"] and o["kl_coef"] == 0:
+        raise ValueError("option use_bias_correction_kl multiplies the KL term by the importance ratio: set kl_coef")
     if o["use_bias_correction_kl"] and o["kl_placement"] != "loss":
         raise ValueError("option use_bias_correction_kl multiplies the KL term of the loss by the importance ratio: "
                          "it needs kl_placement='loss'")
@@ -316,6 +323,8 @@ def _check_issue9_options(o: Options, given: dict) -> None:
                 raise ValueError(f"option {name} has no meaning with pair_loss={kinds!r} (TRL's DPO loss types); leave it at {neutral!r}")
         if o["label_smoothing"] != 0 and not set(kinds) & set(_SMOOTHED_PAIR_LOSSES):
             raise ValueError(f"option label_smoothing is read only by pair_loss {_SMOOTHED_PAIR_LOSSES}, got {kinds!r}")
+        if "beta" in given and kinds == ("sft",):
+            raise ValueError("option beta is not read by pair_loss='sft' (the chosen completions' negative log-likelihood)")
         if "exo_pair" in kinds and o["label_smoothing"] == 0:
             raise ValueError("pair_loss='exo_pair' needs label_smoothing > 0 (it takes log(label_smoothing))")
         if "robust" in kinds and o["label_smoothing"] >= 0.5:
