@@ -352,6 +352,17 @@ def sft_on_chosen(tb):
     return -(tb.l * tb.m)[p.c].sum() / tb.m[p.c].sum()
 
 
+def wpo(tb, beta=0.1):
+    """WPO (arXiv 2406.11827, TRL use_weighting): each pair's loss times w_w w_l,
+    w = sg[exp(mean_t (l - log sum_v p_v^2))]; here sigmoid + 0.5 sft."""
+    w = torch.exp(((tb.l - tb.log_sum_sq) * tb.m).sum(1) / tb.m.sum(1)).detach()
+    p = dpo_parts(tb)
+    c, r = pairs(PAIR_IDS, PAIR_LABELS)
+    scale = w[c] * w[r]
+    v = -F.logsigmoid(beta * ((p.Sw - p.Rw) - (p.Sl - p.Rl)))
+    return (scale * v).mean() + 0.5 * (scale * sft_on_chosen(tb)).mean()
+
+
 def mpo(tb):
     """MPO-style combination (TRL loss_weights): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft."""
     return 0.8 * pref("sigmoid")(tb) + 0.2 * pref("bco_pair")(tb) + 1.0 * sft_on_chosen(tb)
@@ -388,6 +399,8 @@ ROWS = [
         ("apo_down", {}), ("exo_pair", {"label_smoothing": 0.1}), ("nca_pair", {}), ("discopop", {}),
         ("sigmoid_norm", {})]],
     ("dpo", {"pair_loss": ("sigmoid", "bco_pair", "sft"), "loss_weights": (0.8, 0.2, 1.0)}, ("pairs", "ref_logp"), mpo),
+    ("dpo", {"pair_loss": ("sigmoid", "sft"), "loss_weights": (1.0, 0.5), "use_weighting": True},
+     ("pairs", "ref_logp", "log_sum_sq_probs"), wpo),
     *[("dpo", {"pair_loss": k, "f_divergence_type": f}, ("pairs", "ref_logp"), pref(k, f=f)) for k, f in [
         ("sigmoid", "forward_kl"), ("sigmoid", "js_divergence"), ("sigmoid", "alpha_divergence"),
         ("hinge", "js_divergence"), ("ipo", "forward_kl"), ("sigmoid_norm", "alpha_divergence")]],
@@ -408,7 +421,8 @@ def _data(seed=0):
     rollout = (old + 0.4 * torch.randn(old.shape, generator=g, dtype=old.dtype)) * m
     lp = plain_logprobs(data.hidden, data.weight, data.targets)
     entropy = -(lp.exp() * lp).sum(-1) * m
-    tb = SimpleNamespace(l=l, m=m, old=old, ref=ref, rollout=rollout, entropy=entropy)
+    log_sum_sq = torch.logsumexp(2 * lp, -1).detach() * m
+    tb = SimpleNamespace(l=l, m=m, old=old, ref=ref, rollout=rollout, entropy=entropy, log_sum_sq=log_sum_sq)
     return data, tb
 
 
@@ -420,10 +434,10 @@ def _run(data, tb, method, inputs, options, backend):
         "ref_logp": {"ref_logp": tb.ref}, "kto_labels": {"labels": KTO_LABELS},
         "pairs": {"group_ids": PAIR_IDS, "labels": PAIR_LABELS},
         "rollout_logp": {"rollout_logp": tb.rollout}, "rollout_only": {"rollout_logp": tb.rollout},
-        "truncated": {"truncated": TRUNCATED}, "entropy": {},
+        "truncated": {"truncated": TRUNCATED}, "entropy": {}, "log_sum_sq_probs": {"log_sum_sq_probs": tb.log_sum_sq},
     }
     kwargs = {k: v for name in inputs for k, v in given[name].items()}
-    if "rollout_logp" in kwargs or "truncated" in kwargs:
+    if "rollout_logp" in kwargs or "truncated" in kwargs or "log_sum_sq_probs" in kwargs:
         stats = token_logprobs(data.hidden, data.weight, data.targets, return_entropy="entropy" in inputs,
                                backend=backend)
         return gro_objective(stats.logp, method=method, mask=data.targets != IGNORE, entropy=stats.entropy,
@@ -460,14 +474,17 @@ def test_each_option_changes_the_result(row):
     gradient differs. pair_loss='sigmoid' is DPO itself and must agree with it instead."""
     method, options, inputs, _ = row
     data, tb = _data()
-    base_inputs = tuple(i for i in inputs if i not in ("rollout_logp", "rollout_only", "truncated"))
+    base_inputs = tuple(i for i in inputs if i not in ("rollout_logp", "rollout_only", "truncated", "log_sum_sq_probs"))
     torch.manual_seed(0)
     out = _run(data, tb, method, inputs, options, "naive")
     g = grads(out.loss, (data.hidden, data.weight))[1]
-    if "entropy_agg" in options:
-        base = _run(data, tb, method, inputs, {k: v for k, v in options.items() if k != "entropy_agg"}, "naive")
+    for name in ("entropy_agg", "use_weighting"):
+        if name not in options:
+            continue
+        base = _run(data, tb, method, base_inputs if name == "use_weighting" else inputs,
+                    {k: v for k, v in options.items() if k != name}, "naive")
         g0 = grads(base.loss, (data.hidden, data.weight))[1]
-        assert not torch.allclose(g, g0, atol=1e-6, rtol=1e-6), "entropy_agg does not change the gradient"
+        assert not torch.allclose(g, g0, atol=1e-6, rtol=1e-6), f"{name} does not change the gradient"
         return
     if options.get("kl_estimator") == "low_var_kl":
         return  # k3 with clamps that bite only at |log-ratio| > 20: test_low_var_kl_clamps
@@ -527,6 +544,10 @@ REFUSED = [  # (method, options, inputs, the error names)
     ("dapo", {"entropy_agg": "token_mean", "entropy_coef": 0.1, "num_items_in_batch": 30}, RL + ("entropy",), "entropy_agg"),
     ("dpo", {"pair_loss": "bogus"}, ("pairs", "ref_logp"), "pair_loss"),
     ("sapo", {"eps_high": 0.3}, RL, "eps_high"),
+    ("dpo", {"use_weighting": True}, ("pairs", "ref_logp", "log_sum_sq_probs"), "use_weighting"),
+    ("dpo", {"pair_loss": "aot", "use_weighting": True}, ("pairs", "ref_logp", "log_sum_sq_probs"), "use_weighting"),
+    ("dpo", {"pair_loss": "sigmoid", "use_weighting": True}, ("pairs", "ref_logp"), "log_sum_sq_probs"),
+    ("dpo", {"pair_loss": "sigmoid"}, ("pairs", "ref_logp", "log_sum_sq_probs"), "use_weighting"),
     ("cispo", {"eps_low": 0.1}, RL, "eps_low"),
     ("vespo", {"eps_low": 0.1}, RL, "eps_low"),
     ("grpo", {"use_bias_correction_kl": True, "kl_coef": 0.0}, RL, "use_bias_correction_kl"),

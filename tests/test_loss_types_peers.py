@@ -206,7 +206,7 @@ def test_kl_estimators_against_verl(ours, theirs):
 # ---- TRL 1.16: DPOTrainer's loss types, through its own _compute_loss ------------------------
 
 def _trl_dpo_loss(logp, ref, m, loss_types, loss_weights=None, beta=0.1, label_smoothing=0.0,
-                  f_divergence_type="reverse_kl", f_alpha=0.5):
+                  f_divergence_type="reverse_kl", f_alpha=0.5, log_sum_sq_probs=None):
     """TRL's DPOTrainer._compute_loss on given per-token log-probs: a stand-in trainer carries the
     options, a stand-in model returns `logp` as its fused-head log-probs. Rows: [chosen..., rejected...]."""
     from collections import defaultdict
@@ -219,12 +219,12 @@ def _trl_dpo_loss(logp, ref, m, loss_types, loss_weights=None, beta=0.1, label_s
               "completion_mask": completion_mask,
               "ref_chosen_logps": R[:n], "ref_rejected_logps": R[n:]}
     outputs = SimpleNamespace(log_probs=logp * m, entropy=torch.zeros_like(logp), mean_logits=torch.zeros_like(logp),
-                              is_top1=torch.zeros_like(m, dtype=torch.bool))
+                              is_top1=torch.zeros_like(m, dtype=torch.bool), log_sum_sq_probs=log_sum_sq_probs)
     identity = SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x, device=logp.device)
     trainer = SimpleNamespace(
         beta=beta, loss_types=list(loss_types), loss_weights=list(loss_weights or [1.0] * len(loss_types)),
         label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha,
-        ld_alpha=None, precompute_ref_logps=True, use_weighting=False, aux_loss_enabled=False,
+        ld_alpha=None, precompute_ref_logps=True, use_weighting=log_sum_sq_probs is not None, aux_loss_enabled=False,
         model=SimpleNamespace(training=True), accelerator=identity, args=SimpleNamespace(discopop_tau=0.05),
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1, _is_vision_dataset=False)
     return DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
@@ -239,6 +239,10 @@ TRL_DPO_CASES = [
     (("sigmoid",), {"f_divergence_type": "js_divergence"}, {}),
     (("hinge",), {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}, {}),
     (("ipo",), {"f_divergence_type": "forward_kl"}, {}),
+    # WPO: TRL 1.16 scales each per-pair loss in place, which fails for `sft` (an expanded scalar)
+    # and breaks the backward of `hinge` (relu's saved output); the loss types it runs are compared.
+    (("sigmoid",), {"use_weighting": True}, {}), (("ipo",), {"use_weighting": True}, {}),
+    (("apo_zero", "bco_pair"), {"use_weighting": True, "loss_weights": (1.0, 0.3)}, {}),
 ]
 
 
@@ -261,8 +265,13 @@ def test_pair_losses_against_trl_dpo_trainer(case):
         tol = dict(rtol=1e-7, atol=1e-9)
     if options.get("f_divergence_type") == "alpha_divergence":
         tol, peer_dtype = dict(rtol=2e-5, atol=1e-6), torch.float32
+    lssp = None
+    if options.get("use_weighting"):   # a log sum_v p_v^2 per token, at least the token's own 2 l
+        lssp = torch.maximum(2 * logp, logp - torch.rand(2 * n, L, generator=g, dtype=torch.float64)) * m
+        options = dict(options, log_sum_sq_probs=lssp)
     l1 = logp.to(peer_dtype).requires_grad_()
     want = _trl_dpo_loss(l1, ref.to(peer_dtype), m.to(peer_dtype), kinds, loss_weights=options.get("loss_weights"),
+                         log_sum_sq_probs=lssp,
                          label_smoothing=options.get("label_smoothing", 0.0),
                          f_divergence_type=options.get("f_divergence_type", "reverse_kl"),
                          f_alpha=options.get("f_alpha_divergence_coef", 0.5))

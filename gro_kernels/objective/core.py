@@ -127,6 +127,7 @@ def gro_objective(
     num_items_in_batch=None,
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
+    log_sum_sq_probs: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
     """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
@@ -135,7 +136,9 @@ def gro_objective(
     `token_logprobs`). rewards, baselines, group_ids, labels (+1/-1), offline (bool): [B].
     advantages: [B] or [B,T], replacing the weights formed from rewards. rollout_logp [B,T]: the
     sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
-    [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`. Statistics are float32
+    [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
+    log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
+    `use_weighting`. Statistics are float32
     (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
     the method's own loss value; its gradient is the GRO gradient, which equals the method's.
     """
@@ -150,6 +153,7 @@ def gro_objective(
         logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
+        log_sum_sq_probs=log_sum_sq_probs,
     )
     check_requirements(method, opts, b)
     l, m = b.logp, b.mask

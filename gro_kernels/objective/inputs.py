@@ -33,6 +33,7 @@ class Batch:
     num_groups: int = 0
     num_items: Optional[float] = None
     rollout_logp: Optional[torch.Tensor] = None  # [B,T] detached: the sampler's log-probs (NaN = unscored)
+    log_sum_sq_probs: Optional[torch.Tensor] = None  # [B,T] detached: log sum_v p_v^2 of the policy (WPO)
 
 
 def _tensor(name, t, device):
@@ -134,7 +135,7 @@ def _num_items(n):
 
 
 def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
-                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None) -> Batch:
+                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None) -> Batch:
     """Validate every input against logp [B,T] and return them cast to the statistics dtype."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
@@ -179,6 +180,7 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
         group=group, num_groups=num_groups,
         num_items=_num_items(num_items_in_batch),
         rollout_logp=_per_token("rollout_logp", rollout_logp, (B, T), valid, dtype, device, detach=True),
+        log_sum_sq_probs=_per_token("log_sum_sq_probs", log_sum_sq_probs, (B, T), valid, dtype, device, detach=True),
     )
 
 
@@ -234,6 +236,10 @@ def check_requirements(method: str, opts: Options, b: Batch) -> None:
                          "[B, T] (gro_loss: return_entropy=True)")
     if opts.rollout_correction is not None and b.rollout_logp is None:
         raise ValueError(f"rollout_correction={opts.rollout_correction!r} needs rollout_logp [B, T] (the sampler's log-probs)")
+    if opts.use_weighting != (b.log_sum_sq_probs is not None):
+        raise ValueError("use_weighting=True (WPO) and log_sum_sq_probs [B, T] (log sum_v p_v^2 of the policy) go "
+                         f"together: got use_weighting={opts.use_weighting}, log_sum_sq_probs "
+                         f"{'given' if b.log_sum_sq_probs is not None else 'not given'}")
     if b.rollout_logp is not None and opts.rollout_correction is None and opts.off_policy_mask_threshold is None:
         raise ValueError("rollout_logp was given but nothing uses it: set rollout_correction and/or off_policy_mask_threshold")
     if b.advantages is not None:

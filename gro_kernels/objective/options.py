@@ -79,6 +79,7 @@ DEFAULTS = {
     "pair_loss": None,
     "loss_weights": None,
     "discopop_tau": 0.05,
+    "use_weighting": False,              # WPO: each pair's loss times w_chosen w_rejected (needs log_sum_sq_probs)
     "f_divergence_type": "reverse_kl",   # TRL's f-DPO: the divergence whose f'(ratio) scores each completion
     "f_alpha_divergence_coef": 0.5,
     # KL and entropy
@@ -211,7 +212,7 @@ def resolve_options(method: str, options: dict) -> Options:
     mcl = o["max_completion_length"]
     if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, numbers.Integral) or mcl <= 0):
         raise ValueError(f"option max_completion_length must be a positive int or None, got {mcl!r}")
-    for name in ("length_normalize", "mask_truncated_completions", "use_bias_correction_kl"):
+    for name in ("length_normalize", "mask_truncated_completions", "use_bias_correction_kl", "use_weighting"):
         if not isinstance(o[name], bool):
             raise TypeError(f"option {name} must be a bool, got {o[name]!r}")
     _check_issue9_options(o, options)
@@ -329,6 +330,11 @@ def _check_issue9_options(o: Options, given: dict) -> None:
             raise ValueError("pair_loss='exo_pair' needs label_smoothing > 0 (it takes log(label_smoothing))")
         if "robust" in kinds and o["label_smoothing"] >= 0.5:
             raise ValueError("pair_loss='robust' needs label_smoothing < 0.5 (it divides by 1 - 2 label_smoothing)")
+    if o["use_weighting"]:
+        if kinds is None:
+            raise ValueError("option use_weighting (WPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
+        if set(kinds) & {"aot", "aot_unpaired"}:
+            raise ValueError("option use_weighting (WPO) does not apply to pair_loss 'aot' / 'aot_unpaired' (TRL refuses it)")
     if "discopop_tau" in given and (kinds is None or "discopop" not in kinds):
         raise ValueError("option discopop_tau applies to pair_loss='discopop' only")
     o["f_alpha_divergence_coef"] = _number("f_alpha_divergence_coef", o["f_alpha_divergence_coef"])

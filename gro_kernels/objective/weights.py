@@ -226,8 +226,9 @@ def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, chosen_tokens):
 
 
 def pair_loss_weights(opts: Options, b: Batch, y, partner):
-    """Weights for TRL's DPO loss types (`pair_loss`, combined by `loss_weights`). The per-pair loss
-    is written once (`_trl_pair_loss`); w_i = -dL/dS_i of L = sum_k weight_k sum_pairs loss_k,
+    """Weights for TRL's DPO loss types (`pair_loss`, combined by `loss_weights`, each scaled by WPO's
+    detached pair weight with `use_weighting`). The per-pair loss is written once (`_trl_pair_loss`);
+    w_i = -dL/dS_i of L = sum_k weight_k sum_pairs loss_k,
     by autograd on the detached per-sequence sums S_i, so sum_i w_i grad S_i is its gradient."""
     m = b.mask
     with torch.enable_grad():
@@ -236,10 +237,14 @@ def pair_loss_weights(opts: Options, b: Batch, y, partner):
         chosen = torch.nonzero(y > 0).flatten()
         rejected = partner[chosen]
         n = b.lengths
+        scale = 1.0
+        if opts.use_weighting:  # WPO: exp of the mean of (l - log sum_v p_v^2) per sequence, detached
+            wpo = torch.exp((m * (b.logp.detach() - b.log_sum_sq_probs)).sum(1) / n.clamp(min=1))
+            scale = wpo[chosen] * wpo[rejected]
         total = torch.zeros_like(S[chosen])
         for kind, weight in zip(opts.pair_loss, opts.loss_weights):
-            total = total + weight * _trl_pair_loss(kind, opts, S[chosen], S[rejected], R[chosen], R[rejected],
-                                                    n[chosen], n[rejected], n[chosen].sum())
+            total = total + weight * scale * _trl_pair_loss(kind, opts, S[chosen], S[rejected], R[chosen], R[rejected],
+                                                            n[chosen], n[rejected], n[chosen].sum())
         (grad,) = torch.autograd.grad(total.sum(), S)
     return -grad, total.detach()
 
