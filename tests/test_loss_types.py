@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from gro_kernels.logprobs import token_logprobs
 from gro_kernels.loss import gro_loss
-from gro_kernels.objective import gro_objective
+from gro_kernels.objective import METHODS, gro_objective
 
 from helpers_objective import IGNORE, grads, plain_logprobs, plain_token_logp, tiny_batch
 
@@ -603,6 +603,11 @@ def test_needs_policy_logp_names_the_configurations_that_read_whole_rows():
         assert not needs_policy_logp(resolve_options(method, options), has_old_logp=True, has_advantages=False), method
     for method, options in NOT_TOKEN_LOCAL:
         assert needs_policy_logp(resolve_options(method, options), has_old_logp=True, has_advantages=False), method
+    one_pass = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro",
+                "bnpo", "sapo", "gpg", "dft"}   # as the README's method tables say
+    for method in METHODS:
+        assert needs_policy_logp(resolve_options(method, {}), has_old_logp=True, has_advantages=False) \
+            == (method not in one_pass), method
     rollout = resolve_options("dapo", {"rollout_correction": "token_mask"})
     assert needs_policy_logp(rollout, has_old_logp=False, has_advantages=False)  # the train side is then sg[l]
 
