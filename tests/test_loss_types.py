@@ -172,7 +172,7 @@ def dual_clip(tb, c=1.1):
 def apo_zero_unpaired(tb, beta=0.1):
     """KTO's apo_zero_unpaired (TRL): chosen 1 - sigma(beta D), rejected sigma(beta D), class weights; mean."""
     D = ((tb.l - tb.ref) * tb.m).sum(1)
-    lam = torch.where(KTO_LABELS > 0, 1.0, 1.33).to(D.dtype)
+    lam = torch.where(KTO_LABELS > 0, torch.tensor(1.0, dtype=D.dtype), torch.tensor(1.33, dtype=D.dtype))
     return (lam * torch.where(KTO_LABELS > 0, 1 - torch.sigmoid(beta * D), torch.sigmoid(beta * D))).mean()
 
 
@@ -363,6 +363,21 @@ def wpo(tb, beta=0.1):
     return (scale * v).mean() + 0.5 * (scale * sft_on_chosen(tb)).mean()
 
 
+def ld_dpo(tb, alpha=0.4, beta=0.1):
+    """LD-DPO (arXiv 2409.06411, TRL ld_alpha): the tokens beyond the pair's shared length count
+    alpha in the sequence sums of policy and reference; sigmoid + 0.5 sft (on plain sums)."""
+    c, r = pairs(PAIR_IDS, PAIR_LABELS)
+    n = tb.m.sum(1)
+    shared = torch.zeros_like(n)
+    shared[c] = torch.minimum(n[c], n[r])
+    shared[r] = shared[c]
+    pos = tb.m.cumsum(1)
+    u = torch.where(pos <= shared[:, None], torch.tensor(1.0, dtype=tb.m.dtype), torch.tensor(alpha, dtype=tb.m.dtype)) * tb.m
+    S, R = (u * tb.l).sum(1), (u * tb.ref).sum(1)
+    v = -F.logsigmoid(beta * ((S[c] - R[c]) - (S[r] - R[r])))
+    return v.mean() + 0.5 * sft_on_chosen(tb)
+
+
 def mpo(tb):
     """MPO-style combination (TRL loss_weights): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft."""
     return 0.8 * pref("sigmoid")(tb) + 0.2 * pref("bco_pair")(tb) + 1.0 * sft_on_chosen(tb)
@@ -399,6 +414,7 @@ ROWS = [
         ("apo_down", {}), ("exo_pair", {"label_smoothing": 0.1}), ("nca_pair", {}), ("discopop", {}),
         ("sigmoid_norm", {})]],
     ("dpo", {"pair_loss": ("sigmoid", "bco_pair", "sft"), "loss_weights": (0.8, 0.2, 1.0)}, ("pairs", "ref_logp"), mpo),
+    ("dpo", {"pair_loss": ("sigmoid", "sft"), "loss_weights": (1.0, 0.5), "ld_alpha": 0.4}, ("pairs", "ref_logp"), ld_dpo),
     ("dpo", {"pair_loss": ("sigmoid", "sft"), "loss_weights": (1.0, 0.5), "use_weighting": True},
      ("pairs", "ref_logp", "log_sum_sq_probs"), wpo),
     *[("dpo", {"pair_loss": k, "f_divergence_type": f}, ("pairs", "ref_logp"), pref(k, f=f)) for k, f in [
@@ -478,7 +494,7 @@ def test_each_option_changes_the_result(row):
     torch.manual_seed(0)
     out = _run(data, tb, method, inputs, options, "naive")
     g = grads(out.loss, (data.hidden, data.weight))[1]
-    for name in ("entropy_agg", "use_weighting"):
+    for name in ("entropy_agg", "use_weighting", "ld_alpha"):
         if name not in options:
             continue
         base = _run(data, tb, method, base_inputs if name == "use_weighting" else inputs,
@@ -544,6 +560,8 @@ REFUSED = [  # (method, options, inputs, the error names)
     ("dapo", {"entropy_agg": "token_mean", "entropy_coef": 0.1, "num_items_in_batch": 30}, RL + ("entropy",), "entropy_agg"),
     ("dpo", {"pair_loss": "bogus"}, ("pairs", "ref_logp"), "pair_loss"),
     ("sapo", {"eps_high": 0.3}, RL, "eps_high"),
+    ("dpo", {"ld_alpha": 0.5}, ("pairs", "ref_logp"), "ld_alpha"),
+    ("dpo", {"pair_loss": "sigmoid", "ld_alpha": 1.5}, ("pairs", "ref_logp"), "ld_alpha"),
     ("dpo", {"use_weighting": True}, ("pairs", "ref_logp", "log_sum_sq_probs"), "use_weighting"),
     ("dpo", {"pair_loss": "aot", "use_weighting": True}, ("pairs", "ref_logp", "log_sum_sq_probs"), "use_weighting"),
     ("dpo", {"pair_loss": "sigmoid", "use_weighting": True}, ("pairs", "ref_logp"), "log_sum_sq_probs"),

@@ -206,7 +206,7 @@ def test_kl_estimators_against_verl(ours, theirs):
 # ---- TRL 1.16: DPOTrainer's loss types, through its own _compute_loss ------------------------
 
 def _trl_dpo_loss(logp, ref, m, loss_types, loss_weights=None, beta=0.1, label_smoothing=0.0,
-                  f_divergence_type="reverse_kl", f_alpha=0.5, log_sum_sq_probs=None):
+                  f_divergence_type="reverse_kl", f_alpha=0.5, log_sum_sq_probs=None, ld_alpha=None):
     """TRL's DPOTrainer._compute_loss on given per-token log-probs: a stand-in trainer carries the
     options, a stand-in model returns `logp` as its fused-head log-probs. Rows: [chosen..., rejected...]."""
     from collections import defaultdict
@@ -224,8 +224,10 @@ def _trl_dpo_loss(logp, ref, m, loss_types, loss_weights=None, beta=0.1, label_s
     trainer = SimpleNamespace(
         beta=beta, loss_types=list(loss_types), loss_weights=list(loss_weights or [1.0] * len(loss_types)),
         label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha,
-        ld_alpha=None, precompute_ref_logps=True, use_weighting=log_sum_sq_probs is not None, aux_loss_enabled=False,
-        model=SimpleNamespace(training=True), accelerator=identity, args=SimpleNamespace(discopop_tau=0.05),
+        ld_alpha=ld_alpha, precompute_ref_logps=False, use_weighting=log_sum_sq_probs is not None, aux_loss_enabled=False,
+        ref_model=lambda **kw: SimpleNamespace(log_probs=ref * m),
+        model=SimpleNamespace(training=True, is_gradient_checkpointing=False), accelerator=identity,
+        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1, _is_vision_dataset=False)
     return DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
 
@@ -243,6 +245,8 @@ TRL_DPO_CASES = [
     # and breaks the backward of `hinge` (relu's saved output); the loss types it runs are compared.
     (("sigmoid",), {"use_weighting": True}, {}), (("ipo",), {"use_weighting": True}, {}),
     (("apo_zero", "bco_pair"), {"use_weighting": True, "loss_weights": (1.0, 0.3)}, {}),
+    (("sigmoid", "sft"), {"ld_alpha": 0.4, "loss_weights": (1.0, 0.5)}, {}),
+    (("ipo", "aot"), {"ld_alpha": 0.0, "label_smoothing": 0.1}, {}),
 ]
 
 
@@ -271,7 +275,7 @@ def test_pair_losses_against_trl_dpo_trainer(case):
         options = dict(options, log_sum_sq_probs=lssp)
     l1 = logp.to(peer_dtype).requires_grad_()
     want = _trl_dpo_loss(l1, ref.to(peer_dtype), m.to(peer_dtype), kinds, loss_weights=options.get("loss_weights"),
-                         log_sum_sq_probs=lssp,
+                         log_sum_sq_probs=lssp, ld_alpha=options.get("ld_alpha"),
                          label_smoothing=options.get("label_smoothing", 0.0),
                          f_divergence_type=options.get("f_divergence_type", "reverse_kl"),
                          f_alpha=options.get("f_alpha_divergence_coef", 0.5))

@@ -79,7 +79,8 @@ DEFAULTS = {
     "pair_loss": None,
     "loss_weights": None,
     "discopop_tau": 0.05,
-    "use_weighting": False,              # WPO: each pair's loss times w_chosen w_rejected (needs log_sum_sq_probs)
+    "use_weighting": False,
+    "ld_alpha": None,                    # LD-DPO: weight of the tokens beyond the pair's shared length              # WPO: each pair's loss times w_chosen w_rejected (needs log_sum_sq_probs)
     "f_divergence_type": "reverse_kl",   # TRL's f-DPO: the divergence whose f'(ratio) scores each completion
     "f_alpha_divergence_coef": 0.5,
     # KL and entropy
@@ -335,6 +336,9 @@ def _check_issue9_options(o: Options, given: dict) -> None:
             raise ValueError("option use_weighting (WPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
         if set(kinds) & {"aot", "aot_unpaired"}:
             raise ValueError("option use_weighting (WPO) does not apply to pair_loss 'aot' / 'aot_unpaired' (TRL refuses it)")
+    _optional(o, "ld_alpha", low=0.0, high=1.0)
+    if o["ld_alpha"] is not None and kinds is None:
+        raise ValueError("option ld_alpha (LD-DPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
     if "discopop_tau" in given and (kinds is None or "discopop" not in kinds):
         raise ValueError("option discopop_tau applies to pair_loss='discopop' only")
     o["f_alpha_divergence_coef"] = _number("f_alpha_divergence_coef", o["f_alpha_divergence_coef"])

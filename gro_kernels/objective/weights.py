@@ -179,9 +179,10 @@ def _f_scores(opts, log_ratio):
     return (torch.exp(((alpha - 1) * log_ratio).clamp(max=80.0)) - 1) / (alpha - 1)
 
 
-def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, chosen_tokens):
+def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, sft_S_w, chosen_tokens):
     """TRL DPOTrainer's per-pair loss of `kind` (dpo_trainer.py, TRL 1.16), from the chosen / rejected
-    sequence log-probs S and reference log-probs R [pairs] and the completion lengths n. The losses
+    sequence log-probs S and reference log-probs R [pairs], the completion lengths n, and the
+    chosen completions' plain log-likelihoods sft_S_w (the `sft` term). The losses
     TRL writes with `delta_score` / `chosen_scores` use the f-divergence scores; the others the log-ratios."""
     beta, eps = opts.beta, opts.label_smoothing
     cw, cl = S_w - R_w, S_l - R_l          # chosen / rejected log-ratios
@@ -222,31 +223,48 @@ def _trl_pair_loss(kind, opts, S_w, S_l, R_w, R_l, n_w, n_l, chosen_tokens):
         mix = torch.sigmoid(h / opts.discopop_tau)
         return -ls(h) * (1 - mix) + torch.exp(-h) * mix
     # sft: the mean negative log-likelihood of the chosen tokens, the same value on every pair
-    return (-S_w.sum() / chosen_tokens.clamp(min=1)).expand_as(S_w)
+    return (-sft_S_w.sum() / chosen_tokens.clamp(min=1)).expand_as(S_w)
+
+
+def _length_desensitized(m, n, chosen, rejected, alpha):
+    """LD-DPO's per-token factor: 1 on each completion's first min(|y_w|, |y_l|) tokens (the length
+    the pair shares), ld_alpha on the rest (TRL ld_alpha)."""
+    shared = torch.zeros_like(n)
+    shared[chosen] = shared[rejected] = torch.minimum(n[chosen], n[rejected])
+    position = m.cumsum(1)
+    return torch.where(position <= shared[:, None], m.new_tensor(1.0), m.new_tensor(alpha)) * m
 
 
 def pair_loss_weights(opts: Options, b: Batch, y, partner):
-    """Weights for TRL's DPO loss types (`pair_loss`, combined by `loss_weights`, each scaled by WPO's
-    detached pair weight with `use_weighting`). The per-pair loss is written once (`_trl_pair_loss`);
-    w_i = -dL/dS_i of L = sum_k weight_k sum_pairs loss_k,
-    by autograd on the detached per-sequence sums S_i, so sum_i w_i grad S_i is its gradient."""
-    m = b.mask
+    """Per-token weights A[i,t] for TRL's DPO loss types (`pair_loss`, combined by `loss_weights`, each
+    scaled by WPO's detached pair weight with `use_weighting`), and the per-pair losses.
+
+    The per-pair loss is written once (`_trl_pair_loss`) as a function of the sequence sums
+    S_i = sum_t u l (u = 1, or LD-DPO's factor with `ld_alpha`) and of the plain sums the `sft` term
+    reads; autograd on those detached sums gives dL/dS, and A[i,t] = -(dL/dS_i u[i,t] + dL/dS_sft_i),
+    so sum A grad l is the loss's gradient."""
+    m, l = b.mask, b.logp.detach()
+    chosen = torch.nonzero(y > 0).flatten()
+    rejected = partner[chosen]
+    n = b.lengths
+    u = m if opts.ld_alpha is None else _length_desensitized(m, n, chosen, rejected, opts.ld_alpha)
+    ref = b.ref_logp if b.ref_logp is not None else torch.zeros_like(l)
     with torch.enable_grad():
-        S = (m * b.logp.detach()).sum(1).requires_grad_()
-        R = (m * b.ref_logp).sum(1) if b.ref_logp is not None else torch.zeros_like(S)
-        chosen = torch.nonzero(y > 0).flatten()
-        rejected = partner[chosen]
-        n = b.lengths
+        S = (u * l).sum(1).requires_grad_()
+        S_sft = (m * l).sum(1).requires_grad_()
+        R = (u * ref).sum(1)
         scale = 1.0
         if opts.use_weighting:  # WPO: exp of the mean of (l - log sum_v p_v^2) per sequence, detached
-            wpo = torch.exp((m * (b.logp.detach() - b.log_sum_sq_probs)).sum(1) / n.clamp(min=1))
+            wpo = torch.exp((m * (l - b.log_sum_sq_probs)).sum(1) / n.clamp(min=1))
             scale = wpo[chosen] * wpo[rejected]
         total = torch.zeros_like(S[chosen])
         for kind, weight in zip(opts.pair_loss, opts.loss_weights):
             total = total + weight * scale * _trl_pair_loss(kind, opts, S[chosen], S[rejected], R[chosen], R[rejected],
-                                                            n[chosen], n[rejected], n[chosen].sum())
-        (grad,) = torch.autograd.grad(total.sum(), S)
-    return -grad, total.detach()
+                                                            n[chosen], n[rejected], S_sft[chosen], n[chosen].sum())
+        grad, grad_sft = torch.autograd.grad(total.sum(), (S, S_sft), allow_unused=True)
+    grad = torch.zeros_like(S) if grad is None else grad              # only `sft` given
+    grad_sft = torch.zeros_like(S) if grad_sft is None else grad_sft  # no `sft` given
+    return -(grad[:, None] * u + grad_sft[:, None] * m), total.detach()
 
 
 def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
@@ -262,8 +280,10 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
         _check_pairs(y, partner)
 
     kind = "pair_loss" if opts.pair_loss is not None else opts.weighting
+    token_A = None
     if kind == "pair_loss":
-        w, unit_losses = pair_loss_weights(opts, b, y, partner)
+        token_A, unit_losses = pair_loss_weights(opts, b, y, partner)
+        w = token_A.sum(1) / b.lengths.clamp(min=1)   # reported: the mean weight of the row's tokens
     elif kind == "linear":
         w = coef * g * (x - a) / _scale(opts, g * x, b)
     elif kind == "constant":
@@ -284,7 +304,11 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     w = torch.where(b.lengths > 0, w, 0.0)  # an empty sequence has nothing to push
     w = torch.where(b.offline, w * opts.offline_coef, w)
     units = b.num_groups if pairwise else x.numel()
-    return Weights(advantages=w[:, None] * b.mask, weights=w, units=units, unit_losses=unit_losses,
+    if token_A is None:
+        A = w[:, None] * b.mask
+    else:
+        A = torch.where(b.offline[:, None], token_A * opts.offline_coef, token_A)
+    return Weights(advantages=A, weights=w, units=units, unit_losses=unit_losses,
                    scores=g * x, anchors=g * a, signs=y)
 
 
