@@ -216,7 +216,9 @@ def resolve_options(method: str, options: dict) -> Options:
     for name in ("length_normalize", "mask_truncated_completions", "use_bias_correction_kl", "use_weighting"):
         if not isinstance(o[name], bool):
             raise TypeError(f"option {name} must be a bool, got {o[name]!r}")
-    _check_issue9_options(o, options)
+    _check_values(o)
+    _check_policy_options(o, options)
+    _check_pair_options(o, options)
 
     # Combinations that have no meaning.
     if o["weighting"] in ("sigmoid", "squared") and (o["anchor"] != "pair" or o["separation"] != "label"):
@@ -257,8 +259,8 @@ def _pair_losses(o):
     o["pair_loss"], o["loss_weights"] = kinds, weights
 
 
-def _check_issue9_options(o: Options, given: dict) -> None:
-    """Values and combinations of the surrogate, correction and preference options."""
+def _check_values(o: Options) -> None:
+    """The ranges of the surrogate, correction and preference options."""
     for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg", "discopop_tau"):
         o[name] = _number(name, o[name], low=0.0, low_open=True)
     for name in ("vespo_k_pos", "vespo_k_neg", "ppo_kl_coef"):
@@ -274,8 +276,14 @@ def _check_issue9_options(o: Options, given: dict) -> None:
     if o["rollout_clip_max"] is not None and o["rollout_clip_max"] != float("inf"):
         _optional(o, "rollout_clip_max", low=0.0, low_open=True)
     o["top_entropy_quantile"] = _number("top_entropy_quantile", o["top_entropy_quantile"], low=0.0, high=1.0)
+    _optional(o, "ld_alpha", low=0.0, high=1.0)
+    o["f_alpha_divergence_coef"] = _number("f_alpha_divergence_coef", o["f_alpha_divergence_coef"])
     _pair_losses(o)
 
+
+def _check_policy_options(o: Options, given: dict) -> None:
+    """Surrogate options given for another surrogate, the corrections' combinations. `given`: what
+    the caller passed (a preset's or default value is never an error)."""
     surrogate = o["surrogate"]
     for name, surrogates in _EPS_READERS.items():
         if name in given and surrogate not in surrogates:
@@ -315,6 +323,9 @@ def _check_issue9_options(o: Options, given: dict) -> None:
     if o["mask_truncated_completions"] and o["score"] != "reward":
         raise ValueError(f"option mask_truncated_completions applies to reward-scored methods, got score={o['score']!r}")
 
+
+def _check_pair_options(o: Options, given: dict) -> None:
+    """pair_loss needs a pairwise preset; the options a chosen pair_loss does not read are refused."""
     kinds = o["pair_loss"]
     if kinds is not None:
         if (o["score"], o["anchor"], o["separation"], o["weighting"]) != ("implicit", "pair", "label", "sigmoid"):
@@ -336,12 +347,10 @@ def _check_issue9_options(o: Options, given: dict) -> None:
             raise ValueError("option use_weighting (WPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
         if set(kinds) & {"aot", "aot_unpaired"}:
             raise ValueError("option use_weighting (WPO) does not apply to pair_loss 'aot' / 'aot_unpaired' (TRL refuses it)")
-    _optional(o, "ld_alpha", low=0.0, high=1.0)
     if o["ld_alpha"] is not None and kinds is None:
         raise ValueError("option ld_alpha (LD-DPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
     if "discopop_tau" in given and (kinds is None or "discopop" not in kinds):
         raise ValueError("option discopop_tau applies to pair_loss='discopop' only")
-    o["f_alpha_divergence_coef"] = _number("f_alpha_divergence_coef", o["f_alpha_divergence_coef"])
     if o["f_divergence_type"] != "reverse_kl":
         if kinds is None or not set(kinds) <= set(_F_DIVERGENCE_PAIR_LOSSES):
             raise ValueError(f"option f_divergence_type={o['f_divergence_type']!r} applies to pair_loss types "
