@@ -704,3 +704,15 @@ def test_empty_rows_and_unscored_rollout_tokens_give_no_nan(config):
     dh, dw = grads(out.loss, (data.hidden, data.weight))
     assert torch.isfinite(out.loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
     assert dh[4].abs().max() == 0, "the empty row must get no gradient"
+
+
+def test_quantile_is_torch_quantile():
+    """The top-entropy threshold: torch.quantile's value exactly, without its size limit."""
+    from gro_kernels.objective.corrections import quantile
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 7, 25, 1000):
+        for dtype in (torch.float32, torch.float64):
+            x = torch.rand(n, generator=g, dtype=dtype) * 5
+            x[: n // 3] = x[0]   # ties
+            for q in (0.0, 0.1, 0.2, 0.5, 0.8, 0.999, 1.0):
+                assert quantile(x, q) == torch.quantile(x, q), (n, dtype, q)

@@ -56,6 +56,15 @@ def off_policy_mask(opts: Options, advantages, logp, behaviour_logp, mask):
     return keep.to(mask.dtype)
 
 
+def quantile(values, q: float):
+    """torch.quantile(values, q) (linear interpolation, the same lerp), without its 16M-element limit."""
+    v = torch.sort(values.flatten()).values
+    rank = v.new_tensor(q) * (v.numel() - 1)   # in the values' dtype, as torch does
+    below = rank.long().clamp(max=v.numel() - 1)
+    above = (below + 1).clamp(max=v.numel() - 1)
+    return torch.lerp(v[below], v[above], rank - below)
+
+
 def top_entropy_mask(opts: Options, entropy, mask):
     """Beyond the 80/20 rule (TRL top_entropy_quantile = rho): keep the tokens whose entropy is at
     least the (1 - rho) quantile (linear interpolation) of the entropies of all valid tokens."""
@@ -63,7 +72,7 @@ def top_entropy_mask(opts: Options, entropy, mask):
     H = entropy.detach()
     if not valid.any():
         return torch.zeros_like(mask)
-    threshold = torch.quantile(H[valid], 1 - opts.top_entropy_quantile)
+    threshold = quantile(H[valid], 1 - opts.top_entropy_quantile)
     return ((H * mask >= threshold) & valid).to(mask.dtype)
 
 
