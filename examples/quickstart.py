@@ -24,14 +24,16 @@ with torch.no_grad():
     ref_logp = gro_loss(hidden, weight + 0.01 * torch.randn(V, d), targets, method="sft").logp
     old_logp = ref_logp + 0.05 * torch.randn(B, T)
 
-print(f"{'method':>13}  {'loss':>10}  {'|grad hidden|':>13}  notes")
+print(f"{"method":>17}  {'loss':>10}  {'|grad hidden|':>13}  notes")
 for method in METHODS:
     kw = dict(ref_logp=ref_logp, old_logp=old_logp)
     if method in ("remax", "reinforce"):
         kw.update(baselines=batch["baselines"], anchor="baseline")
-    if method in ("dpo", "ipo", "cpl", "simpo", "kto"):
+    if method in ("dpo", "ipo", "cpl", "simpo"):
         kw.update(labels=batch["labels"], group_ids=batch["group_ids"])
-    elif method != "sft":
+    elif method in ("kto", "apo_zero_unpaired"):
+        kw.update(labels=batch["labels"])
+    elif method not in ("sft", "dft"):
         kw.update(rewards=batch["rewards"], group_ids=batch["group_ids"])
     if method == "gro":
         kw["offline"] = torch.tensor([True, False, False, False, False, False, False, False])
@@ -39,4 +41,4 @@ for method in METHODS:
     out = gro_loss(hidden, weight, targets, method=method, **kw)
     out.loss.backward()
     note = f"clip_frac {out.metrics['clip_frac']:.2f}" if "clip_frac" in out.metrics else ""
-    print(f"{method:>13}  {out.loss.item():>10.5f}  {hidden.grad.norm().item():>13.5f}  {note}")
+    print(f"{method:>17}  {out.loss.item():>10.5f}  {hidden.grad.norm().item():>13.5f}  {note}")

@@ -14,8 +14,8 @@ for one position only) and read the last hidden state; `lm_head.weight` is then 
 in the same backward, so its gradient is synchronized too (DDP's hook fires on the summed gradient).
 
 Written against TRL's GRPOTrainer input layout (`prompt_ids`, `prompt_mask`, `completion_ids`,
-`completion_mask`, `advantages`, `old_per_token_logps`, `ref_per_token_logps`); not run in CI,
-where TRL is not installed.
+`completion_mask`, `advantages`, `old_per_token_logps`, `ref_per_token_logps`); not run in CI
+(it would train a real model); CI checks that it exits cleanly where TRL is missing.
 """
 import argparse
 import sys

@@ -43,6 +43,9 @@ def gro_loss(
     bias: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
+    rollout_logp: Optional[torch.Tensor] = None,
+    truncated: Optional[torch.Tensor] = None,
+    log_sum_sq_probs: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
     backend_options: Optional[dict] = None,
@@ -82,16 +85,25 @@ def gro_loss(
         targets = targets.masked_fill(~valid, ignore_index)
 
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
-    want_entropy = bool(return_entropy) or opts.entropy_coef != 0
+    # The entropy: for the bonus, for top-entropy token selection, or asked for (metrics).
+    want_entropy = bool(return_entropy) or opts.entropy_coef != 0 or opts.top_entropy_quantile < 1
     if ref_logp is None and has_ref_head and uses_ref_logp(method, opts):
         with torch.no_grad():
             ref_logp = token_logprobs(
                 ref_hidden, ref_weight, targets, bias=ref_bias, temperature=opts.temperature,
                 ignore_index=ignore_index, backend=backend, **backend_options,
             ).logp
+    if log_sum_sq_probs is None and opts.use_weighting:
+        # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
+        with torch.no_grad():
+            log_sum_sq_probs = token_logprobs(
+                hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
+                return_sum_p2=True, backend=backend, **backend_options,
+            ).sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
-                     num_items_in_batch=num_items_in_batch, **options)
+                     num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
+                     log_sum_sq_probs=log_sum_sq_probs, **options)
 
     if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages):
         return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
@@ -146,6 +158,9 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
                                    kl=zeros if want_kl else None, **objective)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
+    # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
+    g_pol, g_ent, a_kl = flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef)
+    pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
     online = flat((~b.offline)[:, None].expand(B, T))
     # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
     given_lo = flat(b.old_logp) if objective["old_logp"] is not None else None
@@ -158,10 +173,11 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
             leaves += [t for t in (H, K) if t is not None]
             l = leaves[0]
             lo = l.detach() if given_lo is None else torch.where(online[pos], given_lo[pos], l.detach())
-            terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=None if lr is None else lr[pos][None],
+            terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=pick(lr, pos),
                                entropy=None if H is None else H[None], kl=None if K is None else K[None],
                                advantages=A[pos][None], coef=c[pos][None], online=online[pos][None], mask=None,
-                               kl_in_loss=plan.kl_in_loss)
+                               kl_in_loss=plan.kl_in_loss, policy_weight=pick(g_pol, pos),
+                               entropy_weight=pick(g_ent, pos), abs_kl_coef=pick(a_kl, pos))
             g = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
         g = [torch.zeros_like(l) if x is None else x for x in g]
         return g[0], (g[1] if H is not None else None), (g[-1] if K is not None else None)
@@ -192,13 +208,15 @@ class GROLoss(nn.Module):
 
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
-                ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, ignore_index=-100,
-                backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
+                ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
+                log_sum_sq_probs=None, ignore_index=-100, backend="auto", backend_options=None,
+                return_entropy=None) -> GROOutput:
         return gro_loss(
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
-            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, backend=backend,
+            num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
+            log_sum_sq_probs=log_sum_sq_probs, ignore_index=ignore_index, backend=backend,
             backend_options=backend_options, return_entropy=return_entropy, **self.options,
         )
 

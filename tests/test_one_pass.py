@@ -17,12 +17,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gro_kernels import gro_loss, gro_objective, token_logprobs
-from gro_kernels.objective import METHODS
 from gro_kernels.objective.options import resolve_options
 from gro_kernels.objective.split import needs_policy_logp
 
 IGNORE = -100
 B, T, D, V = 8, 6, 12, 40
+# The unification table's presets (GRO.md section 3); the loss types of issue 9 are below.
+METHODS = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
+           "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro")
 TOKEN_LOCAL = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro"}
 GROUPS = torch.tensor([3, 7, 3, 7, 7, 3, 3, 7])
 PAIRS = torch.tensor([5, 9, 5, 2, 9, 2, 0, 0])
@@ -74,8 +76,9 @@ def options(method):
     return opts
 
 
-def run(method, backend, *, chunk_elements=None, **extra):
+def run(method, backend, *, chunk_elements=None, inputs=None, **extra):
     hidden, weight, bias, targets, kw = batch(method)
+    kw.update(inputs or {})
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     opts = {**options(method), **extra}
     if opts.get("kl_estimator") != "full":
@@ -85,9 +88,10 @@ def run(method, backend, *, chunk_elements=None, **extra):
     return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
 
 
-def composable(method, **extra):
+def composable(method, inputs=None, **extra):
     """token_logprobs (naive) + gro_objective, autograd through both: the reference path."""
     hidden, weight, bias, targets, kw = batch(method)
+    kw.update(inputs or {})
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     opts = {**options(method), **extra}
     ref = dict(ref_hidden=kw.pop("ref_hidden"), ref_weight=kw.pop("ref_weight"))
@@ -219,3 +223,41 @@ def test_second_backward_is_a_clear_error():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="hands its gradients back once"):
         out.loss.backward()
+
+
+# Issue 9's token-local loss types and corrections take the same single pass (three GEMMs).
+def _rollout():
+    _, _, _, _, kw = batch("dapo")
+    g = torch.Generator().manual_seed(9)
+    return kw["old_logp"] + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+
+
+NEW_TOKEN_LOCAL = [
+    ("bnpo", {}), ("sapo", {}), ("gpg", {}), ("dft", {}), ("dapo", {"clip_ratio_c": 1.5}),
+    ("grpo", {"kl_estimator": "k3+", "use_bias_correction_kl": True}),
+    ("grpo", {"kl_estimator": "low_var_kl"}),
+    ("dapo", {"rollout_correction": "token_truncate"}), ("dapo", {"rollout_correction": "sequence_mask"}),
+    ("dapo", {"rollout_correction": "icepop"}),
+]
+
+
+@pytest.mark.parametrize("config", NEW_TOKEN_LOCAL, ids=lambda c: c[0] + "-" + "-".join(f"{k}={v}" for k, v in c[1].items()))
+def test_issue9_token_local_types_in_the_fused_pass(config):
+    method, extra = config
+    opts = resolve_options(method, extra)
+    assert not needs_policy_logp(opts, has_old_logp=True, has_advantages=False)
+    inputs = {"rollout_logp": _rollout()} if "rollout_correction" in extra else {}
+    if method in ("sft", "dft"):
+        inputs.update(rewards=None, group_ids=None)
+    extra = dict(extra, entropy_coef=0.0) if method == "dft" else extra
+    got, _ = run(method, "torch", chunk_elements=3 * V, inputs=inputs, **extra)
+    want, _ = composable(method, inputs=inputs, **extra)
+    assert_same(got, want)
+    hidden, weight, _, targets, kw = batch(method, dtype=torch.float32)
+    kw = {k: v.float() if v.is_floating_point() else v for k, v in {**kw, **inputs}.items()
+          if k not in ("ref_hidden", "ref_weight") and v is not None}
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with MatmulFlops() as counter:
+        gro_loss(h, w, targets, method=method, backend="torch", **kw, **extra).loss.backward()
+    assert counter.flops == 3 * 2 * targets.numel() * D * V

@@ -32,6 +32,8 @@ class Batch:
     group: Optional[torch.Tensor] = None        # [B] int64 in [0, num_groups)
     num_groups: int = 0
     num_items: Optional[float] = None
+    rollout_logp: Optional[torch.Tensor] = None  # [B,T] detached: the sampler's log-probs (NaN = unscored)
+    log_sum_sq_probs: Optional[torch.Tensor] = None  # [B,T] detached: log sum_v p_v^2 of the policy (WPO)
 
 
 def _tensor(name, t, device):
@@ -133,7 +135,7 @@ def _num_items(n):
 
 
 def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
-                  offline, old_logp, ref_logp, num_items_in_batch) -> Batch:
+                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None) -> Batch:
     """Validate every input against logp [B,T] and return them cast to the statistics dtype."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
@@ -177,7 +179,21 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
         labels=_labels(labels, B, device, dtype),
         group=group, num_groups=num_groups,
         num_items=_num_items(num_items_in_batch),
+        rollout_logp=_per_token("rollout_logp", rollout_logp, (B, T), valid, dtype, device, detach=True),
+        log_sum_sq_probs=_per_token("log_sum_sq_probs", log_sum_sq_probs, (B, T), valid, dtype, device, detach=True),
     )
+
+
+def truncation_mask(truncated, mask, shape, device):
+    """The mask with the rows of truncated completions [B] (bool) dropped (mask_truncated_completions)."""
+    B = shape[0]
+    _tensor("truncated", truncated, device)
+    _shape("truncated", truncated, [(B,)])
+    if truncated.dtype != torch.bool:
+        if truncated.is_floating_point() or truncated.is_complex() or not ((truncated == 0) | (truncated == 1)).all():
+            raise TypeError(f"truncated must be a bool tensor (True for completions cut at the length limit), got dtype {truncated.dtype}")
+        truncated = truncated != 0
+    return _mask(mask, shape, device) & ~truncated[:, None]
 
 
 def uses_reference_score(method: str, opts: Options, has_ref: bool) -> bool:
@@ -212,6 +228,20 @@ def check_requirements(method: str, opts: Options, b: Batch) -> None:
             raise ValueError(f"{who} with kl_coef={opts.kl_coef} needs ref_logp (or ref_hidden and ref_weight to gro_loss)")
     if opts.entropy_coef != 0 and b.entropy is None:
         raise ValueError(f"entropy_coef={opts.entropy_coef} needs entropy (per-token entropies [B, T])")
+    if opts.entropy_agg == "token_mean" and b.num_items is not None:
+        raise ValueError("entropy_agg='token_mean' is TRL's mean entropy of this call's tokens; it does not take "
+                         "num_items_in_batch (leave entropy_agg='loss' to aggregate the bonus like the loss)")
+    if opts.top_entropy_quantile < 1 and b.entropy is None:
+        raise ValueError(f"top_entropy_quantile={opts.top_entropy_quantile} selects tokens by entropy: pass entropy "
+                         "[B, T] (gro_loss: return_entropy=True)")
+    if opts.rollout_correction is not None and b.rollout_logp is None:
+        raise ValueError(f"rollout_correction={opts.rollout_correction!r} needs rollout_logp [B, T] (the sampler's log-probs)")
+    if opts.use_weighting != (b.log_sum_sq_probs is not None):
+        raise ValueError("use_weighting=True (WPO) and log_sum_sq_probs [B, T] (log sum_v p_v^2 of the policy) go "
+                         f"together: got use_weighting={opts.use_weighting}, log_sum_sq_probs "
+                         f"{'given' if b.log_sum_sq_probs is not None else 'not given'}")
+    if b.rollout_logp is not None and opts.rollout_correction is None and opts.off_policy_mask_threshold is None:
+        raise ValueError("rollout_logp was given but nothing uses it: set rollout_correction and/or off_policy_mask_threshold")
     if b.advantages is not None:
         return  # steps 1-4 (scores, anchors, separation, weighting) are replaced
     if opts.score in ("reward", "token_return") and b.rewards is None:

@@ -9,6 +9,8 @@ import numbers
 METHODS = (
     "reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
     "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro",
+    # issue 9: the trainers' other loss types (docs/methods.md has each one's definition and source)
+    "bnpo", "sapo", "luspo", "vespo", "gpg", "clip_cov", "kl_cov", "geo_mean", "apo_zero_unpaired", "dft",
 )
 
 # Options whose value is one of a fixed set of names. `surrogate`, score `token_return`/`none` and
@@ -19,10 +21,15 @@ CHOICES = {
     "anchor": ("group_mean", "leave_one_out", "batch_mean", "baseline", "pair", "constant", "none"),
     "separation": ("anchor", "label", "positive"),
     "weighting": ("linear", "sigmoid", "sigmoid_bell", "squared", "constant"),
-    "scale": ("group_std", "batch_std", "none"),
-    "surrogate": ("logp", "ratio_clip", "cispo"),
+    "scale": ("group_std", "batch_std", "none", "nonzero_fraction"),
+    "surrogate": ("logp", "ratio_clip", "cispo", "sapo", "vespo", "geo_mean", "clip_cov", "kl_cov", "dft"),
     "importance_sampling": ("token", "sequence"),
-    "kl_estimator": ("k1", "k2", "k3", "full"),
+    # `+`: verl's straight-through variants (the base estimator's value, k2's gradient)
+    "kl_estimator": ("k1", "k2", "k3", "low_var_kl", "abs", "k1+", "k3+", "low_var_kl+", "abs+", "full"),
+    "entropy_agg": ("loss", "token_mean"),
+    "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+    "rollout_correction": (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask",
+                           "icepop", "seq_mask_tis"),
     "kl_placement": ("loss", "reward"),
     "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
@@ -49,11 +56,40 @@ DEFAULTS = {
     "eps_low": 0.2,
     "eps_high": 0.2,
     "delta": None,
+    "clip_ratio_c": None,              # dual-clip PPO lower bound for A < 0 (verl, OpenRLHF dual_clip)
+    "sapo_temperature_pos": 1.0,       # SAPO gate temperatures (TRL / verl tau_pos, tau_neg)
+    "sapo_temperature_neg": 1.05,
+    "vespo_k_pos": 2.0,                # VESPO gamma weight phi(w) = exp(lambda) w^k exp(-lambda w)
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
+    "clip_cov_ratio": 2e-4,            # Clip-Cov / KL-Cov token selection (verl)
+    "clip_cov_lb": 1.0,
+    "clip_cov_ub": 5.0,
+    "kl_cov_ratio": 2e-4,
+    "ppo_kl_coef": 1.0,
+    # train/inference mismatch (needs rollout_logp) and token selection
+    "rollout_correction": None,
+    "rollout_clip_min": None,          # None: the mode's own default (TRL: none; OpenRLHF: 0.5)
+    "rollout_clip_max": None,          # None: the mode's own default (TRL: 3.0; OpenRLHF: 5.0)
+    "off_policy_mask_threshold": None,
+    "top_entropy_quantile": 1.0,
+    "mask_truncated_completions": False,
+    # preference losses (TRL DPOTrainer loss_type / loss_weights)
+    "pair_loss": None,
+    "loss_weights": None,
+    "discopop_tau": 0.05,
+    "use_weighting": False,
+    "ld_alpha": None,                    # LD-DPO: weight of the tokens beyond the pair's shared length              # WPO: each pair's loss times w_chosen w_rejected (needs log_sum_sq_probs)
+    "f_divergence_type": "reverse_kl",   # TRL's f-DPO: the divergence whose f'(ratio) scores each completion
+    "f_alpha_divergence_coef": 0.5,
     # KL and entropy
     "kl_coef": 0.0,
     "kl_estimator": "k3",
     "kl_placement": "loss",
+    "use_bias_correction_kl": False,
     "entropy_coef": 0.0,
+    "entropy_agg": "loss",   # "loss": the loss's own c[i,t]; "token_mean": TRL's mean over the (selected) tokens
     # aggregation
     "loss_agg": "token_mean",
     "max_completion_length": None,
@@ -83,6 +119,16 @@ _TABLE = {
     "kto":          ("implicit",     "constant",       "label",    "sigmoid_bell", "none",      "logp",       "loss",   "seq_mean_token_sum"),
     "sft":          ("none",         "none",           "positive", "constant",     "none",      "logp",       "loss",   "token_mean"),
     "gro":          ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "token_mean"),
+    "bnpo":         ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "token_mean"),
+    "sapo":         ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "sapo",       "loss",   "seq_mean_token_mean"),
+    "luspo":        ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "seq_mean_token_sum"),
+    "vespo":        ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "vespo",      "loss",   "token_mean"),
+    "gpg":          ("reward",       "group_mean",     "anchor",   "linear", "nonzero_fraction", "logp",      "loss",   "token_mean"),
+    "clip_cov":     ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "clip_cov",   "loss",   "token_mean"),
+    "kl_cov":       ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "kl_cov",     "loss",   "token_mean"),
+    "geo_mean":     ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "geo_mean",   "loss",   "seq_mean_token_mean"),
+    "apo_zero_unpaired": ("implicit", "constant",      "label",    "sigmoid_bell", "none",      "logp",       "loss",   "seq_mean_token_sum"),
+    "dft":          ("none",         "none",           "positive", "constant",     "none",      "dft",        "loss",   "token_mean"),
 }
 # Per-method values that differ from DEFAULTS outside the table's columns.
 _EXTRA = {
@@ -96,12 +142,32 @@ _EXTRA = {
     "reinforce_pp": {"kl_estimator": "k1"},
     "cpl": {"neg_coef": 0.5},  # lambda, CPL's conservative weight on the rejected segment
     "simpo": {"length_normalize": True},
+    "luspo": {"importance_sampling": "sequence", "eps_low": 3e-4, "eps_high": 4e-4},
+    "geo_mean": {"eps_low": 0.4, "eps_high": 0.4},   # GMPO's clip range, on the log-ratio
 }
 PRESETS = {m: {**dict(zip(_COLUMNS, row)), **_EXTRA.get(m, {})} for m, row in _TABLE.items()}
 
+# TRL DPOTrainer loss types usable as `pair_loss` (one name, or several combined with `loss_weights`).
+PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+               "apo_down", "exo_pair", "nca_pair", "discopop", "sigmoid_norm", "sft")
+_SMOOTHED_PAIR_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")  # the ones that read label_smoothing
+_F_DIVERGENCE_PAIR_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+# Options that mean something only for one surrogate (or family): giving them elsewhere is an error.
+_SURROGATE_OPTIONS = {
+    "clip_ratio_c": ("ratio_clip",), "delta": ("ratio_clip",),
+    "sapo_temperature_pos": ("sapo",), "sapo_temperature_neg": ("sapo",),
+    "vespo_k_pos": ("vespo",), "vespo_lambda_pos": ("vespo",), "vespo_k_neg": ("vespo",), "vespo_lambda_neg": ("vespo",),
+    "clip_cov_ratio": ("clip_cov",), "clip_cov_lb": ("clip_cov",), "clip_cov_ub": ("clip_cov",),
+    "kl_cov_ratio": ("kl_cov",), "ppo_kl_coef": ("kl_cov",),
+}
+_TOKEN_ROLLOUT_MODES = ("token_truncate", "token_mask", "icepop")
+# The surrogates that read the clip range: eps_low / eps_high given for another one is an error.
+_EPS_READERS = {"eps_low": ("ratio_clip", "clip_cov", "geo_mean"), "eps_high": ("ratio_clip", "clip_cov", "geo_mean", "cispo")}
+
 # How the implicit score X_i uses the reference: True = D_i (ref_logp required), False = S_i
 # (reference-free, ref_logp is not used for the score). Methods not listed use D_i when ref_logp is given.
-IMPLICIT_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "cpl": False, "simpo": False}
+IMPLICIT_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "apo_zero_unpaired": True, "cpl": False, "simpo": False}
 
 
 class Options(dict):
@@ -147,8 +213,12 @@ def resolve_options(method: str, options: dict) -> Options:
     mcl = o["max_completion_length"]
     if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, numbers.Integral) or mcl <= 0):
         raise ValueError(f"option max_completion_length must be a positive int or None, got {mcl!r}")
-    if not isinstance(o["length_normalize"], bool):
-        raise TypeError(f"option length_normalize must be a bool, got {o['length_normalize']!r}")
+    for name in ("length_normalize", "mask_truncated_completions", "use_bias_correction_kl", "use_weighting"):
+        if not isinstance(o[name], bool):
+            raise TypeError(f"option {name} must be a bool, got {o[name]!r}")
+    _check_values(o)
+    _check_policy_options(o, options)
+    _check_pair_options(o, options)
 
     # Combinations that have no meaning.
     if o["weighting"] in ("sigmoid", "squared") and (o["anchor"] != "pair" or o["separation"] != "label"):
@@ -164,3 +234,126 @@ def resolve_options(method: str, options: dict) -> Options:
                 "anchor in ('batch_mean', 'constant', 'none') and scale in ('batch_std', 'none')"
             )
     return o
+
+
+def _optional(o, name, **bounds):
+    if o[name] is not None:
+        o[name] = _number(name, o[name], **bounds)
+
+
+def _pair_losses(o):
+    """pair_loss as a tuple of names and loss_weights as a matching tuple of floats (or None)."""
+    kinds, weights = o["pair_loss"], o["loss_weights"]
+    if kinds is None:
+        if weights is not None:
+            raise ValueError("option loss_weights combines several pair_loss types: set pair_loss too")
+        return
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or any(k not in PAIR_LOSSES for k in kinds):
+        raise ValueError(f"option pair_loss must be one of {PAIR_LOSSES} or a list of them, got {o['pair_loss']!r}")
+    if weights is None:
+        weights = (1.0,) * len(kinds)
+    weights = tuple(_number("loss_weights", w) for w in weights)
+    if len(weights) != len(kinds):
+        raise ValueError(f"option loss_weights needs one weight per pair_loss type ({len(kinds)}), got {len(weights)}")
+    o["pair_loss"], o["loss_weights"] = kinds, weights
+
+
+def _check_values(o: Options) -> None:
+    """The ranges of the surrogate, correction and preference options."""
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg", "discopop_tau"):
+        o[name] = _number(name, o[name], low=0.0, low_open=True)
+    for name in ("vespo_k_pos", "vespo_k_neg", "ppo_kl_coef"):
+        o[name] = _number(name, o[name], low=0.0)
+    for name in ("clip_cov_ratio", "kl_cov_ratio"):
+        o[name] = _number(name, o[name], low=0.0, low_open=True, high=1.0)
+    o["clip_cov_lb"], o["clip_cov_ub"] = _number("clip_cov_lb", o["clip_cov_lb"]), _number("clip_cov_ub", o["clip_cov_ub"])
+    if o["clip_cov_lb"] >= o["clip_cov_ub"]:
+        raise ValueError(f"option clip_cov_lb must be < clip_cov_ub, got {o['clip_cov_lb']} >= {o['clip_cov_ub']}")
+    _optional(o, "clip_ratio_c", low=1.0, low_open=True)
+    _optional(o, "off_policy_mask_threshold", low=0.0)
+    _optional(o, "rollout_clip_min", low=0.0)
+    if o["rollout_clip_max"] is not None and o["rollout_clip_max"] != float("inf"):
+        _optional(o, "rollout_clip_max", low=0.0, low_open=True)
+    o["top_entropy_quantile"] = _number("top_entropy_quantile", o["top_entropy_quantile"], low=0.0, high=1.0)
+    _optional(o, "ld_alpha", low=0.0, high=1.0)
+    o["f_alpha_divergence_coef"] = _number("f_alpha_divergence_coef", o["f_alpha_divergence_coef"])
+    _pair_losses(o)
+
+
+def _check_policy_options(o: Options, given: dict) -> None:
+    """Surrogate options given for another surrogate, the corrections' combinations. `given`: what
+    the caller passed (a preset's or default value is never an error)."""
+    surrogate = o["surrogate"]
+    for name, surrogates in _EPS_READERS.items():
+        if name in given and surrogate not in surrogates:
+            raise ValueError(f"option {name} is read by surrogates {surrogates} only, got surrogate={surrogate!r}")
+    for name, surrogates in _SURROGATE_OPTIONS.items():
+        if name in given and given[name] is not None and surrogate not in surrogates:
+            raise ValueError(f"option {name} applies to surrogate {surrogates[0]!r} only, got surrogate={surrogate!r}")
+    if o["importance_sampling"] == "sequence" and surrogate != "ratio_clip":
+        raise ValueError(f"importance_sampling='sequence' (GSPO's sequence ratio) applies to surrogate='ratio_clip' "
+                         f"only, got surrogate={surrogate!r}")
+    mode = o["rollout_correction"]
+    if mode is None and (given.get("rollout_clip_min") is not None or given.get("rollout_clip_max") is not None):
+        raise ValueError("options rollout_clip_min / rollout_clip_max bound the rollout_correction: set rollout_correction")
+    if mode is not None:
+        lo = o["rollout_clip_min"] if o["rollout_clip_min"] is not None else (0.5 if mode in ("icepop", "seq_mask_tis") else 0.0)
+        hi = o["rollout_clip_max"] if o["rollout_clip_max"] is not None else (5.0 if mode in ("icepop", "seq_mask_tis") else 3.0)
+        if lo >= hi:
+            raise ValueError(f"option rollout_clip_min must be < rollout_clip_max, got {lo} >= {hi}")
+        o["rollout_clip_min"], o["rollout_clip_max"] = lo, hi
+        if surrogate == "vespo" and mode not in _TOKEN_ROLLOUT_MODES:
+            raise ValueError(f"surrogate='vespo' folds the rollout correction into its sequence weight: it needs a "
+                             f"token-level rollout_correction {_TOKEN_ROLLOUT_MODES}, got {mode!r}")
+    reweighting = [name for name, off in (("rollout_correction", None), ("off_policy_mask_threshold", None),
+                                          ("top_entropy_quantile", 1.0)) if o[name] != off]
+    if reweighting and o["weighting"] in ("sigmoid", "squared", "sigmoid_bell"):
+        raise ValueError(f"option {reweighting[0]} reweights sampled tokens of an RL loss; it has no meaning for "
+                         f"the preference weighting {o['weighting']!r}")
+    if "entropy_agg" in given and o["entropy_coef"] == 0:
+        raise ValueError("option entropy_agg aggregates the entropy bonus: set entropy_coef")
+    if o["use_bias_correction_kl"] and o["kl_coef"] == 0:
+        raise ValueError("option use_bias_correction_kl multiplies the KL term by the importance ratio: set kl_coef")
+    if o["use_bias_correction_kl"] and o["kl_placement"] != "loss":
+        raise ValueError("option use_bias_correction_kl multiplies the KL term of the loss by the importance ratio: "
+                         "it needs kl_placement='loss'")
+    if o["scale"] == "nonzero_fraction" and (o["score"] != "reward" or o["weighting"] != "linear"):
+        raise ValueError("scale='nonzero_fraction' (GPG) needs score='reward' and weighting='linear'")
+    if o["mask_truncated_completions"] and o["score"] != "reward":
+        raise ValueError(f"option mask_truncated_completions applies to reward-scored methods, got score={o['score']!r}")
+
+
+def _check_pair_options(o: Options, given: dict) -> None:
+    """pair_loss needs a pairwise preset; the options a chosen pair_loss does not read are refused."""
+    kinds = o["pair_loss"]
+    if kinds is not None:
+        if (o["score"], o["anchor"], o["separation"], o["weighting"]) != ("implicit", "pair", "label", "sigmoid"):
+            raise ValueError("option pair_loss (TRL's DPO loss types) needs a pairwise preset such as method='dpo' "
+                             "(score='implicit', anchor='pair', separation='label', weighting='sigmoid')")
+        for name, neutral in (("margin", 0.0), ("neg_coef", 1.0), ("pos_coef", 1.0), ("length_normalize", False)):
+            if o[name] != neutral:
+                raise ValueError(f"option {name} has no meaning with pair_loss={kinds!r} (TRL's DPO loss types); leave it at {neutral!r}")
+        if o["label_smoothing"] != 0 and not set(kinds) & set(_SMOOTHED_PAIR_LOSSES):
+            raise ValueError(f"option label_smoothing is read only by pair_loss {_SMOOTHED_PAIR_LOSSES}, got {kinds!r}")
+        if "beta" in given and kinds == ("sft",):
+            raise ValueError("option beta is not read by pair_loss='sft' (the chosen completions' negative log-likelihood)")
+        if "exo_pair" in kinds and o["label_smoothing"] == 0:
+            raise ValueError("pair_loss='exo_pair' needs label_smoothing > 0 (it takes log(label_smoothing))")
+        if "robust" in kinds and o["label_smoothing"] >= 0.5:
+            raise ValueError("pair_loss='robust' needs label_smoothing < 0.5 (it divides by 1 - 2 label_smoothing)")
+    if o["use_weighting"]:
+        if kinds is None:
+            raise ValueError("option use_weighting (WPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
+        if set(kinds) & {"aot", "aot_unpaired"}:
+            raise ValueError("option use_weighting (WPO) does not apply to pair_loss 'aot' / 'aot_unpaired' (TRL refuses it)")
+    if o["ld_alpha"] is not None and kinds is None:
+        raise ValueError("option ld_alpha (LD-DPO) weights TRL's DPO loss types: set pair_loss (e.g. 'sigmoid')")
+    if "discopop_tau" in given and (kinds is None or "discopop" not in kinds):
+        raise ValueError("option discopop_tau applies to pair_loss='discopop' only")
+    if o["f_divergence_type"] != "reverse_kl":
+        if kinds is None or not set(kinds) <= set(_F_DIVERGENCE_PAIR_LOSSES):
+            raise ValueError(f"option f_divergence_type={o['f_divergence_type']!r} applies to pair_loss types "
+                             f"{_F_DIVERGENCE_PAIR_LOSSES} only (TRL), got pair_loss={kinds!r}")
+    if "f_alpha_divergence_coef" in given and o["f_divergence_type"] != "alpha_divergence":
+        raise ValueError("option f_alpha_divergence_coef applies to f_divergence_type='alpha_divergence' only")

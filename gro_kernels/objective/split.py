@@ -22,11 +22,27 @@ from .options import Options
 from .surrogates import Surrogate, kl_estimate, policy_surrogate
 
 
+# The surrogates whose per-token weights are formed from the policy's own log-probs over whole rows
+# (VESPO's sequence weight, Clip-Cov / KL-Cov's covariance selection) or whose term couples the
+# tokens of a row (GMPO's geometric mean).
+_ROW_SURROGATES = ("vespo", "geo_mean", "clip_cov", "kl_cov")
+
+
 def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool) -> bool:
-    """Whether the weights depend on the policy's own (detached) log-probs: then the fused path
-    runs a forward-only pass for them first (four GEMMs instead of three)."""
+    """Whether the configuration is not token-local: its weights read the policy's own (detached)
+    log-probs or entropies over whole rows or the whole batch, or a token's term reads other tokens'
+    log-probs. Then the fused path runs a forward-only pass first (four GEMMs instead of three) and
+    evaluates the objective on the full [B,T] batch."""
     if opts.surrogate != "logp" and opts.importance_sampling == "sequence":
-        return True  # GSPO: rho_i = exp(mean_t (l - lo)) couples the tokens of a sequence
+        return True  # GSPO / LUSPO: rho_i = exp(mean_t (l - lo)) couples the tokens of a sequence
+    if opts.surrogate in _ROW_SURROGATES:
+        return True
+    if opts.top_entropy_quantile < 1.0:
+        return True  # the entropy threshold is a quantile over every token of the batch
+    if opts.off_policy_mask_threshold is not None:
+        return True  # the mask reads the row's mean of (rollout or old log-prob - sg[l])
+    if opts.rollout_correction is not None and not has_old_logp:
+        return True  # the train-side log-prob of the correction is then sg[l]
     if has_advantages:
         return False  # given advantages replace the weights
     if opts.score == "implicit":
@@ -38,24 +54,50 @@ def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool
 @dataclass
 class TokenTerms:
     loss: torch.Tensor                       # 0-d: sum over the tokens given
+    policy: torch.Tensor                     # 0-d: the policy term's part of it
     surrogate: Surrogate
     kl: Optional[torch.Tensor]               # the per-token KL estimate (or None)
 
 
 def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantages, coef, online,
-               mask, kl_in_loss: bool) -> TokenTerms:
-    """sum c * ( -surrogate(A, l, lo) + kl_coef * k(l, lr) - entropy_coef * H ) over the tokens given.
+               mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None) -> TokenTerms:
+    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] ) - entropy_coef * sum e * H.
 
     Every argument is shaped like `logp` ([B,T], or one chunk of tokens as [1, n]); `online` is
     broadcastable to it (False on offline rows, which use the plain A l surrogate). `mask` is used
-    only by sequence-level importance sampling, which needs whole rows.
+    only by the surrogates that read whole rows (sequence ratio, geo_mean).
+
+    Per-token inputs formed before the pass (detached, carried by `SequencePlan`, None = not used);
+    with `advantages` (A), `coef` (c), `old_logp`, `ref_logp` and `online` they are everything a
+    chunk needs besides its own l, H, KL:
+      policy_weight  g [B,T]: multiplies the policy term: the rollout importance weight
+                     (`rollout_correction`), the off-policy sequence mask, the top-entropy token mask,
+                     VESPO's sequence weight phi, Clip-Cov's dropped tokens (0);
+      entropy_weight e [B,T]: the entropy bonus's coefficient per token, in place of c (the top-entropy
+                     token mask times c, or TRL's token mean with entropy_agg='token_mean');
+      abs_kl_coef    a [B,T]: KL-Cov's penalty coefficient (ppo_kl_coef on the selected tokens, else 0).
+    `[* r]`: with use_bias_correction_kl the KL term is multiplied by the importance ratio r (with its
+    gradient; DeepSeek-V3.2).
     """
     surrogate = policy_surrogate(opts, logp, old_logp, advantages, mask, online)
-    loss = -(coef * surrogate.value).sum()
+    value = surrogate.value
+    if abs_kl_coef is not None:
+        value = value - abs_kl_coef * (logp - old_logp).abs()
+    if policy_weight is not None:
+        value = policy_weight * value
+    policy = -(coef * value).sum()
+    loss = policy
     has_kl = kl is not None if opts.kl_estimator == "full" else ref_logp is not None
     k = kl_estimate(opts.kl_estimator, logp, ref_logp, kl) if has_kl else None
     if kl_in_loss and k is not None:
-        loss = loss + opts.kl_coef * (coef * k).sum()
+        k_loss = k
+        if opts.use_bias_correction_kl:
+            ratio = surrogate.live_ratio
+            if ratio is None:
+                ratio = torch.where(online, torch.exp(logp - old_logp), torch.ones_like(logp))
+            k_loss = k * ratio
+        loss = loss + opts.kl_coef * (coef * k_loss).sum()
     if entropy is not None and opts.entropy_coef != 0:
-        loss = loss - opts.entropy_coef * (coef * entropy).sum()
-    return TokenTerms(loss=loss, surrogate=surrogate, kl=k)
+        e = coef if entropy_weight is None else entropy_weight
+        loss = loss - opts.entropy_coef * (e * entropy).sum()
+    return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .inputs import Batch, uses_reference_score
 from .options import Options
+from .pair_losses import pair_loss_weights
 
 
 @dataclass
@@ -111,6 +112,13 @@ def anchors(opts: Options, x, b: Batch, partner):
 def _scale(opts: Options, s, b: Batch):
     if opts.scale == "none":
         return torch.ones_like(s)
+    if opts.scale == "nonzero_fraction":
+        # GPG (verl compute_gpg_outcome_advantage): A = alpha (r - mean_group r), alpha = B / #(r != 0)
+        if (torch.bincount(b.group, minlength=b.num_groups) < 2).any():
+            raise ValueError("scale='nonzero_fraction' (GPG) needs at least 2 sequences in every group of group_ids "
+                             "(verl gives a lone sequence the anchor 0, this package its own reward)")
+        nonzero = torch.count_nonzero(b.rewards).clamp(min=1).to(s.dtype)
+        return torch.ones_like(s) * nonzero / s.numel()
     if opts.scale == "group_std":
         std = group_std(s, b.group, b.num_groups)
     else:
@@ -167,8 +175,12 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     if pairwise:
         _check_pairs(y, partner)
 
-    kind = opts.weighting
-    if kind == "linear":
+    kind = "pair_loss" if opts.pair_loss is not None else opts.weighting
+    token_A = None
+    if kind == "pair_loss":
+        token_A, unit_losses = pair_loss_weights(opts, b, y, partner)
+        w = token_A.sum(1) / b.lengths.clamp(min=1)   # reported: the mean weight of the row's tokens
+    elif kind == "linear":
         w = coef * g * (x - a) / _scale(opts, g * x, b)
     elif kind == "constant":
         w = y * coef
@@ -188,7 +200,11 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     w = torch.where(b.lengths > 0, w, 0.0)  # an empty sequence has nothing to push
     w = torch.where(b.offline, w * opts.offline_coef, w)
     units = b.num_groups if pairwise else x.numel()
-    return Weights(advantages=w[:, None] * b.mask, weights=w, units=units, unit_losses=unit_losses,
+    if token_A is None:
+        A = w[:, None] * b.mask
+    else:
+        A = torch.where(b.offline[:, None], token_A * opts.offline_coef, token_A)
+    return Weights(advantages=A, weights=w, units=units, unit_losses=unit_losses,
                    scores=g * x, anchors=g * a, signs=y)
 
 
