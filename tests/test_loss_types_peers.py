@@ -1,8 +1,10 @@
 """The issue-9 loss types against the peer libraries themselves, on the same inputs.
 
-Liger-Kernel's fused GRPO loss (hidden states in, loss out), TRL's GRPOTrainer helpers and verl's
-policy losses / KL penalties. Each peer is imported with importorskip: `make install` installs
-Liger and TRL (the `test` extra); verl needs ray and is checked where it is installed.
+Liger-Kernel's fused GRPO loss (hidden states in, loss out); TRL's GRPOTrainer, DPOTrainer and
+KTOTrainer loss code run through stand-in trainers; verl's policy losses and KL penalties;
+OpenRLHF's PolicyLoss. `make install` installs them all (Liger and TRL through the `test` extra,
+verl and OpenRLHF without their dependencies); each is imported with importorskip, so a machine
+without one skips its tests.
 Liger computes its log-probs in float32, so it is matched to 1e-5 relative; TRL and verl work in
 the inputs' float64 and are matched to 1e-7 or better.
 """
