@@ -5,11 +5,14 @@ STAMP := .installed
 
 # Install once per pyproject change. torch first: the CPU build (2.13.0) on a machine without
 # torch, so that `torch>=2.4` is already satisfied and pip never pulls the multi-GB CUDA build;
-# a machine that already has torch (a GPU image) keeps its own.
+# a machine that already has torch (a GPU image) keeps its own. The integrations extra (TRL 1.16
+# and verl's import needs) leaves torch alone; verl itself goes in with --no-deps (its own pins
+# would replace torch and transformers).
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[test,train]"
+	$(PYTHON) -m pip install -e ".[test,train,integrations]"
+	$(PYTHON) -m pip install --no-deps "verl==0.9.1"
 	touch $(STAMP)
 
 test: $(STAMP)  ## the whole suite; without a GPU the Triton kernels run under TRITON_INTERPRET=1

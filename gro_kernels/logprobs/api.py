@@ -53,6 +53,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "triton" and not _triton_available():
+        raise ImportError("backend='triton' needs the `triton` package, which is not installed "
+                          "(pip install triton; Linux only). backend='torch' runs everywhere.")
     if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
