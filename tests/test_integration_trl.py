@@ -311,3 +311,33 @@ def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path):
         for key in ("loss", "grad_norm", "rewards/margins", "mean_token_accuracy", "logits/chosen", "entropy"):
             if key in r:
                 assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize("loss_type", ["dapo"])  # dapo's normalizer divides by the process count
+def test_grpo_ddp_two_processes_match_trl(tmp_path, model_path, loss_type):
+    """DDP on 2 CPU processes (gloo): TRL's normalizers divide by the process count; the patched trainer
+    lands on TRL's parameters and logs the same (globally reduced) metrics."""
+    import os
+    import subprocess
+    import sys
+    from gro_kernels.trainer.distributed import free_port
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_ddp_worker.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), worker, model_path, str(tmp_path), loss_type]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: a timeout ends the workers too
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    results = torch.load(tmp_path / "results.pt")
+    ref, ours = results["GRPOTrainer"], results["GROGRPOTrainer"]
+    for name in ref["params"]:
+        torch.testing.assert_close(ours["params"][name], ref["params"][name], rtol=0, atol=2e-4)
+    for r, o in zip(ref["log"], ours["log"]):
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"):
+            if key in r:
+                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
