@@ -24,6 +24,11 @@ def model_path(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="module")
+def tied_model_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_tied"), tie=True)
+
+
 def reward_len(completions, **kwargs):
     return [len(c) / 8 for c in completions]
 
@@ -132,6 +137,12 @@ def test_grpo_steps_per_generation_normalizer(tmp_path, model_path, loss_type):
                  num_iterations=2)
 
 
+def test_grpo_tied_embeddings(tmp_path, tied_model_path):
+    # the lm_head weight is the input embedding: its gradient has both contributions, as in TRL
+    compare_grpo(tmp_path, tied_model_path, dict(off_policy=True), gas=2, loss_type="dapo", beta=0.04,
+                 use_bias_correction_kl=False)
+
+
 def test_grpo_every_loss_type_of_the_map_is_tested():
     assert {c[0] for c in CASES} == set(GRPO_LOSS_TYPES)
 
@@ -146,7 +157,7 @@ def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, 
     args = grpo_config(tmp_path, **{option: value, **extra})
     if option == "loss_type" and value == "luspo":
         args.importance_sampling_level = "sequence"
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=f"{option}=.* not supported by gro_kernels"):
         GROGRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
                        processing_class=build_tokenizer())
 
@@ -268,7 +279,7 @@ def test_dpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, precom
                                           ("f_divergence_type", "js_divergence")])
 def test_dpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value):
     from gro_kernels.integrations.trl import GRODPOTrainer
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=f"{option}=.* not supported by gro_kernels"):
         dpo_trainer(tmp_path, model_path, cls=GRODPOTrainer, **{option: value})
 
 
@@ -291,7 +302,7 @@ def test_kto_loss_and_gradient_equal_trl(tmp_path, model_path, precompute):
 
 def test_kto_unsupported_loss_type_raises(tmp_path, model_path):
     from gro_kernels.integrations.trl import GROKTOTrainer
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="loss_type=.* not supported by gro_kernels"):
         kto_trainer(tmp_path, model_path, cls=GROKTOTrainer, loss_type="apo_zero_unpaired")
 
 
