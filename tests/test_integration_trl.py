@@ -352,3 +352,21 @@ def test_grpo_ddp_two_processes_match_trl(tmp_path, model_path, loss_type):
         for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"):
             if key in r:
                 assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+
+
+def test_kto_train_end_to_end_matches_trl(tmp_path, model_path):
+    from trl import KTOTrainer
+    from gro_kernels.integrations.trl import GROKTOTrainer
+    runs = {}
+    for cls in (KTOTrainer, GROKTOTrainer):
+        trainer = kto_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3, gradient_accumulation_steps=2,
+                              per_device_train_batch_size=2)
+        trainer.train()
+        runs[cls] = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history)
+    (ref, ref_log), (ours, our_log) = runs[KTOTrainer], runs[GROKTOTrainer]
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
+    for r, o in zip(ref_log, our_log):
+        for key in ("loss", "grad_norm", "kl", "rewards/chosen", "logits/chosen", "entropy"):
+            if key in r:
+                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
