@@ -48,7 +48,7 @@ def grpo_config(tmp_path, **overrides):
 
 # ---- the same batch through TRL's loss and through gro_kernels' --------------------------------------
 
-def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, seed=0, B=4, P=4, K=6):
+def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, seed=0, B=4, P=4, K=6):
     """A GRPO micro-batch in TRL's layout: left-padded prompts, right-padded completions (one empty),
     advantages, and old / reference log-probs that differ from the policy's (so ratios clip)."""
     g = torch.Generator().manual_seed(seed)
@@ -71,6 +71,11 @@ def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, seed=0, B=4, P=4, 
         batch["old_per_token_logps"] = logp + 0.4 * torch.randn(B, K, generator=g)
     if beta:
         batch["ref_per_token_logps"] = logp + 0.3 * torch.randn(B, K, generator=g)
+    if vllm_is:  # TRL's truncated / masked importance ratio (token or sequence level): >= 0, some exactly 0
+        shape = (B, K) if vllm_is == "token" else (B, 1)
+        ratio = torch.exp(0.3 * torch.randn(shape, generator=g)).clamp(max=1.5)
+        ratio[0, 0] = 0.0
+        batch["importance_sampling_ratio"] = ratio
     if tool_mask:
         tm = torch.ones(B, K, dtype=torch.long)
         tm[1, 1] = 0
@@ -94,11 +99,20 @@ def compare_grpo(tmp_path, model_path, batch_kw, gas=1, **config):
                           processing_class=build_tokenizer())
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = gas
+    if batch_kw.get("vllm_is"):  # vLLM is not installed here: switch TRL's correction on after construction
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    if batch_kw.pop("last_entropy", None) is not None:  # the adaptive controller's previous step
+        trainer._last_world_entropy = 0.0  # below the target: this step applies the bonus
+    state = lambda: (trainer.entropy_coef, trainer._last_world_entropy)  # noqa: E731
+    start = state()
     batch = grpo_batch(trainer, beta=config.get("beta", 0.0), **batch_kw)
     ref = loss_grads_metrics(trainer, batch)
+    ref_state = state()
+    trainer.entropy_coef, trainer._last_world_entropy = start  # the adaptive controller starts over
     patch_trainer(trainer)
     assert type(trainer).__name__ == "GROGRPOTrainer"
     ours = loss_grads_metrics(trainer, batch)
+    assert state() == pytest.approx(ref_state)
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=1e-6)
     assert_grads_close(ours[1], ref[1])
     assert ours[2].keys() == ref[2].keys()
@@ -120,13 +134,20 @@ CASES = [
     ("cispo", dict(epsilon_high=5.0, entropy_coef=0.05), dict(off_policy=False)),
     ("grpo", dict(importance_sampling_level="sequence", temperature=0.7, cast_lm_head_to_fp32=True),
      dict(off_policy=True)),
+    ("dapo", dict(beta=0.04, use_bias_correction_kl=False, delta=1.5), dict(off_policy=True, vllm_is="token")),
+    ("grpo", dict(importance_sampling_level="sequence"), dict(off_policy=True, vllm_is="sequence")),
+    # adaptive entropy: bonus on (last step's entropy 0 <= target), coefficient raised after the step ...
+    ("bnpo", dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0),
+     dict(off_policy=True, last_entropy=0.0)),
+    # ... and TRL's first step (no entropy seen yet): bonus off, coefficient lowered after the step
+    ("cispo", dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=0.1), dict(off_policy=True)),
 ]
 
 
 @pytest.mark.parametrize("gas", [1, 2])
 @pytest.mark.parametrize("loss_type,config,batch_kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_grpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, config, batch_kw, gas):
-    compare_grpo(tmp_path, model_path, batch_kw, gas=gas, loss_type=loss_type, **config)
+    compare_grpo(tmp_path, model_path, dict(batch_kw), gas=gas, loss_type=loss_type, **config)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
@@ -150,7 +171,7 @@ def test_grpo_every_loss_type_of_the_map_is_tested():
 @pytest.mark.parametrize("option,value,extra", [
     ("loss_type", "sapo", {}), ("loss_type", "vespo", {}), ("loss_type", "luspo", {}),
     ("use_bias_correction_kl", True, {"beta": 0.04}), ("off_policy_mask_threshold", 0.5, {}),
-    ("top_entropy_quantile", 0.2, {}), ("use_adaptive_entropy", True, {}),
+    ("top_entropy_quantile", 0.2, {}), ("use_adaptive_entropy", True, {"loss_type": "grpo"}),
     ("entropy_coef", 0.01, {"loss_type": "grpo"}),
 ])
 def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value, extra):
@@ -160,18 +181,6 @@ def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, 
     with pytest.raises(ValueError, match=f"{option}=.* not supported by gro_kernels"):
         GROGRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
                        processing_class=build_tokenizer())
-
-
-def test_grpo_vllm_importance_sampling_correction_raises():
-    from types import SimpleNamespace
-    from gro_kernels.integrations.trl import GRPO_UNSUPPORTED, _check
-    args = SimpleNamespace(loss_type="dapo", beta=0.0, use_bias_correction_kl=True, off_policy_mask_threshold=None,
-                           top_entropy_quantile=1.0, use_vllm=True, vllm_importance_sampling_correction=True,
-                           use_adaptive_entropy=False, entropy_coef=0.0)
-    with pytest.raises(ValueError, match="vllm_importance_sampling_correction"):
-        _check(args, GRPO_UNSUPPORTED, "GRPOTrainer")
-    args.vllm_importance_sampling_correction = False
-    _check(args, GRPO_UNSUPPORTED, "GRPOTrainer")
 
 
 def test_grpo_per_token_logprob_step_runs_on_gro_kernels(tmp_path, model_path):

@@ -34,10 +34,10 @@ def inputs(per_sequence_advantages, seed=0, B=6, T=9):
     return old, logp, adv.contiguous(), mask
 
 
-def run(fn, old, logp, adv, mask, mode, config):
+def run(fn, old, logp, adv, mask, mode, config, weights=None):
     logp.grad = None
     loss, metrics = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=mode,
-                       config=config)
+                       config=config, rollout_is_weights=weights)
     loss.backward()
     return loss.detach(), logp.grad.clone(), metrics
 
@@ -60,21 +60,37 @@ def test_gro_loss_equals_verl_loss(name, mode, global_info):
         assert ours[2][key] == pytest.approx(theirs[2][key], rel=1e-9, abs=1e-12), key
 
 
+@pytest.mark.parametrize("name,level", [("vanilla", "token"), ("gpg", "token"), ("gspo", "sequence")])
+def test_gro_loss_with_rollout_correction_weights_equals_verl(name, level):
+    # rollout correction (TIS / MIS): a non-negative weight per token (or per sequence), some exactly 0
+    register()
+    config = actor_config()
+    old, logp, adv, mask = inputs(per_sequence_advantages=VERL_LOSSES[name][1], seed=3)
+    g = torch.Generator().manual_seed(4)
+    w = torch.rand(adv.shape[0], adv.shape[1] if level == "token" else 1, generator=g, dtype=torch.float64) * 2
+    w[0, 0] = 0.0
+    w = w.expand_as(adv).contiguous()
+    theirs = run(core_algos.get_policy_loss_fn(name), old, logp, adv, mask, "token-mean", config, w)
+    ours = run(core_algos.get_policy_loss_fn(f"gro_{name}"), old, logp, adv, mask, "token-mean", config, w)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-9, atol=1e-12)
+
+
 def test_every_verl_loss_is_mapped_or_listed():
     assert set(core_algos.POLICY_LOSS_REGISTRY) - {n for n in core_algos.POLICY_LOSS_REGISTRY if n.startswith("gro_")} \
         <= set(VERL_LOSSES) | set(VERL_NOT_COVERED)
     assert set(VERL_LOSSES).isdisjoint(VERL_NOT_COVERED)
 
 
-def test_dual_clip_and_rollout_weights_raise_naming_the_option():
+def test_dual_clip_negative_weights_and_varying_gspo_advantages_raise():
     register()
     old, logp, adv, mask = inputs(per_sequence_advantages=False)
     fn = core_algos.get_policy_loss_fn("gro_vanilla")
     with pytest.raises(ValueError, match="clip_ratio_c"):
         fn(old, logp, adv, mask, "token-mean", actor_config(clip_ratio_c=3.0))
     with pytest.raises(ValueError, match="rollout_is_weights"):
-        fn(old, logp, adv, mask, "token-mean", actor_config(), rollout_is_weights=torch.ones_like(mask))
-    with pytest.raises(ValueError, match="advantages vary"):
+        fn(old, logp, adv, mask, "token-mean", actor_config(), rollout_is_weights=-torch.ones_like(mask))
+    with pytest.raises(ValueError, match="vary along a sequence"):
         core_algos.get_policy_loss_fn("gro_gspo")(old, logp, adv, mask, "token-mean", actor_config())
 
 

@@ -56,14 +56,18 @@ GRPO_UNSUPPORTED = [
      "off-policy sequence masking is not in the objective yet"),
     ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0,
      "the high-entropy token mask is not in the objective yet"),
-    ("vllm_importance_sampling_correction", lambda a: a.use_vllm and a.vllm_importance_sampling_correction,
-     "the vLLM importance-sampling correction is not in the objective yet; set it to False"),
-    ("use_adaptive_entropy", lambda a: a.use_adaptive_entropy,
-     "the adaptive entropy-coefficient controller is not mapped"),
     ("entropy_coef", lambda a: a.entropy_coef != 0 and a.loss_type == "grpo",
      "TRL's entropy bonus is a token mean while loss_type='grpo' averages per sequence; the objective "
      "weights both terms alike (use bnpo, dr_grpo, dapo or cispo with an entropy bonus)"),
+    ("use_adaptive_entropy", lambda a: a.use_adaptive_entropy and a.loss_type == "grpo",
+     "the entropy bonus cannot be combined with loss_type='grpo' (see entropy_coef)"),
 ]
+# Mapped without an option of their own:
+# - vLLM importance-sampling correction (every vllm_importance_sampling_mode): TRL multiplies the policy
+#   term by a non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w.
+# - use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to entropy_coef.
+# - Everything TRL does before the loss: scale_rewards, reward_weights, multi_objective_aggregation,
+#   mask_truncated_completions, num_iterations, steps_per_generation (the old log-probs), tool_mask (the mask).
 
 
 def grpo_options(trainer) -> dict:
@@ -180,34 +184,70 @@ class _GROGRPOLoss:
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
         advantages = inputs["advantages"]
+        weighted = advantages
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
+            weighted = ((advantages.unsqueeze(1) if advantages.dim() == 1 else advantages)
+                        * inputs["importance_sampling_ratio"]).expand(mask.shape)
         old_logp = inputs.get("old_per_token_logps")  # None: on-policy, the objective uses sg[logp]
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         options = grpo_options(self)
-        options["entropy_coef"] = self._gro_entropy_coef(kind, mask, completion_ids, num_items, accumulation)
+        bonus = self._gro_bonus_coef()
+        options["entropy_coef"] = self._gro_entropy_coef(bonus, kind, mask, completion_ids, num_items, accumulation)
 
         call = GROCall(keep=keep, kwargs=dict(
-            mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
+            mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp,
             num_items_in_batch=num_items, return_entropy=True, **options))
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, gro=call)
         loss = out.loss / accumulation if kind["normalizer"] == "accumulation" else out.loss
-        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options, accumulation)
+        if self._entropy_bonus_enabled:
+            self._gro_entropy_bookkeeping(mode, out, mask, bonus, accumulation)
+        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options)
         return loss
 
-    def _gro_entropy_coef(self, kind, mask, completion_ids, num_items, accumulation):
-        """TRL's bonus is `entropy_coef * token-mean entropy / accumulation`; the objective weights the
-        entropy with its own aggregation coefficients, so rescale the coefficient to make them equal."""
-        if self.entropy_coef == 0:
+    def _gro_bonus_coef(self):
+        """The entropy coefficient TRL applies this step (its adaptive controller gates it on last step's entropy)."""
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def _gro_entropy_coef(self, coef, kind, mask, completion_ids, num_items, accumulation):
+        """TRL's bonus is `coef * token-mean entropy / accumulation`; the objective weights the entropy
+        with its own aggregation coefficients, so rescale the coefficient to make them equal."""
+        if coef == 0:
             return 0.0
         tokens = mask.sum().clamp(min=1.0).item()
         if kind["loss_agg"] == "token_mean" and num_items is None:   # bnpo: mask / tokens, then / accumulation
-            return self.entropy_coef
+            return coef
         if kind["loss_agg"] == "seq_mean_token_sum_norm":           # dr_grpo: mask / (B L), then / accumulation
-            return self.entropy_coef * completion_ids.size(0) * self.max_completion_length / tokens
+            return coef * completion_ids.size(0) * self.max_completion_length / tokens
         # dapo, cispo: mask / num_items, not divided afterwards
-        return self.entropy_coef * float(num_items) / (tokens * accumulation)
+        return coef * float(num_items) / (tokens * accumulation)
 
-    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options, accumulation):
+    def _gro_entropy_bookkeeping(self, mode, out, mask, coef, accumulation):
+        """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy."""
+        # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division
+        bonus = coef * out.metrics["entropy"] / (1 if self.loss_type in ("bnpo", "dr_grpo") else accumulation)
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            tokens = mask.sum().float()
+            stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])  # sum of H, count
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:  # end of the accumulation window: update for the next step
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:  # entropy too low: raise the bonus (capped), else lower it
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options):
         """The metrics TRL's _compute_loss logs, from the detached log-probs."""
         logp = out.log_probs
         mask = mask.to(logp.dtype)
@@ -225,13 +265,6 @@ class _GROGRPOLoss:
 
         def masked_seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
-
-        if self._entropy_bonus_enabled:
-            # TRL's policy_loss is the loss before the entropy bonus and before the accumulation division
-            bonus = self.entropy_coef * out.metrics["entropy"] / (1 if self.loss_type in ("bnpo", "dr_grpo") else accumulation)
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
-            if mode == "train" and self.accelerator.sync_gradients:
-                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
         if self.beta != 0.0:
             diff = ref_logp - logp

@@ -101,21 +101,24 @@ def gro_policy_loss(name):
                 rollout_is_weights=None):
         if config is None:
             raise ValueError(f"gro_{name}: config (verl's ActorConfig) is required")
-        if rollout_is_weights is not None:
-            raise ValueError(f"gro_{name}: rollout_is_weights (rollout correction) is not in the objective yet; "
-                             "disable algorithm.rollout_correction")
         clip_c = config.get("clip_ratio_c", 3.0)
         if name == "vanilla" and math.isfinite(clip_c):
             raise ValueError(f"gro_vanilla: clip_ratio_c={clip_c!r} (dual-clip PPO) is not in the objective yet; "
                              "set actor.clip_ratio_c=inf")
         mask = response_mask.bool()
         adv = advantages
+        if rollout_is_weights is not None:
+            # verl multiplies each token's loss by a non-negative rollout-correction weight w: for the
+            # token-level losses that is the objective with advantages A * w
+            if (rollout_is_weights < 0).any():
+                raise ValueError(f"gro_{name}: rollout_is_weights must be non-negative")
+            adv = adv * rollout_is_weights
         if per_sequence:
             # The objective's sequence ratio carries one advantage per sequence, as GSPO's outcome advantages
             row = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             if ((adv - row[:, None]).abs() * mask).max() > 1e-6 * (1 + row.abs().max()):
-                raise ValueError(f"gro_{name}: advantages vary along a sequence; the objective's sequence-level "
-                                 "ratio needs one advantage per sequence")
+                raise ValueError(f"gro_{name}: advantages (times rollout_is_weights, if given) vary along a "
+                                 "sequence; the objective's sequence-level ratio needs one value per sequence")
             adv = row
         low, high = _clip_range(config)
         agg, factor = _normalization(loss_agg_mode, mask, config.global_batch_info)
