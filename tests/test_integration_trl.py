@@ -276,14 +276,15 @@ def dpo_trainer(tmp_path, model_path, cls=None, **config):
                                processing_class=build_tokenizer())
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "ipo", "apo_zero"])
 @pytest.mark.parametrize("precompute", [False, True])
 def test_dpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, precompute):
     compare_preference(dpo_trainer(tmp_path, model_path, loss_type=[loss_type], beta=0.3,
                                    precompute_ref_log_probs=precompute, loss_weights=[0.5] if precompute else None))
 
 
-@pytest.mark.parametrize("option,value", [("loss_type", ["hinge"]), ("loss_type", ["sigmoid", "sft"]),
+@pytest.mark.parametrize("option,value", [("loss_type", ["hinge"]), ("loss_type", ["apo_down"]),
+                                          ("loss_type", ["sigmoid", "sft"]),
                                           ("ld_alpha", 0.5), ("use_weighting", True),
                                           ("f_divergence_type", "js_divergence")])
 def test_dpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value):
@@ -301,18 +302,14 @@ def kto_trainer(tmp_path, model_path, cls=None, **config):
                                processing_class=build_tokenizer())
 
 
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
 @pytest.mark.parametrize("precompute", [False, True])
-def test_kto_loss_and_gradient_equal_trl(tmp_path, model_path, precompute):
+def test_kto_loss_and_gradient_equal_trl(tmp_path, model_path, precompute, loss_type):
     metrics = compare_preference(kto_trainer(tmp_path, model_path, beta=0.5, desirable_weight=1.0,
-                                             undesirable_weight=1.5, precompute_ref_log_probs=precompute))
-    if not precompute:
+                                             undesirable_weight=1.5, precompute_ref_log_probs=precompute,
+                                             loss_type=loss_type))
+    if not precompute and loss_type == "kto":
         assert metrics["kl"][0] > 0  # the reference point z0 is exercised
-
-
-def test_kto_unsupported_loss_type_raises(tmp_path, model_path):
-    from gro_kernels.integrations.trl import GROKTOTrainer
-    with pytest.raises(ValueError, match="loss_type=.* not supported by gro_kernels"):
-        kto_trainer(tmp_path, model_path, cls=GROKTOTrainer, loss_type="apo_zero_unpaired")
 
 
 def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path):

@@ -87,28 +87,32 @@ def grpo_options(trainer) -> dict:
 
 
 # DPOConfig.loss_type -> gro_loss options (TRL's ipo and sigmoid_norm average the log-ratio per token).
+# apo_zero is a sum of two per-sequence terms, 1 - sigma(beta D_w) + sigma(beta D_l): KTO's weighting with
+# the reference point 0; TRL averages it over pairs and the objective over sequences, hence "scale": 2.
 DPO_LOSS_TYPES = {
     "sigmoid":      dict(method="dpo"),
     "sigmoid_norm": dict(method="dpo", length_normalize=True),
     "ipo":          dict(method="ipo", length_normalize=True),
+    "apo_zero":     dict(method="kto", anchor_value=0.0, scale=2.0),
 }
 
 DPO_UNSUPPORTED = [
     ("loss_type", lambda a: len(a.loss_type) != 1 or a.loss_type[0] not in DPO_LOSS_TYPES,
      f"the GRO objective covers one loss_type in {sorted(DPO_LOSS_TYPES)} (not hinge, robust, exo_pair, "
-     "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, nor a list of them)"),
+     "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_down, discopop, sft, nor a list of them)"),
     ("f_divergence_type", lambda a: a.f_divergence_type != "reverse_kl",
      "only the reverse-KL (standard DPO) score is in the objective"),
     ("ld_alpha", lambda a: a.ld_alpha is not None, "LD-DPO's down-weighted tail is not in the objective"),
     ("use_weighting", lambda a: a.use_weighting, "WPO weighting is not in the objective"),
 ]
 
-# KTOConfig.loss_type -> gro_loss options.
-KTO_LOSS_TYPES = {"kto": dict(method="kto")}
+# KTOConfig.loss_type -> gro_loss options. The reference point z0 is TRL's batch KL estimate for kto;
+# for apo_zero_unpaired TRL estimates no KL and z0 = 0 (1 - sigma(beta D) desirable, sigma(beta D) not).
+KTO_LOSS_TYPES = {"kto": dict(method="kto"), "apo_zero_unpaired": dict(method="kto")}
 
 KTO_UNSUPPORTED = [
     ("loss_type", lambda a: a.loss_type not in KTO_LOSS_TYPES,
-     f"the GRO objective covers loss_type in {sorted(KTO_LOSS_TYPES)} (not apo_zero_unpaired)"),
+     f"the GRO objective covers loss_type in {sorted(KTO_LOSS_TYPES)}"),
 ]
 
 
@@ -349,11 +353,12 @@ class _GRODPOLoss:
 
         pair = torch.arange(n, device=targets.device)
         options = dict(DPO_LOSS_TYPES[self.loss_types[0]], beta=self.beta)
+        scale = options.pop("scale", 1.0) * self.loss_weights[0]
         call = GROCall(keep=targets.shape[1], extras=True, kwargs=dict(
             group_ids=torch.cat([pair, pair]), labels=torch.cat([torch.ones(n), -torch.ones(n)]).to(targets.device),
             ref_logp=_sums_as_tokens(ref_sums, mask), return_entropy=True, **options))
         outputs = model(**model_kwargs, labels=labels, gro=call)
-        loss = outputs.loss * self.loss_weights[0]
+        loss = outputs.loss * scale
         self._gro_log_metrics(mode, inputs, outputs, mask, ref_sums, n)
         if return_outputs:  # as TRL: the logits only come from an extra forward
             with torch.no_grad():
