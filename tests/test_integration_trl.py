@@ -84,20 +84,21 @@ def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, seed
 
 
 def loss_grads_metrics(trainer, batch):
+    mode = "train" if trainer.model.training else "eval"
     trainer.model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
+    trainer._metrics[mode].clear()
     trainer._total_train_tokens = 0  # a running count: start both runs from the same value
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    metrics = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    metrics = {k: list(v) for k, v in trainer._metrics[mode].items()}
     return loss.detach(), grads(trainer.model), metrics
 
 
-def compare_grpo(tmp_path, model_path, batch_kw, gas=1, **config):
+def compare_grpo(tmp_path, model_path, batch_kw, gas=1, train=True, **config):
     args = grpo_config(tmp_path, gradient_accumulation_steps=gas, **config)
     trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
                           processing_class=build_tokenizer())
-    trainer.model.train()
+    trainer.model.train(train)
     trainer.current_gradient_accumulation_steps = gas
     if batch_kw.get("vllm_is"):  # vLLM is not installed here: switch TRL's correction on after construction
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
@@ -156,6 +157,13 @@ def test_grpo_steps_per_generation_normalizer(tmp_path, model_path, loss_type):
     # and the num_items normalizer is rescaled by accumulation / steps_per_generation (TRL's rule).
     compare_grpo(tmp_path, model_path, dict(off_policy=True), gas=2, loss_type=loss_type, steps_per_generation=4,
                  num_iterations=2)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_eval_mode_equal_trl(tmp_path, model_path, loss_type):
+    # evaluation: no accumulation division, num_items not rescaled, metrics go to the eval log
+    compare_grpo(tmp_path, model_path, dict(off_policy=True), gas=2, train=False, loss_type=loss_type, beta=0.04,
+                 use_bias_correction_kl=False, steps_per_generation=4)
 
 
 def test_grpo_tied_embeddings(tmp_path, tied_model_path):
