@@ -48,7 +48,8 @@ def worker(impl, vocab, device, path):
     trainer.current_gradient_accumulation_steps = 1
     dev = trainer.accelerator.device
     g = torch.Generator().manual_seed(0)
-    batch = dict(prompt_ids=torch.randint(2, vocab, (B, P), generator=g), prompt_mask=torch.ones(B, P, dtype=torch.long),
+    batch = dict(prompt_ids=torch.randint(2, vocab, (B, P), generator=g),
+                 prompt_mask=torch.ones(B, P, dtype=torch.long),
                  completion_ids=torch.randint(2, vocab, (B, K), generator=g),
                  completion_mask=torch.ones(B, K, dtype=torch.long), advantages=torch.randn(B, generator=g),
                  num_items_in_batch=torch.tensor(float(B * K)), old_per_token_logps=-10 * torch.rand(B, K, generator=g))
@@ -71,7 +72,8 @@ def worker(impl, vocab, device, path):
         times.append(time.perf_counter() - t)
         trainer.model.zero_grad(set_to_none=False)
     print(f"{impl:>4}  V={vocab}  tokens={B * K}  loss {loss.item():+.6f}  median {sorted(times[1:])[1] * 1e3:.0f} ms  "
-          f"peak {'allocated' if cuda else 'RSS'} {memory() / 2**20:.0f} MiB (before the first step {before / 2**20:.0f} MiB)")
+          f"peak {'allocated' if cuda else 'RSS'} {memory() / 2**20:.0f} MiB "
+          f"(before the first step {before / 2**20:.0f} MiB)")
 
 
 def main():

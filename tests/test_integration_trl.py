@@ -3,8 +3,6 @@ the patched one gives the same loss, the same gradient of every model parameter 
 
 A tiny Llama and a character tokenizer are built locally (tests/trl_fixtures.py): nothing is downloaded.
 """
-import copy
-
 import pytest
 import torch
 

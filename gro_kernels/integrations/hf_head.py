@@ -138,14 +138,15 @@ def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
             weight = weight.to(hidden.dtype)
             bias = bias.to(hidden.dtype) if bias is not None else None
         # gro_kernels keeps float32 statistics itself; autocast must not recast inside its chunks.
-        no_autocast = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(hidden.device.type) \
-            else nullcontext()
+        device = hidden.device.type
+        no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
         mask = targets != -100
         with no_autocast:
             if gro is not None:
                 out = gro_loss(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend,
                                **gro.kwargs)
-                extras = logit_extras(hidden, weight, bias, targets, temperature=temperature) if gro.extras else (None, None)
+                extras = (logit_extras(hidden, weight, bias, targets, temperature=temperature) if gro.extras
+                          else (None, None))
                 return GROHeadOutput(loss=out.loss, log_probs=out.logp, label_mask=mask, metrics=out.metrics,
                                      mean_logits=extras[0], is_top1=extras[1])
             stats = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,

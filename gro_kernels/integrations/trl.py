@@ -237,7 +237,8 @@ class _GROGRPOLoss:
         if self.use_adaptive_entropy and mode == "train":
             tokens = mask.sum().float()
             stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])  # sum of H, count
-            self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
             if self.accelerator.sync_gradients:  # end of the accumulation window: update for the next step
                 total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
                 world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
@@ -390,7 +391,8 @@ class _GRODPOLoss:
         rejected_rewards = self.beta * (rejected_logps - ref_sums[n:])
         self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
         self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
-        self._metrics[mode]["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        self._metrics[mode]["rewards/accuracies"].append(acc.gather(accuracies).mean().item())
         self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
         self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps).mean().item())
         self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps).mean().item())
