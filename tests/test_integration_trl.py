@@ -164,6 +164,23 @@ def test_grpo_eval_mode_equal_trl(tmp_path, model_path, loss_type):
                  use_bias_correction_kl=False, steps_per_generation=4)
 
 
+def test_grpo_bf16_autocast_close_to_trl(tmp_path, model_path):
+    """Under bf16 autocast TRL's head rounds its logits to bf16 while gro_kernels keeps float32 statistics
+    (the head's matmul still takes the activations' dtype): agreement at bf16 level, not float32 level."""
+    args = grpo_config(tmp_path, loss_type="dapo", bf16=True)
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
+                          processing_class=build_tokenizer())
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = grpo_batch(trainer, off_policy=True, beta=0.0)
+    ref = loss_grads_metrics(trainer, batch)
+    patch_trainer(trainer)
+    ours = loss_grads_metrics(trainer, batch)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-3, atol=1e-5)
+    for name in ref[1]:
+        assert (ours[1][name] - ref[1][name]).norm() <= 2e-2 * ref[1][name].norm() + 1e-7, name
+
+
 def test_grpo_tied_embeddings(tmp_path, tied_model_path):
     # the lm_head weight is the input embedding: its gradient has both contributions, as in TRL
     compare_grpo(tmp_path, tied_model_path, dict(off_policy=True), gas=2, loss_type="dapo", beta=0.04,
