@@ -19,7 +19,7 @@ MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
 
 def actor_config(**kw):
     base = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=1, ppo_mini_batch_size=4,
-                clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=math.inf)
+                clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
     base.update(kw)
     return ActorConfig(**base)
 
@@ -31,7 +31,12 @@ def inputs(per_sequence_advantages, seed=0, B=6, T=9):
     lengths = torch.tensor([9, 5, 1, 0, 7, 3])[:B]
     mask = (torch.arange(T)[None] < lengths[:, None]).float()
     adv = torch.randn(B, 1 if per_sequence_advantages else T, generator=g, dtype=torch.float64).expand(B, T)
-    return old, logp, adv.contiguous(), mask
+    adv = adv.contiguous()
+    adv[0], adv[4] = -adv[0].abs(), adv[4].abs()
+    with torch.no_grad():  # ratios of 4.5 on a negative and a positive advantage: dual clip and clip bind
+        logp[0, :2] = old[0, :2] + 1.5
+        logp[4, :2] = old[4, :2] + 1.5
+    return old, logp, adv, mask
 
 
 def run(fn, old, logp, adv, mask, mode, config, weights=None):
@@ -42,13 +47,17 @@ def run(fn, old, logp, adv, mask, mode, config, weights=None):
     return loss.detach(), logp.grad.clone(), metrics
 
 
-@pytest.mark.parametrize("name", list(VERL_LOSSES))
+# clip_ratio_c only matters to vanilla: dual-clip PPO on (verl's default, 3.0) and off
+LOSSES = [(name, c) for name in VERL_LOSSES for c in ([3.0, math.inf] if name == "vanilla" else [3.0])]
+
+
+@pytest.mark.parametrize("name,clip_c", LOSSES, ids=[f"{n}-c{c}" for n, c in LOSSES])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("global_info", [{}, dict(dp_size=2, batch_num_tokens=40, global_batch_size=10,
                                                   loss_scale_factor=12)])
-def test_gro_loss_equals_verl_loss(name, mode, global_info):
+def test_gro_loss_equals_verl_loss(name, mode, global_info, clip_c):
     register()
-    config = actor_config()
+    config = actor_config(clip_ratio_c=clip_c)
     config.global_batch_info.update(global_info)
     data = inputs(per_sequence_advantages=VERL_LOSSES[name][1], seed=hash((name, mode)) % 100)
     theirs = run(core_algos.get_policy_loss_fn(name), *data, mode, config)
@@ -87,7 +96,7 @@ def test_dual_clip_negative_weights_and_varying_gspo_advantages_raise():
     old, logp, adv, mask = inputs(per_sequence_advantages=False)
     fn = core_algos.get_policy_loss_fn("gro_vanilla")
     with pytest.raises(ValueError, match="clip_ratio_c"):
-        fn(old, logp, adv, mask, "token-mean", actor_config(clip_ratio_c=3.0))
+        fn(old, logp, adv, mask, "token-mean", actor_config(clip_ratio_c=1.1))
     with pytest.raises(ValueError, match="rollout_is_weights"):
         fn(old, logp, adv, mask, "token-mean", actor_config(), rollout_is_weights=-torch.ones_like(mask))
     with pytest.raises(ValueError, match="vary along a sequence"):

@@ -101,10 +101,16 @@ def gro_policy_loss(name):
                 rollout_is_weights=None):
         if config is None:
             raise ValueError(f"gro_{name}: config (verl's ActorConfig) is required")
+        low, high = _clip_range(config)
+        dual = {}
         clip_c = config.get("clip_ratio_c", 3.0)
         if name == "vanilla" and math.isfinite(clip_c):
-            raise ValueError(f"gro_vanilla: clip_ratio_c={clip_c!r} (dual-clip PPO) is not in the objective yet; "
-                             "set actor.clip_ratio_c=inf")
+            # Dual-clip PPO bounds a negative advantage's ratio at clip_ratio_c: the objective's `delta`
+            # (min(min(r, delta) A, clip(r) A)) is the same function whenever delta >= 1 + clip_ratio_high.
+            if clip_c < 1 + high:
+                raise ValueError(f"gro_vanilla: clip_ratio_c={clip_c!r} below 1 + clip_ratio_high={1 + high!r} is "
+                                 "not the objective's delta")
+            dual = dict(delta=clip_c)
         mask = response_mask.bool()
         adv = advantages
         if rollout_is_weights is not None:
@@ -120,20 +126,19 @@ def gro_policy_loss(name):
                 raise ValueError(f"gro_{name}: advantages (times rollout_is_weights, if given) vary along a "
                                  "sequence; the objective's sequence-level ratio needs one value per sequence")
             adv = row
-        low, high = _clip_range(config)
         agg, factor = _normalization(loss_agg_mode, mask, config.global_batch_info)
         num_items = agg.pop("num_items_in_batch", None)
         out = gro_objective(log_prob, method="gro", mask=mask, advantages=adv, old_logp=old_log_prob,
                             num_items_in_batch=num_items, eps_low=low, eps_high=high, kl_coef=0.0,
-                            entropy_coef=0.0, **options, **agg)
-        return out.loss * factor, _metrics(name, old_log_prob, log_prob, advantages, mask, low, high)
+                            entropy_coef=0.0, **options, **dual, **agg)
+        return out.loss * factor, _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c)
 
     loss_fn.__name__ = f"gro_policy_loss_{name}"
     return loss_fn
 
 
 @torch.no_grad()
-def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high):
+def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c):
     """verl's pg metrics for the loss, from detached log-probs."""
     if name == "gpg":
         return {}
@@ -150,8 +155,11 @@ def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high):
     else:
         ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high)
+    lower = 0.0
+    if name == "vanilla":  # where the dual clip binds (negative advantages past clip_ratio_c)
+        lower = masked_mean((torch.maximum(unclipped, clipped) > -advantages * clip_c).float() * (advantages < 0))
     return {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float()),
-            "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": 0.0}
+            "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": lower}
 
 
 def _gro_fused_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):

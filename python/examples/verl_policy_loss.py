@@ -4,12 +4,9 @@
     python python/examples/verl_policy_loss.py
 
 In a verl run, call `register()` in the worker process before the actor is built and set
-`actor_rollout_ref.actor.policy_loss.loss_mode=gro_vanilla` (or gro_gspo, gro_gpg), plus
-`actor_rollout_ref.actor.clip_ratio_c=inf` (dual clip is not in the objective yet). This script
+`actor_rollout_ref.actor.policy_loss.loss_mode=gro_vanilla` (or gro_gspo, gro_gpg). This script
 checks the registered loss against verl's own on one random batch (no model, no cluster).
 """
-import math
-
 import torch
 from verl.trainer.ppo import core_algos
 from verl.workers.config.actor import ActorConfig
@@ -20,7 +17,7 @@ from gro_kernels.integrations.verl import register
 def main():
     names = register(fused_kernels=True)
     config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=1, ppo_mini_batch_size=4,
-                         clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=math.inf)
+                         clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
     torch.manual_seed(0)
     old = -3 * torch.rand(4, 16)
     logp = (old + 0.3 * torch.randn(4, 16)).clamp(max=0).requires_grad_()
