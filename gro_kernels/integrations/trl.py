@@ -29,8 +29,8 @@ __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", 
 
 # ================================================================================================
 # The option map. Extend here when the objective grows (e.g. sapo, vespo, luspo, off-policy
-# masking, vLLM importance-sampling correction, bias-corrected KL): add the loss type / option to
-# the mapping and drop its row from the *_UNSUPPORTED table.
+# masking, the high-entropy token mask, bias-corrected KL): add the loss type / option to the
+# mapping and drop its row from the *_UNSUPPORTED table.
 # ================================================================================================
 
 # GRPOConfig.loss_type -> gro_loss options, and how TRL normalizes the result:
