@@ -399,3 +399,19 @@ def test_kto_train_end_to_end_matches_trl(tmp_path, model_path):
         for key in ("loss", "grad_norm", "kl", "rewards/chosen", "logits/chosen", "entropy"):
             if key in r:
                 assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+
+
+def test_patch_trainer_keeps_a_user_subclass(tmp_path, model_path):
+    from gro_kernels.integrations.trl import _GROGRPOLoss
+
+    class MyTrainer(GRPOTrainer):
+        def my_hook(self):
+            return "kept"
+
+    trainer = MyTrainer(model=model_path, reward_funcs=reward_len, args=grpo_config(tmp_path),
+                        train_dataset=prompts_dataset(), processing_class=build_tokenizer())
+    assert patch_trainer(trainer) is trainer and patch_trainer(trainer) is trainer  # idempotent
+    assert isinstance(trainer, MyTrainer) and isinstance(trainer, _GROGRPOLoss) and trainer.my_hook() == "kept"
+    assert type(trainer).__name__ == "GROMyTrainer" and type(trainer).__mro__[1] is _GROGRPOLoss
+    with pytest.raises(TypeError, match="GRPOTrainer, DPOTrainer or KTOTrainer"):
+        patch_trainer(object())
