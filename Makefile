@@ -5,17 +5,16 @@ STAMP := .installed
 
 # Install once per pyproject change. torch first: the CPU build (2.13.0) on a machine without
 # torch, so that `torch>=2.4` is already satisfied and pip never pulls the multi-GB CUDA build;
-# a machine that already has torch (a GPU image) keeps its own. verl, a peer of
-# tests/test_loss_types_peers.py, goes in without dependencies (its pins would downgrade
-# transformers, tensordict's pyvers would downgrade packaging), then what its loss code imports:
-# about 20 s, torch, transformers and packaging untouched. OpenRLHF (its loss code only; a
-# cp311-only wheel) is optional: where it does not install, its four peer tests skip.
+# a machine that already has torch (a GPU image) keeps its own. The integrations extra (TRL 1.16
+# and verl's import needs) leaves torch alone; verl itself goes in with --no-deps (its own pins
+# would replace torch and transformers). OpenRLHF (its loss code only, a peer of
+# tests/test_loss_types_peers.py; a cp311-only wheel) is optional: where it does not install,
+# its four peer tests skip.
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[test,train]"
-	$(PYTHON) -m pip install --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0"
-	$(PYTHON) -m pip install omegaconf codetiming ray
+	$(PYTHON) -m pip install -e ".[test,train,integrations]"
+	$(PYTHON) -m pip install --no-deps "verl==0.9.1"
 	$(PYTHON) -m pip install --no-deps "openrlhf==0.11.2" || echo "openrlhf not installable here: its peer tests skip"
 	touch $(STAMP)
 

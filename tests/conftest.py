@@ -11,3 +11,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Nothing is downloaded at test time: models and tokenizers are built locally (tests/trl_fixtures.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,8 +1,5 @@
-"""`python -m gro_kernels.demo` end to end in a tiny configuration, and the examples' entry points."""
+"""`python -m gro_kernels.demo` end to end in a tiny configuration (the examples: tests/test_examples.py)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -10,8 +7,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("gro_kernels.loss")
 
 from gro_kernels import demo  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_runs_end_to_end_and_writes_summary_and_plot(tmp_path):
@@ -36,11 +31,3 @@ def test_reversal_reward_only_gives_full_credit_to_the_exact_answer():
     tok = demo.CharTokenizer()
     assert tok.decode(tok.encode("12>", add_special_tokens=True) + [tok.eos_token_id]) == "_12>"
 
-
-def test_trl_example_skips_cleanly_without_trl():
-    # TRL is hidden from the child (`sys.modules["trl"] = None` makes `import trl` fail), so this
-    # runs whether or not TRL is installed (the test extra installs it for the peer tests).
-    script = os.path.join(ROOT, "examples", "trl_grpo_trainer.py")
-    code = f"import runpy, sys; sys.modules['trl'] = None; runpy.run_path({script!r}, run_name='__main__')"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "TRL is not installed" in res.stdout

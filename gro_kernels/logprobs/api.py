@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -56,6 +57,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "triton" and not _triton_available():
+        raise ImportError("backend='triton' needs the `triton` package, which is not installed "
+                          "(pip install triton; Linux only). backend='torch' runs everywhere.")
     if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
@@ -65,11 +69,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _triton_available() -> bool:
-    try:
-        importlib.import_module("gro_kernels.kernels.epilogue")
-        return True
-    except ImportError:
-        return False
+    # Whether triton is installed: a broken kernel module must raise its own error, not read as "no triton".
+    return importlib.util.find_spec("triton") is not None
 
 
 def _backend_fn(name: str):

@@ -24,7 +24,7 @@ with torch.no_grad():
     ref_logp = gro_loss(hidden, weight + 0.01 * torch.randn(V, d), targets, method="sft").logp
     old_logp = ref_logp + 0.05 * torch.randn(B, T)
 
-print(f"{"method":>17}  {'loss':>10}  {'|grad hidden|':>13}  notes")
+print(f"{'method':>17}  {'loss':>10}  {'|grad hidden|':>13}  notes")
 for method in METHODS:
     kw = dict(ref_logp=ref_logp, old_logp=old_logp)
     if method in ("remax", "reinforce"):

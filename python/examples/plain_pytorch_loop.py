@@ -1,6 +1,6 @@
 """gro_loss in a plain PyTorch loop with a Hugging Face causal LM (no trainer class).
 
-    python examples/plain_pytorch_loop.py [--model NAME_OR_PATH] [--method grpo] [--steps 20]
+    python python/examples/plain_pytorch_loop.py [--model NAME_OR_PATH] [--method grpo] [--steps 20]
 
 Without --model it builds a tiny Llama from a config (no download) and a toy task: answer a
 prompt of digits with the same digits reversed, reward = fraction of positions right. The loop:

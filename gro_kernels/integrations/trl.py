@@ -1,0 +1,521 @@
+"""TRL drop-in: GRPOTrainer, DPOTrainer and KTOTrainer whose log-prob step and loss run on gro_kernels.
+
+    from gro_kernels.integrations.trl import GROGRPOTrainer     # same constructor as trl.GRPOTrainer
+    trainer = GROGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+    # or, on a trainer you already built:
+    trainer = patch_trainer(GRPOTrainer(...))
+
+TRL keeps everything around the loss (generation, rewards, advantages, old / reference log-probs,
+gradient accumulation, `steps_per_generation`, `num_iterations`, distribution, logging). Two
+things move to gro_kernels: TRL's fused LM head (`model(..., fused_lm_head=True)`, the per-token
+log-prob / entropy step) becomes `token_logprobs`, and the loss becomes one `gro_loss` call from
+the backbone's final hidden states and the `lm_head` weight, run inside the model's forward.
+
+Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES`,
+`grpo_options`, `DPO_LOSS_TYPES`, `KTO_LOSS_TYPES`) or listed in an `*_UNSUPPORTED` table that
+raises a `ValueError` naming it; nothing is ignored. The tests check loss and gradients against
+TRL's own trainers on the same batches (tests/test_integration_trl.py).
+"""
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer
+from trl.trainer.utils import nanmax, nanmin
+
+from .hf_head import GROCall, add_gro_head
+
+__all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
+           "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
+
+# ================================================================================================
+# The option map. Extend here when the objective grows (e.g. sapo, vespo, luspo, off-policy
+# masking, the high-entropy token mask, bias-corrected KL): add the loss type / option to the
+# mapping and drop its row from the *_UNSUPPORTED table.
+# ================================================================================================
+
+# GRPOConfig.loss_type -> gro_loss options, and how TRL normalizes the result:
+#   "accumulation": gro's aggregation, then divided by the gradient-accumulation steps (TRL's grpo, bnpo, dr_grpo);
+#   "num_items":    token_mean over `num_items_in_batch` rescaled to one accumulation window (dapo, cispo).
+GRPO_LOSS_TYPES = {
+    "grpo":    dict(surrogate="ratio_clip", loss_agg="seq_mean_token_mean",     normalizer="accumulation"),
+    "bnpo":    dict(surrogate="ratio_clip", loss_agg="token_mean",              normalizer="accumulation"),
+    "dr_grpo": dict(surrogate="ratio_clip", loss_agg="seq_mean_token_sum_norm", normalizer="accumulation"),
+    "dapo":    dict(surrogate="ratio_clip", loss_agg="token_mean",              normalizer="num_items"),
+    "cispo":   dict(surrogate="cispo",      loss_agg="token_mean",              normalizer="num_items"),
+}
+
+# GRPOConfig options that change the loss in a way the objective cannot reproduce yet:
+# (option, condition on the config, why). Each one raises at construction / patch time.
+GRPO_UNSUPPORTED = [
+    ("loss_type", lambda a: a.loss_type not in GRPO_LOSS_TYPES,
+     f"the GRO objective covers loss_type in {sorted(GRPO_LOSS_TYPES)} (not sapo, luspo, vespo yet)"),
+    ("use_bias_correction_kl", lambda a: a.beta != 0 and a.use_bias_correction_kl,
+     "the importance-weighted KL (k3 * ratio) is not in the objective yet; set use_bias_correction_kl=False "
+     "(or beta=0.0)"),
+    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None,
+     "off-policy sequence masking is not in the objective yet"),
+    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0,
+     "the high-entropy token mask is not in the objective yet"),
+    ("entropy_coef", lambda a: a.entropy_coef != 0 and a.loss_type == "grpo",
+     "TRL's entropy bonus is a token mean while loss_type='grpo' averages per sequence; the objective "
+     "weights both terms alike (use bnpo, dr_grpo, dapo or cispo with an entropy bonus)"),
+    ("use_adaptive_entropy", lambda a: a.use_adaptive_entropy and a.loss_type == "grpo",
+     "the entropy bonus cannot be combined with loss_type='grpo' (see entropy_coef)"),
+]
+# Mapped without an option of their own:
+# - vLLM importance-sampling correction (every vllm_importance_sampling_mode): TRL multiplies the policy
+#   term by a non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w.
+# - use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to entropy_coef.
+# - Everything TRL does before the loss: scale_rewards, reward_weights, multi_objective_aggregation,
+#   mask_truncated_completions, num_iterations, steps_per_generation (the old log-probs), tool_mask (the mask).
+
+
+def grpo_options(trainer) -> dict:
+    """The gro_loss options of a GRPOTrainer's config (the per-batch ones are set in the loss)."""
+    args, kind = trainer.args, GRPO_LOSS_TYPES[trainer.loss_type]
+    options = dict(
+        method="gro", surrogate=kind["surrogate"], loss_agg=kind["loss_agg"],
+        importance_sampling=trainer.importance_sampling_level, eps_high=trainer.epsilon_high,
+        kl_coef=trainer.beta, kl_estimator="k3", kl_placement="loss",
+    )
+    if kind["surrogate"] != "cispo":  # CISPO reads epsilon_high alone (its bound); the objective refuses unread options
+        options["eps_low"] = trainer.epsilon_low
+    if kind["surrogate"] == "ratio_clip":  # TRL applies delta to the clipped losses only
+        options["delta"] = args.delta
+    if kind["loss_agg"] == "seq_mean_token_sum_norm":
+        options["max_completion_length"] = trainer.max_completion_length
+    return options
+
+
+# DPOConfig.loss_type -> gro_loss options (TRL's ipo and sigmoid_norm average the log-ratio per token).
+# apo_zero is a sum of two per-sequence terms, 1 - sigma(beta D_w) + sigma(beta D_l): KTO's weighting with
+# the reference point 0; TRL averages it over pairs and the objective over sequences, hence "scale": 2.
+DPO_LOSS_TYPES = {
+    "sigmoid":      dict(method="dpo"),
+    "sigmoid_norm": dict(method="dpo", length_normalize=True),
+    "ipo":          dict(method="ipo", length_normalize=True),
+    "apo_zero":     dict(method="kto", anchor_value=0.0, scale=2.0),
+}
+
+DPO_UNSUPPORTED = [
+    ("loss_type", lambda a: len(a.loss_type) != 1 or a.loss_type[0] not in DPO_LOSS_TYPES,
+     f"the GRO objective covers one loss_type in {sorted(DPO_LOSS_TYPES)} (not hinge, robust, exo_pair, "
+     "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_down, discopop, sft, nor a list of them)"),
+    ("f_divergence_type", lambda a: a.f_divergence_type != "reverse_kl",
+     "only the reverse-KL (standard DPO) score is in the objective"),
+    ("ld_alpha", lambda a: a.ld_alpha is not None, "LD-DPO's down-weighted tail is not in the objective"),
+    ("use_weighting", lambda a: a.use_weighting, "WPO weighting is not in the objective"),
+]
+
+# KTOConfig.loss_type -> gro_loss options. The reference point z0 is TRL's batch KL estimate for kto;
+# for apo_zero_unpaired TRL estimates no KL and z0 = 0 (1 - sigma(beta D) desirable, sigma(beta D) not).
+KTO_LOSS_TYPES = {"kto": dict(method="kto"), "apo_zero_unpaired": dict(method="kto")}
+
+KTO_UNSUPPORTED = [
+    ("loss_type", lambda a: a.loss_type not in KTO_LOSS_TYPES,
+     f"the GRO objective covers loss_type in {sorted(KTO_LOSS_TYPES)}"),
+]
+
+
+def _check(args, table, who):
+    for option, is_set, why in table:
+        if is_set(args):
+            raise ValueError(f"{who}: {option}={getattr(args, option)!r} is not supported by gro_kernels: {why}")
+
+
+def _check_trainer(trainer, table, who):
+    _check(trainer.args, table, who)
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise ValueError(f"{who}: router_aux_loss_coef={trainer.args.router_aux_loss_coef!r} (the MoE load-balancing "
+                         "loss) is not supported by gro_kernels' fused head; set it to 0.0")
+    if getattr(trainer, "is_deepspeed_enabled", False) and \
+            trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError(f"{who}: DeepSpeed ZeRO-3 is not supported (the head's backward recomputes from the "
+                         "gathered weight); use ZeRO-2 or FSDP2")
+
+
+def _unwrapped(trainer, model):
+    model = trainer.accelerator.unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _patch_models(trainer, *, temperature, cast_lm_head_to_fp32=False, policy_entropy=True):
+    """Swap TRL's fused head for gro_kernels' on the policy and the reference model."""
+    pairs = [(trainer.model, policy_entropy)]
+    if getattr(trainer, "ref_model", None) is not None:
+        pairs.append((trainer.ref_model, False))
+    for model, entropy in pairs:
+        model = _unwrapped(trainer, model)
+        if not getattr(model, "_gro_head", False):
+            add_gro_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, entropy=entropy)
+            model._gro_head = True
+
+
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
+               "num_tiles", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _text_only(inputs, who):
+    given = [k for k in _MULTIMODAL if inputs.get(k) is not None]
+    if given:
+        raise ValueError(f"{who} supports text-only batches; got {', '.join(given)}")
+
+
+# ================================================================================================
+# GRPO
+# ================================================================================================
+
+class _GROGRPOLoss:
+    """GRPOTrainer._compute_loss on gro_kernels: the same loss, normalization and metrics as TRL's."""
+
+    def _compute_loss(self, model, inputs):
+        _text_only(inputs, "GROGRPOTrainer")
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-keep] = -100
+
+        kind = GRPO_LOSS_TYPES[self.loss_type]
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_items = None
+        if kind["normalizer"] == "num_items":
+            # `num_items_in_batch` spans the generation batch: rescale it to one accumulation window (as TRL)
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * accumulation / self.args.steps_per_generation
+        advantages = inputs["advantages"]
+        weighted = advantages
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
+            weighted = ((advantages.unsqueeze(1) if advantages.dim() == 1 else advantages)
+                        * inputs["importance_sampling_ratio"]).expand(mask.shape)
+        old_logp = inputs.get("old_per_token_logps")  # None: on-policy, the objective uses sg[logp]
+        ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        options = grpo_options(self)
+        bonus = self._gro_bonus_coef()
+        options["entropy_coef"] = self._gro_entropy_coef(bonus, kind, mask, completion_ids, num_items, accumulation)
+
+        call = GROCall(keep=keep, kwargs=dict(
+            mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp,
+            num_items_in_batch=num_items, return_entropy=True, **options))
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, gro=call)
+        loss = out.loss / accumulation if kind["normalizer"] == "accumulation" else out.loss
+        if self._entropy_bonus_enabled:
+            self._gro_entropy_bookkeeping(mode, out, mask, bonus, accumulation)
+        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options)
+        return loss
+
+    def _gro_bonus_coef(self):
+        """The entropy coefficient TRL applies this step (its adaptive controller gates it on last step's entropy)."""
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def _gro_entropy_coef(self, coef, kind, mask, completion_ids, num_items, accumulation):
+        """TRL's bonus is `coef * token-mean entropy / accumulation`; the objective weights the entropy
+        with its own aggregation coefficients, so rescale the coefficient to make them equal."""
+        if coef == 0:
+            return 0.0
+        tokens = mask.sum().clamp(min=1.0).item()
+        if kind["loss_agg"] == "token_mean" and num_items is None:   # bnpo: mask / tokens, then / accumulation
+            return coef
+        if kind["loss_agg"] == "seq_mean_token_sum_norm":           # dr_grpo: mask / (B L), then / accumulation
+            return coef * completion_ids.size(0) * self.max_completion_length / tokens
+        # dapo, cispo: mask / num_items, not divided afterwards
+        return coef * float(num_items) / (tokens * accumulation)
+
+    def _gro_entropy_bookkeeping(self, mode, out, mask, coef, accumulation):
+        """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy."""
+        # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division
+        bonus = coef * out.metrics["entropy"] / (1 if self.loss_type in ("bnpo", "dr_grpo") else accumulation)
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            tokens = mask.sum().float()
+            stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])  # sum of H, count
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:  # end of the accumulation window: update for the next step
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:  # entropy too low: raise the bonus (capped), else lower it
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options):
+        """The metrics TRL's _compute_loss logs, from the detached log-probs."""
+        logp = out.log_probs
+        mask = mask.to(logp.dtype)
+        old = logp if old_logp is None else old_logp
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        reduce = self.accelerator.reduce
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:  # sequence-level importance sampling: one value per sequence
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * mask).sum(), mask.sum().float()])
+            totals = reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        if self.beta != 0.0:
+            diff = ref_logp - logp
+            self._metrics[mode]["kl"].append(global_masked_mean(torch.exp(diff) - diff - 1))
+        tokens = mask.sum().float()
+        self._metrics[mode]["entropy"].append(
+            (lambda t: (t[0] / t[1].clamp(min=1.0)).item())(
+                reduce(torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens]), reduction="sum")))
+
+        log_ratio = logp - old
+        if options["importance_sampling"] == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
+        if self.loss_type == "cispo":
+            clipped = (ratio > self.epsilon_high) & (advantages > 0)
+            self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+            return
+        if options.get("delta") is not None:
+            ratio = ratio.clamp(max=options["delta"])
+        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+        self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+        self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
+        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
+
+
+def _patch_grpo(trainer):
+    _check_trainer(trainer, GRPO_UNSUPPORTED, type(trainer).__name__)
+    _patch_models(trainer, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+
+
+class GROGRPOTrainer(_GROGRPOLoss, GRPOTrainer):
+    """`trl.GRPOTrainer` with its log-prob step and loss on gro_kernels (same constructor, same results)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _patch_grpo(self)
+
+
+# ================================================================================================
+# DPO and KTO: the reference enters the objective only through its sequence sums
+# ================================================================================================
+
+def _sums_as_tokens(sums, mask):
+    """A [B,T] reference log-prob whose masked row sums are `sums` [B] (placed on each row's first
+    scored token). The implicit score D_i = sum_t m (l - lr) only reads these sums, so TRL's
+    sequence-level (possibly precomputed) reference log-probs enter the objective exactly."""
+    first = torch.zeros_like(mask, dtype=torch.bool)
+    rows = mask.any(1)
+    first[rows, mask[rows].float().argmax(1)] = True
+    return torch.where(first, sums[:, None].to(torch.float32), torch.zeros((), device=mask.device))
+
+
+def _gather_sum(accelerator, x):
+    return accelerator.gather_for_metrics(x).sum()
+
+
+class _GRODPOLoss:
+    """DPOTrainer._compute_loss on gro_kernels: the same loss and metrics as TRL's for the mapped loss types."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        _text_only(inputs, "GRODPOTrainer")
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        targets = labels[:, 1:]
+        mask = targets != -100
+        B = targets.shape[0]
+        n = B // 2  # the batch is [chosen; rejected]
+
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs)
+        ref_sums = torch.cat([ref_chosen, ref_rejected]).detach()
+
+        pair = torch.arange(n, device=targets.device)
+        options = dict(DPO_LOSS_TYPES[self.loss_types[0]], beta=self.beta)
+        scale = options.pop("scale", 1.0) * self.loss_weights[0]
+        call = GROCall(keep=targets.shape[1], extras=True, kwargs=dict(
+            group_ids=torch.cat([pair, pair]), labels=torch.cat([torch.ones(n), -torch.ones(n)]).to(targets.device),
+            ref_logp=_sums_as_tokens(ref_sums, mask), return_entropy=True, **options))
+        outputs = model(**model_kwargs, labels=labels, gro=call)
+        loss = outputs.loss * scale
+        self._gro_log_metrics(mode, inputs, outputs, mask, ref_sums, n)
+        if return_outputs:  # as TRL: the logits only come from an extra forward
+            with torch.no_grad():
+                return loss, model(**model_kwargs)
+        return loss
+
+    def _gro_log_metrics(self, mode, inputs, outputs, mask, ref_sums, n):
+        acc = self.accelerator
+        logps = outputs.log_probs.sum(1)
+        chosen_logps, rejected_logps = logps[:n], logps[n:]
+        tokens = mask.sum()
+        entropy_sum = _gather_sum(acc, outputs.metrics["entropy"] * tokens.clamp(min=1))
+        total = _gather_sum(acc, tokens)
+        self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += _gather_sum(acc, inputs["attention_mask"].sum()).item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        chosen_mask, rejected_mask = mask[:n], mask[n:]
+        for name, part, m in (("chosen", outputs.mean_logits[:n], chosen_mask),
+                              ("rejected", outputs.mean_logits[n:], rejected_mask)):
+            s, c = _gather_sum(acc, part[m].sum()).item(), _gather_sum(acc, m.sum()).item()
+            self._metrics[mode][f"logits/{name}"].append(s / c if c > 0 else 0.0)
+        correct = _gather_sum(acc, (outputs.is_top1[:n] & chosen_mask).sum())
+        total_chosen = _gather_sum(acc, chosen_mask.sum())
+        self._metrics[mode]["mean_token_accuracy"].append((correct / total_chosen).item() if total_chosen > 0 else 0.0)
+
+        chosen_rewards = self.beta * (chosen_logps - ref_sums[:n])
+        rejected_rewards = self.beta * (rejected_logps - ref_sums[n:])
+        self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        self._metrics[mode]["rewards/accuracies"].append(acc.gather(accuracies).mean().item())
+        self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps).mean().item())
+        self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps).mean().item())
+
+
+def _patch_dpo(trainer):
+    _check_trainer(trainer, DPO_UNSUPPORTED, type(trainer).__name__)
+    if list(trainer.loss_weights) != [trainer.loss_weights[0]] or len(trainer.loss_weights) != 1:
+        raise ValueError(f"{type(trainer).__name__}: loss_weights={trainer.loss_weights!r} must hold one weight")
+    _patch_models(trainer, temperature=1.0)
+
+
+class GRODPOTrainer(_GRODPOLoss, DPOTrainer):
+    """`trl.DPOTrainer` with its log-prob step and loss on gro_kernels (loss types in `DPO_LOSS_TYPES`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _patch_dpo(self)
+
+
+class _GROKTOLoss:
+    """KTOTrainer._compute_loss on gro_kernels: the same loss and metrics as TRL's for loss_type='kto'."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        _text_only(inputs, "GROKTOTrainer")
+        mode = "train" if self.model.training else "eval"
+        acc = self.accelerator
+        batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=acc.device)
+
+        KL_logps = self._compute_kl_logps(model, batch)
+        model_kwargs = {k: v for k, v in batch.items() if k not in {
+            "completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
+            "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps"}}
+        model_kwargs["use_cache"] = False
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        mask = labels[:, 1:] != -100
+
+        if self.precompute_ref_logps:
+            ref_sums, ref_KL_logps = batch["ref_logps"], batch.get("ref_KL_logps")
+        else:
+            ref_sums, ref_KL_logps = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, batch)
+        ref_sums = ref_sums.detach()
+        if self.calculate_KL:  # the reference point z0 (detached, clamped at 0 across ranks), as TRL
+            kl = acc.gather_for_metrics((KL_logps - ref_KL_logps).mean().detach()).mean().clamp(min=0)
+        else:
+            kl = torch.zeros(1, device=acc.device)
+
+        options = dict(KTO_LOSS_TYPES[self.loss_type], beta=self.beta, anchor_value=kl.item(),
+                       pos_coef=self.desirable_weight, neg_coef=self.undesirable_weight)
+        call = GROCall(keep=mask.shape[1], extras=True, kwargs=dict(
+            labels=torch.where(desirable, 1.0, -1.0), ref_logp=_sums_as_tokens(ref_sums, mask),
+            return_entropy=True, **options))
+        outputs = model(**model_kwargs, labels=labels, gro=call)
+        self._gro_log_metrics(mode, batch, outputs, mask, ref_sums, desirable, kl)
+        if return_outputs:
+            with torch.no_grad():
+                return outputs.loss, model(**model_kwargs)
+        return outputs.loss
+
+    def _gro_log_metrics(self, mode, batch, outputs, mask, ref_sums, desirable, kl):
+        acc = self.accelerator
+        self._metrics[mode]["kl"].append(kl.item())
+        tokens = mask.sum()
+        entropy_sum = _gather_sum(acc, outputs.metrics["entropy"] * tokens.clamp(min=1))
+        total = _gather_sum(acc, tokens)
+        self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += _gather_sum(acc, batch["attention_mask"].sum()).item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        logps = outputs.log_probs.sum(1)
+        rewards = self.beta * (logps - ref_sums)
+        counts = {}
+        for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
+            m = mask[rows]
+            s, c = _gather_sum(acc, outputs.mean_logits[rows][m].sum()).item(), _gather_sum(acc, m.sum()).item()
+            if c > 0:
+                self._metrics[mode][f"logits/{name}"].append(s / c)
+            counts[name] = _gather_sum(acc, rows.sum()).item()
+        for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
+            if counts[name] > 0:
+                self._metrics[mode][f"rewards/{name}"].append(
+                    acc.gather_for_metrics(rewards[rows].nansum()).nansum().item() / counts[name])
+                self._metrics[mode][f"logps/{name}"].append(
+                    acc.gather_for_metrics(logps[rows].nansum()).nansum().item() / counts[name])
+        if counts["chosen"] > 0 and counts["rejected"] > 0:
+            self._metrics[mode]["rewards/margins"].append(
+                self._metrics[mode]["rewards/chosen"][-1] - self._metrics[mode]["rewards/rejected"][-1])
+
+
+def _patch_kto(trainer):
+    _check_trainer(trainer, KTO_UNSUPPORTED, type(trainer).__name__)
+    _patch_models(trainer, temperature=1.0)
+
+
+class GROKTOTrainer(_GROKTOLoss, KTOTrainer):
+    """`trl.KTOTrainer` with its log-prob step and loss on gro_kernels (loss_type='kto')."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _patch_kto(self)
+
+
+# ================================================================================================
+# patch_trainer
+# ================================================================================================
+
+_PATCHES = [(GRPOTrainer, _GROGRPOLoss, _patch_grpo), (DPOTrainer, _GRODPOLoss, _patch_dpo),
+            (KTOTrainer, _GROKTOLoss, _patch_kto)]
+
+
+def patch_trainer(trainer):
+    """Make an existing GRPOTrainer / DPOTrainer / KTOTrainer (or a subclass) run on gro_kernels, in place.
+
+    Raises a ValueError naming the first config option gro_kernels cannot honour. Returns the trainer."""
+    for base, loss, patch in _PATCHES:
+        if isinstance(trainer, base):
+            patch(trainer)
+            cls = type(trainer)
+            if not issubclass(cls, loss):
+                trainer.__class__ = type(f"GRO{cls.__name__}", (loss, cls), {"__module__": __name__})
+            return trainer
+    raise TypeError(f"patch_trainer takes a trl GRPOTrainer, DPOTrainer or KTOTrainer, got {type(trainer).__name__}")

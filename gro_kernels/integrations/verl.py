@@ -1,0 +1,203 @@
+"""verl drop-in: the GRO objective as verl policy losses, and gro_kernels as verl's fused log-prob kernel.
+
+    from gro_kernels.integrations.verl import register
+    register()                       # then: actor_rollout_ref.actor.policy_loss.loss_mode=gro_vanilla
+    register(fused_kernels=True)     # also: use_fused_kernels=True (impl_backend "torch") runs on gro_kernels
+
+verl hands a policy loss per-token log-probs, so the registered losses call `gro_objective` (the
+objective on `[B,T]` log-probs) with verl's clip ratios and verl's loss aggregation, including its
+global-batch normalization (`config.global_batch_info`: data-parallel size, global token and
+sequence counts). Each registered loss equals verl's own function of the same name on the same
+inputs (tests/test_integration_verl.py). verl configs that the objective cannot reproduce raise a
+`ValueError` naming the option.
+
+Known difference: verl clamps log-ratios for numerical safety (|l - lo| <= 20, GSPO's sequence
+log-ratio <= 10); the objective does not, so the two differ only past those ratios (e^10, e^20).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from verl.trainer.ppo import core_algos
+
+from ..logprobs import token_logprobs
+from ..objective import gro_objective
+
+__all__ = ["register", "VERL_LOSSES", "VERL_NOT_COVERED", "gro_policy_loss"]
+
+# ================================================================================================
+# The map. verl loss -> gro options. Extend here when the objective grows.
+# ================================================================================================
+VERL_LOSSES = {
+    # verl name: (gro options, advantages must be constant along each sequence)
+    "vanilla": (dict(surrogate="ratio_clip", importance_sampling="token"), False),
+    "gspo": (dict(surrogate="ratio_clip", importance_sampling="sequence"), True),
+    "gpg": (dict(surrogate="logp"), False),
+}
+
+# verl's registered losses the objective does not reproduce (yet), and why.
+VERL_NOT_COVERED = {
+    "cispo": "verl's cispo clips the ratio on both sides (1 - clip_ratio_low, 1 + clip_ratio_high); "
+             "the objective's cispo has one absolute upper bound",
+    "sapo": "soft gating is not in the objective yet",
+    "geo_mean": "the geometric-mean ratio is not in the objective yet",
+    "clip_cov": "covariance-based clipping is not in the objective yet",
+    "kl_cov": "covariance-based KL is not in the objective yet",
+    "dppo_kl": "DPPO is not in the objective", "dppo_tv": "DPPO is not in the objective",
+    "dro": "DRO is not in the objective", "bypass_mode": "bypass mode is not in the objective",
+}
+
+# verl's loss_agg_mode -> the objective's aggregation (verl's global normalization is applied on top)
+AGGREGATION = {
+    "token-mean": "token_mean",
+    "token-sum": "token_mean",               # with num_items_in_batch = 1
+    "seq-mean-token-mean": "seq_mean_token_mean",
+    "seq-mean-token-sum": "seq_mean_token_sum",
+    "seq-mean-token-sum-norm": "seq_mean_token_sum_norm",
+}
+
+
+def _clip_range(config):
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return low, high
+
+
+def _normalization(mode, mask, info):
+    """(options, factor): gro's aggregation options and the constant that turns its loss into verl's
+    `agg_loss(..., dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)`."""
+    dp = info.get("dp_size", 1)
+    opts = dict(loss_agg=AGGREGATION[mode])
+    if mode == "token-mean":
+        tokens = info.get("batch_num_tokens")
+        if tokens is None and dp > 1:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+        if tokens is not None:
+            opts["num_items_in_batch"] = float(tokens) / dp
+        return opts, 1.0
+    if mode == "token-sum":
+        opts["num_items_in_batch"] = 1.0
+        return opts, float(dp)
+    # seq-mean-*: gro divides by all B rows; verl by the global count of non-empty sequences
+    sequences = info.get("global_batch_size")
+    if sequences is None:
+        if dp > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        sequences = float((mask.sum(-1) > 0).sum())
+    if mode == "seq-mean-token-sum-norm":
+        horizon = info.get("loss_scale_factor") or mask.shape[-1]
+        if float(horizon) != int(horizon):
+            raise ValueError(f"loss_scale_factor must be a whole number for the objective, got {horizon!r}")
+        opts["max_completion_length"] = int(horizon)
+    return opts, (mask.shape[0] * dp / float(sequences) if sequences else 0.0)
+
+
+def gro_policy_loss(name):
+    """A verl policy-loss function (verl's signature) computing verl's `name` loss with the GRO objective."""
+    options, per_sequence = VERL_LOSSES[name]
+
+    def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                rollout_is_weights=None):
+        if config is None:
+            raise ValueError(f"gro_{name}: config (verl's ActorConfig) is required")
+        low, high = _clip_range(config)
+        dual = {}
+        clip_c = config.get("clip_ratio_c", 3.0)
+        if name == "vanilla" and math.isfinite(clip_c):
+            # Dual-clip PPO bounds a negative advantage's ratio at clip_ratio_c: the objective's `delta`
+            # (min(min(r, delta) A, clip(r) A)) is the same function whenever delta >= 1 + clip_ratio_high.
+            if clip_c < 1 + high:
+                raise ValueError(f"gro_vanilla: clip_ratio_c={clip_c!r} below 1 + clip_ratio_high={1 + high!r} is "
+                                 "not the objective's delta")
+            dual = dict(delta=clip_c)
+        mask = response_mask.bool()
+        adv = advantages
+        if rollout_is_weights is not None:
+            # verl multiplies each token's loss by a non-negative rollout-correction weight w: for the
+            # token-level losses that is the objective with advantages A * w
+            if (rollout_is_weights < 0).any():
+                raise ValueError(f"gro_{name}: rollout_is_weights must be non-negative")
+            adv = adv * rollout_is_weights
+        if per_sequence:
+            # The objective's sequence ratio carries one advantage per sequence, as GSPO's outcome advantages
+            row = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            if ((adv - row[:, None]).abs() * mask).max() > 1e-6 * (1 + row.abs().max()):
+                raise ValueError(f"gro_{name}: advantages (times rollout_is_weights, if given) vary along a "
+                                 "sequence; the objective's sequence-level ratio needs one value per sequence")
+            adv = row
+        agg, factor = _normalization(loss_agg_mode, mask, config.global_batch_info)
+        num_items = agg.pop("num_items_in_batch", None)
+        # Clip bounds only where the surrogate reads them (the objective refuses unread options).
+        clip = {} if options.get("surrogate") == "logp" else dict(eps_low=low, eps_high=high)
+        out = gro_objective(log_prob, method="gro", mask=mask, advantages=adv, old_logp=old_log_prob,
+                            num_items_in_batch=num_items, kl_coef=0.0, entropy_coef=0.0, **clip,
+                            **options, **dual, **agg)
+        return out.loss * factor, _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c)
+
+    loss_fn.__name__ = f"gro_policy_loss_{name}"
+    return loss_fn
+
+
+@torch.no_grad()
+def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c):
+    """verl's pg metrics for the loss, from detached log-probs."""
+    if name == "gpg":
+        return {}
+    m = mask.float()
+
+    def masked_mean(x):
+        return ((x * m).sum() / m.sum()).item()
+
+    log_ratio = (log_prob - old_log_prob).detach()
+    ppo_kl = masked_mean(-log_ratio)
+    if name == "gspo":
+        seq = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1)
+        ratio = torch.exp(seq.clamp(max=10.0))[:, None].expand_as(log_ratio)
+    else:
+        ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high)
+    lower = 0.0
+    if name == "vanilla":  # where the dual clip binds (negative advantages past clip_ratio_c)
+        lower = masked_mean((torch.maximum(unclipped, clipped) > -advantages * clip_c).float() * (advantages < 0))
+    return {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float()),
+            "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": lower}
+
+
+def _gro_fused_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+    """verl's FusedLinearForPPO.forward on gro_kernels: (log_probs, entropy) shaped like input_ids, float32.
+    Only the "torch" implementation is replaced; "liger" stays Liger's."""
+    if self.impl_backend != "torch":
+        return _ORIGINAL_FUSED_FORWARD(self, hidden_states, vocab_weights, input_ids, temperature)
+    stats = token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
+                           return_entropy=True)
+    return stats.logp, stats.entropy
+
+
+_ORIGINAL_FUSED_FORWARD = None
+
+
+def register(*, fused_kernels: bool = False) -> list:
+    """Register `gro_<name>` for every verl loss in VERL_LOSSES (verl's `register_policy_loss`); with
+    `fused_kernels=True`, also route verl's fused log-prob + entropy (`use_fused_kernels=True`,
+    `impl_backend="torch"`, i.e. `FusedLinearForPPO`) through `token_logprobs`. Returns the names."""
+    names = []
+    for name in VERL_LOSSES:
+        core_algos.register_policy_loss(f"gro_{name}")(gro_policy_loss(name))
+        names.append(f"gro_{name}")
+    if fused_kernels:
+        global _ORIGINAL_FUSED_FORWARD
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+        if _ORIGINAL_FUSED_FORWARD is None:
+            _ORIGINAL_FUSED_FORWARD = FusedLinearForPPO.forward
+        FusedLinearForPPO.forward = _gro_fused_forward
+    return names
+
+
+def unregister_fused_kernels() -> None:
+    """Give verl back its own FusedLinearForPPO.forward."""
+    global _ORIGINAL_FUSED_FORWARD
+    if _ORIGINAL_FUSED_FORWARD is not None:
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+        FusedLinearForPPO.forward = _ORIGINAL_FUSED_FORWARD
+        _ORIGINAL_FUSED_FORWARD = None
