@@ -10,7 +10,7 @@ import time
 from .methods import METHODS
 from .report import plot, table
 from .runner import RunConfig
-from .suite import run_regime
+from .suite import make_pool, run_regime
 from .tasks import REGIMES
 
 
@@ -56,12 +56,13 @@ def main(argv=None) -> dict:
     summary = {"command": "python -m gro_kernels.experiments " + " ".join(sys.argv[1:] if argv is None else argv),
                "seeds": args.seeds, "methods": methods, "regimes": {}}
     t0 = time.time()
+    pool = make_pool(args.workers)  # one pool for every regime: the workers import torch once
     try:
         for name in regimes:
             print(f"[{name}] {REGIMES[name].description}: {len(methods)} methods x {args.seeds} seeds, "
                   f"{args.steps} steps", flush=True)
             reg = run_regime(name, seeds=args.seeds, steps=args.steps, workers=args.workers, methods=methods,
-                             tune_knobs=not args.no_tune, base=base, log=lambda s: print(s, flush=True))
+                             tune_knobs=not args.no_tune, base=base, log=lambda s: print(s, flush=True), pool=pool)
             if args.json:
                 reg["plot"] = plot(name, reg, os.path.join(os.path.dirname(os.path.abspath(args.json)), f"{name}.png"))
             summary["regimes"][name] = reg
@@ -75,6 +76,9 @@ def main(argv=None) -> dict:
         if args.json and summary["regimes"]:
             write(summary, args.json)
         raise SystemExit(130)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if args.json:
         print(f"summary: {args.json}")
     return summary

@@ -27,20 +27,28 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
-def run_many(configs: List[RunConfig], workers: int) -> List[dict]:
-    """`run` on every config, in `workers` processes (1: in this process), results in order."""
+def make_pool(workers: int) -> Optional[ProcessPoolExecutor]:
+    """`workers` spawned processes with one torch thread each (None for 1: run in this process)."""
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
+
+
+def run_many(configs: List[RunConfig], workers: int, pool: Optional[ProcessPoolExecutor] = None) -> List[dict]:
+    """`run` on every config, in `pool` (or a pool of `workers` made here; 1: in this process), in order."""
+    if pool is not None:
+        return list(pool.map(run, configs))
     if workers <= 1:
         _init_worker()
         return [run(c) for c in configs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker) as pool:
-        return list(pool.map(run, configs))
+    with make_pool(workers) as own:
+        return list(own.map(run, configs))
 
 
-def tune(base: RunConfig, methods, workers: int, tune_seeds=TUNE_SEEDS) -> Dict[str, dict]:
+def tune(base: RunConfig, methods, workers: int, tune_seeds=TUNE_SEEDS, pool=None) -> Dict[str, dict]:
     """{method: {"name", "grid", "validation": {value: score}, "value"}} for the methods with a knob."""
     jobs = [(m, v, s) for m in methods if m in KNOBS for v in KNOBS[m][1] for s in tune_seeds]
-    results = run_many([replace(base, method=m, knob=v, seed=s, eval_split="valid") for m, v, s in jobs], workers)
+    results = run_many([replace(base, method=m, knob=v, seed=s, eval_split="valid") for m, v, s in jobs], workers, pool)
     out = {}
     for m in methods:
         if m not in KNOBS:
@@ -81,7 +89,7 @@ def summarize_method(results: List[dict], k: int) -> dict:
 
 def run_regime(name: str, *, seeds: int = 5, steps: int = 300, workers: int = 2, methods=METHODS,
                tune_knobs: bool = True, base: Optional[RunConfig] = None,
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, pool: Optional[ProcessPoolExecutor] = None) -> dict:
     """Tune, run `seeds` seeds of every method, and return the regime's summary (the JSON schema)."""
     if name not in REGIMES:
         raise ValueError(f"regime must be one of {', '.join(REGIMES)}; got {name!r}")
@@ -90,14 +98,14 @@ def run_regime(name: str, *, seeds: int = 5, steps: int = 300, workers: int = 2,
     t0 = time.time()
     base = replace(base or RunConfig(), regime=name, steps=steps)
     if tune_knobs:
-        knobs = tune(base, methods, workers)
+        knobs = tune(base, methods, workers, pool=pool)
         log(f"[{name}] tuned: " + ", ".join(f"{m} {k['name']}={k['value']}" for m, k in knobs.items()))
     else:
         knobs = {m: {"name": KNOBS[m][0], "grid": list(KNOBS[m][1]), "value": default_knob(m), "validation": None,
                      "criterion": "not tuned (the grid's middle value)"} for m in methods if m in KNOBS}
     jobs = [(m, s) for m in methods for s in range(seeds)]
     results = run_many([replace(base, method=m, knob=knobs[m]["value"] if m in knobs else None, seed=s)
-                        for m, s in jobs], workers)
+                        for m, s in jobs], workers, pool)
     by_method = {m: [r for (mm, _), r in zip(jobs, results) if mm == m] for m in methods}
     summary = {m: summarize_method(by_method[m], base.generations) for m in methods}
     for m in methods:
