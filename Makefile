@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)  ## the whole suite; without a GPU the Triton kernels run under TRITON_INTERPRET=1
 	$(PYTHON) -m pytest -q tests
 
-demo: $(STAMP)  ## tiny Llama, noisy offline answers: GRO against five baselines that see the same data
+demo: $(STAMP)  ## tiny Llama, offline answers of mixed quality: GRO against five baselines that see the same data
 	$(PYTHON) -m gro_kernels.demo
 
 experiments: $(STAMP)  ## every regime, 5 seeds, tuned knobs: docs/experiments/results.json and plots

@@ -22,7 +22,7 @@ def test_demo_runs_every_method_and_writes_summary_plot_and_metrics(tmp_path):
     summary = demo.main(TINY + ["--out", str(out), "--json", str(js)])
     data = json.loads(js.read_text())
     assert list(data["methods"]) == list(METHODS) == list(summary["methods"])
-    assert data["regime"] == "noisy" and data["steps"] == 2 and data["interrupted"] is False
+    assert data["regime"] == "graded" and data["steps"] == 2 and data["interrupted"] is False
     for name, m in data["methods"].items():
         assert m["steps"] == 2 and m["finished"] and m["seconds"] > 0
         for k in ("initial_reward", "final_reward", "heldout_initial_reward", "heldout_reward", "pass_at_2"):
@@ -105,3 +105,13 @@ def test_trl_example_skips_cleanly_without_trl():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "trl_grpo_trainer.py")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "TRL is not installed" in res.stdout
+
+
+def test_the_demo_uses_the_knobs_the_committed_experiments_picked():
+    path = os.path.join(ROOT, "docs", "experiments", "results.json")
+    if not os.path.exists(path):
+        pytest.skip("no committed experiment results")
+    with open(path) as f:
+        regimes = json.load(f)["regimes"]
+    picked = {r: {m: x["knob"]["value"] for m, x in reg["methods"].items() if x.get("knob")} for r, reg in regimes.items()}
+    assert picked == demo.TUNED

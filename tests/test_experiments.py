@@ -123,7 +123,7 @@ def test_luffy_shapes_offline_tokens_with_p_over_p_plus_gamma_and_leaves_online_
             else:  # ratio = 1 at the one update per batch: A * exp(l - sg l), gradient A
                 value += A[i]
                 grad[i, t] = -A[i] / n
-    assert float(loss) == pytest.approx(-value / n, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(-value / n, rel=1e-6)
     torch.testing.assert_close(logp.grad, grad, rtol=1e-6, atol=1e-9)
 
 
@@ -154,7 +154,7 @@ def test_grpo_sft_is_grpo_on_online_rows_plus_weight_times_sft_on_offline_rows()
     sft = -sum(logp[i].sum() for i in off) / sum(valid[i].sum() for i in off)
     ref = grpo + lam * sft
     (g_ref,) = torch.autograd.grad(ref, h)
-    assert float(loss) == pytest.approx(float(ref), rel=1e-6, abs=1e-9)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(g_loss, g_ref, rtol=1e-6, atol=1e-9)
 
 

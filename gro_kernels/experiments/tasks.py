@@ -6,9 +6,10 @@ answer (or none). Every method sees exactly this data; only what it does with it
 
 * `clean`   reverse 3 digits ("314>" -> "413"), exact-match reward; a gold answer for every prompt.
 * `scarce`  the same, with a gold answer for 10% of the training prompts only.
-* `noisy`   the same, with offline answers from a teacher that is right 40% of the time and
-            otherwise copies the digits instead of reversing them (a systematic error, as a
-            weaker model makes), scored by the same reward as the online samples.
+* `noisy`   the same, with offline answers from a teacher that reverses 40% of the prompts and
+            copies the digits of the others (a systematic error, as a weaker model makes; a copied
+            palindrome is right, so the teacher is right ~47% of the time), scored by the same
+            reward as the online samples.
 * `graded`  partial credit (fraction of positions right); offline answers of mixed quality:
             0, 1, 2 or 3 of the 3 digits corrupted, equally often.
 * `diverse` write any permutation of the prompt's 3 digits ("314>" -> "143", "431", ...), up to 6
