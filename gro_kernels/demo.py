@@ -32,7 +32,7 @@ from typing import Dict, List
 import torch
 
 from .experiments.methods import KNOBS, METHODS, default_knob
-from .experiments.runner import RunConfig, build_model, evaluate, run  # noqa: F401  (build_model: re-exported)
+from .experiments.runner import RunConfig, build_model, require_transformers, run  # noqa: F401  (build_model: re-exported)
 from .experiments.stats import final_value, moving_average
 from .experiments.tasks import N_EVAL, REGIMES, CharTokenizer, partial_reward  # noqa: F401  (CharTokenizer: re-exported)
 
@@ -62,16 +62,6 @@ def make_prompts(n: int, length: int, seed: int, alphabet: str = "0123456789") -
 
 def knob_for(regime: str, method: str):
     return TUNED.get(regime, {}).get(method, default_knob(method))
-
-
-def require_transformers() -> None:
-    """Stop with a message that says what to install, not a bare ModuleNotFoundError deep in a run."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise SystemExit("python -m gro_kernels.demo trains a tiny Hugging Face Llama and needs the `transformers` "
-                         "package, which is not installed.\nInstall it with:  pip install 'gro_kernels[train]'  "
-                         "(or: pip install transformers)")
 
 
 def check_backend(p: argparse.ArgumentParser, backend: str) -> None:
@@ -238,7 +228,7 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     p, args = parse(argv)
-    require_transformers()
+    require_transformers("python -m gro_kernels.demo")
     check_backend(p, args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)

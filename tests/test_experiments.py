@@ -212,3 +212,12 @@ def test_cli_rejects_bad_arguments_naming_them(argv, arg, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert arg in capsys.readouterr().err
+
+
+def test_without_transformers_the_command_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--regime", "clean", "--seeds", "1", "--steps", "1", "--workers", "1", "--no-tune"])
+    assert "transformers" in str(exc.value.code) and "pip install" in str(exc.value.code)

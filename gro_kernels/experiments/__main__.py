@@ -9,7 +9,7 @@ import time
 
 from .methods import METHODS
 from .report import plot, table
-from .runner import RunConfig
+from .runner import RunConfig, require_transformers
 from .suite import make_pool, run_regime
 from .tasks import REGIMES
 
@@ -52,6 +52,7 @@ def write(summary: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     args, regimes, methods = parse(argv)
+    require_transformers("python -m gro_kernels.experiments")  # here, not in a worker process
     base = RunConfig(prompts_per_step=args.prompts, generations=args.generations)
     summary = {"command": "python -m gro_kernels.experiments " + " ".join(sys.argv[1:] if argv is None else argv),
                "seeds": args.seeds, "methods": methods, "regimes": {}}

@@ -37,13 +37,21 @@ class RunConfig:
     eval_split: str = "eval"        # "valid" when picking a knob, "eval" for the reported numbers
 
 
+def require_transformers(command: str) -> None:
+    """Stop with a message that says what to install, not a bare ModuleNotFoundError deep in a run."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"{command} trains a tiny Hugging Face Llama and needs the `transformers` package, which "
+                         "is not installed.\nInstall it with:  pip install 'gro_kernels[train]'  "
+                         "(or: pip install transformers)")
+
+
 def build_model(vocab_size: int, seed: int, hidden: int = 64, layers: int = 2):
     """A tiny Llama from a config (no download), initialized from `seed`."""
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as e:  # a clear message rather than a bare ModuleNotFoundError
-        raise SystemExit("the demo and the experiments train a tiny Hugging Face Llama and need `transformers`: "
-                         "pip install 'gro_kernels[train]' (or: pip install transformers)") from e
+    require_transformers("gro_kernels.experiments")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
