@@ -1,7 +1,7 @@
 PYTHON ?= python3
 STAMP := .installed
 
-.PHONY: install test demo bench-quick gpu-suite clean
+.PHONY: install test demo experiments bench-quick gpu-suite clean
 
 # Install once per pyproject change. torch first: the CPU build (2.13.0) on a machine without
 # torch, so that `torch>=2.4` is already satisfied and pip never pulls the multi-GB CUDA build;
@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)  ## the whole suite; without a GPU the Triton kernels run under TRITON_INTERPRET=1
 	$(PYTHON) -m pytest -q tests
 
-demo: $(STAMP)  ## tiny Llama learns to reverse digits: GRPO vs RLOO vs GRO with gold answers
+demo: $(STAMP)  ## tiny Llama, offline answers of mixed quality: GRO against five baselines that see the same data
 	$(PYTHON) -m gro_kernels.demo
+
+experiments: $(STAMP)  ## every regime, 5 seeds, tuned knobs: docs/experiments/results.json and plots
+	$(PYTHON) -m gro_kernels.experiments --regime all --seeds 5 --json docs/experiments/results.json
 
 bench-quick: $(STAMP)
 	$(PYTHON) -m pip install -q -e ".[bench]"

@@ -1,21 +1,23 @@
-"""`python -m gro_kernels.demo`: online RL on a tiny model, on the CPU, in a few minutes.
+"""`python -m gro_kernels.demo`: offline data in the online group, against baselines that see the same data.
 
-The task: given 3 digits, write them reversed ("314>" -> "413"). The reward is the fraction of
-positions right, over max(answer length, completion length), in [0, 1]; the untrained policy
-(near uniform over the 14 symbols) scores about 0.07 and writes the exact answer with probability
-about 1/14**3 = 4e-4.
+One regime of `gro_kernels.experiments` (default: `graded`, reverse 3 digits with partial credit
+and offline answers of mixed quality, the regime that separates the methods most clearly over
+seeds), one seed, every method of the fair comparison from the same initialization, prompts,
+samples per step and optimizer steps:
 
-A tiny Llama (built from a config; a 16-symbol character vocabulary defined here, no download)
-is trained from scratch with `GROTrainer` three ways, from the same initialization and prompts:
+* `grpo`          online GRPO only (never reads the offline answers);
+* `sft`           supervised fine-tuning on the offline answers only;
+* `sft_then_grpo` SFT first, then GRPO;
+* `grpo_sft`      GRPO plus a weighted SFT loss on the offline answers;
+* `luffy`         offline answers in the group with LUFFY's policy shaping f(p) = p / (p + 0.1);
+* `gro`           offline answers in the group, scored by the same reward (this package's method):
+                  an offline answer above the group's anchor is pushed up, one below it pushed down.
 
-* `grpo`      - online GRPO (group-normalized rewards, clipped ratios), no KL;
-* `rloo`      - online RLOO (leave-one-out baseline);
-* `gro+gold`  - GRO with one offline gold answer mixed into every prompt's group (GRO.md
-                section 4): same anchor, so the gold answer is pushed up while failed samples
-                are pushed down.
-
-It prints the sampled reward against steps, saves `reward.png` and `metrics_<method>.jsonl`
-under `--out` (default `runs/demo/`), and with `--json PATH` writes a summary.
+Each method's knob is the value the experiments picked on validation prompts (`TUNED`). It prints
+the sampled reward against steps and the greedy reward on held-out prompts (never trained on),
+saves `reward.png` and `metrics_<method>.jsonl` under `--out` (default `runs/demo/`), and with
+`--json PATH` writes a summary. Ctrl-C stops it and still writes what it has: every finished
+method, the interrupted method's steps so far, the plot and the summary.
 """
 from __future__ import annotations
 
@@ -23,40 +25,33 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from typing import Dict, List
 
 import torch
 
-from gro_kernels.trainer import GROConfig, GROTrainer
+from .experiments.methods import KNOBS, METHODS, default_knob
+from .experiments.runner import RunConfig, build_model, require_transformers, run  # noqa: F401  (build_model: re-exported)
+from .experiments.stats import final_value, moving_average
+from .experiments.tasks import N_EVAL, REGIMES, CharTokenizer, partial_reward  # noqa: F401  (CharTokenizer: re-exported)
+
+BACKENDS = ("auto", "torch", "naive", "triton")
+# Knobs picked by `python -m gro_kernels.experiments --regime all --seeds 5` (docs/experiments/results.json).
+TUNED: Dict[str, Dict[str, float]] = {
+    "clean": {"sft_then_grpo": 0.5, "grpo_sft": 1.0, "gro": 2.0},
+    "scarce": {"sft_then_grpo": 0.75, "grpo_sft": 0.1, "gro": 2.0},
+    "noisy": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "gro": 1.0},
+    "graded": {"sft_then_grpo": 0.5, "grpo_sft": 0.3, "gro": 2.0},
+    "diverse": {"sft_then_grpo": 0.75, "grpo_sft": 1.0, "gro": 1.0},
+}
+
+# The reversal helpers the examples and the trainer tests build on.
+reversal_reward = partial_reward
 
 
-# ---- a character tokenizer (no download) ---------------------------------------------------------
-class CharTokenizer:
-    """Character-level: <pad> <bos> <eos>, '>' (the separator), the digits, and spare symbols."""
-
-    specials = ("<pad>", "<bos>", "<eos>")
-
-    def __init__(self, chars: str = ">0123456789"):
-        self.itos = list(self.specials) + list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        ids = [self.stoi[c] for c in text]
-        return [self.bos_token_id] + ids if add_special_tokens else ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Drops <eos>; a generated <pad> or <bos> shows as '_' (it is a wrong character, not nothing)."""
-        return "".join("_" if int(i) < len(self.specials) else self.itos[int(i)]
-                       for i in ids if int(i) != self.eos_token_id)
-
-
-# ---- the task ------------------------------------------------------------------------------------
 def make_prompts(n: int, length: int, seed: int, alphabet: str = "0123456789") -> List[Dict[str, str]]:
+    """`n` random digit strings of `length` as {"prompt": "314>", "answer": "413"} rows."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -65,127 +60,82 @@ def make_prompts(n: int, length: int, seed: int, alphabet: str = "0123456789") -
     return rows
 
 
-def reversal_reward(prompts, completions, answer, **_) -> List[float]:
-    """Fraction of positions right, over max(len(answer), len(completion)): 1 only for the exact answer."""
-    out = []
-    for c, a in zip(completions, answer):
-        hits = sum(1 for x, y in zip(c, a) if x == y)
-        out.append(hits / max(len(a), len(c), 1))
-    return out
+def knob_for(regime: str, method: str):
+    return TUNED.get(regime, {}).get(method, default_knob(method))
 
 
-def build_model(vocab_size: int, seed: int, hidden: int = 64, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def check_backend(p: argparse.ArgumentParser, backend: str) -> None:
+    """A backend that cannot run here fails now, naming the argument, before any model is built."""
+    from .logprobs import token_logprobs
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=False, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg)
-
-
-@torch.no_grad()
-def greedy_reward(model, tok, rows) -> float:
-    from gro_kernels.trainer.rollout import generate
-
-    pids = [tok.encode(r["prompt"]) for r in rows]
-    comps = generate(model, pids, num_generations=1, max_new_tokens=len(rows[0]["answer"]),
-                     pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], do_sample=False)
-    texts = [tok.decode([t for t in c if t != tok.eos_token_id]) for c in comps]
-    return sum(reversal_reward(None, texts, [r["answer"] for r in rows])) / len(rows)
+    try:
+        token_logprobs(torch.zeros(1, 1, 4), torch.zeros(3, 4), torch.zeros(1, 1, dtype=torch.long), backend=backend)
+    except Exception as e:  # noqa: BLE001  (any failure of the probe means the backend is unusable here)
+        p.error(f"argument --backend: {backend!r} cannot run on this machine: {e}")
 
 
-METHODS = {
-    "grpo": dict(method="grpo", loss_options={"kl_coef": 0.0}),
-    "rloo": dict(method="rloo"),
-    "gro+gold": dict(method="gro", offline_column="answer", offline_per_group=1),
-}
+def log_step(f, record: dict) -> None:
+    """One line of `metrics_<method>.jsonl`, flushed at once (an interrupted run keeps its steps)."""
+    f.write(json.dumps({k: record[k] for k in ("step", "reward", "offline_reward", "loss", "seconds")}) + "\n")
+    f.flush()
 
 
-def run_method(name: str, args, train_rows, eval_rows, tok) -> dict:
-    model = build_model(len(tok), args.seed, args.hidden, args.layers)
-    spec = dict(METHODS[name])
-    cfg = GROConfig(
-        steps=args.steps, num_generations=args.generations, prompts_per_step=args.prompts,
-        micro_batch_size=args.prompts * (args.generations + 1), max_new_tokens=args.length,
-        learning_rate=args.lr, adam_betas=(0.9, 0.99), max_grad_norm=1.0, seed=args.seed, backend=args.backend,
-        output_dir=os.path.join(args.out, name.replace("+", "_")), metrics_file=None, save_final=False,
-        progress=not args.no_progress, run_name=name, **spec)
-    # every method sees the same rows; only gro+gold reads the "answer" column as an offline gold
-    # completion (the online methods see the answer only through the reward)
-    trainer = GROTrainer(model, tok, reward_funcs=[reversal_reward], train_dataset=train_rows, config=cfg)
-    init = greedy_reward(model, tok, eval_rows)
-    t0 = time.time()
-    history = trainer.train()
-    seconds = time.time() - t0
-    final = greedy_reward(model, tok, eval_rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"metrics_{name.replace('+', '_')}.jsonl"), "w") as f:
-        for m in history:
-            f.write(json.dumps(m) + "\n")
-    return {"history": history, "greedy_initial": init, "greedy_final": final, "seconds": seconds}
+def run_method(name: str, args, partial: Dict[str, dict]) -> None:
+    """Train `name`; fills `partial[name]` as it goes (its curve), then with the evaluation."""
+    cfg = RunConfig(regime=args.regime, method=name, knob=knob_for(args.regime, name), seed=args.seed,
+                    steps=args.steps, prompts_per_step=args.prompts, generations=args.generations, lr=args.lr,
+                    hidden=args.hidden, layers=args.layers, backend=args.backend)
+    entry = partial[name] = {"curve": [], "knob": cfg.knob, "finished": False, "seconds": 0.0}
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, desc=name, dynamic_ncols=True, leave=True)
+    path = os.path.join(args.out, f"metrics_{name}.jsonl")
+    try:
+        with open(path, "w") as f:
+            def on_step(record):
+                entry["curve"].append(record["reward"])
+                entry["seconds"] = record["seconds"]
+                log_step(f, record)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
+                    bar.update(1)
+
+            res = run(cfg, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    entry.update(initial=res["initial"], final=res["final"], seconds=res["seconds"], finished=True)
 
 
-def smooth(values: List[float], window: int) -> List[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1):i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
-
-
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m gro_kernels.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--methods", default="grpo,rloo,gro+gold", help=f"comma-separated, from {list(METHODS)}")
-    p.add_argument("--length", type=int, default=3, help="digits per prompt")
-    p.add_argument("--generations", type=int, default=8, help="completions per prompt (K)")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", help="gro_loss backend")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny matmuls: 1 is fastest; 0: torch's default)")
-    p.add_argument("--out", default="runs/demo", help="folder for the plot and metrics")
-    p.add_argument("--json", default=None, help="write a JSON summary here")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {list(METHODS)}")
-
-    tok = CharTokenizer()
-    train_rows = make_prompts(4096, args.length, args.seed)
-    eval_rows = make_prompts(256, args.length, args.seed + 1)
-    ex = "31415926"[:args.length]
-    print(f"task: reverse {args.length} digits ('{ex}>' -> '{ex[::-1]}'); reward = fraction of positions right, "
-          f"in [0, 1]; tiny Llama (vocab {len(tok)}, hidden {args.hidden}, {args.layers} layers), "
-          f"{args.prompts} prompts x {args.generations} samples per step, {args.steps} steps")
-    results, t_all = {}, time.time()
-    for m in methods:
-        results[m] = run_method(m, args, train_rows, eval_rows, tok)
-
-    # table: sampled reward (mean over a window of steps) against steps
+def report(args, partial: Dict[str, dict], t_all: float, interrupted: bool) -> dict:
+    """Print the table, save the plot and the summary from whatever has been trained so far."""
+    methods = [m for m in partial if partial[m]["curve"]]
+    k = args.generations
     window = max(1, args.steps // 10)
     marks = sorted({min(args.steps, s) for s in [1] + list(range(window, args.steps + 1, window))})
-    head = f"{'step':>6} " + " ".join(f"{m:>10}" for m in methods)
+    head = f"{'step':>8} " + " ".join(f"{m:>13}" for m in methods)
     lines = [head, "-" * len(head)]
     for s in marks:
         cells = []
         for m in methods:
-            rs = [h["reward"] for h in results[m]["history"]]
-            cells.append(f"{sum(rs[max(0, s - window):s]) / len(rs[max(0, s - window):s]):>10.3f}")
-        lines.append(f"{s:>6} " + " ".join(cells))
+            c = partial[m]["curve"]
+            cells.append(f"{sum(c[max(0, s - window):s]) / len(c[max(0, s - window):s]):>13.3f}" if len(c) >= s
+                         else f"{'':>13}")
+        lines.append(f"{s:>8} " + " ".join(cells))
     lines.append("-" * len(head))
-    lines.append(f"{'greedy':>6} " + " ".join(f"{results[m]['greedy_final']:>10.3f}" for m in methods))
-    lines.append(f"{'sec':>6} " + " ".join(f"{results[m]['seconds']:>10.1f}" for m in methods))
-    print(f"\nsampled reward (mean over the last {window} steps; 'greedy': final greedy reward on 256 held-out prompts)")
+    for key, label in (("greedy_reward", "held-out"), (f"pass_at_{k}", f"pass@{k}"),
+                       ("distinct_correct", "distinct")):
+        lines.append(f"{label:>8} " + " ".join(
+            f"{partial[m]['final'][key]:>13.3f}" if partial[m]["finished"] else f"{'-':>13}" for m in methods))
+    lines.append(f"{'sec':>8} " + " ".join(f"{partial[m]['seconds']:>13.1f}" for m in methods))
+    print(f"\n{args.regime}: {REGIMES[args.regime].description}")
+    print(f"sampled reward (mean over {window} steps); held-out: greedy reward on {N_EVAL} prompts never "
+          f"trained on; pass@{k} and distinct correct answers among {k} samples per held-out prompt")
     print("\n".join(lines))
+    if interrupted:
+        print("interrupted: the table, plot and summary hold the steps run so far")
 
     os.makedirs(args.out, exist_ok=True)
     plot_path = os.path.join(args.out, "reward.png")
@@ -197,14 +147,16 @@ def main(argv=None) -> dict:
 
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for m in methods:
-            rs = [h["reward"] for h in results[m]["history"]]
-            ax.plot(range(1, len(rs) + 1), smooth(rs, max(1, args.steps // 30)), label=m)
+            c = partial[m]["curve"]
+            held = f", {partial[m]['final']['greedy_reward']:.2f} held-out" if partial[m]["finished"] else ""
+            ax.plot(range(1, len(c) + 1), moving_average(c, max(1, args.steps // 30)), label=f"{m}{held}",
+                    lw=2.2 if m == "gro" else 1.4)
         ax.set_xlabel("step")
         ax.set_ylabel("sampled reward (smoothed)")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"reverse {args.length} digits, tiny Llama on CPU")
+        ax.set_title(f"{args.regime}: {REGIMES[args.regime].description}", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(plot_path, dpi=120)
         plt.close(fig)
@@ -214,21 +166,85 @@ def main(argv=None) -> dict:
         print("matplotlib is not installed: no plot")
 
     summary = {
-        "task": f"reverse {args.length} digits", "steps": args.steps, "seconds_total": time.time() - t_all,
-        "plot": plot_path,
+        "regime": args.regime, "description": REGIMES[args.regime].description, "steps": args.steps,
+        "seed": args.seed, "seconds_total": time.time() - t_all, "plot": plot_path, "interrupted": interrupted,
         "methods": {m: {
-            "initial_reward": results[m]["history"][0]["reward"],
-            "final_reward": sum(h["reward"] for h in results[m]["history"][-window:]) / len(results[m]["history"][-window:]),
-            "greedy_initial": results[m]["greedy_initial"], "greedy_final": results[m]["greedy_final"],
-            "steps": len(results[m]["history"]), "seconds": results[m]["seconds"],
-            "reward_curve": [h["reward"] for h in results[m]["history"]],
+            "knob": ({"name": KNOBS[m][0], "value": partial[m]["knob"]} if m in KNOBS else None),
+            "initial_reward": partial[m]["curve"][0],
+            "final_reward": final_value(partial[m]["curve"]),
+            "heldout_initial_reward": partial[m]["initial"]["greedy_reward"] if partial[m]["finished"] else None,
+            "heldout_reward": partial[m]["final"]["greedy_reward"] if partial[m]["finished"] else None,
+            f"pass_at_{k}": partial[m]["final"][f"pass_at_{k}"] if partial[m]["finished"] else None,
+            "distinct_correct": partial[m]["final"]["distinct_correct"] if partial[m]["finished"] else None,
+            "steps": len(partial[m]["curve"]), "finished": partial[m]["finished"], "seconds": partial[m]["seconds"],
+            "reward_curve": partial[m]["curve"],
         } for m in methods},
     }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"summary: {args.json}")
+    path = args.json or os.path.join(args.out, "summary.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"summary: {path}")
+    return summary
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m gro_kernels.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--regime", default="graded", help=f"one of {', '.join(REGIMES)}")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt (K)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="torch", help=f"gro_loss backend, one of {', '.join(BACKENDS)}")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny matmuls: 1 is fastest; 0: torch's default)")
+    p.add_argument("--out", default="runs/demo", help="folder for the plot, metrics and summary")
+    p.add_argument("--json", default=None, help="write the summary here (default: OUT/summary.json)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("steps", "generations", "prompts", "hidden", "layers"):
+        if getattr(args, name) < 1:
+            p.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        p.error(f"argument --threads: must be >= 0, got {args.threads}")
+    if not args.lr > 0:
+        p.error(f"argument --lr: must be > 0, got {args.lr}")
+    if args.regime not in REGIMES:
+        p.error(f"argument --regime: unknown regime {args.regime!r}; choose from {', '.join(REGIMES)}")
+    if args.backend not in BACKENDS:
+        p.error(f"argument --backend: unknown backend {args.backend!r}; choose from {', '.join(BACKENDS)}")
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.method_list:
+        p.error("argument --methods: no method given")
+    for m in args.method_list:
+        if m not in METHODS:
+            p.error(f"argument --methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    return p, args
+
+
+def main(argv=None) -> dict:
+    p, args = parse(argv)
+    require_transformers("python -m gro_kernels.demo")
+    check_backend(p, args.backend)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{args.regime}: {REGIMES[args.regime].description}; tiny Llama (hidden {args.hidden}, {args.layers} layers), "
+          f"{args.prompts} prompts x {args.generations} samples per step, {args.steps} steps, seed {args.seed}")
+    partial: Dict[str, dict] = {}
+    os.makedirs(args.out, exist_ok=True)
+    t_all, interrupted = time.time(), False
+    try:
+        for m in args.method_list:
+            run_method(m, args, partial)
+    except KeyboardInterrupt:
+        interrupted = True
+    summary = report(args, partial, t_all, interrupted)
+    if interrupted:
+        raise SystemExit(130)
     return summary
 
 
