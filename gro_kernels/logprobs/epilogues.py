@@ -19,58 +19,65 @@ def _rowdot(a, b):
 
 
 class TorchEpilogue:
-    """Torch ops. Keeps the chunk's exp(u - max) from `stats` so that the fused pass's `grad` on
-    the same chunk does not recompute it (one exp per logit in all)."""
+    """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
+    keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
+    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for)."""
 
     def __init__(self):
-        self._cache = None  # (z, unnormalized p, row sums) of the last stats call
+        self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
 
     def stats(self, z, zr, y, inv_t, st, s):
         e = s + z.shape[0]
+        zy = z.gather(1, y[:, None])[:, 0]
         m = z.amax(1, keepdim=True)
-        d = torch.sub(z, m)
+        d = z.sub_(m)                                # in place: z is d = u - max u from here on
         if inv_t != 1.0:
-            d.mul_(inv_t)                            # u - max u, u = z / T
+            d.mul_(inv_t)
         need_rel = st.ent is not None or zr is not None
-        p = d.exp() if need_rel else d.exp_()        # in place when d is not needed again
+        p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
         se = p.sum(1)
         log_se = se.log()
-        lse = m[:, 0] * inv_t + log_se
+        mu = m[:, 0] * inv_t                         # max u
+        lse = mu + log_se
         st.lse[s:e] = lse
-        st.logp[s:e] = z.gather(1, y[:, None])[:, 0] * inv_t - lse
+        st.logp[s:e] = zy * inv_t - lse
         pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
-        del d
         if st.ent is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
             st.ent[s:e] = log_se - pd
+        mur = None
         if zr is not None:
             mr = zr.amax(1, keepdim=True)
-            dr = torch.sub(zr, mr)
+            dr = zr.sub_(mr)                         # in place: zr is ur - max ur from here on
             if inv_t != 1.0:
-                dr.mul_(inv_t)                       # ur - max ur
+                dr.mul_(inv_t)
+            mur = mr[:, 0] * inv_t
             ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
-            log_se_r = dr.exp_().sum(1).log()
-            st.ekl[s:e] = ekl_rel + (m[:, 0] - mr[:, 0]) * inv_t
+            log_se_r = dr.exp().sum(1).log()
+            st.ekl[s:e] = ekl_rel + (mu - mur)
             # Clamp tiny negative round-off: KL is non-negative by definition.
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        self._cache = (z, p, se)
+        self._cache = (z, p, se, mu, mur)
 
     def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
+        # dz = gl onehot + p (alpha + beta u + gamma ur); the coefficients are already scaled by 1/T.
         cached = self._cache is not None and self._cache[0] is z
-        if cached:
-            _, p, se = self._cache
+        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
+            _, p, se, mu, mur = self._cache
             self._cache = None
-        if beta is None:  # log-prob (and lse) only: dz = p * alpha
-            if cached:
+            if beta is None:
                 dz = p.mul_((alpha / se)[:, None])
             else:
-                dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
+                shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
+                t = z.mul_(beta[:, None]).add_(shift[:, None])
+                if gamma is not None:
+                    t.add_(zr.mul_(gamma[:, None]))
+                dz = t.mul_(p.div_(se[:, None]))
+        elif beta is None:  # z is the raw logits chunk (the composable backward)
+            dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
         else:
-            if cached:
-                p.div_(se[:, None])
-            else:
-                p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
+            p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
             t = z.mul_((beta * inv_t)[:, None]).add_(alpha[:, None])   # alpha + beta u
             if gamma is not None:
                 t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur
