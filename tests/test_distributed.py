@@ -1,5 +1,6 @@
 """Two CPU processes (gloo, DDP) train on halves of a global batch: the replicas stay identical, and
-they end where one process training on the whole batch ends (gradients of the lm_head included)."""
+they end where one process training on the whole batch ends (gradients of the lm_head included,
+batch-wide statistics global)."""
 import os
 
 import pytest
@@ -23,6 +24,8 @@ WORLD = 2
 CASES = [
     ("gro", dict(num_iterations=2, micro_batch_size=5)),
     ("grpo", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.1})),
+    # batch statistics (mean and std of the token returns) over both processes' rows
+    ("reinforce_pp", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.05})),
 ]
 
 

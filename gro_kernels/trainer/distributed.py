@@ -14,8 +14,8 @@ DDP averages gradients over the `W` processes. The trainer wants the gradient of
 *global* batch, so each process normalizes its loss by global counts (tokens via
 `num_items_in_batch`, or rows) and multiplies it by `W`: the average of the `W` local gradients
 is then exactly the single-process gradient of the global batch (tested in
-`tests/test_distributed.py`). Whole groups live on one process, so group anchors are exact;
-batch-wide statistics (`anchor="batch_mean"`, `scale="batch_std"`, REINFORCE++) are per micro-batch.
+`tests/test_distributed.py`). Reward-scored weights (group and batch statistics, REINFORCE++'s
+batch mean and std) are formed once on the rows of all processes (`batch_weights.py`).
 """
 from __future__ import annotations
 

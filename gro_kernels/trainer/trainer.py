@@ -29,6 +29,7 @@ from torch import nn
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
 from . import distributed as gdist
+from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
@@ -280,10 +281,14 @@ class GROTrainer:
 
     # -- log-probs --------------------------------------------------------------------------------
     def micro_batches(self, batch: Batch) -> List[List[int]]:
-        """Row numbers of each micro-batch: whole groups, packed up to `micro_batch_size` rows."""
+        """Row numbers of each micro-batch: `micro_batch_size` rows in order when the weights are formed
+        on the whole batch first (reward-scored methods), else whole groups (pairs) packed up to it."""
+        size = self.config.micro_batch_size
+        if forms_weights_from_rewards(self.options):
+            return [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
         out, cur = [], []
         for g in batch.group_slices():
-            if cur and len(cur) + len(g) > self.config.micro_batch_size:
+            if cur and len(cur) + len(g) > size:
                 out.append(cur)
                 cur = []
             cur = cur + g
@@ -305,18 +310,24 @@ class GROTrainer:
         return out
 
     # -- the update -------------------------------------------------------------------------------
+    def _loss_options(self) -> dict:
+        """The objective's options as given to `gro_loss` (the sampling temperature unless overridden)."""
+        return {"temperature": self.config.temperature, **self.config.loss_options}
+
     def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
         cfg, opts = self.config, self.options
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **cfg.loss_options)
-        kw.setdefault("temperature", cfg.temperature)
-        if opts.score in ("reward", "token_return"):
-            kw["rewards"] = mb.rewards
-        if opts.separation == "label":
-            kw["labels"] = mb.labels
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
+        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
+            kw["advantages"] = mb.advantages
+        else:
+            if opts.score in ("reward", "token_return"):
+                kw["rewards"] = mb.rewards
+            if opts.separation == "label":
+                kw["labels"] = mb.labels
+            if mb.baselines is not None and opts.anchor == "baseline":
+                kw["baselines"] = mb.baselines
         if mb.offline.any():
             kw["offline"] = mb.offline
-        if mb.baselines is not None and opts.anchor == "baseline":
-            kw["baselines"] = mb.baselines
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
@@ -346,6 +357,11 @@ class GROTrainer:
             batch.old_logp = self.logprobs(self.model, batch)
         if self.ref_model is not None and not (self.options.kl_estimator == "full" and self.options.kl_coef != 0):
             batch.ref_logp = self.logprobs(self.ref_model, batch)
+        if forms_weights_from_rewards(self.options):
+            behaviour = batch.old_logp
+            if behaviour is None and needs_behaviour_logp(self.options):
+                behaviour = self.logprobs(self.model, batch)  # a KL in the reward: at the sampling policy
+            batch.advantages = batch_advantages(cfg.method, self._loss_options(), batch, behaviour)
 
         micro = self.micro_batches(batch)
         ddp = self.wrapped is not self.policy
