@@ -31,6 +31,7 @@ from ..loss import gro_loss
 from . import distributed as gdist
 from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
+from .heads import check_head, fold_scale, logit_scale
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
@@ -78,15 +79,6 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None)
 
 
-def check_supported(model) -> None:
-    cfg = getattr(model, "config", None)
-    for name in ("final_logit_softcapping", "logit_scale"):
-        value = getattr(cfg, name, None)
-        if value not in (None, 0, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} post-processes its logits ({name}={value}); gro_loss "
-                             "computes log-probs from hidden @ lm_head.weight.T and would not match the model")
-
-
 def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None):
     """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head."""
     ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -95,6 +87,7 @@ def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: in
         hidden = final_hidden(model, input_ids, attention_mask, position_ids)
     hidden = hidden[:, prompt_len - 1:-1]
     weight, bias = lm_head(model)
+    hidden, bias = fold_scale(hidden, bias, logit_scale(model))  # Granite's logits_scaling, Cohere's logit_scale
     if hidden.dtype != weight.dtype:  # bf16 autocast: project in bf16 (the kernels accumulate in fp32)
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
@@ -144,7 +137,7 @@ class GROTrainer:
         self.config = cfg = config or GROConfig()
         self.dist = gdist.info()
         self.device = self.dist.device if self.dist.device.type == "cuda" else next(model.parameters()).device
-        check_supported(model)
+        check_head(model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.reward_funcs = list(reward_funcs or [])
@@ -170,6 +163,8 @@ class GROTrainer:
             self.ref_model = copy.deepcopy(model)
         if self.ref_model is not None:
             self.ref_model.to(self.device).eval().requires_grad_(False)
+            if ref_model is not None:
+                check_head(self.ref_model, final_hidden, lm_head)
 
         torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # sampling stream; model init is the caller's
         random.seed(cfg.seed + 1000 * self.dist.rank)
