@@ -188,3 +188,59 @@ def test_checkpoint_reloads_and_continues_like_the_uninterrupted_run(tmp_path):
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     assert full.history[-1]["reward"] == resumed.history[-1]["reward"]
+
+
+def _steps(path):
+    return [json.loads(x)["step"] for x in open(path)]
+
+
+def test_resume_truncates_the_metrics_at_the_checkpoint(tmp_path):
+    kw = dict(method="grpo", steps=3, save_every=1, metrics_file="metrics.jsonl", loss_options={"kl_coef": 0.0})
+    trainer_for(tiny_model(), tmp_path, **kw).train()
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2, 3]
+    resumed = trainer_for(tiny_model(), tmp_path, **kw)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint-1"))
+    resumed.train()
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2, 3]  # steps 2 and 3 rewritten, not repeated
+
+
+def test_ctrl_c_keeps_the_metrics_and_checkpoints_the_last_finished_step(tmp_path):
+    calls = []
+
+    def reward(prompts, completions, **cols):
+        calls.append(1)
+        if len(calls) == 3:  # during the rollout of step 3
+            raise KeyboardInterrupt
+        return reversal_reward(prompts, completions, **cols)
+
+    trainer = trainer_for(tiny_model(), tmp_path, reward_funcs=(reward,), method="grpo", steps=5,
+                          metrics_file="metrics.jsonl", loss_options={"kl_coef": 0.0})
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "metrics.jsonl"]
+    resumed = trainer_for(tiny_model(), tmp_path, method="grpo", steps=5)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert resumed.step == 2
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    trainer = trainer_for(tiny_model(), tmp_path, method="grpo", loss_options={"kl_coef": 0.0})
+    good = trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    before = sorted(os.listdir(good))
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken)  # dies after save_pretrained, before trainer_state.pt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(tmp_path / "new"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(good)) == before  # the old checkpoint is whole
+    assert not os.path.exists(tmp_path / "new")
+    trainer.save_checkpoint(str(tmp_path / "ckpt"))  # a retry replaces it and cleans up after itself
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "new.tmp"]  # only the unfinished other write remains

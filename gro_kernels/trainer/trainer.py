@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -115,6 +116,33 @@ class PolicyLoss(nn.Module):
         return out.loss, out.logp.detach(), out.metrics
 
 
+# ---- files ----------------------------------------------------------------------------------------
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only the lines of steps <= `step` (a resumed run rewrites the steps after its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move the finished folder `src` to `dst`, replacing an older `dst` (kept until the move is done)."""
+    old = dst + ".old"
+    if os.path.exists(dst):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
 # ---- the trainer ----------------------------------------------------------------------------------
 class GROTrainer:
     """Train `model` (an HF causal LM) with `gro_loss`.
@@ -179,6 +207,7 @@ class GROTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
+        self._updating = False
         self.history: List[dict] = []
 
     # -- token ids --------------------------------------------------------------------------------
@@ -391,9 +420,11 @@ class GROTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else grad_norm
+            self._updating = True  # the weights now differ from checkpoint-{step} until step += 1
             self.optimizer.step()
             self.scheduler.step()
         self.step += 1
+        self._updating = False
         return self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
 
     def _metrics(self, batch, mask, logp, sums, loss_total, grad_norm) -> Dict[str, float]:
@@ -428,7 +459,13 @@ class GROTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, callback: Optional[Callable[["GROTrainer", dict], None]] = None) -> List[dict]:
-        """Run until `config.steps`; returns the per-step metrics (also in `output_dir/metrics.jsonl`)."""
+        """Run until `config.steps`; returns the per-step metrics (also in `output_dir/metrics.jsonl`).
+
+        Resuming (after `load_checkpoint`) drops the metrics lines of steps after the checkpoint, so the
+        file never repeats a step. Ctrl-C (KeyboardInterrupt) keeps every finished step's metrics and,
+        in a single process with `save_on_interrupt`, saves a checkpoint of the last finished step
+        before re-raising.
+        """
         from tqdm.auto import tqdm
 
         cfg, main = self.config, self.dist.is_main
@@ -436,27 +473,37 @@ class GROTrainer:
                         if cfg.metrics_file and main else None)
         if metrics_path:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            truncate_metrics(metrics_path, self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.run_name or cfg.method, disable=not (cfg.progress and main),
                    dynamic_ncols=True, leave=True)
         t_start = time.time()
-        while self.step < cfg.steps:
-            batch = self.make_batch(self.step)
-            m = self.train_step(batch)
-            m["time"] = time.time() - t_start
-            self.history.append(m)
-            if metrics_path:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-            post = {"reward": f"{m['reward']:.3f}"}
-            for k, name in (("kl", "kl"), ("entropy", "ent")):
-                if k in m and m[k] == m[k]:
-                    post[name] = f"{m[k]:.3f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-            if callback is not None:
-                callback(self, m)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
+        try:
+            while self.step < cfg.steps:
+                batch = self.make_batch(self.step)
+                m = self.train_step(batch)
+                m["time"] = time.time() - t_start
+                self.history.append(m)
+                if metrics_path:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                post = {"reward": f"{m['reward']:.3f}"}
+                for k, name in (("kl", "kl"), ("entropy", "ent")):
+                    if k in m and m[k] == m[k]:
+                        post[name] = f"{m[k]:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+                if callback is not None:
+                    callback(self, m)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            # A checkpoint only of a finished step (never of half-applied updates), and only alone:
+            # the other processes of a group would not reach save_checkpoint's barrier.
+            if cfg.save_on_interrupt and not self._updating and self.dist.world_size == 1 and self.step > 0:
+                path = self.save_checkpoint()
+                print(f"interrupted: saved {path}", flush=True)
+            raise
         bar.close()
         if cfg.save_final:
             self.save_checkpoint()
@@ -465,18 +512,27 @@ class GROTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path: Optional[str] = None) -> str:
         """`save_pretrained` weights + optimizer/scheduler/step (+ each process's RNG state)."""
-        path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
-        os.makedirs(path, exist_ok=True)
+        path = os.path.normpath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
+        # Atomic: everything goes to a temporary folder that is renamed into place when complete, so
+        # an interrupted save never leaves a half-written checkpoint under the final name.
+        tmp = path + ".tmp"
+        if self.dist.is_main and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        gdist.barrier()
+        os.makedirs(tmp, exist_ok=True)
         if self.dist.is_main:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(tmp)
             if hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(path)
+                self.tokenizer.save_pretrained(tmp)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
-                        "world_size": self.dist.world_size}, os.path.join(path, "trainer_state.pt"))
+                        "world_size": self.dist.world_size}, os.path.join(tmp, "trainer_state.pt"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, os.path.join(path, f"rng_state_{self.dist.rank}.pt"))
+        torch.save(rng, os.path.join(tmp, f"rng_state_{self.dist.rank}.pt"))
+        gdist.barrier()
+        if self.dist.is_main:
+            replace_dir(tmp, path)
         gdist.barrier()
         return path
 
