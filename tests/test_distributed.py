@@ -44,9 +44,9 @@ def global_batch():
 
 
 def make_trainer(method, extra, world):
-    cfg = GROConfig(method=method, steps=1, num_generations=4, prompts_per_step=2 * world, max_new_tokens=5,
-                    learning_rate=1e-3, max_grad_norm=0.5, output_dir="unused", metrics_file=None,
-                    save_final=False, progress=False, backend="torch", **extra)
+    cfg = GROConfig(**{**dict(method=method, steps=1, num_generations=4, prompts_per_step=2 * world, max_new_tokens=5,
+                              learning_rate=1e-3, max_grad_norm=0.5, output_dir="unused", metrics_file=None,
+                              save_final=False, progress=False, backend="torch"), **extra})
     return GROTrainer(build_model(len(TOK), 0, hidden=32, layers=1), TOK, reward_funcs=[reversal_reward],
                       train_dataset=make_prompts(8, 4, seed=1), config=cfg)
 

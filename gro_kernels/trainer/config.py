@@ -50,6 +50,7 @@ class GROConfig:
     progress: bool = True               # tqdm bar (rank 0 only)
     run_name: Optional[str] = None      # the bar's label (default: the method)
     mixed_precision: str = "auto"       # auto (bf16 autocast on CUDA) | bf16 | no
+    fsdp: bool = False                  # under torchrun: FSDP2 (fully_shard) instead of DDP
 
     def __post_init__(self):
         if self.num_generations < 1:

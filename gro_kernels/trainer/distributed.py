@@ -1,4 +1,4 @@
-"""torchrun / DistributedDataParallel helpers.
+"""torchrun helpers: DistributedDataParallel (default) or FSDP2 (`GROConfig(fsdp=True)`).
 
 How gradients stay synchronized (the one subtle point). DDP all-reduces a parameter's gradient
 only for parameters used in a forward *through the DDP wrapper*. The loss here needs the
@@ -93,6 +93,34 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 (`fully_shard`) around `module` (the `PolicyLoss` holding `model`); the module itself
+    outside a process group.
+
+    Each decoder layer (`model._no_split_modules`, the Hugging Face convention) is its own shard
+    group, gathered for its forward and again for its backward. The rest (embeddings, final norm,
+    `lm_head`, tied or not) belongs to the root group `module`: gathered when the wrapped forward
+    starts and kept unsharded through its backward (`reshard_after_forward=False`), so `gro_loss`
+    sees one plain `[V, d]` weight however many vocabulary chunks it takes. The trainer also keeps
+    the root unsharded between the micro-batches of an update: one gather of `lm_head` per update.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for sub in model.modules():
+        if type(sub).__name__ in names:
+            fully_shard(sub)
+    return fully_shard(module, reshard_after_forward=False)
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def free_port() -> int:

@@ -199,7 +199,9 @@ class GROTrainer:
         np.random.seed((cfg.seed + 1000 * self.dist.rank) % 2**32)
 
         self.policy = PolicyLoss(self.model, self.autocast_dtype)
-        self.wrapped = gdist.wrap_ddp(self.policy, self.device)
+        self.wrapped = (gdist.wrap_fsdp(self.policy, self.model) if cfg.fsdp
+                        else gdist.wrap_ddp(self.policy, self.device))
+        self.fsdp = gdist.is_fsdp(self.wrapped)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
@@ -246,7 +248,21 @@ class GROTrainer:
         rows = self.rows_for_step(step)
         if not self.online:
             return offline_batch(rows, self.tokenizer, eos_id=self.eos_ids[0], pad_id=self.pad_id, device=self.device)
-        return self.rollout(rows)
+        with self.gathered():
+            return self.rollout(rows)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Under FSDP, the root group's parameters (embeddings, lm_head) gathered for a pass outside the
+        wrapped forward (sampling, no-grad log-probs); the decoder layers gather themselves."""
+        if not self.fsdp:
+            yield
+            return
+        self.wrapped.unshard()
+        try:
+            yield
+        finally:
+            self.wrapped.reshard()
 
     def _decode(self, ids: Sequence[int]) -> str:
         return decode_completion(self.tokenizer, [t for t in ids if t not in self.eos_ids])
@@ -325,13 +341,17 @@ class GROTrainer:
         """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
         temp = float(self.options.temperature)
+        with self.gathered() if model is self.model else contextlib.nullcontext():
+            self._logprobs_into(out, model, batch, temp)
+        return out
+
+    def _logprobs_into(self, out, model, batch: Batch, temp: float) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
                                     self.autocast_dtype)
             lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
-        return out
 
     # -- the update -------------------------------------------------------------------------------
     def _loss_options(self) -> dict:
@@ -388,7 +408,7 @@ class GROTrainer:
             batch.advantages = batch_advantages(cfg.method, self._loss_options(), batch, behaviour)
 
         micro = self.micro_batches(batch)
-        ddp = self.wrapped is not self.policy
+        ddp = not self.fsdp and self.wrapped is not self.policy
         sums: Dict[str, float] = {}
         mask = batch.targets != IGNORE_INDEX
         logp_all = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
@@ -401,7 +421,11 @@ class GROTrainer:
                 mb = batch.select(idx)
                 kw = self._loss_kwargs(mb, tokens_global)
                 scale = W if token_mean else W * len(mb) / rows_global
-                sync = contextlib.nullcontext() if (not ddp or j == len(micro) - 1) else self.wrapped.no_sync()
+                last = j == len(micro) - 1
+                sync = contextlib.nullcontext() if (not ddp or last) else self.wrapped.no_sync()
+                if self.fsdp:  # reduce-scatter after the last micro-batch; keep lm_head gathered until then
+                    self.wrapped.set_requires_gradient_sync(last)
+                    self.wrapped.set_reshard_after_backward(last, recurse=False)
                 with sync:
                     loss, logp, metrics = self.wrapped(mb.input_ids, mb.attention_mask, mb.position_ids,
                                                        mb.targets, mb.prompt_len, kw)
@@ -416,10 +440,9 @@ class GROTrainer:
                 if it == cfg.num_iterations - 1:
                     loss_total += float(loss.detach()) * scale / W
             params = [p for p in self.model.parameters() if p.grad is not None]
-            if cfg.max_grad_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else grad_norm
+            if params:  # max_norm=inf: the norm only (also of FSDP's sharded gradients)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             self._updating = True  # the weights now differ from checkpoint-{step} until step += 1
             self.optimizer.step()
             self.scheduler.step()
@@ -520,11 +543,12 @@ class GROTrainer:
             shutil.rmtree(tmp)
         gdist.barrier()
         os.makedirs(tmp, exist_ok=True)
+        model_state, optim_state = self._full_state()  # collective under FSDP: every process calls it
         if self.dist.is_main:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=model_state)
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(tmp)
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+            torch.save({"step": self.step, "optimizer": optim_state,
                         "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
                         "world_size": self.dist.world_size}, os.path.join(tmp, "trainer_state.pt"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
@@ -536,6 +560,16 @@ class GROTrainer:
         gdist.barrier()
         return path
 
+    def _full_state(self):
+        """(model state dict or None for the model's own, optimizer state dict), unsharded under FSDP."""
+        if not self.fsdp:
+            return None, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=opts),
+                get_optimizer_state_dict(self.model, self.optimizer, options=opts))
+
     def load_checkpoint(self, path: str) -> None:
         """Resume from `save_checkpoint`'s folder: policy weights, optimizer, scheduler, step, RNG.
 
@@ -545,10 +579,17 @@ class GROTrainer:
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(saved.state_dict())
-        del saved
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # full state dicts in, each process keeps its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, saved.state_dict(), options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.model.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+        del saved
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rng_file = os.path.join(path, f"rng_state_{self.dist.rank}.pt")
