@@ -51,6 +51,8 @@ class GROConfig:
     run_name: Optional[str] = None      # the bar's label (default: the method)
     mixed_precision: str = "auto"       # auto (bf16 autocast on CUDA) | bf16 | no
     fsdp: bool = False                  # under torchrun: FSDP2 (fully_shard) instead of DDP
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (long context)
+    pack_sequences: bool = False        # rows of a micro-batch as one sequence without padding (checked at start)
 
     def __post_init__(self):
         if self.num_generations < 1:

@@ -33,6 +33,7 @@ from . import distributed as gdist
 from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
 from .heads import check_head, fold_scale, logit_scale
+from .packing import check_packing, packed_final_hidden
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
@@ -80,12 +81,17 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None)
 
 
-def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None):
-    """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head."""
+def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None,
+                  pack: bool = False):
+    """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head.
+    `pack`: run the rows as one sequence without padding (`packing.py`)."""
     ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx:
-        hidden = final_hidden(model, input_ids, attention_mask, position_ids)
+        if pack:
+            hidden = packed_final_hidden(final_hidden, model, input_ids, attention_mask, position_ids)
+        else:
+            hidden = final_hidden(model, input_ids, attention_mask, position_ids)
     hidden = hidden[:, prompt_len - 1:-1]
     weight, bias = lm_head(model)
     hidden, bias = fold_scale(hidden, bias, logit_scale(model))  # Granite's logits_scaling, Cohere's logit_scale
@@ -103,14 +109,15 @@ class PolicyLoss(nn.Module):
     autocast: its backends do their own fp32 accumulation and must not see bf16-rounded logits.
     """
 
-    def __init__(self, model: nn.Module, autocast_dtype=None):
+    def __init__(self, model: nn.Module, autocast_dtype=None, pack: bool = False):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        self.pack = pack
 
     def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
-                                             self.autocast_dtype)
+                                             self.autocast_dtype, pack=self.pack)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
         out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
         return out.loss, out.logp.detach(), out.metrics
@@ -198,7 +205,12 @@ class GROTrainer:
         random.seed(cfg.seed + 1000 * self.dist.rank)
         np.random.seed((cfg.seed + 1000 * self.dist.rank) % 2**32)
 
-        self.policy = PolicyLoss(self.model, self.autocast_dtype)
+        if cfg.gradient_checkpointing:  # keep only each layer's input; the loss keeps only the final states
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.pack_sequences:
+            for m in [self.model] + ([self.ref_model] if ref_model is not None else []):
+                check_packing(m, final_hidden)
+        self.policy = PolicyLoss(self.model, self.autocast_dtype, pack=cfg.pack_sequences)
         self.wrapped = (gdist.wrap_fsdp(self.policy, self.model) if cfg.fsdp
                         else gdist.wrap_ddp(self.policy, self.device))
         self.fsdp = gdist.is_fsdp(self.wrapped)
@@ -349,7 +361,7 @@ class GROTrainer:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                    self.autocast_dtype)
+                                    self.autocast_dtype, pack=self.config.pack_sequences)
             lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
 
@@ -377,7 +389,7 @@ class GROTrainer:
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype)
+                                           mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
