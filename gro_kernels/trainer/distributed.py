@@ -114,7 +114,11 @@ def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Modul
     for sub in model.modules():
         if type(sub).__name__ in names:
             fully_shard(sub)
-    return fully_shard(module, reshard_after_forward=False)
+    root = fully_shard(module, reshard_after_forward=False)
+    # Make `module` the root now: sampling runs the decoder layers before the first wrapped forward,
+    # and FSDP would otherwise take the first layer it sees for the root. (No public call does this.)
+    root._get_fsdp_state()._lazy_init()
+    return root
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:
