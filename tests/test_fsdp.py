@@ -1,7 +1,7 @@
 """FSDP2 (`fully_shard`) in the trainer, two CPU processes (gloo): the loss and the gradients of a
 step on halves of a global batch equal one process's on the whole batch; `gro_loss` runs inside
-the wrapped forward on the gathered (plain, full) lm_head weight; a checkpoint saved from the
-shards reloads into a fresh sharded trainer."""
+the wrapped forward on the gathered (plain, full) lm_head weight; sampling works on the shards;
+a checkpoint saved from the shards reloads into a fresh sharded trainer."""
 import os
 
 import pytest
@@ -55,6 +55,7 @@ def _worker(rank, port, out_dir):
         for method, extra in CASES:
             trainer = make_trainer(method, {**extra, "fsdp": True}, WORLD)
             assert trainer.fsdp
+            trainer.make_batch(0)  # sampling first runs the layers outside the wrapped forward
             metrics = trainer.train_step(shard)
             torch.save({"grads": flat_grads(trainer), "params": flat_params(trainer), "metrics": metrics,
                         "seen": seen}, os.path.join(out_dir, f"{method}_rank{rank}.pt"))
