@@ -122,8 +122,10 @@ def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Modul
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no public FSDP2, so nothing was sharded with it
+        return False
     return isinstance(module, FSDPModule)
 
 

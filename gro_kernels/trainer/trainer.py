@@ -8,6 +8,8 @@ One step:
    in pure offline mode (no reward functions) take dataset rows (pairs / labelled / scored) instead;
 3. under `no_grad`, compute the old log-probs (only when `num_iterations > 1`: with one update the
    ratio is exactly 1 and `gro_loss` uses `sg[logp]`) and the reference log-probs (frozen copy);
+   reward-scored methods then form their weights on the whole batch of all processes
+   (`batch_weights.py`), so micro-batches never change them;
 4. `num_iterations` times: for each micro-batch (whole groups), run the backbone for the final
    hidden states and call `gro_loss(hidden, lm_head.weight, targets, ...)` - the full `[N, V]`
    logits are never built - backward with global normalization, then clip and step AdamW.
@@ -33,8 +35,8 @@ from . import distributed as gdist
 from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
 from .heads import check_head, fold_scale, logit_scale
-from .packing import check_packing, packed_final_hidden
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
+from .packing import check_packing, packed_final_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
 
