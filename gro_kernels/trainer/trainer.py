@@ -174,8 +174,8 @@ class GROTrainer:
         self.config = cfg = config or GROConfig()
         self.dist = gdist.info()
         self.device = self.dist.device if self.dist.device.type == "cuda" else next(model.parameters()).device
-        check_head(model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.model = model.to(self.device)
+        check_head(self.model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.tokenizer = tokenizer
         self.reward_funcs = list(reward_funcs or [])
         self.reward_weights = reward_weights
