@@ -1,6 +1,6 @@
 """FSDP2 (`fully_shard`) in the trainer, two CPU processes (gloo): the loss and the gradients of a
 step on halves of a global batch equal one process's on the whole batch; `gro_loss` runs inside
-the wrapped forward on the gathered (plain, full) lm_head weight; sampling works on the shards;
+the wrapped forward on the gathered (plain, full) lm_head weight, gathered once per update; sampling works on the shards;
 a checkpoint saved from the shards reloads into a fresh sharded trainer."""
 import os
 
@@ -56,9 +56,16 @@ def _worker(rank, port, out_dir):
             trainer = make_trainer(method, {**extra, "fsdp": True}, WORLD)
             assert trainer.fsdp
             trainer.make_batch(0)  # sampling first runs the layers outside the wrapped forward
-            metrics = trainer.train_step(shard)
+            gathers, all_gather = [], dist.all_gather_single  # FSDP2's all-gather: one call per group unshard
+            dist.all_gather_single = lambda out, *a, **k: gathers.append(out.numel()) or all_gather(out, *a, **k)
+            try:
+                metrics = trainer.train_step(shard)
+            finally:
+                dist.all_gather_single = all_gather
+            root = sum(p.numel() for n, p in trainer.model.named_parameters() if ".layers." not in n)
             torch.save({"grads": flat_grads(trainer), "params": flat_params(trainer), "metrics": metrics,
-                        "seen": seen}, os.path.join(out_dir, f"{method}_rank{rank}.pt"))
+                        "seen": seen, "gathers": gathers, "root": root, "micro": len(trainer.micro_batches(shard))},
+                       os.path.join(out_dir, f"{method}_rank{rank}.pt"))
         path = trainer.save_checkpoint(os.path.join(out_dir, "ckpt"))
         fresh = make_trainer(method, {**extra, "fsdp": True}, WORLD)
         fresh.load_checkpoint(path)
@@ -81,6 +88,9 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
         single = make_trainer(method, extra, 1)
         vocab, dim = single.model.get_output_embeddings().weight.shape
         assert set(r0["seen"]) == {(False, (vocab, dim))}  # the gathered weight, not a shard
+        # lm_head's group (embeddings, norm, head) gathered once per update, whatever the micro-batches;
+        # the one decoder layer twice per micro-batch (forward, backward)
+        assert r0["gathers"].count(r0["root"]) == 1 and len(r0["gathers"]) == 1 + 2 * r0["micro"], r0["gathers"]
         metrics = single.train_step(global_batch())
         want = torch.cat([p.grad.flatten() for p in single.model.parameters()])
         torch.testing.assert_close(r0["grads"], want, rtol=1e-4, atol=1e-6, msg=f"{method}: gradients")
