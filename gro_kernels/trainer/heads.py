@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 # config attributes that make the logits a nonlinear function of lm_head(hidden)
-NONLINEAR = ("final_logit_softcapping", "logit_softcapping_final", "output_softcapping")
+NONLINEAR = ("final_logit_softcapping",)
 # model types that *multiply* by `logits_scaling` (Granite and its relatives divide)
 MULTIPLY_LOGITS_SCALING = ("hyperclovax",)
 
@@ -42,6 +42,7 @@ def logit_scale(model) -> float:
                     f"{name} soft-caps its logits ({attr}={getattr(cfg, attr)}): tanh(z / c) * c is not a "
                     f"function gro_loss computes, so its log-probs would be wrong. Set config.{attr} = None "
                     "to train without the cap, or use a model without it")
+    for cfg in _configs(model):
         scaling = getattr(cfg, "logits_scaling", None)
         if _set(scaling) and scaling != 1:
             multiply = str(getattr(cfg, "model_type", "")).startswith(MULTIPLY_LOGITS_SCALING)
