@@ -4,6 +4,7 @@
     python bench/long_context.py                       # 2k..64k tokens, three log-prob paths, ~20 min on 2 cores
     python bench/long_context.py --lengths 4096 --impls gro
     python bench/long_context.py --one gro 32768       # one point in this process (what each worker runs)
+    BENCH_PACK=1 python bench/long_context.py --one gro 4096   # the two rows packed into one sequence
 
 A small Qwen2-shaped model (d=128, 2 layers, Qwen's vocabulary V=151936, float32, SDPA attention,
 gradient checkpointing) takes one optimizer step (forward, backward, AdamW) of a GRPO-style loss
@@ -93,7 +94,8 @@ def step_gro(total: int):
     tok = SimpleNamespace(eos_token_id=1, pad_token_id=2)
     cfg = GROConfig(method="grpo", loss_options={"kl_coef": 0.0}, backend="torch", micro_batch_size=2,
                     num_generations=2, prompts_per_step=1, output_dir="/tmp/unused", metrics_file=None,
-                    save_final=False, progress=False, max_grad_norm=1.0, gradient_checkpointing=True)
+                    save_final=False, progress=False, max_grad_norm=1.0, gradient_checkpointing=True,
+                    pack_sequences=os.environ.get("BENCH_PACK") == "1")
     trainer = GROTrainer(model, tok, reward_funcs=[lambda p, c, **k: [0.0] * len(c)], train_dataset=[{"prompt": ""}],
                          config=cfg)
     batch = collate(prompts, comps, pad_id=2, group_ids=[0, 0], rewards=[1.0, 0.0])

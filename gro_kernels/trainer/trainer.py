@@ -83,6 +83,15 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None)
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: the new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None,
                   pack: bool = False):
     """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head.
@@ -208,7 +217,7 @@ class GROTrainer:
         np.random.seed((cfg.seed + 1000 * self.dist.rank) % 2**32)
 
         if cfg.gradient_checkpointing:  # keep only each layer's input; the loss keeps only the final states
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         if cfg.pack_sequences:
             for m in [self.model] + ([self.ref_model] if ref_model is not None else []):
                 check_packing(m, final_hidden)
