@@ -2,6 +2,7 @@
 they end where one process training on the whole batch ends (gradients of the lm_head included,
 batch-wide statistics global)."""
 import dataclasses
+import gc
 import os
 
 import pytest
@@ -76,8 +77,17 @@ def _worker(rank, port, out_dir):
             metrics = trainer.train_step(shard)
             torch.save({"params": flat(trainer), "metrics": metrics},
                        os.path.join(out_dir, f"{method}_rank{rank}.pt"))
+        trainer = None  # noqa: F841
+        leave_together()
     finally:
         dist.destroy_process_group()
+
+
+def leave_together():
+    """Free the wrapped models before their process group and leave at once: a DDP/FSDP object
+    outliving `destroy_process_group`, or a rank still finishing, can abort a process at exit."""
+    gc.collect()
+    dist.barrier()
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):

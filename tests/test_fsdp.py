@@ -15,7 +15,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from gro_kernels.trainer import trainer as trainer_module  # noqa: E402
 from gro_kernels.trainer.distributed import free_port  # noqa: E402
 
-from test_distributed import global_batch, make_trainer  # noqa: E402
+from test_distributed import global_batch, leave_together, make_trainer  # noqa: E402
 
 WORLD = 2
 # token_mean with micro-batches that cut through groups (root kept gathered between them), and a
@@ -74,6 +74,8 @@ def _worker(rank, port, out_dir):
         trainer.train_step(shard)  # the optimizer state came back too: the next step is the same
         torch.save({"same": same, "next_equal": torch.equal(flat_params(fresh), flat_params(trainer))},
                    os.path.join(out_dir, f"ckpt_rank{rank}.pt"))
+        trainer = fresh = None  # noqa: F841
+        leave_together()
     finally:
         trainer_module.gro_loss = real
         dist.destroy_process_group()
