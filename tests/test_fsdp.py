@@ -8,6 +8,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+except ImportError:
+    pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6", allow_module_level=True)
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
