@@ -105,7 +105,7 @@ def gro_loss(
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
                      log_sum_sq_probs=log_sum_sq_probs, **options)
 
-    if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages):
+    if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
         return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
                            ignore_index=ignore_index, backend=backend, backend_options=backend_options)
 
@@ -132,7 +132,7 @@ def _mask(mask, targets):
     return mask
 
 
-def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages) -> bool:
+def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline) -> bool:
     """The single fused pass (three GEMMs) applies when gradients are wanted, the backend is a
     chunked one, and the objective is token-local (GRO.md section 6)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
@@ -141,7 +141,9 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages) -> bool
                                               or (bias is not None and bias.requires_grad))
     if not wants_grad or resolve_backend(backend, hidden.device) == "naive":
         return False
-    return not needs_policy_logp(opts, has_old_logp=old_logp is not None, has_advantages=advantages is not None)
+    has_offline = isinstance(offline, torch.Tensor) and bool(offline.any())
+    return not needs_policy_logp(opts, has_old_logp=old_logp is not None, has_advantages=advantages is not None,
+                                 has_offline=has_offline)
 
 
 def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, want_entropy, ignore_index,

@@ -1,5 +1,8 @@
 """Two CPU processes (gloo, DDP) train on halves of a global batch: the replicas stay identical, and
-they end where one process training on the whole batch ends (gradients of the lm_head included)."""
+they end where one process training on the whole batch ends (gradients of the lm_head included,
+batch-wide statistics global)."""
+import dataclasses
+import gc
 import os
 
 import pytest
@@ -23,6 +26,8 @@ WORLD = 2
 CASES = [
     ("gro", dict(num_iterations=2, micro_batch_size=5)),
     ("grpo", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.1})),
+    # batch statistics (mean and std of the token returns) over both processes' rows
+    ("reinforce_pp", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.05})),
 ]
 
 
@@ -40,10 +45,17 @@ def global_batch():
                    offline=[i % 5 == 4 for i in range(20)], rewards=rewards, completions=comps)
 
 
+def trim(batch):
+    """Drop the completion columns no row of `batch` uses: each process then has its own width."""
+    c, P = int((batch.targets != -100).sum(1).max()), batch.prompt_len
+    return dataclasses.replace(batch, input_ids=batch.input_ids[:, :P + c], attention_mask=batch.attention_mask[:, :P + c],
+                               position_ids=batch.position_ids[:, :P + c], targets=batch.targets[:, :c])
+
+
 def make_trainer(method, extra, world):
-    cfg = GROConfig(method=method, steps=1, num_generations=4, prompts_per_step=2 * world, max_new_tokens=5,
-                    learning_rate=1e-3, max_grad_norm=0.5, output_dir="unused", metrics_file=None,
-                    save_final=False, progress=False, backend="torch", **extra)
+    cfg = GROConfig(**{**dict(method=method, steps=1, num_generations=4, prompts_per_step=2 * world, max_new_tokens=5,
+                              learning_rate=1e-3, max_grad_norm=0.5, output_dir="unused", metrics_file=None,
+                              save_final=False, progress=False, backend="torch"), **extra})
     return GROTrainer(build_model(len(TOK), 0, hidden=32, layers=1), TOK, reward_funcs=[reversal_reward],
                       train_dataset=make_prompts(8, 4, seed=1), config=cfg)
 
@@ -58,15 +70,24 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         batch = global_batch()
-        shard = batch.select(range(rank * 10, rank * 10 + 10))  # two whole groups per process
+        shard = trim(batch.select(range(rank * 10, rank * 10 + 10)))  # two whole groups per process
         for method, extra in CASES:
             trainer = make_trainer(method, extra, WORLD)
             assert trainer.wrapped is not trainer.policy  # DDP-wrapped
             metrics = trainer.train_step(shard)
             torch.save({"params": flat(trainer), "metrics": metrics},
                        os.path.join(out_dir, f"{method}_rank{rank}.pt"))
+        trainer = None  # noqa: F841
+        leave_together()
     finally:
         dist.destroy_process_group()
+
+
+def leave_together():
+    """Free the wrapped models before their process group and leave at once: a DDP/FSDP object
+    outliving `destroy_process_group`, or a rank still finishing, can abort a process at exit."""
+    gc.collect()
+    dist.barrier()
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):

@@ -261,3 +261,16 @@ def test_issue9_token_local_types_in_the_fused_pass(config):
     with MatmulFlops() as counter:
         gro_loss(h, w, targets, method=method, backend="torch", **kw, **extra).loss.backward()
     assert counter.flops == 3 * 2 * targets.numel() * D * V
+
+
+@pytest.mark.parametrize("method", ["reinforce", "rloo"])
+def test_reward_kl_with_offline_rows(method):
+    # The reward KL reads the behaviour log-prob, which is sg[l] on offline rows: not token-local
+    # then (a forward-only pass first). Found by tests/test_fuzz_gro_loss.py.
+    offline = torch.tensor([False, True, False, False, False, False, True, False])
+    got, _ = run(method, "torch", chunk_elements=3 * V, inputs={"offline": offline})
+    want, _ = composable(method, inputs={"offline": offline})
+    assert_same(got, want)
+    opts = resolve_options(method, {"kl_coef": 0.05})
+    assert needs_policy_logp(opts, has_old_logp=True, has_advantages=False, has_offline=True)
+    assert not needs_policy_logp(opts, has_old_logp=True, has_advantages=False, has_offline=False)

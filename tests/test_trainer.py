@@ -19,12 +19,13 @@ def tiny_model(seed=0):
     return build_model(len(TOK), seed, hidden=32, layers=1)
 
 
-def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, **cfg):
+def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, ref_model=None, **cfg):
     base = dict(steps=1, num_generations=4, prompts_per_step=2, max_new_tokens=5, learning_rate=1e-3,
                 output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False, backend="torch")
     base.update(cfg)
     dataset = dataset if dataset is not None else make_prompts(16, 4, seed=1)
-    return GROTrainer(model, TOK, reward_funcs=list(reward_funcs), train_dataset=dataset, config=GROConfig(**base))
+    return GROTrainer(model, TOK, reward_funcs=list(reward_funcs), train_dataset=dataset, config=GROConfig(**base),
+                      ref_model=ref_model)
 
 
 def group_batch(rewards, offline=None, completions=None, groups=None):
@@ -119,6 +120,44 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, method):
     torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-5)
 
 
+def _flat_grads(params):
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in params])
+
+
+@pytest.mark.parametrize("method,options", [("reinforce_pp", {"kl_coef": 0.05}), ("grpo", {"kl_coef": 0.0}),
+                                            ("gro", {"offline_coef": 0.5})])
+def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, method, options):
+    """Weights are formed on the whole batch, then split: REINFORCE++'s batch mean/std of the returns
+    and a group's mean/std are the same whether or not the micro-batches cut through them. The
+    reference is one `gro_loss` call on the whole batch."""
+    from gro_kernels import gro_loss, token_logprobs
+    from gro_kernels.trainer.trainer import policy_inputs
+
+    batch = group_batch([1.0, 0.5, 0.0, 0.25, 0.75, 0.0, 1.0, 0.5], groups=[0, 0, 0, 0, 1, 1, 1, 1],
+                        offline=[False, False, False, True] * 2,
+                        completions=["4321", "4312", "1234", "9876", "5555", "0000", "4320", "21"])
+    ref_model = tiny_model(seed=1)  # a reference that differs from the policy: a non-zero KL in the reward
+    with torch.no_grad():
+        rh, rw, rb = policy_inputs(ref_model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                   batch.prompt_len)
+        ref_logp = token_logprobs(rh, rw, batch.targets, bias=rb, backend="torch").logp
+    model = tiny_model()
+    h, w, b = policy_inputs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    loss = gro_loss(h, w, batch.targets, bias=b, method=method, rewards=batch.rewards, group_ids=batch.group_ids,
+                    offline=batch.offline, ref_logp=ref_logp, backend="torch", **options).loss
+    params = list(model.parameters())
+    want = _flat_grads(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
+
+    for micro in (8, 3, 1):
+        trainer = trainer_for(tiny_model(), tmp_path, method=method, micro_batch_size=micro, learning_rate=0.0,
+                              max_grad_norm=None, loss_options=options, ref_model=tiny_model(seed=1))
+        mbs = trainer.micro_batches(batch)
+        assert max(len(m) for m in mbs) <= micro and sorted(sum(mbs, [])) == list(range(8))
+        trainer.train_step(batch)
+        got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{method}, micro_batch_size={micro}")
+
+
 def test_train_loop_writes_metrics_and_checkpoint(tmp_path):
     trainer = trainer_for(tiny_model(), tmp_path, method="grpo", steps=2, metrics_file="metrics.jsonl",
                           save_final=True)  # grpo: kl_coef 0.04 by default, so a reference copy exists
@@ -149,3 +188,59 @@ def test_checkpoint_reloads_and_continues_like_the_uninterrupted_run(tmp_path):
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     assert full.history[-1]["reward"] == resumed.history[-1]["reward"]
+
+
+def _steps(path):
+    return [json.loads(x)["step"] for x in open(path)]
+
+
+def test_resume_truncates_the_metrics_at_the_checkpoint(tmp_path):
+    kw = dict(method="grpo", steps=3, save_every=1, metrics_file="metrics.jsonl", loss_options={"kl_coef": 0.0})
+    trainer_for(tiny_model(), tmp_path, **kw).train()
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2, 3]
+    resumed = trainer_for(tiny_model(), tmp_path, **kw)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint-1"))
+    resumed.train()
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2, 3]  # steps 2 and 3 rewritten, not repeated
+
+
+def test_ctrl_c_keeps_the_metrics_and_checkpoints_the_last_finished_step(tmp_path):
+    calls = []
+
+    def reward(prompts, completions, **cols):
+        calls.append(1)
+        if len(calls) == 3:  # during the rollout of step 3
+            raise KeyboardInterrupt
+        return reversal_reward(prompts, completions, **cols)
+
+    trainer = trainer_for(tiny_model(), tmp_path, reward_funcs=(reward,), method="grpo", steps=5,
+                          metrics_file="metrics.jsonl", loss_options={"kl_coef": 0.0})
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert _steps(tmp_path / "metrics.jsonl") == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "metrics.jsonl"]
+    resumed = trainer_for(tiny_model(), tmp_path, method="grpo", steps=5)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert resumed.step == 2
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    trainer = trainer_for(tiny_model(), tmp_path, method="grpo", loss_options={"kl_coef": 0.0})
+    good = trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    before = sorted(os.listdir(good))
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken)  # dies after save_pretrained, before trainer_state.pt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(tmp_path / "new"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(good)) == before  # the old checkpoint is whole
+    assert not os.path.exists(tmp_path / "new")
+    trainer.save_checkpoint(str(tmp_path / "ckpt"))  # a retry replaces it and cleans up after itself
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "new.tmp"]  # only the unfinished other write remains

@@ -5,6 +5,7 @@ nothing a caller put there (padding, -inf) can reach the loss or make NaN.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -50,7 +51,7 @@ def _shape(name, t, shapes):
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
-def _per_token(name, t, shape, valid, dtype, device, *, detach):
+def _per_token(name, t, shape, valid, dtype, device, *, detach, finite=False):
     if t is None:
         return None
     _tensor(name, t, device)
@@ -58,6 +59,9 @@ def _per_token(name, t, shape, valid, dtype, device, *, detach):
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     _shape(name, t, [shape])
     t = t.detach() if detach else t
+    if finite and not (torch.isfinite(t) | ~valid).all():  # a NaN/-inf log-prob would poison the loss
+        bad = torch.nonzero(~torch.isfinite(t) & valid)[:5].tolist()
+        raise ValueError(f"{name} must be finite at unmasked positions, got non-finite values at [row, token] {bad}")
     return torch.where(valid, t.to(dtype), torch.zeros((), dtype=dtype, device=device))
 
 
@@ -129,8 +133,8 @@ def _num_items(n):
         if n.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
         n = n.item()
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not n > 0:
-        raise ValueError(f"num_items_in_batch must be a positive number, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not n > 0 or not math.isfinite(n):
+        raise ValueError(f"num_items_in_batch must be a positive finite number, got {n!r}")
     return float(n)
 
 
@@ -151,7 +155,7 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
 
     l = torch.where(valid, logp.to(dtype), zero)
     off = _offline(offline, B, device)
-    lo = _per_token("old_logp", old_logp, (B, T), valid, dtype, device, detach=True)
+    lo = _per_token("old_logp", old_logp, (B, T), valid, dtype, device, detach=True, finite=True)
     # Absent behaviour log-probs mean on-policy: sg[l]. Offline rows never use a ratio.
     lo = l.detach() if lo is None else torch.where(off[:, None], l.detach(), lo)
 
@@ -170,7 +174,7 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
     group, num_groups = _groups(group_ids, B, device)
     return Batch(
         logp=l, mask=m, lengths=m.sum(1), old_logp=lo, offline=off,
-        ref_logp=_per_token("ref_logp", ref_logp, (B, T), valid, dtype, device, detach=True),
+        ref_logp=_per_token("ref_logp", ref_logp, (B, T), valid, dtype, device, detach=True, finite=True),
         entropy=_per_token("entropy", entropy, (B, T), valid, dtype, device, detach=False),
         kl=_per_token("kl", kl, (B, T), valid, dtype, device, detach=False),
         rewards=_per_sequence("rewards", rewards, B, dtype, device),

@@ -28,7 +28,7 @@ from .surrogates import Surrogate, kl_estimate, policy_surrogate
 _ROW_SURROGATES = ("vespo", "geo_mean", "clip_cov", "kl_cov")
 
 
-def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool) -> bool:
+def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool, has_offline: bool = False) -> bool:
     """Whether the configuration is not token-local: its weights read the policy's own (detached)
     log-probs or entropies over whole rows or the whole batch, or a token's term reads other tokens'
     log-probs. Then the fused path runs a forward-only pass first (four GEMMs instead of three) and
@@ -48,7 +48,8 @@ def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool
     if opts.score == "implicit":
         return True   # X_i = S_i or D_i
     reward_kl = opts.kl_coef != 0 and opts.kl_placement == "reward" and opts.score in ("reward", "token_return")
-    return reward_kl and not has_old_logp  # the reward KL reads lo, which is sg[l] on-policy
+    # The reward KL reads lo, which is sg[l] on-policy and on offline rows.
+    return reward_kl and (not has_old_logp or has_offline)
 
 
 @dataclass

@@ -35,9 +35,12 @@ def _group_sums(values, group, num_groups):
 
 
 def group_mean(values, group, num_groups):
-    """Per-row mean of the row's group, and whether the group's values are all equal."""
-    counts = _group_sums(torch.ones_like(values), group, num_groups)
-    mean = (_group_sums(values, group, num_groups) / counts)[group]
+    """Per-row mean of the row's group, and whether the group's values are all equal.
+
+    Sums in float64: float32 scores near 1e30 would overflow a float32 sum or sum of squares."""
+    wide = values.double()
+    counts = _group_sums(torch.ones_like(wide), group, num_groups)
+    mean = (_group_sums(wide, group, num_groups) / counts)[group].to(values.dtype)
     vmax = torch.full((num_groups,), -torch.inf, dtype=values.dtype, device=values.device)
     vmin = torch.full((num_groups,), torch.inf, dtype=values.dtype, device=values.device)
     vmax = vmax.scatter_reduce(0, group, values, "amax")
@@ -47,10 +50,26 @@ def group_mean(values, group, num_groups):
 
 def group_std(values, group, num_groups):
     """Per-row std of the row's group, Bessel-corrected; 0 for a group of one."""
-    counts = _group_sums(torch.ones_like(values), group, num_groups)
-    mean, _ = group_mean(values, group, num_groups)
-    ss = _group_sums((values - mean) ** 2, group, num_groups)
-    return (ss / (counts - 1).clamp(min=1)).sqrt()[group]
+    wide = values.double()
+    counts = _group_sums(torch.ones_like(wide), group, num_groups)
+    mean = (_group_sums(wide, group, num_groups) / counts)[group]
+    ss = _group_sums((wide - mean) ** 2, group, num_groups)
+    return (ss / (counts - 1).clamp(min=1)).sqrt()[group].to(values.dtype)
+
+
+def _divide(num, scale):
+    """num / scale, exactly 0 where num is 0 (equal scores: no direction, even when scale is 0)."""
+    zero = num == 0
+    if ((scale == 0) & ~zero).any():
+        raise ValueError("the scale (std + std_eps) is 0 for scores that differ from their anchor, so the "
+                         "weight would be infinite: use std_eps > 0")
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(scale), scale))
+
+
+def _check_finite(w):
+    if not torch.isfinite(w).all():
+        raise ValueError("the sequence weights overflow (non-finite): rewards, baselines or scores are too large "
+                         "for the statistics dtype; rescale them")
 
 
 def pair_partner(group, num_groups):
@@ -181,7 +200,7 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
         token_A, unit_losses = pair_loss_weights(opts, b, y, partner)
         w = token_A.sum(1) / b.lengths.clamp(min=1)   # reported: the mean weight of the row's tokens
     elif kind == "linear":
-        w = coef * g * (x - a) / _scale(opts, g * x, b)
+        w = coef * _divide(g * (x - a), _scale(opts, g * x, b))
     elif kind == "constant":
         w = y * coef
     elif kind == "sigmoid":
@@ -199,6 +218,7 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
         w = w / b.lengths.clamp(min=1)
     w = torch.where(b.lengths > 0, w, 0.0)  # an empty sequence has nothing to push
     w = torch.where(b.offline, w * opts.offline_coef, w)
+    _check_finite(w)
     units = b.num_groups if pairwise else x.numel()
     if token_A is None:
         A = w[:, None] * b.mask
@@ -227,12 +247,14 @@ def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
         a = G.new_tensor(opts.anchor_value if opts.anchor == "constant" else 0.0)
     scale = G.new_tensor(1.0)
     if opts.scale == "batch_std":
-        scale = (G.var(correction=1).sqrt() if G.numel() > 1 else G.new_tensor(0.0)) + opts.std_eps
+        std = G.double().var(correction=1).sqrt().to(G.dtype) if G.numel() > 1 else G.new_tensor(0.0)
+        scale = std + opts.std_eps
     diff = returns - a
     y = b.labels[:, None].expand_as(diff) if opts.separation == "label" else torch.sign(diff)
     coef = _coefficients(opts, y)
-    A = coef * diff / scale
+    A = coef * _divide(diff * m, scale)
     if opts.length_normalize:
         A = A / b.lengths.clamp(min=1)[:, None]
     A = torch.where(b.offline[:, None], A * opts.offline_coef, A) * m
+    _check_finite(A)
     return Weights(advantages=A, weights=A, units=m.shape[0], scores=returns * m, anchors=a, signs=y * m)

@@ -46,9 +46,13 @@ class GROConfig:
     metrics_file: Optional[str] = "metrics.jsonl"  # relative to output_dir; None disables
     save_every: int = 0                 # 0: only at the end (when save_final)
     save_final: bool = True
+    save_on_interrupt: bool = True      # Ctrl-C: checkpoint the last finished step (single process)
     progress: bool = True               # tqdm bar (rank 0 only)
     run_name: Optional[str] = None      # the bar's label (default: the method)
     mixed_precision: str = "auto"       # auto (bf16 autocast on CUDA) | bf16 | no
+    fsdp: bool = False                  # under torchrun: FSDP2 (fully_shard) instead of DDP
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (long context)
+    pack_sequences: bool = False        # rows of a micro-batch as one sequence without padding (checked at start)
 
     def __post_init__(self):
         if self.num_generations < 1:

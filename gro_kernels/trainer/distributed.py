@@ -1,4 +1,4 @@
-"""torchrun / DistributedDataParallel helpers.
+"""torchrun helpers: DistributedDataParallel (default) or FSDP2 (`GROConfig(fsdp=True)`).
 
 How gradients stay synchronized (the one subtle point). DDP all-reduces a parameter's gradient
 only for parameters used in a forward *through the DDP wrapper*. The loss here needs the
@@ -14,8 +14,8 @@ DDP averages gradients over the `W` processes. The trainer wants the gradient of
 *global* batch, so each process normalizes its loss by global counts (tokens via
 `num_items_in_batch`, or rows) and multiplies it by `W`: the average of the `W` local gradients
 is then exactly the single-process gradient of the global batch (tested in
-`tests/test_distributed.py`). Whole groups live on one process, so group anchors are exact;
-batch-wide statistics (`anchor="batch_mean"`, `scale="batch_std"`, REINFORCE++) are per micro-batch.
+`tests/test_distributed.py`). Reward-scored weights (group and batch statistics, REINFORCE++'s
+batch mean and std) are formed once on the rows of all processes (`batch_weights.py`).
 """
 from __future__ import annotations
 
@@ -93,6 +93,40 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 (`fully_shard`) around `module` (the `PolicyLoss` holding `model`); the module itself
+    outside a process group.
+
+    Each decoder layer (`model._no_split_modules`, the Hugging Face convention) is its own shard
+    group, gathered for its forward and again for its backward. The rest (embeddings, final norm,
+    `lm_head`, tied or not) belongs to the root group `module`: gathered when the wrapped forward
+    starts and kept unsharded through its backward (`reshard_after_forward=False`), so `gro_loss`
+    sees one plain `[V, d]` weight however many vocabulary chunks it takes. The trainer also keeps
+    the root unsharded between the micro-batches of an update: one gather of `lm_head` per update.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for sub in model.modules():
+        if type(sub).__name__ in names:
+            fully_shard(sub)
+    root = fully_shard(module, reshard_after_forward=False)
+    # Make `module` the root now: sampling runs the decoder layers before the first wrapped forward,
+    # and FSDP would otherwise take the first layer it sees for the root. (No public call does this.)
+    root._get_fsdp_state()._lazy_init()
+    return root
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no public FSDP2, so nothing was sharded with it
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def free_port() -> int:

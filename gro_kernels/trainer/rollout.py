@@ -36,6 +36,7 @@ class Batch:
     baselines: Optional[torch.Tensor] = None  # [N] float32 (ReMax: the greedy completion's reward)
     old_logp: Optional[torch.Tensor] = None   # [N, C] float32, filled by the trainer
     ref_logp: Optional[torch.Tensor] = None   # [N, C] float32, filled by the trainer
+    advantages: Optional[torch.Tensor] = None  # [N, C] float32 A[i,t] formed on the whole batch, by the trainer
     prompts: List[str] = field(default_factory=list)
     completions: List[str] = field(default_factory=list)
 

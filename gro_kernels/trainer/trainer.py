@@ -8,6 +8,8 @@ One step:
    in pure offline mode (no reward functions) take dataset rows (pairs / labelled / scored) instead;
 3. under `no_grad`, compute the old log-probs (only when `num_iterations > 1`: with one update the
    ratio is exactly 1 and `gro_loss` uses `sg[logp]`) and the reference log-probs (frozen copy);
+   reward-scored methods then form their weights on the whole batch of all processes
+   (`batch_weights.py`), so micro-batches never change them;
 4. `num_iterations` times: for each micro-batch (whole groups), run the backbone for the final
    hidden states and call `gro_loss(hidden, lm_head.weight, targets, ...)` - the full `[N, V]`
    logits are never built - backward with global normalization, then clip and step AdamW.
@@ -19,6 +21,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -29,8 +32,11 @@ from torch import nn
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
 from . import distributed as gdist
+from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
+from .heads import check_head, fold_scale, logit_scale
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
+from .packing import check_packing, packed_final_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
 
@@ -77,23 +83,29 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None)
 
 
-def check_supported(model) -> None:
-    cfg = getattr(model, "config", None)
-    for name in ("final_logit_softcapping", "logit_scale"):
-        value = getattr(cfg, name, None)
-        if value not in (None, 0, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} post-processes its logits ({name}={value}); gro_loss "
-                             "computes log-probs from hidden @ lm_head.weight.T and would not match the model")
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: the new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None):
-    """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head."""
+def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None,
+                  pack: bool = False):
+    """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head.
+    `pack`: run the rows as one sequence without padding (`packing.py`)."""
     ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx:
-        hidden = final_hidden(model, input_ids, attention_mask, position_ids)
+        if pack:
+            hidden = packed_final_hidden(final_hidden, model, input_ids, attention_mask, position_ids)
+        else:
+            hidden = final_hidden(model, input_ids, attention_mask, position_ids)
     hidden = hidden[:, prompt_len - 1:-1]
     weight, bias = lm_head(model)
+    hidden, bias = fold_scale(hidden, bias, logit_scale(model))  # Granite's logits_scaling, Cohere's logit_scale
     if hidden.dtype != weight.dtype:  # bf16 autocast: project in bf16 (the kernels accumulate in fp32)
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
@@ -108,17 +120,45 @@ class PolicyLoss(nn.Module):
     autocast: its backends do their own fp32 accumulation and must not see bf16-rounded logits.
     """
 
-    def __init__(self, model: nn.Module, autocast_dtype=None):
+    def __init__(self, model: nn.Module, autocast_dtype=None, pack: bool = False):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        self.pack = pack
 
     def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
-                                             self.autocast_dtype)
+                                             self.autocast_dtype, pack=self.pack)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
         out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
         return out.loss, out.logp.detach(), out.metrics
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only the lines of steps <= `step` (a resumed run rewrites the steps after its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move the finished folder `src` to `dst`, replacing an older `dst` (kept until the move is done)."""
+    old = dst + ".old"
+    if os.path.exists(dst):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if os.path.exists(old):
+        shutil.rmtree(old)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
@@ -143,8 +183,8 @@ class GROTrainer:
         self.config = cfg = config or GROConfig()
         self.dist = gdist.info()
         self.device = self.dist.device if self.dist.device.type == "cuda" else next(model.parameters()).device
-        check_supported(model)
         self.model = model.to(self.device)
+        check_head(self.model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.tokenizer = tokenizer
         self.reward_funcs = list(reward_funcs or [])
         self.reward_weights = reward_weights
@@ -169,13 +209,22 @@ class GROTrainer:
             self.ref_model = copy.deepcopy(model)
         if self.ref_model is not None:
             self.ref_model.to(self.device).eval().requires_grad_(False)
+            if ref_model is not None:
+                check_head(self.ref_model, final_hidden, lm_head)
 
         torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # sampling stream; model init is the caller's
         random.seed(cfg.seed + 1000 * self.dist.rank)
         np.random.seed((cfg.seed + 1000 * self.dist.rank) % 2**32)
 
-        self.policy = PolicyLoss(self.model, self.autocast_dtype)
-        self.wrapped = gdist.wrap_ddp(self.policy, self.device)
+        if cfg.gradient_checkpointing:  # keep only each layer's input; the loss keeps only the final states
+            enable_checkpointing(self.model)
+        if cfg.pack_sequences:
+            for m in [self.model] + ([self.ref_model] if ref_model is not None else []):
+                check_packing(m, final_hidden)
+        self.policy = PolicyLoss(self.model, self.autocast_dtype, pack=cfg.pack_sequences)
+        self.wrapped = (gdist.wrap_fsdp(self.policy, self.model) if cfg.fsdp
+                        else gdist.wrap_ddp(self.policy, self.device))
+        self.fsdp = gdist.is_fsdp(self.wrapped)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
@@ -183,6 +232,7 @@ class GROTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
+        self._updating = False
         self.history: List[dict] = []
 
     # -- token ids --------------------------------------------------------------------------------
@@ -221,7 +271,21 @@ class GROTrainer:
         rows = self.rows_for_step(step)
         if not self.online:
             return offline_batch(rows, self.tokenizer, eos_id=self.eos_ids[0], pad_id=self.pad_id, device=self.device)
-        return self.rollout(rows)
+        with self.gathered():
+            return self.rollout(rows)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Under FSDP, the root group's parameters (embeddings, lm_head) gathered for a pass outside the
+        wrapped forward (sampling, no-grad log-probs); the decoder layers gather themselves."""
+        if not self.fsdp:
+            yield
+            return
+        self.wrapped.unshard()
+        try:
+            yield
+        finally:
+            self.wrapped.reshard()
 
     def _decode(self, ids: Sequence[int]) -> str:
         return decode_completion(self.tokenizer, [t for t in ids if t not in self.eos_ids])
@@ -280,10 +344,14 @@ class GROTrainer:
 
     # -- log-probs --------------------------------------------------------------------------------
     def micro_batches(self, batch: Batch) -> List[List[int]]:
-        """Row numbers of each micro-batch: whole groups, packed up to `micro_batch_size` rows."""
+        """Row numbers of each micro-batch: `micro_batch_size` rows in order when the weights are formed
+        on the whole batch first (reward-scored methods), else whole groups (pairs) packed up to it."""
+        size = self.config.micro_batch_size
+        if forms_weights_from_rewards(self.options):
+            return [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
         out, cur = [], []
         for g in batch.group_slices():
-            if cur and len(cur) + len(g) > self.config.micro_batch_size:
+            if cur and len(cur) + len(g) > size:
                 out.append(cur)
                 cur = []
             cur = cur + g
@@ -296,33 +364,43 @@ class GROTrainer:
         """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
         temp = float(self.options.temperature)
+        with self.gathered() if model is self.model else contextlib.nullcontext():
+            self._logprobs_into(out, model, batch, temp)
+        return out
+
+    def _logprobs_into(self, out, model, batch: Batch, temp: float) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                    self.autocast_dtype)
+                                    self.autocast_dtype, pack=self.config.pack_sequences)
             lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
-        return out
 
     # -- the update -------------------------------------------------------------------------------
+    def _loss_options(self) -> dict:
+        """The objective's options as given to `gro_loss` (the sampling temperature unless overridden)."""
+        return {"temperature": self.config.temperature, **self.config.loss_options}
+
     def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
         cfg, opts = self.config, self.options
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **cfg.loss_options)
-        kw.setdefault("temperature", cfg.temperature)
-        if opts.score in ("reward", "token_return"):
-            kw["rewards"] = mb.rewards
-        if opts.separation == "label":
-            kw["labels"] = mb.labels
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
+        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
+            kw["advantages"] = mb.advantages
+        else:
+            if opts.score in ("reward", "token_return"):
+                kw["rewards"] = mb.rewards
+            if opts.separation == "label":
+                kw["labels"] = mb.labels
+            if mb.baselines is not None and opts.anchor == "baseline":
+                kw["baselines"] = mb.baselines
         if mb.offline.any():
             kw["offline"] = mb.offline
-        if mb.baselines is not None and opts.anchor == "baseline":
-            kw["baselines"] = mb.baselines
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype)
+                                           mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
@@ -346,9 +424,14 @@ class GROTrainer:
             batch.old_logp = self.logprobs(self.model, batch)
         if self.ref_model is not None and not (self.options.kl_estimator == "full" and self.options.kl_coef != 0):
             batch.ref_logp = self.logprobs(self.ref_model, batch)
+        if forms_weights_from_rewards(self.options):
+            behaviour = batch.old_logp
+            if behaviour is None and needs_behaviour_logp(self.options):
+                behaviour = self.logprobs(self.model, batch)  # a KL in the reward: at the sampling policy
+            batch.advantages = batch_advantages(cfg.method, self._loss_options(), batch, behaviour)
 
         micro = self.micro_batches(batch)
-        ddp = self.wrapped is not self.policy
+        ddp = not self.fsdp and self.wrapped is not self.policy
         sums: Dict[str, float] = {}
         mask = batch.targets != IGNORE_INDEX
         logp_all = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
@@ -361,7 +444,11 @@ class GROTrainer:
                 mb = batch.select(idx)
                 kw = self._loss_kwargs(mb, tokens_global)
                 scale = W if token_mean else W * len(mb) / rows_global
-                sync = contextlib.nullcontext() if (not ddp or j == len(micro) - 1) else self.wrapped.no_sync()
+                last = j == len(micro) - 1
+                sync = contextlib.nullcontext() if (not ddp or last) else self.wrapped.no_sync()
+                if self.fsdp:  # reduce-scatter after the last micro-batch; keep lm_head gathered until then
+                    self.wrapped.set_requires_gradient_sync(last)
+                    self.wrapped.set_reshard_after_backward(last, recurse=False)
                 with sync:
                     loss, logp, metrics = self.wrapped(mb.input_ids, mb.attention_mask, mb.position_ids,
                                                        mb.targets, mb.prompt_len, kw)
@@ -376,13 +463,14 @@ class GROTrainer:
                 if it == cfg.num_iterations - 1:
                     loss_total += float(loss.detach()) * scale / W
             params = [p for p in self.model.parameters() if p.grad is not None]
-            if cfg.max_grad_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else grad_norm
+            if params:  # max_norm=inf: the norm only (also of FSDP's sharded gradients)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            self._updating = True  # the weights now differ from checkpoint-{step} until step += 1
             self.optimizer.step()
             self.scheduler.step()
         self.step += 1
+        self._updating = False
         return self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
 
     def _metrics(self, batch, mask, logp, sums, loss_total, grad_norm) -> Dict[str, float]:
@@ -417,7 +505,13 @@ class GROTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, callback: Optional[Callable[["GROTrainer", dict], None]] = None) -> List[dict]:
-        """Run until `config.steps`; returns the per-step metrics (also in `output_dir/metrics.jsonl`)."""
+        """Run until `config.steps`; returns the per-step metrics (also in `output_dir/metrics.jsonl`).
+
+        Resuming (after `load_checkpoint`) drops the metrics lines of steps after the checkpoint, so the
+        file never repeats a step. Ctrl-C (KeyboardInterrupt) keeps every finished step's metrics and,
+        in a single process with `save_on_interrupt`, saves a checkpoint of the last finished step
+        before re-raising.
+        """
         from tqdm.auto import tqdm
 
         cfg, main = self.config, self.dist.is_main
@@ -425,27 +519,37 @@ class GROTrainer:
                         if cfg.metrics_file and main else None)
         if metrics_path:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            truncate_metrics(metrics_path, self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.run_name or cfg.method, disable=not (cfg.progress and main),
                    dynamic_ncols=True, leave=True)
         t_start = time.time()
-        while self.step < cfg.steps:
-            batch = self.make_batch(self.step)
-            m = self.train_step(batch)
-            m["time"] = time.time() - t_start
-            self.history.append(m)
-            if metrics_path:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-            post = {"reward": f"{m['reward']:.3f}"}
-            for k, name in (("kl", "kl"), ("entropy", "ent")):
-                if k in m and m[k] == m[k]:
-                    post[name] = f"{m[k]:.3f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-            if callback is not None:
-                callback(self, m)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
+        try:
+            while self.step < cfg.steps:
+                batch = self.make_batch(self.step)
+                m = self.train_step(batch)
+                m["time"] = time.time() - t_start
+                self.history.append(m)
+                if metrics_path:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                post = {"reward": f"{m['reward']:.3f}"}
+                for k, name in (("kl", "kl"), ("entropy", "ent")):
+                    if k in m and m[k] == m[k]:
+                        post[name] = f"{m[k]:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+                if callback is not None:
+                    callback(self, m)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            # A checkpoint only of a finished step (never of half-applied updates), and only alone:
+            # the other processes of a group would not reach save_checkpoint's barrier.
+            if cfg.save_on_interrupt and not self._updating and self.dist.world_size == 1 and self.step > 0:
+                path = self.save_checkpoint()
+                print(f"interrupted: saved {path}", flush=True)
+            raise
         bar.close()
         if cfg.save_final:
             self.save_checkpoint()
@@ -454,20 +558,40 @@ class GROTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path: Optional[str] = None) -> str:
         """`save_pretrained` weights + optimizer/scheduler/step (+ each process's RNG state)."""
-        path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
-        os.makedirs(path, exist_ok=True)
+        path = os.path.normpath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
+        # Atomic: everything goes to a temporary folder that is renamed into place when complete, so
+        # an interrupted save never leaves a half-written checkpoint under the final name.
+        tmp = path + ".tmp"
+        if self.dist.is_main and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        gdist.barrier()
+        os.makedirs(tmp, exist_ok=True)
+        model_state, optim_state = self._full_state()  # collective under FSDP: every process calls it
         if self.dist.is_main:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(tmp, state_dict=model_state)
             if hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(path)
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                self.tokenizer.save_pretrained(tmp)
+            torch.save({"step": self.step, "optimizer": optim_state,
                         "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
-                        "world_size": self.dist.world_size}, os.path.join(path, "trainer_state.pt"))
+                        "world_size": self.dist.world_size}, os.path.join(tmp, "trainer_state.pt"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, os.path.join(path, f"rng_state_{self.dist.rank}.pt"))
+        torch.save(rng, os.path.join(tmp, f"rng_state_{self.dist.rank}.pt"))
+        gdist.barrier()
+        if self.dist.is_main:
+            replace_dir(tmp, path)
         gdist.barrier()
         return path
+
+    def _full_state(self):
+        """(model state dict or None for the model's own, optimizer state dict), unsharded under FSDP."""
+        if not self.fsdp:
+            return None, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=opts),
+                get_optimizer_state_dict(self.model, self.optimizer, options=opts))
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from `save_checkpoint`'s folder: policy weights, optimizer, scheduler, step, RNG.
@@ -478,10 +602,17 @@ class GROTrainer:
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(saved.state_dict())
-        del saved
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # full state dicts in, each process keeps its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, saved.state_dict(), options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.model.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+        del saved
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rng_file = os.path.join(path, f"rng_state_{self.dist.rank}.pt")

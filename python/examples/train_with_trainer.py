@@ -2,6 +2,7 @@
 
     python python/examples/train_with_trainer.py --steps 50
     torchrun --nproc_per_node 2 python/examples/train_with_trainer.py --steps 50 --method gro --gold
+    torchrun --nproc_per_node 2 python/examples/train_with_trainer.py --steps 50 --fsdp     # FSDP2 instead of DDP
     python python/examples/train_with_trainer.py --model Qwen/Qwen2.5-0.5B-Instruct --steps 10   # a Hub model
 
 Each process samples for its share of the step's prompts; gradients are synchronized by DDP and
@@ -28,6 +29,7 @@ def main():
     p.add_argument("--out", default="runs/trainer")
     p.add_argument("--resume", default=None)
     p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     args = p.parse_args()
     torch.set_num_threads(1)
     info = init_distributed()
@@ -41,7 +43,7 @@ def main():
     cfg = GROConfig(method=args.method, steps=args.steps, num_generations=8, prompts_per_step=args.prompts_per_step,
                     max_new_tokens=3, learning_rate=2e-3, micro_batch_size=72, output_dir=args.out,
                     save_every=args.save_every, offline_column="answer" if args.gold else None,
-                    loss_options={"kl_coef": 0.0} if args.method == "grpo" else {})
+                    loss_options={"kl_coef": 0.0} if args.method == "grpo" else {}, fsdp=args.fsdp)
     trainer = GROTrainer(model, tok, reward_funcs=[reversal_reward], train_dataset=make_prompts(4096, 3, seed=0),
                          config=cfg)
     if args.resume:

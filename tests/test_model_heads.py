@@ -1,0 +1,100 @@
+"""Models whose logits are not `lm_head(hidden)`: the trainer's log-probs equal the model's own
+(`log_softmax(model(...).logits)`) for Granite's `logits_scaling`, Cohere's `logit_scale` and
+HyperCLOVAX's (multiplying) `logits_scaling`; soft-capped logits and unknown head transforms are
+refused with an error. Tiny models built from configs, no download."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gro_kernels.demo import CharTokenizer, make_prompts, reversal_reward  # noqa: E402
+from gro_kernels.trainer import GROConfig, GROTrainer, collate  # noqa: E402
+
+TOK = CharTokenizer()
+SMALL = dict(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             pad_token_id=TOK.pad_token_id, bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id)
+
+
+def build(config_cls, **extra):
+    torch.manual_seed(0)
+    config = config_cls(**SMALL, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # a larger head than the default init: logits of a realistic size
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+def trainer_for(model, tmp_path):
+    cfg = GROConfig(method="grpo", steps=1, num_generations=2, prompts_per_step=1, max_new_tokens=4,
+                    output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False,
+                    backend="torch", loss_options={"kl_coef": 0.0}, temperature=1.0)
+    return GROTrainer(model, TOK, reward_funcs=[reversal_reward], train_dataset=make_prompts(4, 3, seed=0),
+                      config=cfg)
+
+
+def batch():
+    comps = ["4321", "21", "9"]
+    return collate([TOK.encode("1234>"), TOK.encode("12>"), TOK.encode("9>")],
+                   [TOK.encode(c, add_special_tokens=False) + [TOK.eos_token_id] for c in comps],
+                   pad_id=TOK.pad_token_id, group_ids=[0, 0, 0], rewards=[1.0, 0.0, 0.5])
+
+
+def model_logp(model, b):
+    """Per-token log-probs from the model's own logits (the reference)."""
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+    lp = torch.log_softmax(logits[:, b.prompt_len - 1:-1].double(), dim=-1)
+    valid = b.targets != -100
+    picked = lp.gather(-1, b.targets.clamp(min=0)[..., None])[..., 0]
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+CASES = [
+    ("granite divides by logits_scaling", "GraniteConfig", dict(logits_scaling=8.0)),
+    ("granitemoe divides by logits_scaling", "GraniteMoeConfig", dict(logits_scaling=0.5, num_local_experts=2,
+                                                                       num_experts_per_tok=1)),
+    ("cohere multiplies by logit_scale", "CohereConfig", dict(logit_scale=0.25)),
+    ("hyperclovax multiplies by logits_scaling", "HyperCLOVAXConfig", dict(logits_scaling=4.0)),
+    ("llama: plain lm_head", "LlamaConfig", {}),
+]
+
+
+@pytest.mark.parametrize("name,config_cls,extra", CASES, ids=[c[0] for c in CASES])
+def test_trainer_logprobs_match_the_models_own_logits(tmp_path, name, config_cls, extra):
+    cls = getattr(transformers, config_cls, None)
+    if cls is None:
+        pytest.skip(f"transformers has no {config_cls}")
+    model = build(cls, **extra)
+    trainer = trainer_for(model, tmp_path)
+    b = batch()
+    want = model_logp(model, b)
+    got = trainer.logprobs(trainer.model, b).double()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert want.min() < -1.0  # not a degenerate test: the scale matters at these logit sizes
+
+
+def test_softcapped_logits_are_refused_naming_the_option(tmp_path):
+    model = build(transformers.Gemma2Config, head_dim=8, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        trainer_for(model, tmp_path)
+    model.config.final_logit_softcapping = None  # without the cap: plain lm_head, accepted and exact
+    trainer = trainer_for(model, tmp_path)
+    b = batch()
+    torch.testing.assert_close(trainer.logprobs(trainer.model, b).double(), model_logp(model, b), rtol=0, atol=2e-5)
+
+
+def test_an_unknown_head_transform_is_caught_by_the_probe(tmp_path):
+    class Doubled(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if out.logits is not None:
+                out.logits = out.logits * 2.0
+            return out
+
+    torch.manual_seed(0)
+    model = Doubled(transformers.LlamaConfig(**SMALL))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    with pytest.raises(ValueError, match="not lm_head"):
+        trainer_for(model, tmp_path)
