@@ -140,6 +140,26 @@ CASES = [
      dict(off_policy=True, last_entropy=0.0)),
     # ... and TRL's first step (no entropy seen yet): bonus off, coefficient lowered after the step
     ("cispo", dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=0.1), dict(off_policy=True)),
+    # TRL's default use_bias_correction_kl=True: the KL term times the token / sequence ratio (and the kl metric)
+    ("grpo", dict(beta=0.04), dict(off_policy=True)),
+    ("bnpo", dict(beta=0.1, importance_sampling_level="sequence", delta=1.5), dict(off_policy=True)),
+    ("dapo", dict(beta=0.04), dict(off_policy=False, vllm_is="token")),
+    # the entropy bonus with per-sequence means (TRL's token mean: entropy_agg="token_mean")
+    ("grpo", dict(entropy_coef=0.05, beta=0.04), dict(off_policy=True)),
+    ("grpo", dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0), dict(off_policy=True, last_entropy=0.0)),
+    # SAPO, LUSPO, VESPO
+    ("sapo", dict(beta=0.04, entropy_coef=0.05), dict(off_policy=True)),
+    ("sapo", dict(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0), dict(off_policy=True, vllm_is="token")),
+    ("luspo", dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2, beta=0.04), dict(off_policy=True)),
+    ("luspo", dict(entropy_coef=0.05), dict(off_policy=True, tool_mask=True)),
+    ("vespo", dict(), dict(off_policy=True)),
+    ("vespo", dict(beta=0.04, entropy_coef=0.05, vespo_k_pos=1.5, vespo_lambda_neg=2.5), dict(off_policy=True)),
+    # DeepSeek-V3.2's off-policy sequence mask, and the high-entropy token selection
+    # (seed 1: rows with A < 0 drift past the threshold, so the mask drops some; seed 0 drops none)
+    ("dapo", dict(off_policy_mask_threshold=0.02, beta=0.04), dict(off_policy=True, seed=1)),
+    ("sapo", dict(off_policy_mask_threshold=0.0), dict(off_policy=True, vllm_is="sequence", seed=1)),
+    ("grpo", dict(top_entropy_quantile=0.5), dict(off_policy=True)),
+    ("vespo", dict(top_entropy_quantile=0.3, off_policy_mask_threshold=0.01), dict(off_policy=True, seed=1)),
 ]
 
 
@@ -149,7 +169,7 @@ def test_grpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, confi
     compare_grpo(tmp_path, model_path, dict(batch_kw), gas=gas, loss_type=loss_type, **config)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
 def test_grpo_steps_per_generation_normalizer(tmp_path, model_path, loss_type):
     # steps_per_generation=4 > gradient_accumulation_steps=2: old log-probs come from the generation step,
     # and the num_items normalizer is rescaled by accumulation / steps_per_generation (TRL's rule).
@@ -192,18 +212,25 @@ def test_grpo_every_loss_type_of_the_map_is_tested():
 
 
 @pytest.mark.parametrize("option,value,extra", [
-    ("loss_type", "sapo", {}), ("loss_type", "vespo", {}), ("loss_type", "luspo", {}),
-    ("use_bias_correction_kl", True, {"beta": 0.04}), ("off_policy_mask_threshold", 0.5, {}),
-    ("top_entropy_quantile", 0.2, {}), ("use_adaptive_entropy", True, {"loss_type": "grpo"}),
-    ("entropy_coef", 0.01, {"loss_type": "grpo"}),
+    ("importance_sampling_level", "sequence", {"loss_type": "sapo"}),
+    ("importance_sampling_level", "sequence", {"loss_type": "cispo"}),
+    ("top_entropy_quantile", 0.2, {"entropy_coef": 0.01}),
+    ("top_entropy_quantile", 0.2, {"use_adaptive_entropy": True}),
 ])
 def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value, extra):
     args = grpo_config(tmp_path, **{option: value, **extra})
-    if option == "loss_type" and value == "luspo":
-        args.importance_sampling_level = "sequence"
     with pytest.raises(ValueError, match=f"{option}=.* not supported by gro_kernels"):
         GROGRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
                        processing_class=build_tokenizer())
+
+
+def test_grpo_vespo_with_vllm_correction_raises(tmp_path, model_path):
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, args=grpo_config(tmp_path, loss_type="vespo"),
+                          train_dataset=prompts_dataset(), processing_class=build_tokenizer())
+    for obj in (trainer, trainer.args):  # vLLM is not installed here: switch it on after construction
+        obj.use_vllm = obj.vllm_importance_sampling_correction = True
+    with pytest.raises(ValueError, match="vllm_importance_sampling_correction=True is not supported by gro_kernels"):
+        patch_trainer(trainer)
 
 
 def test_grpo_per_token_logprob_step_runs_on_gro_kernels(tmp_path, model_path):

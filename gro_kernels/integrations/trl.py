@@ -28,62 +28,85 @@ __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", 
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
 
 # ================================================================================================
-# The option map. Extend here when the objective grows (e.g. sapo, vespo, luspo, off-policy
-# masking, the high-entropy token mask, bias-corrected KL): add the loss type / option to the
-# mapping and drop its row from the *_UNSUPPORTED table.
+# The option map. Extend here when the objective grows: add the loss type / option to the mapping
+# and drop its row from the *_UNSUPPORTED table.
 # ================================================================================================
 
 # GRPOConfig.loss_type -> gro_loss options, and how TRL normalizes the result:
-#   "accumulation": gro's aggregation, then divided by the gradient-accumulation steps (TRL's grpo, bnpo, dr_grpo);
-#   "num_items":    token_mean over `num_items_in_batch` rescaled to one accumulation window (dapo, cispo).
+#   "accumulation": gro's aggregation, then divided by the gradient-accumulation steps (grpo, bnpo, dr_grpo,
+#                   sapo, luspo);
+#   "num_items":    token_mean over `num_items_in_batch` rescaled to one accumulation window (dapo, cispo, vespo).
 GRPO_LOSS_TYPES = {
     "grpo":    dict(surrogate="ratio_clip", loss_agg="seq_mean_token_mean",     normalizer="accumulation"),
     "bnpo":    dict(surrogate="ratio_clip", loss_agg="token_mean",              normalizer="accumulation"),
     "dr_grpo": dict(surrogate="ratio_clip", loss_agg="seq_mean_token_sum_norm", normalizer="accumulation"),
+    "sapo":    dict(surrogate="sapo",       loss_agg="seq_mean_token_mean",     normalizer="accumulation"),
+    # TRL's luspo: the ratio_clip loss summed over each sequence, mean over sequences (token or sequence ratio)
+    "luspo":   dict(surrogate="ratio_clip", loss_agg="seq_mean_token_sum",      normalizer="accumulation"),
     "dapo":    dict(surrogate="ratio_clip", loss_agg="token_mean",              normalizer="num_items"),
     "cispo":   dict(surrogate="cispo",      loss_agg="token_mean",              normalizer="num_items"),
+    "vespo":   dict(surrogate="vespo",      loss_agg="token_mean",              normalizer="num_items"),
 }
 
-# GRPOConfig options that change the loss in a way the objective cannot reproduce yet:
-# (option, condition on the config, why). Each one raises at construction / patch time.
+
+def _entropy_bonus(a):
+    return a.entropy_coef != 0 or a.use_adaptive_entropy
+
+
+# GRPOConfig options (or combinations) the objective cannot reproduce exactly: (option, condition on the
+# config, why). Each one raises at construction / patch time.
 GRPO_UNSUPPORTED = [
     ("loss_type", lambda a: a.loss_type not in GRPO_LOSS_TYPES,
-     f"the GRO objective covers loss_type in {sorted(GRPO_LOSS_TYPES)} (not sapo, luspo, vespo yet)"),
-    ("use_bias_correction_kl", lambda a: a.beta != 0 and a.use_bias_correction_kl,
-     "the importance-weighted KL (k3 * ratio) is not in the objective yet; set use_bias_correction_kl=False "
-     "(or beta=0.0)"),
-    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None,
-     "off-policy sequence masking is not in the objective yet"),
-    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0,
-     "the high-entropy token mask is not in the objective yet"),
-    ("entropy_coef", lambda a: a.entropy_coef != 0 and a.loss_type == "grpo",
-     "TRL's entropy bonus is a token mean while loss_type='grpo' averages per sequence; the objective "
-     "weights both terms alike (use bnpo, dr_grpo, dapo or cispo with an entropy bonus)"),
-    ("use_adaptive_entropy", lambda a: a.use_adaptive_entropy and a.loss_type == "grpo",
-     "the entropy bonus cannot be combined with loss_type='grpo' (see entropy_coef)"),
+     f"the GRO objective covers loss_type in {sorted(GRPO_LOSS_TYPES)}"),
+    ("importance_sampling_level", lambda a: a.importance_sampling_level == "sequence"
+     and a.loss_type in ("cispo", "sapo", "vespo"),
+     "the objective's sequence-level ratio (GSPO) applies to the clipped ratio only (grpo, bnpo, dr_grpo, dapo, "
+     "luspo), not to cispo's, sapo's or vespo's ratio"),
+    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0 and _entropy_bonus(a),
+     "with an entropy bonus TRL logs and adapts on the mean entropy of the selected tokens, which the fused call "
+     "does not return; use top_entropy_quantile with entropy_coef=0 and use_adaptive_entropy=False"),
+    ("vllm_importance_sampling_correction", lambda a: a.loss_type == "vespo" and a.use_vllm
+     and a.vllm_importance_sampling_correction,
+     "TRL folds the sampler ratio into VESPO's sequence weight; the trainer does not hand the objective the "
+     "sampler's log-probs for its rollout_correction"),
 ]
 # Mapped without an option of their own:
-# - vLLM importance-sampling correction (every vllm_importance_sampling_mode): TRL multiplies the policy
-#   term by a non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w.
-# - use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to entropy_coef.
+# - vLLM importance-sampling correction (every vllm_importance_sampling_mode; not with vespo): TRL multiplies the
+#   policy term by a non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w.
+# - entropy_coef / use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to
+#   entropy_coef (entropy_agg="token_mean" for the accumulation-normalized losses, a rescaled coefficient for the
+#   num_items ones).
 # - Everything TRL does before the loss: scale_rewards, reward_weights, multi_objective_aggregation,
-#   mask_truncated_completions, num_iterations, steps_per_generation (the old log-probs), tool_mask (the mask).
+#   mask_truncated_completions (TRL zeroes the truncated rows' completion_mask), num_iterations,
+#   steps_per_generation (the old log-probs), tool_mask (the mask).
 
 
 def grpo_options(trainer) -> dict:
     """The gro_loss options of a GRPOTrainer's config (the per-batch ones are set in the loss)."""
     args, kind = trainer.args, GRPO_LOSS_TYPES[trainer.loss_type]
+    surrogate = kind["surrogate"]
     options = dict(
-        method="gro", surrogate=kind["surrogate"], loss_agg=kind["loss_agg"],
-        importance_sampling=trainer.importance_sampling_level, eps_high=trainer.epsilon_high,
+        method="gro", surrogate=surrogate, loss_agg=kind["loss_agg"], importance_sampling=trainer.importance_sampling_level,
         kl_coef=trainer.beta, kl_estimator="k3", kl_placement="loss",
     )
-    if kind["surrogate"] != "cispo":  # CISPO reads epsilon_high alone (its bound); the objective refuses unread options
-        options["eps_low"] = trainer.epsilon_low
-    if kind["surrogate"] == "ratio_clip":  # TRL applies delta to the clipped losses only
-        options["delta"] = args.delta
+    # The objective refuses options its surrogate does not read: give each only where it is read.
+    if surrogate in ("ratio_clip", "cispo"):  # CISPO reads epsilon_high alone (its bound)
+        options["eps_high"] = trainer.epsilon_high
+    if surrogate == "ratio_clip":  # TRL applies delta to the clipped losses only
+        options.update(eps_low=trainer.epsilon_low, delta=args.delta)
+    if surrogate == "sapo":
+        options.update(sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+    if surrogate == "vespo":
+        options.update(vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                       vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg)
     if kind["loss_agg"] == "seq_mean_token_sum_norm":
         options["max_completion_length"] = trainer.max_completion_length
+    if trainer.beta != 0.0 and args.use_bias_correction_kl:  # TRL's default: the KL term times the ratio
+        options["use_bias_correction_kl"] = True
+    if trainer.off_policy_mask_threshold is not None:
+        options["off_policy_mask_threshold"] = trainer.off_policy_mask_threshold
+    if trainer.top_entropy_quantile < 1.0:
+        options["top_entropy_quantile"] = trainer.top_entropy_quantile
     return options
 
 
@@ -198,10 +221,14 @@ class _GROGRPOLoss:
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         options = grpo_options(self)
         bonus = self._gro_bonus_coef()
-        options["entropy_coef"] = self._gro_entropy_coef(bonus, kind, mask, completion_ids, num_items, accumulation)
+        options["entropy_coef"] = self._gro_entropy_coef(bonus, mask, num_items, accumulation)
+        if options["entropy_coef"] != 0 and num_items is None:
+            options["entropy_agg"] = "token_mean"  # TRL's bonus: the mean entropy of the (selected) tokens
+        # TRL's off-policy mask measures the drift from the sampler's log-probs when it has them (vLLM)
+        rollout_logp = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
 
         call = GROCall(keep=keep, kwargs=dict(
-            mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp,
+            mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
             num_items_in_batch=num_items, return_entropy=True, **options))
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, gro=call)
@@ -217,23 +244,20 @@ class _GROGRPOLoss:
             return 0.0
         return self.entropy_coef
 
-    def _gro_entropy_coef(self, coef, kind, mask, completion_ids, num_items, accumulation):
-        """TRL's bonus is `coef * token-mean entropy / accumulation`; the objective weights the entropy
-        with its own aggregation coefficients, so rescale the coefficient to make them equal."""
-        if coef == 0:
-            return 0.0
-        tokens = mask.sum().clamp(min=1.0).item()
-        if kind["loss_agg"] == "token_mean" and num_items is None:   # bnpo: mask / tokens, then / accumulation
+    def _gro_entropy_coef(self, coef, mask, num_items, accumulation):
+        """TRL's bonus is `coef * token-mean entropy / accumulation`. The accumulation-normalized losses take it
+        as entropy_agg="token_mean" (then / accumulation with the rest); the num_items ones weight the entropy
+        with their own coefficient 1 / num_items, so rescale the coefficient to make them equal."""
+        if coef == 0 or num_items is None:
             return coef
-        if kind["loss_agg"] == "seq_mean_token_sum_norm":           # dr_grpo: mask / (B L), then / accumulation
-            return coef * completion_ids.size(0) * self.max_completion_length / tokens
-        # dapo, cispo: mask / num_items, not divided afterwards
+        tokens = mask.sum().clamp(min=1.0).item()
         return coef * float(num_items) / (tokens * accumulation)
 
     def _gro_entropy_bookkeeping(self, mode, out, mask, coef, accumulation):
         """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy."""
         # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division
-        bonus = coef * out.metrics["entropy"] / (1 if self.loss_type in ("bnpo", "dr_grpo") else accumulation)
+        divided = GRPO_LOSS_TYPES[self.loss_type]["normalizer"] == "num_items"  # the bonus is inside out.loss / accumulation
+        bonus = coef * out.metrics["entropy"] / (accumulation if divided else 1)
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
         if self.use_adaptive_entropy and mode == "train":
             tokens = mask.sum().float()
@@ -272,18 +296,28 @@ class _GROGRPOLoss:
         def masked_seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
+        log_ratio = logp - old
+        if options["importance_sampling"] == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
         if self.beta != 0.0:
             diff = ref_logp - logp
-            self._metrics[mode]["kl"].append(global_masked_mean(torch.exp(diff) - diff - 1))
+            kl = torch.exp(diff) - diff - 1
+            self._metrics[mode]["kl"].append(global_masked_mean(kl * ratio if options.get("use_bias_correction_kl") else kl))
         tokens = mask.sum().float()
         self._metrics[mode]["entropy"].append(
             (lambda t: (t[0] / t[1].clamp(min=1.0)).item())(
                 reduce(torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens]), reduction="sum")))
 
-        log_ratio = logp - old
-        if options["importance_sampling"] == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
+        if self.loss_type == "sapo":
+            return
+        if self.loss_type == "vespo":
+            a = self.args
+            phi = self.get_gamma_weights(advantages=advantages, log_ratio_per_token=logp - old, mask=mask,
+                                         importance_sampling_ratio=None, k_pos=a.vespo_k_pos, lambda_pos=a.vespo_lambda_pos,
+                                         k_neg=a.vespo_k_neg, lambda_neg=a.vespo_lambda_neg)
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            return
         if self.loss_type == "cispo":
             clipped = (ratio > self.epsilon_high) & (advantages > 0)
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
@@ -300,7 +334,12 @@ class _GROGRPOLoss:
 
 
 def _patch_grpo(trainer):
-    _check_trainer(trainer, GRPO_UNSUPPORTED, type(trainer).__name__)
+    who = type(trainer).__name__
+    _check_trainer(trainer, GRPO_UNSUPPORTED, who)
+    if trainer.top_entropy_quantile < 1.0 and trainer.accelerator.num_processes > 1:
+        raise ValueError(f"{who}: top_entropy_quantile={trainer.top_entropy_quantile!r} is not supported by gro_kernels "
+                         "with more than one process: TRL takes the entropy quantile over all processes' tokens, "
+                         "the objective over the local batch")
     _patch_models(trainer, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
 
 
