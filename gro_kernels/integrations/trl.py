@@ -110,24 +110,38 @@ def grpo_options(trainer) -> dict:
     return options
 
 
-# DPOConfig.loss_type -> gro_loss options (TRL's ipo and sigmoid_norm average the log-ratio per token).
-# apo_zero is a sum of two per-sequence terms, 1 - sigma(beta D_w) + sigma(beta D_l): KTO's weighting with
-# the reference point 0; TRL averages it over pairs and the objective over sequences, hence "scale": 2.
-DPO_LOSS_TYPES = {
-    "sigmoid":      dict(method="dpo"),
-    "sigmoid_norm": dict(method="dpo", length_normalize=True),
-    "ipo":          dict(method="ipo", length_normalize=True),
-    "apo_zero":     dict(method="kto", anchor_value=0.0, scale=2.0),
-}
+# DPOConfig.loss_type: every TRL DPO loss type is the objective's `pair_loss` of the same name (TRL's
+# definitions, docs/methods.md), a list of them combined with `loss_weights` (MPO). The options each one
+# reads go with it; TRL ignores `label_smoothing` for the loss types that do not read it, and so does the map.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                  "apo_down", "exo_pair", "nca_pair", "discopop", "sigmoid_norm", "sft")
+_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")   # the loss types that read label_smoothing
+
+
+def dpo_options(trainer) -> dict:
+    """The gro_loss options of a DPOTrainer's config."""
+    args, kinds = trainer.args, tuple(trainer.loss_types)
+    options = dict(method="dpo", pair_loss=kinds, loss_weights=tuple(float(w) for w in trainer.loss_weights))
+    if kinds != ("sft",):  # the objective refuses options a loss type does not read
+        options["beta"] = trainer.beta
+    if set(kinds) & set(_SMOOTHED):
+        options["label_smoothing"] = args.label_smoothing
+    if "discopop" in kinds:
+        options["discopop_tau"] = args.discopop_tau
+    if trainer.f_divergence_type != "reverse_kl":
+        options["f_divergence_type"] = trainer.f_divergence_type
+        if trainer.f_divergence_type == "alpha_divergence":
+            options["f_alpha_divergence_coef"] = args.f_alpha_divergence_coef
+    if trainer.use_weighting:   # WPO: gro_loss computes log sum_v p_v^2 in its statistics pass
+        options["use_weighting"] = True
+    if trainer.ld_alpha is not None:
+        options["ld_alpha"] = trainer.ld_alpha
+    return options
+
 
 DPO_UNSUPPORTED = [
-    ("loss_type", lambda a: len(a.loss_type) != 1 or a.loss_type[0] not in DPO_LOSS_TYPES,
-     f"the GRO objective covers one loss_type in {sorted(DPO_LOSS_TYPES)} (not hinge, robust, exo_pair, "
-     "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_down, discopop, sft, nor a list of them)"),
-    ("f_divergence_type", lambda a: a.f_divergence_type != "reverse_kl",
-     "only the reverse-KL (standard DPO) score is in the objective"),
-    ("ld_alpha", lambda a: a.ld_alpha is not None, "LD-DPO's down-weighted tail is not in the objective"),
-    ("use_weighting", lambda a: a.use_weighting, "WPO weighting is not in the objective"),
+    ("loss_type", lambda a: not set(a.loss_type) <= set(DPO_LOSS_TYPES),
+     f"the GRO objective covers loss_type in {list(DPO_LOSS_TYPES)} (or a list of them)"),
 ]
 
 # KTOConfig.loss_type -> gro_loss options. The reference point z0 is TRL's batch KL estimate for kto;
@@ -365,12 +379,23 @@ def _sums_as_tokens(sums, mask):
     return torch.where(first, sums[:, None].to(torch.float32), torch.zeros((), device=mask.device))
 
 
+def _ld_factor(mask, ld_alpha):
+    """TRL's LD-DPO token factor on a [chosen; rejected] batch: 1 on each completion's first min(|y_w|, |y_l|)
+    tokens, ld_alpha on the rest (the mask itself without ld_alpha)."""
+    mask = mask.float()
+    if ld_alpha is None:
+        return mask
+    lengths = mask.sum(1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)
+    return torch.where(mask.cumsum(1) <= shared[:, None], 1.0, ld_alpha) * mask
+
+
 def _gather_sum(accelerator, x):
     return accelerator.gather_for_metrics(x).sum()
 
 
 class _GRODPOLoss:
-    """DPOTrainer._compute_loss on gro_kernels: the same loss and metrics as TRL's for the mapped loss types."""
+    """DPOTrainer._compute_loss on gro_kernels: the same loss and metrics as TRL's."""
 
     def _compute_loss(self, model, inputs, return_outputs):
         _text_only(inputs, "GRODPOTrainer")
@@ -393,22 +418,24 @@ class _GRODPOLoss:
         ref_sums = torch.cat([ref_chosen, ref_rejected]).detach()
 
         pair = torch.arange(n, device=targets.device)
-        options = dict(DPO_LOSS_TYPES[self.loss_types[0]], beta=self.beta)
-        scale = options.pop("scale", 1.0) * self.loss_weights[0]
+        # TRL's (LD-DPO weighted) reference sums, placed where the objective's LD-DPO factor reads them at 1
+        u = _ld_factor(mask, self.ld_alpha)
+        first = torch.ones_like(ref_sums) if self.ld_alpha is None else u.max(1).values
+        ref_token_sums = torch.where(first > 0, ref_sums / first.clamp(min=1e-30), torch.zeros_like(ref_sums))
         call = GROCall(keep=targets.shape[1], extras=True, kwargs=dict(
             group_ids=torch.cat([pair, pair]), labels=torch.cat([torch.ones(n), -torch.ones(n)]).to(targets.device),
-            ref_logp=_sums_as_tokens(ref_sums, mask), return_entropy=True, **options))
+            ref_logp=_sums_as_tokens(ref_token_sums, mask), return_entropy=True, **dpo_options(self)))
         outputs = model(**model_kwargs, labels=labels, gro=call)
-        loss = outputs.loss * scale
-        self._gro_log_metrics(mode, inputs, outputs, mask, ref_sums, n)
+        loss = outputs.loss
+        self._gro_log_metrics(mode, inputs, outputs, mask, u, ref_sums, n)
         if return_outputs:  # as TRL: the logits only come from an extra forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _gro_log_metrics(self, mode, inputs, outputs, mask, ref_sums, n):
+    def _gro_log_metrics(self, mode, inputs, outputs, mask, u, ref_sums, n):
         acc = self.accelerator
-        logps = outputs.log_probs.sum(1)
+        logps = (outputs.log_probs * u).sum(1)  # TRL's (LD-DPO weighted) sequence log-probs
         chosen_logps, rejected_logps = logps[:n], logps[n:]
         tokens = mask.sum()
         entropy_sum = _gather_sum(acc, outputs.metrics["entropy"] * tokens.clamp(min=1))
@@ -440,13 +467,11 @@ class _GRODPOLoss:
 
 def _patch_dpo(trainer):
     _check_trainer(trainer, DPO_UNSUPPORTED, type(trainer).__name__)
-    if list(trainer.loss_weights) != [trainer.loss_weights[0]] or len(trainer.loss_weights) != 1:
-        raise ValueError(f"{type(trainer).__name__}: loss_weights={trainer.loss_weights!r} must hold one weight")
     _patch_models(trainer, temperature=1.0)
 
 
 class GRODPOTrainer(_GRODPOLoss, DPOTrainer):
-    """`trl.DPOTrainer` with its log-prob step and loss on gro_kernels (loss types in `DPO_LOSS_TYPES`)."""
+    """`trl.DPOTrainer` with its log-prob step and loss on gro_kernels (every TRL loss type, `DPO_LOSS_TYPES`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
