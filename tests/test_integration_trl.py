@@ -46,7 +46,7 @@ def grpo_config(tmp_path, **overrides):
 
 # ---- the same batch through TRL's loss and through gro_kernels' --------------------------------------
 
-def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, seed=0, B=4, P=4, K=6):
+def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, sampling=False, seed=0, B=4, P=4, K=6):
     """A GRPO micro-batch in TRL's layout: left-padded prompts, right-padded completions (one empty),
     advantages, and old / reference log-probs that differ from the policy's (so ratios clip)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,6 +74,11 @@ def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, seed
         ratio = torch.exp(0.3 * torch.randn(shape, generator=g)).clamp(max=1.5)
         ratio[0, 0] = 0.0
         batch["importance_sampling_ratio"] = ratio
+    if sampling:  # the sampler's (vLLM's) log-probs, one token it could not score (NaN, as TRL passes it);
+        # below the policy's, so the off-policy mask measured from them keeps rows the old log-probs would drop
+        sampler = logp - 1.0 + 0.1 * torch.randn(B, K, generator=g)
+        sampler[1, 0] = float("nan")
+        batch["sampling_per_token_logps"] = sampler
     if tool_mask:
         tm = torch.ones(B, K, dtype=torch.long)
         tm[1, 1] = 0
@@ -158,6 +163,7 @@ CASES = [
     # (seed 1: rows with A < 0 drift past the threshold, so the mask drops some; seed 0 drops none)
     ("dapo", dict(off_policy_mask_threshold=0.02, beta=0.04), dict(off_policy=True, seed=1)),
     ("sapo", dict(off_policy_mask_threshold=0.0), dict(off_policy=True, vllm_is="sequence", seed=1)),
+    ("luspo", dict(off_policy_mask_threshold=0.01), dict(off_policy=True, vllm_is="token", sampling=True, seed=1)),
     ("grpo", dict(top_entropy_quantile=0.5), dict(off_policy=True)),
     ("vespo", dict(top_entropy_quantile=0.3, off_policy_mask_threshold=0.01), dict(off_policy=True, seed=1)),
 ]
