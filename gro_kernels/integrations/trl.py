@@ -11,9 +11,9 @@ things move to gro_kernels: TRL's fused LM head (`model(..., fused_lm_head=True)
 log-prob / entropy step) becomes `token_logprobs`, and the loss becomes one `gro_loss` call from
 the backbone's final hidden states and the `lm_head` weight, run inside the model's forward.
 
-Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES`,
-`grpo_options`, `DPO_LOSS_TYPES`, `KTO_LOSS_TYPES`) or listed in an `*_UNSUPPORTED` table that
-raises a `ValueError` naming it; nothing is ignored. The tests check loss and gradients against
+Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES` with
+`grpo_options`, `DPO_LOSS_TYPES` with `dpo_options`, `KTO_LOSS_TYPES`) or listed in an
+`*_UNSUPPORTED` table that raises a `ValueError` naming it; nothing is ignored. The tests check loss and gradients against
 TRL's own trainers on the same batches (tests/test_integration_trl.py).
 """
 from __future__ import annotations
