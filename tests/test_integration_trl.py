@@ -183,11 +183,11 @@ def test_grpo_steps_per_generation_normalizer(tmp_path, model_path, loss_type):
                  num_iterations=2)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo", "vespo"])
 def test_grpo_eval_mode_equal_trl(tmp_path, model_path, loss_type):
     # evaluation: no accumulation division, num_items not rescaled, metrics go to the eval log
     compare_grpo(tmp_path, model_path, dict(off_policy=True), gas=2, train=False, loss_type=loss_type, beta=0.04,
-                 use_bias_correction_kl=False, steps_per_generation=4)
+                 entropy_coef=0.05, steps_per_generation=4)
 
 
 def test_grpo_bf16_autocast_close_to_trl(tmp_path, model_path):
@@ -394,13 +394,15 @@ def test_kto_loss_and_gradient_equal_trl(tmp_path, model_path, precompute, loss_
         assert metrics["kl"][0] > 0  # the reference point z0 is exercised
 
 
-def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path):
+@pytest.mark.parametrize("config", [dict(), dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2],
+                                                 use_weighting=True, ld_alpha=0.5)])
+def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path, config):
     from trl import DPOTrainer
     from gro_kernels.integrations.trl import GRODPOTrainer
     runs = {}
     for cls in (DPOTrainer, GRODPOTrainer):
         trainer = dpo_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3,
-                              gradient_accumulation_steps=2, per_device_train_batch_size=2)
+                              gradient_accumulation_steps=2, per_device_train_batch_size=2, **config)
         trainer.train()
         runs[cls] = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history)
     (ref, ref_log), (ours, our_log) = runs[DPOTrainer], runs[GRODPOTrainer]
