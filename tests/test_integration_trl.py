@@ -165,6 +165,11 @@ CASES = [
     ("sapo", dict(off_policy_mask_threshold=0.0), dict(off_policy=True, vllm_is="sequence", seed=1)),
     ("luspo", dict(off_policy_mask_threshold=0.01), dict(off_policy=True, vllm_is="token", sampling=True, seed=1)),
     ("grpo", dict(top_entropy_quantile=0.5), dict(off_policy=True)),
+    # ... with TRL's bonus over the selected tokens (its policy_loss metric and controller read their entropy)
+    ("grpo", dict(top_entropy_quantile=0.5, entropy_coef=0.05, beta=0.04), dict(off_policy=True)),
+    ("bnpo", dict(top_entropy_quantile=0.3, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0),
+     dict(off_policy=True, last_entropy=0.0)),
+    ("dr_grpo", dict(top_entropy_quantile=0.4, entropy_coef=0.05), dict(off_policy=False)),
     ("vespo", dict(top_entropy_quantile=0.3, off_policy_mask_threshold=0.01), dict(off_policy=True, seed=1)),
 ]
 
@@ -220,8 +225,8 @@ def test_grpo_every_loss_type_of_the_map_is_tested():
 @pytest.mark.parametrize("option,value,extra", [
     ("importance_sampling_level", "sequence", {"loss_type": "sapo"}),
     ("importance_sampling_level", "sequence", {"loss_type": "cispo"}),
-    ("top_entropy_quantile", 0.2, {"entropy_coef": 0.01}),
-    ("top_entropy_quantile", 0.2, {"use_adaptive_entropy": True}),
+    ("top_entropy_quantile", 0.2, {"entropy_coef": 0.01, "loss_type": "dapo"}),
+    ("top_entropy_quantile", 0.2, {"use_adaptive_entropy": True, "loss_type": "vespo"}),
 ])
 def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value, extra):
     args = grpo_config(tmp_path, **{option: value, **extra})

@@ -30,12 +30,14 @@ class GROCall:
     keep: int
     kwargs: dict = field(default_factory=dict)
     extras: bool = False   # also return mean_logits and is_top1 (TRL's DPO / KTO metrics), without gradient
+    entropy: bool = False  # also return the per-token entropy (one more forward sweep, without gradient)
 
 
 @dataclass
 class GROHeadOutput(ModelOutput):
     """`fused_lm_head=True`: loss (mean NLL), log_probs / entropy [B, T-1] (0 where label is -100), label_mask.
-    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics (gro_loss's detached metrics)."""
+    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics (gro_loss's detached metrics), and with
+    `GROCall(entropy=True)` the detached per-token entropy [B, keep]."""
 
     loss: Optional[torch.Tensor] = None
     log_probs: Optional[torch.Tensor] = None
@@ -147,8 +149,14 @@ def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
                                **gro.kwargs)
                 extras = (logit_extras(hidden, weight, bias, targets, temperature=temperature) if gro.extras
                           else (None, None))
+                token_entropy = None
+                if gro.entropy:
+                    with torch.no_grad():
+                        token_entropy = token_logprobs(
+                            hidden.detach(), weight.detach(), targets, bias=None if bias is None else bias.detach(),
+                            temperature=temperature, return_entropy=True, backend=backend).entropy
                 return GROHeadOutput(loss=out.loss, log_probs=out.logp, label_mask=mask, metrics=out.metrics,
-                                     mean_logits=extras[0], is_top1=extras[1])
+                                     mean_logits=extras[0], is_top1=extras[1], entropy=token_entropy)
             stats = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=entropy, backend=backend)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

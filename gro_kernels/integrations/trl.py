@@ -62,9 +62,11 @@ GRPO_UNSUPPORTED = [
      and a.loss_type in ("cispo", "sapo", "vespo"),
      "the objective's sequence-level ratio (GSPO) applies to the clipped ratio only (grpo, bnpo, dr_grpo, dapo, "
      "luspo), not to cispo's, sapo's or vespo's ratio"),
-    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0 and _entropy_bonus(a),
-     "with an entropy bonus TRL logs and adapts on the mean entropy of the selected tokens, which the fused call "
-     "does not return; use top_entropy_quantile with entropy_coef=0 and use_adaptive_entropy=False"),
+    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0 and _entropy_bonus(a)
+     and GRPO_LOSS_TYPES.get(a.loss_type, {}).get("normalizer") == "num_items",
+     "with dapo, cispo and vespo TRL's entropy bonus is a mean over the selected tokens while their loss divides "
+     "by num_items_in_batch: the objective's bonus coefficient would need the selection's size before the pass "
+     "(entropy_agg='token_mean' refuses num_items_in_batch); use entropy_coef=0, or bnpo / dr_grpo / grpo"),
     ("vllm_importance_sampling_correction", lambda a: a.loss_type == "vespo" and a.use_vllm
      and a.vllm_importance_sampling_correction,
      "TRL folds the sampler ratio into VESPO's sequence weight; the trainer does not hand the objective the "
@@ -241,14 +243,22 @@ class _GROGRPOLoss:
         # TRL's off-policy mask measures the drift from the sampler's log-probs when it has them (vLLM)
         rollout_logp = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
 
-        call = GROCall(keep=keep, kwargs=dict(
+        # TRL's bonus bookkeeping reads the selected tokens' entropy: ask the head for the per-token entropy then
+        selected = self._entropy_bonus_enabled and self.top_entropy_quantile < 1.0
+        call = GROCall(keep=keep, entropy=selected, kwargs=dict(
             mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
             num_items_in_batch=num_items, return_entropy=True, **options))
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, gro=call)
         loss = out.loss / accumulation if kind["normalizer"] == "accumulation" else out.loss
         if self._entropy_bonus_enabled:
-            self._gro_entropy_bookkeeping(mode, out, mask, bonus, accumulation)
+            if selected:  # TRL's own selection (its quantile rule) on the head's per-token entropy
+                effective = self.get_high_entropy_mask(out.entropy, mask, 1 - self.top_entropy_quantile).float()
+                entropy_stats = torch.stack([(out.entropy * effective).sum(), effective.sum()])
+            else:
+                tokens = mask.sum().float()
+                entropy_stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])
+            self._gro_entropy_bookkeeping(mode, out, entropy_stats, bonus, accumulation)
         self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options)
         return loss
 
@@ -267,15 +277,14 @@ class _GROGRPOLoss:
         tokens = mask.sum().clamp(min=1.0).item()
         return coef * float(num_items) / (tokens * accumulation)
 
-    def _gro_entropy_bookkeeping(self, mode, out, mask, coef, accumulation):
-        """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy."""
+    def _gro_entropy_bookkeeping(self, mode, out, stats, coef, accumulation):
+        """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy.
+        stats: [sum of H, count] over the tokens the bonus acts on."""
         # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division
         divided = GRPO_LOSS_TYPES[self.loss_type]["normalizer"] == "num_items"  # the bonus is inside out.loss / accumulation
-        bonus = coef * out.metrics["entropy"] / (accumulation if divided else 1)
+        bonus = coef * stats[0] / stats[1].clamp(min=1.0) / (accumulation if divided else 1)
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
         if self.use_adaptive_entropy and mode == "train":
-            tokens = mask.sum().float()
-            stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])  # sum of H, count
             window = self._entropy_window_stats
             self._entropy_window_stats = stats if window is None else window + stats
             if self.accelerator.sync_gradients:  # end of the accumulation window: update for the next step
