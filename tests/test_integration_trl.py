@@ -170,6 +170,10 @@ CASES = [
     ("bnpo", dict(top_entropy_quantile=0.3, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0),
      dict(off_policy=True, last_entropy=0.0)),
     ("dr_grpo", dict(top_entropy_quantile=0.4, entropy_coef=0.05), dict(off_policy=False)),
+    ("dapo", dict(top_entropy_quantile=0.5, entropy_coef=0.05), dict(off_policy=True)),
+    ("cispo", dict(top_entropy_quantile=0.4, entropy_coef=0.05, beta=0.04), dict(off_policy=False)),
+    ("vespo", dict(top_entropy_quantile=0.3, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0),
+     dict(off_policy=True, last_entropy=0.0)),
     ("vespo", dict(top_entropy_quantile=0.3, off_policy_mask_threshold=0.01), dict(off_policy=True, seed=1)),
 ]
 
@@ -225,8 +229,6 @@ def test_grpo_every_loss_type_of_the_map_is_tested():
 @pytest.mark.parametrize("option,value,extra", [
     ("importance_sampling_level", "sequence", {"loss_type": "sapo"}),
     ("importance_sampling_level", "sequence", {"loss_type": "cispo"}),
-    ("top_entropy_quantile", 0.2, {"entropy_coef": 0.01, "loss_type": "dapo"}),
-    ("top_entropy_quantile", 0.2, {"use_adaptive_entropy": True, "loss_type": "vespo"}),
 ])
 def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value, extra):
     args = grpo_config(tmp_path, **{option: value, **extra})

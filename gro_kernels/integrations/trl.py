@@ -62,11 +62,6 @@ GRPO_UNSUPPORTED = [
      and a.loss_type in ("cispo", "sapo", "vespo"),
      "the objective's sequence-level ratio (GSPO) applies to the clipped ratio only (grpo, bnpo, dr_grpo, dapo, "
      "luspo), not to cispo's, sapo's or vespo's ratio"),
-    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0 and _entropy_bonus(a)
-     and GRPO_LOSS_TYPES.get(a.loss_type, {}).get("normalizer") == "num_items",
-     "with dapo, cispo and vespo TRL's entropy bonus is a mean over the selected tokens while their loss divides "
-     "by num_items_in_batch: the objective's bonus coefficient would need the selection's size before the pass "
-     "(entropy_agg='token_mean' refuses num_items_in_batch); use entropy_coef=0, or bnpo / dr_grpo / grpo"),
     ("vllm_importance_sampling_correction", lambda a: a.loss_type == "vespo" and a.use_vllm
      and a.vllm_importance_sampling_correction,
      "TRL folds the sampler ratio into VESPO's sequence weight; the trainer does not hand the objective the "
@@ -243,9 +238,15 @@ class _GROGRPOLoss:
         # TRL's off-policy mask measures the drift from the sampler's log-probs when it has them (vLLM)
         rollout_logp = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
 
-        # TRL's bonus bookkeeping reads the selected tokens' entropy: ask the head for the per-token entropy then
+        # TRL's bonus over the selected tokens (and its bookkeeping) reads their entropy and count: the head then
+        # computes the per-token entropy first (one more forward sweep, no gradient)
         selected = self._entropy_bonus_enabled and self.top_entropy_quantile < 1.0
-        call = GROCall(keep=keep, entropy=selected, kwargs=dict(
+        update = None
+        if selected and num_items is not None and bonus != 0:
+            def update(entropy):  # num_items losses: the coefficient that turns c = 1 / num_items into TRL's mean
+                chosen = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile)
+                return dict(entropy_coef=bonus * float(num_items) / (chosen.sum().clamp(min=1).item() * accumulation))
+        call = GROCall(keep=keep, entropy=selected, update=update, kwargs=dict(
             mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
             num_items_in_batch=num_items, return_entropy=True, **options))
         with self.accelerator.autocast():
@@ -271,7 +272,8 @@ class _GROGRPOLoss:
     def _gro_entropy_coef(self, coef, mask, num_items, accumulation):
         """TRL's bonus is `coef * token-mean entropy / accumulation`. The accumulation-normalized losses take it
         as entropy_agg="token_mean" (then / accumulation with the rest); the num_items ones weight the entropy
-        with their own coefficient 1 / num_items, so rescale the coefficient to make them equal."""
+        with their own coefficient 1 / num_items, so rescale the coefficient to make them equal (over the
+        top-entropy selection, the head's `update` rescales it by the selection's size instead)."""
         if coef == 0 or num_items is None:
             return coef
         tokens = mask.sum().clamp(min=1.0).item()
