@@ -158,6 +158,7 @@ CASES = [
     ("luspo", dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2, beta=0.04), dict(off_policy=True)),
     ("luspo", dict(entropy_coef=0.05), dict(off_policy=True, tool_mask=True)),
     ("vespo", dict(), dict(off_policy=True)),
+    ("vespo", dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=False), dict(off_policy=True)),
     ("vespo", dict(beta=0.04, entropy_coef=0.05, vespo_k_pos=1.5, vespo_lambda_neg=2.5), dict(off_policy=True)),
     # DeepSeek-V3.2's off-policy sequence mask, and the high-entropy token selection
     # (seed 1: rows with A < 0 drift past the threshold, so the mask drops some; seed 0 drops none)
@@ -229,6 +230,7 @@ def test_grpo_every_loss_type_of_the_map_is_tested():
 @pytest.mark.parametrize("option,value,extra", [
     ("importance_sampling_level", "sequence", {"loss_type": "sapo"}),
     ("importance_sampling_level", "sequence", {"loss_type": "cispo"}),
+    ("importance_sampling_level", "sequence", {"loss_type": "vespo", "beta": 0.04}),
 ])
 def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value, extra):
     args = grpo_config(tmp_path, **{option: value, **extra})

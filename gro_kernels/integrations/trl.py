@@ -59,9 +59,10 @@ GRPO_UNSUPPORTED = [
     ("loss_type", lambda a: a.loss_type not in GRPO_LOSS_TYPES,
      f"the GRO objective covers loss_type in {sorted(GRPO_LOSS_TYPES)}"),
     ("importance_sampling_level", lambda a: a.importance_sampling_level == "sequence"
-     and a.loss_type in ("cispo", "sapo", "vespo"),
+     and (a.loss_type in ("cispo", "sapo") or (a.loss_type == "vespo" and a.beta != 0 and a.use_bias_correction_kl)),
      "the objective's sequence-level ratio (GSPO) applies to the clipped ratio only (grpo, bnpo, dr_grpo, dapo, "
-     "luspo), not to cispo's, sapo's or vespo's ratio"),
+     "luspo), not to cispo's or sapo's ratio, nor to vespo's bias-corrected KL (vespo's own weight is "
+     "sequence-level whatever the level: with beta=0 or use_bias_correction_kl=False it is mapped)"),
     ("vllm_importance_sampling_correction", lambda a: a.loss_type == "vespo" and a.use_vllm
      and a.vllm_importance_sampling_correction,
      "TRL folds the sampler ratio into VESPO's sequence weight; the trainer does not hand the objective the "
@@ -83,7 +84,9 @@ def grpo_options(trainer) -> dict:
     args, kind = trainer.args, GRPO_LOSS_TYPES[trainer.loss_type]
     surrogate = kind["surrogate"]
     options = dict(
-        method="gro", surrogate=surrogate, loss_agg=kind["loss_agg"], importance_sampling=trainer.importance_sampling_level,
+        method="gro", surrogate=surrogate, loss_agg=kind["loss_agg"],
+        # TRL's vespo reads the level only in its KL correction (refused with "sequence"): its phi is per sequence
+        importance_sampling="token" if surrogate == "vespo" else trainer.importance_sampling_level,
         kl_coef=trainer.beta, kl_estimator="k3", kl_placement="loss",
     )
     # The objective refuses options its surrogate does not read: give each only where it is read.
