@@ -73,6 +73,8 @@ def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, samp
         shape = (B, K) if vllm_is == "token" else (B, 1)
         ratio = torch.exp(0.3 * torch.randn(shape, generator=g)).clamp(max=1.5)
         ratio[0, 0] = 0.0
+        if vllm_is == "token":  # TRL's ratio is exp(0) = 1 at padding (it masks the log-prob difference)
+            ratio = torch.where(completion_mask.bool(), ratio, torch.ones(()))
         batch["importance_sampling_ratio"] = ratio
     if sampling:  # the sampler's (vLLM's) log-probs, one token it could not score (NaN, as TRL passes it);
         # below the policy's, so the off-policy mask measured from them keeps rows the old log-probs would drop
@@ -159,6 +161,7 @@ CASES = [
     ("luspo", dict(entropy_coef=0.05), dict(off_policy=True, tool_mask=True)),
     ("vespo", dict(), dict(off_policy=True)),
     ("vespo", dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=False), dict(off_policy=True)),
+    ("vespo", dict(beta=0.04), dict(off_policy=True, vllm_is="token")),   # TRL folds the vLLM ratio into phi
     ("vespo", dict(beta=0.04, entropy_coef=0.05, vespo_k_pos=1.5, vespo_lambda_neg=2.5), dict(off_policy=True)),
     # DeepSeek-V3.2's off-policy sequence mask, and the high-entropy token selection
     # (seed 1: rows with A < 0 drift past the threshold, so the mask drops some; seed 0 drops none)
@@ -239,12 +242,13 @@ def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, 
                        processing_class=build_tokenizer())
 
 
-def test_grpo_vespo_with_vllm_correction_raises(tmp_path, model_path):
-    trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, args=grpo_config(tmp_path, loss_type="vespo"),
-                          train_dataset=prompts_dataset(), processing_class=build_tokenizer())
+def test_grpo_vespo_with_vllm_correction_and_off_policy_mask_raises(tmp_path, model_path):
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, train_dataset=prompts_dataset(),
+                          args=grpo_config(tmp_path, loss_type="vespo", off_policy_mask_threshold=0.1),
+                          processing_class=build_tokenizer())
     for obj in (trainer, trainer.args):  # vLLM is not installed here: switch it on after construction
         obj.use_vllm = obj.vllm_importance_sampling_correction = True
-    with pytest.raises(ValueError, match="vllm_importance_sampling_correction=True is not supported by gro_kernels"):
+    with pytest.raises(ValueError, match="off_policy_mask_threshold=0.1 is not supported by gro_kernels"):
         patch_trainer(trainer)
 
 

@@ -63,14 +63,15 @@ GRPO_UNSUPPORTED = [
      "the objective's sequence-level ratio (GSPO) applies to the clipped ratio only (grpo, bnpo, dr_grpo, dapo, "
      "luspo), not to cispo's or sapo's ratio, nor to vespo's bias-corrected KL (vespo's own weight is "
      "sequence-level whatever the level: with beta=0 or use_bias_correction_kl=False it is mapped)"),
-    ("vllm_importance_sampling_correction", lambda a: a.loss_type == "vespo" and a.use_vllm
-     and a.vllm_importance_sampling_correction,
-     "TRL folds the sampler ratio into VESPO's sequence weight; the trainer does not hand the objective the "
-     "sampler's log-probs for its rollout_correction"),
+    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None and a.loss_type == "vespo"
+     and a.use_vllm and a.vllm_importance_sampling_correction,
+     "with vespo and the vLLM correction the objective's rollout_logp carries TRL's importance ratio into VESPO's "
+     "weight, so it cannot also carry the sampler's log-probs the off-policy mask reads"),
 ]
 # Mapped without an option of their own:
-# - vLLM importance-sampling correction (every vllm_importance_sampling_mode; not with vespo): TRL multiplies the
-#   policy term by a non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w.
+# - vLLM importance-sampling correction (every vllm_importance_sampling_mode): TRL multiplies the policy term by a
+#   non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w; with vespo TRL
+#   folds w into phi, which is the objective's rollout correction (see _compute_loss).
 # - entropy_coef / use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to
 #   entropy_coef (entropy_agg="token_mean" for the accumulation-normalized losses, a rescaled coefficient for the
 #   num_items ones).
@@ -227,19 +228,27 @@ class _GROGRPOLoss:
                 num_items = num_items * accumulation / self.args.steps_per_generation
         advantages = inputs["advantages"]
         weighted = advantages
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
-            weighted = ((advantages.unsqueeze(1) if advantages.dim() == 1 else advantages)
-                        * inputs["importance_sampling_ratio"]).expand(mask.shape)
         old_logp = inputs.get("old_per_token_logps")  # None: on-policy, the objective uses sg[logp]
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         options = grpo_options(self)
+        # TRL's off-policy mask measures the drift from the sampler's log-probs when it has them (vLLM)
+        rollout_logp = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]
+            if kind["surrogate"] == "vespo":
+                # TRL folds its token ratio g into VESPO's sequence weight: the objective's rollout correction with
+                # g = exp(lo - rollout_logp) unclipped, i.e. rollout_logp = lo - log g (g = 0 gives +inf, exp -> 0)
+                if old_logp is None:
+                    raise ValueError("GROGRPOTrainer: vespo with the vLLM correction needs old_per_token_logps")
+                rollout_logp = old_logp - torch.log(ratio)
+                options.update(rollout_correction="token_truncate", rollout_clip_min=0.0, rollout_clip_max=float("inf"))
+            else:
+                # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
+                weighted = ((advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio).expand(mask.shape)
         bonus = self._gro_bonus_coef()
         options["entropy_coef"] = self._gro_entropy_coef(bonus, mask, num_items, accumulation)
         if options["entropy_coef"] != 0 and num_items is None:
             options["entropy_agg"] = "token_mean"  # TRL's bonus: the mean entropy of the (selected) tokens
-        # TRL's off-policy mask measures the drift from the sampler's log-probs when it has them (vLLM)
-        rollout_logp = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
 
         # TRL's bonus over the selected tokens (and its bookkeeping) reads their entropy and count: the head then
         # computes the per-token entropy first (one more forward sweep, no gradient)
@@ -263,7 +272,8 @@ class _GROGRPOLoss:
                 tokens = mask.sum().float()
                 entropy_stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])
             self._gro_entropy_bookkeeping(mode, out, entropy_stats, bonus, accumulation)
-        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options)
+        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options,
+                              inputs.get("importance_sampling_ratio"))
         return loss
 
     def _gro_bonus_coef(self):
@@ -305,7 +315,7 @@ class _GROGRPOLoss:
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options):
+    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options, is_ratio=None):
         """The metrics TRL's _compute_loss logs, from the detached log-probs."""
         logp = out.log_probs
         mask = mask.to(logp.dtype)
@@ -342,7 +352,7 @@ class _GROGRPOLoss:
         if self.loss_type == "vespo":
             a = self.args
             phi = self.get_gamma_weights(advantages=advantages, log_ratio_per_token=logp - old, mask=mask,
-                                         importance_sampling_ratio=None, k_pos=a.vespo_k_pos, lambda_pos=a.vespo_lambda_pos,
+                                         importance_sampling_ratio=is_ratio, k_pos=a.vespo_k_pos, lambda_pos=a.vespo_lambda_pos,
                                          k_neg=a.vespo_k_neg, lambda_neg=a.vespo_lambda_neg)
             self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
             return
