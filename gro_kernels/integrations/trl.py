@@ -13,8 +13,8 @@ the backbone's final hidden states and the `lm_head` weight, run inside the mode
 
 Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES` with
 `grpo_options`, `DPO_LOSS_TYPES` with `dpo_options`, `KTO_LOSS_TYPES`) or listed in an
-`*_UNSUPPORTED` table that raises a `ValueError` naming it; nothing is ignored. The tests check loss and gradients against
-TRL's own trainers on the same batches (tests/test_integration_trl.py).
+`*_UNSUPPORTED` table that raises a `ValueError` naming it; nothing is ignored. The tests check loss
+and gradients against TRL's own trainers on the same batches (tests/test_integration_trl.py).
 """
 from __future__ import annotations
 
@@ -244,7 +244,8 @@ class _GROGRPOLoss:
                 options.update(rollout_correction="token_truncate", rollout_clip_min=0.0, rollout_clip_max=float("inf"))
             else:
                 # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
-                weighted = ((advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio).expand(mask.shape)
+                rows = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+                weighted = (rows * ratio).expand(mask.shape)
         bonus = self._gro_bonus_coef()
         options["entropy_coef"] = self._gro_entropy_coef(bonus, mask, num_items, accumulation)
         if options["entropy_coef"] != 0 and num_items is None:
@@ -296,7 +297,8 @@ class _GROGRPOLoss:
         """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy.
         stats: [sum of H, count] over the tokens the bonus acts on."""
         # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division
-        divided = GRPO_LOSS_TYPES[self.loss_type]["normalizer"] == "num_items"  # the bonus is inside out.loss / accumulation
+        # the num_items losses carry the bonus inside out.loss already divided by the accumulation
+        divided = GRPO_LOSS_TYPES[self.loss_type]["normalizer"] == "num_items"
         bonus = coef * stats[0] / stats[1].clamp(min=1.0) / (accumulation if divided else 1)
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
         if self.use_adaptive_entropy and mode == "train":
@@ -341,7 +343,9 @@ class _GROGRPOLoss:
         if self.beta != 0.0:
             diff = ref_logp - logp
             kl = torch.exp(diff) - diff - 1
-            self._metrics[mode]["kl"].append(global_masked_mean(kl * ratio if options.get("use_bias_correction_kl") else kl))
+            if options.get("use_bias_correction_kl"):  # TRL logs the corrected KL
+                kl = kl * ratio
+            self._metrics[mode]["kl"].append(global_masked_mean(kl))
         tokens = mask.sum().float()
         self._metrics[mode]["entropy"].append(
             (lambda t: (t[0] / t[1].clamp(min=1.0)).item())(
@@ -351,9 +355,9 @@ class _GROGRPOLoss:
             return
         if self.loss_type == "vespo":
             a = self.args
-            phi = self.get_gamma_weights(advantages=advantages, log_ratio_per_token=logp - old, mask=mask,
-                                         importance_sampling_ratio=is_ratio, k_pos=a.vespo_k_pos, lambda_pos=a.vespo_lambda_pos,
-                                         k_neg=a.vespo_k_neg, lambda_neg=a.vespo_lambda_neg)
+            phi = self.get_gamma_weights(
+                advantages=advantages, log_ratio_per_token=logp - old, mask=mask, importance_sampling_ratio=is_ratio,
+                k_pos=a.vespo_k_pos, lambda_pos=a.vespo_lambda_pos, k_neg=a.vespo_k_neg, lambda_neg=a.vespo_lambda_neg)
             self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
             return
         if self.loss_type == "cispo":
@@ -375,9 +379,9 @@ def _patch_grpo(trainer):
     who = type(trainer).__name__
     _check_trainer(trainer, GRPO_UNSUPPORTED, who)
     if trainer.top_entropy_quantile < 1.0 and trainer.accelerator.num_processes > 1:
-        raise ValueError(f"{who}: top_entropy_quantile={trainer.top_entropy_quantile!r} is not supported by gro_kernels "
-                         "with more than one process: TRL takes the entropy quantile over all processes' tokens, "
-                         "the objective over the local batch")
+        raise ValueError(f"{who}: top_entropy_quantile={trainer.top_entropy_quantile!r} is not supported by "
+                         "gro_kernels with more than one process: TRL takes the entropy quantile over all "
+                         "processes' tokens, the objective over the local batch")
     _patch_models(trainer, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
 
 

@@ -203,7 +203,8 @@ def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, 
         kept = out.metrics.get("policy_weight_mean")    # as verl's float32 masked mean of the dropped tokens
         tokens = mask.sum().float()
         dropped = torch.zeros(()) if kept is None else torch.round((1.0 - float(kept)) * tokens)
-        return {"actor/pg_clipfrac": (dropped.float() / (tokens + 1e-8)).item(), "actor/ppo_kl": masked_mean(-log_ratio)}
+        clipfrac = (dropped.float() / (tokens + 1e-8)).item()
+        return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio)}
     if name == "geo_mean":
         clipped = (log_ratio != log_ratio.clamp(-low, high)).float()
         return {"actor/pg_clipfrac": masked_mean(clipped * (advantages > 0)), "actor/ppo_kl": masked_mean(-log_ratio),
