@@ -285,11 +285,14 @@ def train_params(cls, tmp_path, model_path, **config):
     return params, trainer.state.log_history
 
 
-def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path):
+@pytest.mark.parametrize("extra", [dict(loss_type="dapo"),   # TRL's default use_bias_correction_kl=True
+                                   dict(loss_type="vespo", top_entropy_quantile=0.5, entropy_coef=0.05,
+                                        off_policy_mask_threshold=0.05),
+                                   dict(loss_type="sapo", use_adaptive_entropy=True, entropy_coef=0.05)])
+def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path, extra):
     """Three optimizer steps of generation + update (accumulation 2, steps_per_generation 4, two
     iterations per generation, KL to the reference) land on TRL's own parameters and metrics."""
-    config = dict(gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, beta=0.04,
-                  loss_type="dapo")  # TRL's default use_bias_correction_kl=True
+    config = dict(gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, beta=0.04, **extra)
     ref, ref_log = train_params(GRPOTrainer, tmp_path / "trl", model_path, **config)
     ours, our_log = train_params(GROGRPOTrainer, tmp_path / "gro", model_path, **config)
     for name in ref:
@@ -297,7 +300,8 @@ def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path):
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
     assert any(abs(float(e.get("loss", 0.0))) > 0 for e in ref_log)
     for r, o in zip(ref_log, our_log):
-        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"):
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "policy_loss", "entropy_coef",
+                    "vespo/phi_seq_mean"):
             if key in r:
                 assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
 
