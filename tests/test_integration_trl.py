@@ -46,7 +46,7 @@ def grpo_config(tmp_path, **overrides):
 
 # ---- the same batch through TRL's loss and through gro_kernels' --------------------------------------
 
-def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, seed=0, B=4, P=4, K=6):
+def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, sampling=False, seed=0, B=4, P=4, K=6):
     """A GRPO micro-batch in TRL's layout: left-padded prompts, right-padded completions (one empty),
     advantages, and old / reference log-probs that differ from the policy's (so ratios clip)."""
     g = torch.Generator().manual_seed(seed)
@@ -73,7 +73,14 @@ def grpo_batch(trainer, *, off_policy, beta, tool_mask=False, vllm_is=None, seed
         shape = (B, K) if vllm_is == "token" else (B, 1)
         ratio = torch.exp(0.3 * torch.randn(shape, generator=g)).clamp(max=1.5)
         ratio[0, 0] = 0.0
+        if vllm_is == "token":  # TRL's ratio is exp(0) = 1 at padding (it masks the log-prob difference)
+            ratio = torch.where(completion_mask.bool(), ratio, torch.ones(()))
         batch["importance_sampling_ratio"] = ratio
+    if sampling:  # the sampler's (vLLM's) log-probs, one token it could not score (NaN, as TRL passes it);
+        # below the policy's, so the off-policy mask measured from them keeps rows the old log-probs would drop
+        sampler = logp - 1.0 + 0.1 * torch.randn(B, K, generator=g)
+        sampler[1, 0] = float("nan")
+        batch["sampling_per_token_logps"] = sampler
     if tool_mask:
         tm = torch.ones(B, K, dtype=torch.long)
         tm[1, 1] = 0
@@ -140,6 +147,38 @@ CASES = [
      dict(off_policy=True, last_entropy=0.0)),
     # ... and TRL's first step (no entropy seen yet): bonus off, coefficient lowered after the step
     ("cispo", dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=0.1), dict(off_policy=True)),
+    # TRL's default use_bias_correction_kl=True: the KL term times the token / sequence ratio (and the kl metric)
+    ("grpo", dict(beta=0.04), dict(off_policy=True)),
+    ("bnpo", dict(beta=0.1, importance_sampling_level="sequence", delta=1.5), dict(off_policy=True)),
+    ("dapo", dict(beta=0.04), dict(off_policy=False, vllm_is="token")),
+    # the entropy bonus with per-sequence means (TRL's token mean: entropy_agg="token_mean")
+    ("grpo", dict(entropy_coef=0.05, beta=0.04), dict(off_policy=True)),
+    ("grpo", dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0), dict(off_policy=True, last_entropy=0.0)),
+    # SAPO, LUSPO, VESPO
+    ("sapo", dict(beta=0.04, entropy_coef=0.05), dict(off_policy=True)),
+    ("sapo", dict(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0), dict(off_policy=True, vllm_is="token")),
+    ("luspo", dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2, beta=0.04), dict(off_policy=True)),
+    ("luspo", dict(entropy_coef=0.05), dict(off_policy=True, tool_mask=True)),
+    ("vespo", dict(), dict(off_policy=True)),
+    ("vespo", dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=False), dict(off_policy=True)),
+    ("vespo", dict(beta=0.04), dict(off_policy=True, vllm_is="token")),   # TRL folds the vLLM ratio into phi
+    ("vespo", dict(beta=0.04, entropy_coef=0.05, vespo_k_pos=1.5, vespo_lambda_neg=2.5), dict(off_policy=True)),
+    # DeepSeek-V3.2's off-policy sequence mask, and the high-entropy token selection
+    # (seed 1: rows with A < 0 drift past the threshold, so the mask drops some; seed 0 drops none)
+    ("dapo", dict(off_policy_mask_threshold=0.02, beta=0.04), dict(off_policy=True, seed=1)),
+    ("sapo", dict(off_policy_mask_threshold=0.0), dict(off_policy=True, vllm_is="sequence", seed=1)),
+    ("luspo", dict(off_policy_mask_threshold=0.01), dict(off_policy=True, vllm_is="token", sampling=True, seed=1)),
+    ("grpo", dict(top_entropy_quantile=0.5), dict(off_policy=True)),
+    # ... with TRL's bonus over the selected tokens (its policy_loss metric and controller read their entropy)
+    ("grpo", dict(top_entropy_quantile=0.5, entropy_coef=0.05, beta=0.04), dict(off_policy=True)),
+    ("bnpo", dict(top_entropy_quantile=0.3, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0),
+     dict(off_policy=True, last_entropy=0.0)),
+    ("dr_grpo", dict(top_entropy_quantile=0.4, entropy_coef=0.05), dict(off_policy=False)),
+    ("dapo", dict(top_entropy_quantile=0.5, entropy_coef=0.05), dict(off_policy=True)),
+    ("cispo", dict(top_entropy_quantile=0.4, entropy_coef=0.05, beta=0.04), dict(off_policy=False)),
+    ("vespo", dict(top_entropy_quantile=0.3, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=5.0),
+     dict(off_policy=True, last_entropy=0.0)),
+    ("vespo", dict(top_entropy_quantile=0.3, off_policy_mask_threshold=0.01), dict(off_policy=True, seed=1)),
 ]
 
 
@@ -149,7 +188,7 @@ def test_grpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, confi
     compare_grpo(tmp_path, model_path, dict(batch_kw), gas=gas, loss_type=loss_type, **config)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
 def test_grpo_steps_per_generation_normalizer(tmp_path, model_path, loss_type):
     # steps_per_generation=4 > gradient_accumulation_steps=2: old log-probs come from the generation step,
     # and the num_items normalizer is rescaled by accumulation / steps_per_generation (TRL's rule).
@@ -157,11 +196,11 @@ def test_grpo_steps_per_generation_normalizer(tmp_path, model_path, loss_type):
                  num_iterations=2)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo", "vespo"])
 def test_grpo_eval_mode_equal_trl(tmp_path, model_path, loss_type):
     # evaluation: no accumulation division, num_items not rescaled, metrics go to the eval log
     compare_grpo(tmp_path, model_path, dict(off_policy=True), gas=2, train=False, loss_type=loss_type, beta=0.04,
-                 use_bias_correction_kl=False, steps_per_generation=4)
+                 entropy_coef=0.05, steps_per_generation=4)
 
 
 def test_grpo_bf16_autocast_close_to_trl(tmp_path, model_path):
@@ -192,18 +231,25 @@ def test_grpo_every_loss_type_of_the_map_is_tested():
 
 
 @pytest.mark.parametrize("option,value,extra", [
-    ("loss_type", "sapo", {}), ("loss_type", "vespo", {}), ("loss_type", "luspo", {}),
-    ("use_bias_correction_kl", True, {"beta": 0.04}), ("off_policy_mask_threshold", 0.5, {}),
-    ("top_entropy_quantile", 0.2, {}), ("use_adaptive_entropy", True, {"loss_type": "grpo"}),
-    ("entropy_coef", 0.01, {"loss_type": "grpo"}),
+    ("importance_sampling_level", "sequence", {"loss_type": "sapo"}),
+    ("importance_sampling_level", "sequence", {"loss_type": "cispo"}),
+    ("importance_sampling_level", "sequence", {"loss_type": "vespo", "beta": 0.04}),
 ])
 def test_grpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value, extra):
     args = grpo_config(tmp_path, **{option: value, **extra})
-    if option == "loss_type" and value == "luspo":
-        args.importance_sampling_level = "sequence"
     with pytest.raises(ValueError, match=f"{option}=.* not supported by gro_kernels"):
         GROGRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
                        processing_class=build_tokenizer())
+
+
+def test_grpo_vespo_with_vllm_correction_and_off_policy_mask_raises(tmp_path, model_path):
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, train_dataset=prompts_dataset(),
+                          args=grpo_config(tmp_path, loss_type="vespo", off_policy_mask_threshold=0.1),
+                          processing_class=build_tokenizer())
+    for obj in (trainer, trainer.args):  # vLLM is not installed here: switch it on after construction
+        obj.use_vllm = obj.vllm_importance_sampling_correction = True
+    with pytest.raises(ValueError, match="off_policy_mask_threshold=0.1 is not supported by gro_kernels"):
+        patch_trainer(trainer)
 
 
 def test_grpo_per_token_logprob_step_runs_on_gro_kernels(tmp_path, model_path):
@@ -239,11 +285,14 @@ def train_params(cls, tmp_path, model_path, **config):
     return params, trainer.state.log_history
 
 
-def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path):
+@pytest.mark.parametrize("extra", [dict(loss_type="dapo"),   # TRL's default use_bias_correction_kl=True
+                                   dict(loss_type="vespo", top_entropy_quantile=0.5, entropy_coef=0.05,
+                                        off_policy_mask_threshold=0.05),
+                                   dict(loss_type="sapo", use_adaptive_entropy=True, entropy_coef=0.05)])
+def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path, extra):
     """Three optimizer steps of generation + update (accumulation 2, steps_per_generation 4, two
     iterations per generation, KL to the reference) land on TRL's own parameters and metrics."""
-    config = dict(gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, beta=0.04,
-                  use_bias_correction_kl=False, loss_type="dapo")
+    config = dict(gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, beta=0.04, **extra)
     ref, ref_log = train_params(GRPOTrainer, tmp_path / "trl", model_path, **config)
     ours, our_log = train_params(GROGRPOTrainer, tmp_path / "gro", model_path, **config)
     for name in ref:
@@ -251,7 +300,8 @@ def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path):
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
     assert any(abs(float(e.get("loss", 0.0))) > 0 for e in ref_log)
     for r, o in zip(ref_log, our_log):
-        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"):
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "policy_loss", "entropy_coef",
+                    "vespo/phi_seq_mean"):
             if key in r:
                 assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
 
@@ -299,21 +349,47 @@ def dpo_trainer(tmp_path, model_path, cls=None, **config):
                                processing_class=build_tokenizer())
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "ipo", "apo_zero"])
-@pytest.mark.parametrize("precompute", [False, True])
-def test_dpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, precompute):
-    compare_preference(dpo_trainer(tmp_path, model_path, loss_type=[loss_type], beta=0.3,
-                                   precompute_ref_log_probs=precompute, loss_weights=[0.5] if precompute else None))
+DPO_CASES = [
+    # (loss_type, config overrides): every TRL loss type, lists with loss_weights, f-DPO, WPO, LD-DPO
+    (["sigmoid"], dict()), (["sigmoid_norm"], dict()), (["ipo"], dict()), (["apo_zero"], dict()),
+    (["hinge"], dict()), (["robust"], dict(label_smoothing=0.1)), (["bco_pair"], dict()), (["sppo_hard"], dict()),
+    (["aot"], dict(label_smoothing=0.1)), (["aot_unpaired"], dict()), (["apo_down"], dict()),
+    (["exo_pair"], dict(label_smoothing=0.25)), (["nca_pair"], dict()), (["discopop"], dict(discopop_tau=0.5)),
+    (["sft"], dict()),
+    (["sigmoid", "bco_pair", "sft"], dict(loss_weights=[0.8, 0.2, 1.0])),
+    (["sigmoid"], dict(label_smoothing=0.2)),   # TRL 1.16's sigmoid does not read label_smoothing
+    (["sigmoid"], dict(f_divergence_type="js_divergence")),
+    (["hinge", "ipo"], dict(f_divergence_type="forward_kl", loss_weights=[1.0, 0.5])),
+    (["robust"], dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.25, label_smoothing=0.1)),
+    (["sigmoid"], dict(use_weighting=True)),
+    (["sigmoid", "bco_pair"], dict(use_weighting=True, ld_alpha=0.5)),
+    (["sigmoid", "sft"], dict(ld_alpha=0.0, loss_weights=[1.0, 0.3])),
+]
 
 
-@pytest.mark.parametrize("option,value", [("loss_type", ["hinge"]), ("loss_type", ["apo_down"]),
-                                          ("loss_type", ["sigmoid", "sft"]),
-                                          ("ld_alpha", 0.5), ("use_weighting", True),
-                                          ("f_divergence_type", "js_divergence")])
-def test_dpo_unsupported_option_raises_naming_it(tmp_path, model_path, option, value):
-    from gro_kernels.integrations.trl import GRODPOTrainer
-    with pytest.raises(ValueError, match=f"{option}=.* not supported by gro_kernels"):
-        dpo_trainer(tmp_path, model_path, cls=GRODPOTrainer, **{option: value})
+@pytest.mark.parametrize("loss_type,config", DPO_CASES, ids=["-".join(c[0]) + f"-{i}" for i, c in enumerate(DPO_CASES)])
+def test_dpo_loss_and_gradient_equal_trl(tmp_path, model_path, loss_type, config):
+    compare_preference(dpo_trainer(tmp_path, model_path, loss_type=loss_type, beta=0.3, **config))
+
+
+@pytest.mark.parametrize("loss_type,config", [(["sigmoid"], dict(loss_weights=[0.5])), (["ipo", "apo_zero"], dict()),
+                                              (["sigmoid"], dict(ld_alpha=0.3)), (["sigmoid"], dict(use_weighting=True))])
+def test_dpo_precomputed_reference_equal_trl(tmp_path, model_path, loss_type, config):
+    compare_preference(dpo_trainer(tmp_path, model_path, loss_type=loss_type, beta=0.3, precompute_ref_log_probs=True,
+                                   **config))
+
+
+def test_dpo_every_loss_type_of_the_map_is_tested():
+    from gro_kernels.integrations.trl import DPO_LOSS_TYPES
+    assert {k for c in DPO_CASES for k in c[0]} == set(DPO_LOSS_TYPES)
+
+
+def test_dpo_unknown_loss_type_raises_naming_it(tmp_path, model_path):
+    # a loss type TRL may add later is refused, not run as another one
+    trainer = dpo_trainer(tmp_path, model_path, loss_type=["sigmoid"])
+    trainer.args.loss_type = ["sigmoid", "new_type"]
+    with pytest.raises(ValueError, match="loss_type=.* not supported by gro_kernels"):
+        patch_trainer(trainer)
 
 
 def kto_trainer(tmp_path, model_path, cls=None, **config):
@@ -335,13 +411,15 @@ def test_kto_loss_and_gradient_equal_trl(tmp_path, model_path, precompute, loss_
         assert metrics["kl"][0] > 0  # the reference point z0 is exercised
 
 
-def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path):
+@pytest.mark.parametrize("config", [dict(), dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2],
+                                                 use_weighting=True, ld_alpha=0.5)])
+def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path, config):
     from trl import DPOTrainer
     from gro_kernels.integrations.trl import GRODPOTrainer
     runs = {}
     for cls in (DPOTrainer, GRODPOTrainer):
         trainer = dpo_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3,
-                              gradient_accumulation_steps=2, per_device_train_batch_size=2)
+                              gradient_accumulation_steps=2, per_device_train_batch_size=2, **config)
         trainer.train()
         runs[cls] = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history)
     (ref, ref_log), (ours, our_log) = runs[DPOTrainer], runs[GRODPOTrainer]

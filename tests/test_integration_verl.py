@@ -10,18 +10,27 @@ import torch
 pytest.importorskip("verl")
 
 from verl.trainer.ppo import core_algos  # noqa: E402
-from verl.workers.config.actor import ActorConfig  # noqa: E402
+from verl.workers.config.actor import ActorConfig, PolicyLossConfig  # noqa: E402
 
 from gro_kernels.integrations.verl import VERL_LOSSES, VERL_NOT_COVERED, register  # noqa: E402
 
 MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
-def actor_config(**kw):
+# Clip-Cov / KL-Cov select a few tokens of these small batches (verl's defaults select one of ~25, or none)
+POLICY_LOSS = dict(clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=3.0, kl_cov_ratio=0.15, ppo_kl_coef=0.5)
+
+
+def actor_config(policy_loss=POLICY_LOSS, **kw):
     base = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=1, ppo_mini_batch_size=4,
-                clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+                clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=0.8, tau_neg=1.5,
+                policy_loss=PolicyLossConfig(**policy_loss))
     base.update(kw)
     return ActorConfig(**base)
+
+
+def per_sequence(name):
+    return VERL_LOSSES[name].get("sequence", False)
 
 
 def inputs(per_sequence_advantages, seed=0, B=6, T=9):
@@ -41,6 +50,7 @@ def inputs(per_sequence_advantages, seed=0, B=6, T=9):
 
 def run(fn, old, logp, adv, mask, mode, config, weights=None):
     logp.grad = None
+    torch.manual_seed(7)  # clip_cov draws its tokens with torch.randperm on the default generator, as verl
     loss, metrics = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=mode,
                        config=config, rollout_is_weights=weights)
     loss.backward()
@@ -59,30 +69,44 @@ def test_gro_loss_equals_verl_loss(name, mode, global_info, clip_c):
     register()
     config = actor_config(clip_ratio_c=clip_c)
     config.global_batch_info.update(global_info)
-    data = inputs(per_sequence_advantages=VERL_LOSSES[name][1], seed=hash((name, mode)) % 100)
+    data = inputs(per_sequence_advantages=per_sequence(name), seed=hash((name, mode)) % 100)
     theirs = run(core_algos.get_policy_loss_fn(name), *data, mode, config)
     ours = run(core_algos.get_policy_loss_fn(f"gro_{name}"), *data, mode, config)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-9, atol=1e-12)
+    rtol = 1e-7 if name == "geo_mean" else 1e-9  # verl's geo_mean divides by length + 1e-8
+    torch.testing.assert_close(ours[0], theirs[0], rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=rtol, atol=1e-12)
     assert ours[2].keys() == theirs[2].keys()
     for key in theirs[2]:
         assert ours[2][key] == pytest.approx(theirs[2][key], rel=1e-9, abs=1e-12), key
 
 
-@pytest.mark.parametrize("name,level", [("vanilla", "token"), ("gpg", "token"), ("gspo", "sequence")])
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+def test_covariance_losses_select_tokens(name):
+    # the comparison above is not vacuous: on these inputs the covariance rule changes verl's loss
+    old, logp, adv, mask = inputs(per_sequence_advantages=False, seed=1)
+    fn = core_algos.get_policy_loss_fn(name)
+    on = run(fn, old, logp, adv, mask, "token-mean", actor_config())[0]
+    off = run(fn, old, logp, adv, mask, "token-mean",
+              actor_config(policy_loss=dict(POLICY_LOSS, clip_cov_lb=100.0, clip_cov_ub=101.0, ppo_kl_coef=0.0)))[0]
+    assert (on - off).abs() > 1e-6
+
+
+@pytest.mark.parametrize("name,level", [("vanilla", "token"), ("gpg", "token"), ("gspo", "sequence"),
+                                        ("sapo", "token"), ("cispo", "token"), ("geo_mean", "token")])
 def test_gro_loss_with_rollout_correction_weights_equals_verl(name, level):
     # rollout correction (TIS / MIS): a non-negative weight per token (or per sequence), some exactly 0
     register()
     config = actor_config()
-    old, logp, adv, mask = inputs(per_sequence_advantages=VERL_LOSSES[name][1], seed=3)
+    old, logp, adv, mask = inputs(per_sequence_advantages=per_sequence(name), seed=3)
     g = torch.Generator().manual_seed(4)
     w = torch.rand(adv.shape[0], adv.shape[1] if level == "token" else 1, generator=g, dtype=torch.float64) * 2
     w[0, 0] = 0.0
     w = w.expand_as(adv).contiguous()
     theirs = run(core_algos.get_policy_loss_fn(name), old, logp, adv, mask, "token-mean", config, w)
     ours = run(core_algos.get_policy_loss_fn(f"gro_{name}"), old, logp, adv, mask, "token-mean", config, w)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-9, atol=1e-12)
+    rtol = 1e-7 if name == "geo_mean" else 1e-9
+    torch.testing.assert_close(ours[0], theirs[0], rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=rtol, atol=1e-12)
 
 
 def test_every_verl_loss_is_mapped_or_listed():
@@ -101,6 +125,10 @@ def test_dual_clip_negative_weights_and_varying_gspo_advantages_raise():
         fn(old, logp, adv, mask, "token-mean", actor_config(), rollout_is_weights=-torch.ones_like(mask))
     with pytest.raises(ValueError, match="vary along a sequence"):
         core_algos.get_policy_loss_fn("gro_gspo")(old, logp, adv, mask, "token-mean", actor_config())
+    for name in ("clip_cov", "kl_cov"):
+        with pytest.raises(ValueError, match="rollout_is_weights"):
+            core_algos.get_policy_loss_fn(f"gro_{name}")(old, logp, adv, mask, "token-mean", actor_config(),
+                                                         rollout_is_weights=torch.ones_like(mask))
 
 
 def test_fused_logprob_entropy_equals_verl():

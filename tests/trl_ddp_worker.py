@@ -27,8 +27,7 @@ def main(model_path, out, loss_type):
         args = GRPOConfig(output_dir=os.path.join(out, cls.__name__), per_device_train_batch_size=4,
                           num_generations=4, max_completion_length=6, use_cpu=True, bf16=False, report_to=[],
                           save_strategy="no", logging_steps=1, seed=0, learning_rate=1e-2, max_steps=2,
-                          gradient_accumulation_steps=2, steps_per_generation=4, loss_type=loss_type, beta=0.04,
-                          use_bias_correction_kl=False)
+                          gradient_accumulation_steps=2, steps_per_generation=4, loss_type=loss_type, beta=0.04)
         trainer = cls(model=model_path, reward_funcs=reward_len, args=args, processing_class=build_tokenizer(),
                       train_dataset=Dataset.from_dict({"prompt": [f"{i}{i + 1}>" for i in range(16)]}))
         assert trainer.accelerator.num_processes == 2

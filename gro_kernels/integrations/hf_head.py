@@ -13,7 +13,7 @@ import functools
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers.utils import ModelOutput
@@ -30,12 +30,16 @@ class GROCall:
     keep: int
     kwargs: dict = field(default_factory=dict)
     extras: bool = False   # also return mean_logits and is_top1 (TRL's DPO / KTO metrics), without gradient
+    entropy: bool = False  # also return the per-token entropy (one more forward sweep, without gradient)
+    # with entropy=True: called with that entropy [B, keep] before the loss; returns kwargs to override
+    update: Optional[Callable] = None
 
 
 @dataclass
 class GROHeadOutput(ModelOutput):
     """`fused_lm_head=True`: loss (mean NLL), log_probs / entropy [B, T-1] (0 where label is -100), label_mask.
-    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics (gro_loss's detached metrics)."""
+    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics (gro_loss's detached metrics), and with
+    `GROCall(entropy=True)` the detached per-token entropy [B, keep]."""
 
     loss: Optional[torch.Tensor] = None
     log_probs: Optional[torch.Tensor] = None
@@ -143,12 +147,19 @@ def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
         mask = targets != -100
         with no_autocast:
             if gro is not None:
-                out = gro_loss(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend,
-                               **gro.kwargs)
+                kwargs, token_entropy = gro.kwargs, None
+                if gro.entropy:
+                    with torch.no_grad():
+                        token_entropy = token_logprobs(
+                            hidden.detach(), weight.detach(), targets, bias=None if bias is None else bias.detach(),
+                            temperature=temperature, return_entropy=True, backend=backend).entropy
+                    if gro.update is not None:
+                        kwargs = {**kwargs, **gro.update(token_entropy)}
+                out = gro_loss(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend, **kwargs)
                 extras = (logit_extras(hidden, weight, bias, targets, temperature=temperature) if gro.extras
                           else (None, None))
                 return GROHeadOutput(loss=out.loss, log_probs=out.logp, label_mask=mask, metrics=out.metrics,
-                                     mean_logits=extras[0], is_top1=extras[1])
+                                     mean_logits=extras[0], is_top1=extras[1], entropy=token_entropy)
             stats = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=entropy, backend=backend)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

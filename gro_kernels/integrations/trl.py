@@ -11,10 +11,10 @@ things move to gro_kernels: TRL's fused LM head (`model(..., fused_lm_head=True)
 log-prob / entropy step) becomes `token_logprobs`, and the loss becomes one `gro_loss` call from
 the backbone's final hidden states and the `lm_head` weight, run inside the model's forward.
 
-Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES`,
-`grpo_options`, `DPO_LOSS_TYPES`, `KTO_LOSS_TYPES`) or listed in an `*_UNSUPPORTED` table that
-raises a `ValueError` naming it; nothing is ignored. The tests check loss and gradients against
-TRL's own trainers on the same batches (tests/test_integration_trl.py).
+Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES` with
+`grpo_options`, `DPO_LOSS_TYPES` with `dpo_options`, `KTO_LOSS_TYPES`) or listed in an
+`*_UNSUPPORTED` table that raises a `ValueError` naming it; nothing is ignored. The tests check loss
+and gradients against TRL's own trainers on the same batches (tests/test_integration_trl.py).
 """
 from __future__ import annotations
 
@@ -28,83 +28,121 @@ __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", 
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
 
 # ================================================================================================
-# The option map. Extend here when the objective grows (e.g. sapo, vespo, luspo, off-policy
-# masking, the high-entropy token mask, bias-corrected KL): add the loss type / option to the
-# mapping and drop its row from the *_UNSUPPORTED table.
+# The option map. Extend here when the objective grows: add the loss type / option to the mapping
+# and drop its row from the *_UNSUPPORTED table.
 # ================================================================================================
 
 # GRPOConfig.loss_type -> gro_loss options, and how TRL normalizes the result:
-#   "accumulation": gro's aggregation, then divided by the gradient-accumulation steps (TRL's grpo, bnpo, dr_grpo);
-#   "num_items":    token_mean over `num_items_in_batch` rescaled to one accumulation window (dapo, cispo).
+#   "accumulation": gro's aggregation, then divided by the gradient-accumulation steps (grpo, bnpo, dr_grpo,
+#                   sapo, luspo);
+#   "num_items":    token_mean over `num_items_in_batch` rescaled to one accumulation window (dapo, cispo, vespo).
 GRPO_LOSS_TYPES = {
     "grpo":    dict(surrogate="ratio_clip", loss_agg="seq_mean_token_mean",     normalizer="accumulation"),
     "bnpo":    dict(surrogate="ratio_clip", loss_agg="token_mean",              normalizer="accumulation"),
     "dr_grpo": dict(surrogate="ratio_clip", loss_agg="seq_mean_token_sum_norm", normalizer="accumulation"),
+    "sapo":    dict(surrogate="sapo",       loss_agg="seq_mean_token_mean",     normalizer="accumulation"),
+    # TRL's luspo: the ratio_clip loss summed over each sequence, mean over sequences (token or sequence ratio)
+    "luspo":   dict(surrogate="ratio_clip", loss_agg="seq_mean_token_sum",      normalizer="accumulation"),
     "dapo":    dict(surrogate="ratio_clip", loss_agg="token_mean",              normalizer="num_items"),
     "cispo":   dict(surrogate="cispo",      loss_agg="token_mean",              normalizer="num_items"),
+    "vespo":   dict(surrogate="vespo",      loss_agg="token_mean",              normalizer="num_items"),
 }
 
-# GRPOConfig options that change the loss in a way the objective cannot reproduce yet:
-# (option, condition on the config, why). Each one raises at construction / patch time.
+
+def _entropy_bonus(a):
+    return a.entropy_coef != 0 or a.use_adaptive_entropy
+
+
+# GRPOConfig options (or combinations) the objective cannot reproduce exactly: (option, condition on the
+# config, why). Each one raises at construction / patch time.
 GRPO_UNSUPPORTED = [
     ("loss_type", lambda a: a.loss_type not in GRPO_LOSS_TYPES,
-     f"the GRO objective covers loss_type in {sorted(GRPO_LOSS_TYPES)} (not sapo, luspo, vespo yet)"),
-    ("use_bias_correction_kl", lambda a: a.beta != 0 and a.use_bias_correction_kl,
-     "the importance-weighted KL (k3 * ratio) is not in the objective yet; set use_bias_correction_kl=False "
-     "(or beta=0.0)"),
-    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None,
-     "off-policy sequence masking is not in the objective yet"),
-    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0,
-     "the high-entropy token mask is not in the objective yet"),
-    ("entropy_coef", lambda a: a.entropy_coef != 0 and a.loss_type == "grpo",
-     "TRL's entropy bonus is a token mean while loss_type='grpo' averages per sequence; the objective "
-     "weights both terms alike (use bnpo, dr_grpo, dapo or cispo with an entropy bonus)"),
-    ("use_adaptive_entropy", lambda a: a.use_adaptive_entropy and a.loss_type == "grpo",
-     "the entropy bonus cannot be combined with loss_type='grpo' (see entropy_coef)"),
+     f"the GRO objective covers loss_type in {sorted(GRPO_LOSS_TYPES)}"),
+    ("importance_sampling_level", lambda a: a.importance_sampling_level == "sequence"
+     and (a.loss_type in ("cispo", "sapo") or (a.loss_type == "vespo" and a.beta != 0 and a.use_bias_correction_kl)),
+     "the objective's sequence-level ratio (GSPO) applies to the clipped ratio only (grpo, bnpo, dr_grpo, dapo, "
+     "luspo), not to cispo's or sapo's ratio, nor to vespo's bias-corrected KL (vespo's own weight is "
+     "sequence-level whatever the level: with beta=0 or use_bias_correction_kl=False it is mapped)"),
+    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None and a.loss_type == "vespo"
+     and a.use_vllm and a.vllm_importance_sampling_correction,
+     "with vespo and the vLLM correction the objective's rollout_logp carries TRL's importance ratio into VESPO's "
+     "weight, so it cannot also carry the sampler's log-probs the off-policy mask reads"),
 ]
 # Mapped without an option of their own:
-# - vLLM importance-sampling correction (every vllm_importance_sampling_mode): TRL multiplies the policy
-#   term by a non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w.
-# - use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to entropy_coef.
+# - vLLM importance-sampling correction (every vllm_importance_sampling_mode): TRL multiplies the policy term by a
+#   non-negative per-token (or per-sequence) weight w, which is the objective with advantages A * w; with vespo TRL
+#   folds w into phi, which is the objective's rollout correction (see _compute_loss).
+# - entropy_coef / use_adaptive_entropy: TRL's controller runs as in TRL; its coefficient of the step goes to
+#   entropy_coef (entropy_agg="token_mean" for the accumulation-normalized losses, a rescaled coefficient for the
+#   num_items ones).
 # - Everything TRL does before the loss: scale_rewards, reward_weights, multi_objective_aggregation,
-#   mask_truncated_completions, num_iterations, steps_per_generation (the old log-probs), tool_mask (the mask).
+#   mask_truncated_completions (TRL zeroes the truncated rows' completion_mask), num_iterations,
+#   steps_per_generation (the old log-probs), tool_mask (the mask).
 
 
 def grpo_options(trainer) -> dict:
     """The gro_loss options of a GRPOTrainer's config (the per-batch ones are set in the loss)."""
     args, kind = trainer.args, GRPO_LOSS_TYPES[trainer.loss_type]
+    surrogate = kind["surrogate"]
     options = dict(
-        method="gro", surrogate=kind["surrogate"], loss_agg=kind["loss_agg"],
-        importance_sampling=trainer.importance_sampling_level, eps_high=trainer.epsilon_high,
+        method="gro", surrogate=surrogate, loss_agg=kind["loss_agg"],
+        # TRL's vespo reads the level only in its KL correction (refused with "sequence"): its phi is per sequence
+        importance_sampling="token" if surrogate == "vespo" else trainer.importance_sampling_level,
         kl_coef=trainer.beta, kl_estimator="k3", kl_placement="loss",
     )
-    if kind["surrogate"] != "cispo":  # CISPO reads epsilon_high alone (its bound); the objective refuses unread options
-        options["eps_low"] = trainer.epsilon_low
-    if kind["surrogate"] == "ratio_clip":  # TRL applies delta to the clipped losses only
-        options["delta"] = args.delta
+    # The objective refuses options its surrogate does not read: give each only where it is read.
+    if surrogate in ("ratio_clip", "cispo"):  # CISPO reads epsilon_high alone (its bound)
+        options["eps_high"] = trainer.epsilon_high
+    if surrogate == "ratio_clip":  # TRL applies delta to the clipped losses only
+        options.update(eps_low=trainer.epsilon_low, delta=args.delta)
+    if surrogate == "sapo":
+        options.update(sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+    if surrogate == "vespo":
+        options.update(vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                       vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg)
     if kind["loss_agg"] == "seq_mean_token_sum_norm":
         options["max_completion_length"] = trainer.max_completion_length
+    if trainer.beta != 0.0 and args.use_bias_correction_kl:  # TRL's default: the KL term times the ratio
+        options["use_bias_correction_kl"] = True
+    if trainer.off_policy_mask_threshold is not None:
+        options["off_policy_mask_threshold"] = trainer.off_policy_mask_threshold
+    if trainer.top_entropy_quantile < 1.0:
+        options["top_entropy_quantile"] = trainer.top_entropy_quantile
     return options
 
 
-# DPOConfig.loss_type -> gro_loss options (TRL's ipo and sigmoid_norm average the log-ratio per token).
-# apo_zero is a sum of two per-sequence terms, 1 - sigma(beta D_w) + sigma(beta D_l): KTO's weighting with
-# the reference point 0; TRL averages it over pairs and the objective over sequences, hence "scale": 2.
-DPO_LOSS_TYPES = {
-    "sigmoid":      dict(method="dpo"),
-    "sigmoid_norm": dict(method="dpo", length_normalize=True),
-    "ipo":          dict(method="ipo", length_normalize=True),
-    "apo_zero":     dict(method="kto", anchor_value=0.0, scale=2.0),
-}
+# DPOConfig.loss_type: every TRL DPO loss type is the objective's `pair_loss` of the same name (TRL's
+# definitions, docs/methods.md), a list of them combined with `loss_weights` (MPO). The options each one
+# reads go with it; TRL ignores `label_smoothing` for the loss types that do not read it, and so does the map.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                  "apo_down", "exo_pair", "nca_pair", "discopop", "sigmoid_norm", "sft")
+_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")   # the loss types that read label_smoothing
+
+
+def dpo_options(trainer) -> dict:
+    """The gro_loss options of a DPOTrainer's config."""
+    args, kinds = trainer.args, tuple(trainer.loss_types)
+    options = dict(method="dpo", pair_loss=kinds, loss_weights=tuple(float(w) for w in trainer.loss_weights))
+    if kinds != ("sft",):  # the objective refuses options a loss type does not read
+        options["beta"] = trainer.beta
+    if set(kinds) & set(_SMOOTHED):
+        options["label_smoothing"] = args.label_smoothing
+    if "discopop" in kinds:
+        options["discopop_tau"] = args.discopop_tau
+    if trainer.f_divergence_type != "reverse_kl":
+        options["f_divergence_type"] = trainer.f_divergence_type
+        if trainer.f_divergence_type == "alpha_divergence":
+            options["f_alpha_divergence_coef"] = args.f_alpha_divergence_coef
+    if trainer.use_weighting:   # WPO: gro_loss computes log sum_v p_v^2 in its statistics pass
+        options["use_weighting"] = True
+    if trainer.ld_alpha is not None:
+        options["ld_alpha"] = trainer.ld_alpha
+    return options
+
 
 DPO_UNSUPPORTED = [
-    ("loss_type", lambda a: len(a.loss_type) != 1 or a.loss_type[0] not in DPO_LOSS_TYPES,
-     f"the GRO objective covers one loss_type in {sorted(DPO_LOSS_TYPES)} (not hinge, robust, exo_pair, "
-     "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_down, discopop, sft, nor a list of them)"),
-    ("f_divergence_type", lambda a: a.f_divergence_type != "reverse_kl",
-     "only the reverse-KL (standard DPO) score is in the objective"),
-    ("ld_alpha", lambda a: a.ld_alpha is not None, "LD-DPO's down-weighted tail is not in the objective"),
-    ("use_weighting", lambda a: a.use_weighting, "WPO weighting is not in the objective"),
+    ("loss_type", lambda a: not set(a.loss_type) <= set(DPO_LOSS_TYPES),
+     f"the GRO objective covers loss_type in {list(DPO_LOSS_TYPES)} (or a list of them)"),
 ]
 
 # KTOConfig.loss_type -> gro_loss options. The reference point z0 is TRL's batch KL estimate for kto;
@@ -190,25 +228,53 @@ class _GROGRPOLoss:
                 num_items = num_items * accumulation / self.args.steps_per_generation
         advantages = inputs["advantages"]
         weighted = advantages
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
-            weighted = ((advantages.unsqueeze(1) if advantages.dim() == 1 else advantages)
-                        * inputs["importance_sampling_ratio"]).expand(mask.shape)
         old_logp = inputs.get("old_per_token_logps")  # None: on-policy, the objective uses sg[logp]
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         options = grpo_options(self)
+        # TRL's off-policy mask measures the drift from the sampler's log-probs when it has them (vLLM)
+        rollout_logp = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]
+            if kind["surrogate"] == "vespo":
+                # TRL folds its token ratio g into VESPO's sequence weight: the objective's rollout correction with
+                # g = exp(lo - rollout_logp) unclipped, i.e. rollout_logp = lo - log g (g = 0 gives +inf, exp -> 0)
+                if old_logp is None:
+                    raise ValueError("GROGRPOTrainer: vespo with the vLLM correction needs old_per_token_logps")
+                rollout_logp = old_logp - torch.log(ratio)
+                options.update(rollout_correction="token_truncate", rollout_clip_min=0.0, rollout_clip_max=float("inf"))
+            else:
+                # TRL multiplies the policy term (not the KL) by this non-negative weight: weight the advantages
+                rows = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+                weighted = (rows * ratio).expand(mask.shape)
         bonus = self._gro_bonus_coef()
-        options["entropy_coef"] = self._gro_entropy_coef(bonus, kind, mask, completion_ids, num_items, accumulation)
+        options["entropy_coef"] = self._gro_entropy_coef(bonus, mask, num_items, accumulation)
+        if options["entropy_coef"] != 0 and num_items is None:
+            options["entropy_agg"] = "token_mean"  # TRL's bonus: the mean entropy of the (selected) tokens
 
-        call = GROCall(keep=keep, kwargs=dict(
-            mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp,
+        # TRL's bonus over the selected tokens (and its bookkeeping) reads their entropy and count: the head then
+        # computes the per-token entropy first (one more forward sweep, no gradient)
+        selected = self._entropy_bonus_enabled and self.top_entropy_quantile < 1.0
+        update = None
+        if selected and num_items is not None and bonus != 0:
+            def update(entropy):  # num_items losses: the coefficient that turns c = 1 / num_items into TRL's mean
+                chosen = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile)
+                return dict(entropy_coef=bonus * float(num_items) / (chosen.sum().clamp(min=1).item() * accumulation))
+        call = GROCall(keep=keep, entropy=selected, update=update, kwargs=dict(
+            mask=mask, advantages=weighted, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
             num_items_in_batch=num_items, return_entropy=True, **options))
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, gro=call)
         loss = out.loss / accumulation if kind["normalizer"] == "accumulation" else out.loss
         if self._entropy_bonus_enabled:
-            self._gro_entropy_bookkeeping(mode, out, mask, bonus, accumulation)
-        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options)
+            if selected:  # TRL's own selection (its quantile rule) on the head's per-token entropy
+                effective = self.get_high_entropy_mask(out.entropy, mask, 1 - self.top_entropy_quantile).float()
+                entropy_stats = torch.stack([(out.entropy * effective).sum(), effective.sum()])
+            else:
+                tokens = mask.sum().float()
+                entropy_stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])
+            self._gro_entropy_bookkeeping(mode, out, entropy_stats, bonus, accumulation)
+        self._gro_log_metrics(mode, out, mask, advantages, old_logp, ref_logp, options,
+                              inputs.get("importance_sampling_ratio"))
         return loss
 
     def _gro_bonus_coef(self):
@@ -217,27 +283,25 @@ class _GROGRPOLoss:
             return 0.0
         return self.entropy_coef
 
-    def _gro_entropy_coef(self, coef, kind, mask, completion_ids, num_items, accumulation):
-        """TRL's bonus is `coef * token-mean entropy / accumulation`; the objective weights the entropy
-        with its own aggregation coefficients, so rescale the coefficient to make them equal."""
-        if coef == 0:
-            return 0.0
-        tokens = mask.sum().clamp(min=1.0).item()
-        if kind["loss_agg"] == "token_mean" and num_items is None:   # bnpo: mask / tokens, then / accumulation
+    def _gro_entropy_coef(self, coef, mask, num_items, accumulation):
+        """TRL's bonus is `coef * token-mean entropy / accumulation`. The accumulation-normalized losses take it
+        as entropy_agg="token_mean" (then / accumulation with the rest); the num_items ones weight the entropy
+        with their own coefficient 1 / num_items, so rescale the coefficient to make them equal (over the
+        top-entropy selection, the head's `update` rescales it by the selection's size instead)."""
+        if coef == 0 or num_items is None:
             return coef
-        if kind["loss_agg"] == "seq_mean_token_sum_norm":           # dr_grpo: mask / (B L), then / accumulation
-            return coef * completion_ids.size(0) * self.max_completion_length / tokens
-        # dapo, cispo: mask / num_items, not divided afterwards
+        tokens = mask.sum().clamp(min=1.0).item()
         return coef * float(num_items) / (tokens * accumulation)
 
-    def _gro_entropy_bookkeeping(self, mode, out, mask, coef, accumulation):
-        """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy."""
+    def _gro_entropy_bookkeeping(self, mode, out, stats, coef, accumulation):
+        """TRL's policy_loss metric and its adaptive entropy controller, fed from the fused pass's entropy.
+        stats: [sum of H, count] over the tokens the bonus acts on."""
         # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division
-        bonus = coef * out.metrics["entropy"] / (1 if self.loss_type in ("bnpo", "dr_grpo") else accumulation)
+        # the num_items losses carry the bonus inside out.loss already divided by the accumulation
+        divided = GRPO_LOSS_TYPES[self.loss_type]["normalizer"] == "num_items"
+        bonus = coef * stats[0] / stats[1].clamp(min=1.0) / (accumulation if divided else 1)
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach() + bonus).nanmean().item())
         if self.use_adaptive_entropy and mode == "train":
-            tokens = mask.sum().float()
-            stats = torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens])  # sum of H, count
             window = self._entropy_window_stats
             self._entropy_window_stats = stats if window is None else window + stats
             if self.accelerator.sync_gradients:  # end of the accumulation window: update for the next step
@@ -253,7 +317,7 @@ class _GROGRPOLoss:
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options):
+    def _gro_log_metrics(self, mode, out, mask, advantages, old_logp, ref_logp, options, is_ratio=None):
         """The metrics TRL's _compute_loss logs, from the detached log-probs."""
         logp = out.log_probs
         mask = mask.to(logp.dtype)
@@ -272,18 +336,30 @@ class _GROGRPOLoss:
         def masked_seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
+        log_ratio = logp - old
+        if options["importance_sampling"] == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
         if self.beta != 0.0:
             diff = ref_logp - logp
-            self._metrics[mode]["kl"].append(global_masked_mean(torch.exp(diff) - diff - 1))
+            kl = torch.exp(diff) - diff - 1
+            if options.get("use_bias_correction_kl"):  # TRL logs the corrected KL
+                kl = kl * ratio
+            self._metrics[mode]["kl"].append(global_masked_mean(kl))
         tokens = mask.sum().float()
         self._metrics[mode]["entropy"].append(
             (lambda t: (t[0] / t[1].clamp(min=1.0)).item())(
                 reduce(torch.stack([out.metrics["entropy"] * tokens.clamp(min=1.0), tokens]), reduction="sum")))
 
-        log_ratio = logp - old
-        if options["importance_sampling"] == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
+        if self.loss_type == "sapo":
+            return
+        if self.loss_type == "vespo":
+            a = self.args
+            phi = self.get_gamma_weights(
+                advantages=advantages, log_ratio_per_token=logp - old, mask=mask, importance_sampling_ratio=is_ratio,
+                k_pos=a.vespo_k_pos, lambda_pos=a.vespo_lambda_pos, k_neg=a.vespo_k_neg, lambda_neg=a.vespo_lambda_neg)
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            return
         if self.loss_type == "cispo":
             clipped = (ratio > self.epsilon_high) & (advantages > 0)
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
@@ -300,7 +376,12 @@ class _GROGRPOLoss:
 
 
 def _patch_grpo(trainer):
-    _check_trainer(trainer, GRPO_UNSUPPORTED, type(trainer).__name__)
+    who = type(trainer).__name__
+    _check_trainer(trainer, GRPO_UNSUPPORTED, who)
+    if trainer.top_entropy_quantile < 1.0 and trainer.accelerator.num_processes > 1:
+        raise ValueError(f"{who}: top_entropy_quantile={trainer.top_entropy_quantile!r} is not supported by "
+                         "gro_kernels with more than one process: TRL takes the entropy quantile over all "
+                         "processes' tokens, the objective over the local batch")
     _patch_models(trainer, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
 
 
@@ -326,12 +407,23 @@ def _sums_as_tokens(sums, mask):
     return torch.where(first, sums[:, None].to(torch.float32), torch.zeros((), device=mask.device))
 
 
+def _ld_factor(mask, ld_alpha):
+    """TRL's LD-DPO token factor on a [chosen; rejected] batch: 1 on each completion's first min(|y_w|, |y_l|)
+    tokens, ld_alpha on the rest (the mask itself without ld_alpha)."""
+    mask = mask.float()
+    if ld_alpha is None:
+        return mask
+    lengths = mask.sum(1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)
+    return torch.where(mask.cumsum(1) <= shared[:, None], 1.0, ld_alpha) * mask
+
+
 def _gather_sum(accelerator, x):
     return accelerator.gather_for_metrics(x).sum()
 
 
 class _GRODPOLoss:
-    """DPOTrainer._compute_loss on gro_kernels: the same loss and metrics as TRL's for the mapped loss types."""
+    """DPOTrainer._compute_loss on gro_kernels: the same loss and metrics as TRL's."""
 
     def _compute_loss(self, model, inputs, return_outputs):
         _text_only(inputs, "GRODPOTrainer")
@@ -354,22 +446,24 @@ class _GRODPOLoss:
         ref_sums = torch.cat([ref_chosen, ref_rejected]).detach()
 
         pair = torch.arange(n, device=targets.device)
-        options = dict(DPO_LOSS_TYPES[self.loss_types[0]], beta=self.beta)
-        scale = options.pop("scale", 1.0) * self.loss_weights[0]
+        # TRL's (LD-DPO weighted) reference sums, placed where the objective's LD-DPO factor reads them at 1
+        u = _ld_factor(mask, self.ld_alpha)
+        first = torch.ones_like(ref_sums) if self.ld_alpha is None else u.max(1).values
+        ref_token_sums = torch.where(first > 0, ref_sums / first.clamp(min=1e-30), torch.zeros_like(ref_sums))
         call = GROCall(keep=targets.shape[1], extras=True, kwargs=dict(
             group_ids=torch.cat([pair, pair]), labels=torch.cat([torch.ones(n), -torch.ones(n)]).to(targets.device),
-            ref_logp=_sums_as_tokens(ref_sums, mask), return_entropy=True, **options))
+            ref_logp=_sums_as_tokens(ref_token_sums, mask), return_entropy=True, **dpo_options(self)))
         outputs = model(**model_kwargs, labels=labels, gro=call)
-        loss = outputs.loss * scale
-        self._gro_log_metrics(mode, inputs, outputs, mask, ref_sums, n)
+        loss = outputs.loss
+        self._gro_log_metrics(mode, inputs, outputs, mask, u, ref_sums, n)
         if return_outputs:  # as TRL: the logits only come from an extra forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _gro_log_metrics(self, mode, inputs, outputs, mask, ref_sums, n):
+    def _gro_log_metrics(self, mode, inputs, outputs, mask, u, ref_sums, n):
         acc = self.accelerator
-        logps = outputs.log_probs.sum(1)
+        logps = (outputs.log_probs * u).sum(1)  # TRL's (LD-DPO weighted) sequence log-probs
         chosen_logps, rejected_logps = logps[:n], logps[n:]
         tokens = mask.sum()
         entropy_sum = _gather_sum(acc, outputs.metrics["entropy"] * tokens.clamp(min=1))
@@ -401,13 +495,11 @@ class _GRODPOLoss:
 
 def _patch_dpo(trainer):
     _check_trainer(trainer, DPO_UNSUPPORTED, type(trainer).__name__)
-    if list(trainer.loss_weights) != [trainer.loss_weights[0]] or len(trainer.loss_weights) != 1:
-        raise ValueError(f"{type(trainer).__name__}: loss_weights={trainer.loss_weights!r} must hold one weight")
     _patch_models(trainer, temperature=1.0)
 
 
 class GRODPOTrainer(_GRODPOLoss, DPOTrainer):
-    """`trl.DPOTrainer` with its log-prob step and loss on gro_kernels (loss types in `DPO_LOSS_TYPES`)."""
+    """`trl.DPOTrainer` with its log-prob step and loss on gro_kernels (every TRL loss type, `DPO_LOSS_TYPES`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

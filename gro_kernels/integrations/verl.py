@@ -9,10 +9,12 @@ objective on `[B,T]` log-probs) with verl's clip ratios and verl's loss aggregat
 global-batch normalization (`config.global_batch_info`: data-parallel size, global token and
 sequence counts). Each registered loss equals verl's own function of the same name on the same
 inputs (tests/test_integration_verl.py). verl configs that the objective cannot reproduce raise a
-`ValueError` naming the option.
+`ValueError` naming the option; `VERL_NOT_COVERED` lists verl's losses that are not registered, and why.
 
-Known difference: verl clamps log-ratios for numerical safety (|l - lo| <= 20, GSPO's sequence
-log-ratio <= 10); the objective does not, so the two differ only past those ratios (e^10, e^20).
+Known differences: verl clamps log-ratios for numerical safety (|l - lo| <= 20 in vanilla and sapo,
+GSPO's sequence log-ratio <= 10); the objective does not, so the two differ only past those ratios
+(e^10, e^20). verl's geo_mean divides each row's log-ratio sum by (length + 1e-8), the objective by
+the length: a relative difference below 1e-8 in the ratio.
 """
 from __future__ import annotations
 
@@ -30,21 +32,29 @@ __all__ = ["register", "VERL_LOSSES", "VERL_NOT_COVERED", "gro_policy_loss"]
 # The map. verl loss -> gro options. Extend here when the objective grows.
 # ================================================================================================
 VERL_LOSSES = {
-    # verl name: (gro options, advantages must be constant along each sequence)
-    "vanilla": (dict(surrogate="ratio_clip", importance_sampling="token"), False),
-    "gspo": (dict(surrogate="ratio_clip", importance_sampling="sequence"), True),
-    "gpg": (dict(surrogate="logp"), False),
+    # verl name: gro options. The keys besides the options say how verl's inputs enter:
+    #   clip:     verl's clip_ratio_low / _high are the objective's eps_low / eps_high;
+    #   sequence: one advantage per sequence (verl's row mean for geo_mean; else constant along the row);
+    #   agg:      verl's aggregation: None = the loss_agg_mode given, a mode = that mode whatever is given,
+    #             "rows" = torch.mean over the local rows (geo_mean);
+    #   weights:  rollout_is_weights w: "token" = advantages A * w (verl multiplies each token's loss by w),
+    #             "geo_mean" = each row's advantage times the geometric mean of its w (verl's geo_mean),
+    #             None = refused (clip_cov / kl_cov select tokens by the covariance of the advantages).
+    "vanilla": dict(gro=dict(surrogate="ratio_clip", importance_sampling="token"), clip=True),
+    "gspo": dict(gro=dict(surrogate="ratio_clip", importance_sampling="sequence"), clip=True, sequence=True),
+    "gpg": dict(gro=dict(surrogate="logp")),
+    "sapo": dict(gro=dict(surrogate="sapo"), agg="seq-mean-token-mean"),
+    # verl's cispo clips sg[r] on both sides: the logp surrogate with advantages sg[clip(r, 1-low, 1+high)] A
+    "cispo": dict(gro=dict(surrogate="logp")),
+    "clip_cov": dict(gro=dict(surrogate="clip_cov"), clip=True, weights=None),
+    "kl_cov": dict(gro=dict(surrogate="kl_cov"), weights=None),
+    "geo_mean": dict(gro=dict(surrogate="geo_mean"), clip=True, sequence=True, agg="rows", weights="geo_mean"),
 }
 
-# verl's registered losses the objective does not reproduce (yet), and why.
+# verl's registered losses the objective does not reproduce, and why.
 VERL_NOT_COVERED = {
-    "cispo": "verl's cispo clips the ratio on both sides (1 - clip_ratio_low, 1 + clip_ratio_high); "
-             "the objective's cispo has one absolute upper bound",
-    "sapo": "soft gating is not in the objective yet",
-    "geo_mean": "the geometric-mean ratio is not in the objective yet",
-    "clip_cov": "covariance-based clipping is not in the objective yet",
-    "kl_cov": "covariance-based KL is not in the objective yet",
-    "dppo_kl": "DPPO is not in the objective", "dppo_tv": "DPPO is not in the objective",
+    "dppo_kl": "DPPO (its divergence-based trust region) is not in the objective",
+    "dppo_tv": "DPPO (its divergence-based trust region) is not in the objective",
     "dro": "DRO is not in the objective", "bypass_mode": "bypass mode is not in the objective",
 }
 
@@ -95,14 +105,15 @@ def _normalization(mode, mask, info):
 
 def gro_policy_loss(name):
     """A verl policy-loss function (verl's signature) computing verl's `name` loss with the GRO objective."""
-    options, per_sequence = VERL_LOSSES[name]
+    spec = VERL_LOSSES[name]
+    surrogate = spec["gro"]["surrogate"]
 
     def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                 rollout_is_weights=None):
         if config is None:
             raise ValueError(f"gro_{name}: config (verl's ActorConfig) is required")
         low, high = _clip_range(config)
-        dual = {}
+        options = dict(spec["gro"])
         clip_c = config.get("clip_ratio_c", 3.0)
         if name == "vanilla" and math.isfinite(clip_c):
             # Dual-clip PPO bounds a negative advantage's ratio at clip_ratio_c: the objective's `delta`
@@ -110,37 +121,73 @@ def gro_policy_loss(name):
             if clip_c < 1 + high:
                 raise ValueError(f"gro_vanilla: clip_ratio_c={clip_c!r} below 1 + clip_ratio_high={1 + high!r} is "
                                  "not the objective's delta")
-            dual = dict(delta=clip_c)
+            options["delta"] = clip_c
+        if spec.get("clip"):  # clip bounds only where the surrogate reads them (the objective refuses unread options)
+            options.update(eps_low=low, eps_high=high)
+        options.update(_surrogate_options(name, config))
         mask = response_mask.bool()
         adv = advantages
+        if name == "cispo":
+            ratio = torch.exp((log_prob.detach() - old_log_prob).clamp(-20.0, 20.0))
+            adv = adv * ratio.clamp(1 - low, 1 + high)
+        weights = spec.get("weights", "token")
         if rollout_is_weights is not None:
-            # verl multiplies each token's loss by a non-negative rollout-correction weight w: for the
-            # token-level losses that is the objective with advantages A * w
+            if weights is None:
+                raise ValueError(f"gro_{name}: rollout_is_weights are not supported: verl's {name} selects tokens by "
+                                 "the covariance of the unweighted advantages")
             if (rollout_is_weights < 0).any():
                 raise ValueError(f"gro_{name}: rollout_is_weights must be non-negative")
-            adv = adv * rollout_is_weights
-        if per_sequence:
-            # The objective's sequence ratio carries one advantage per sequence, as GSPO's outcome advantages
-            row = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-            if ((adv - row[:, None]).abs() * mask).max() > 1e-6 * (1 + row.abs().max()):
-                raise ValueError(f"gro_{name}: advantages (times rollout_is_weights, if given) vary along a "
-                                 "sequence; the objective's sequence-level ratio needs one value per sequence")
-            adv = row
-        agg, factor = _normalization(loss_agg_mode, mask, config.global_batch_info)
+            if weights == "token":
+                # verl multiplies each token's loss by a non-negative rollout-correction weight w: for the
+                # token-level losses that is the objective with advantages A * w
+                adv = adv * rollout_is_weights
+        if spec.get("sequence"):
+            adv = _sequence_advantages(name, adv, mask)
+            if rollout_is_weights is not None and weights == "geo_mean":
+                n = mask.sum(-1)
+                adv = adv * torch.exp((torch.log(rollout_is_weights + 1e-10) * mask).sum(-1) / (n + 1e-8))
+        if spec.get("agg") == "rows":  # torch.mean of the per-row losses over the local rows, whatever is asked
+            agg, factor = dict(loss_agg="seq_mean_token_mean"), 1.0
+        else:
+            agg, factor = _normalization(spec.get("agg") or loss_agg_mode, mask, config.global_batch_info)
         num_items = agg.pop("num_items_in_batch", None)
-        # Clip bounds only where the surrogate reads them (the objective refuses unread options).
-        clip = {} if options.get("surrogate") == "logp" else dict(eps_low=low, eps_high=high)
         out = gro_objective(log_prob, method="gro", mask=mask, advantages=adv, old_logp=old_log_prob,
-                            num_items_in_batch=num_items, kl_coef=0.0, entropy_coef=0.0, **clip,
-                            **options, **dual, **agg)
-        return out.loss * factor, _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c)
+                            num_items_in_batch=num_items, kl_coef=0.0, entropy_coef=0.0, **options, **agg)
+        return out.loss * factor, _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, out)
 
     loss_fn.__name__ = f"gro_policy_loss_{name}"
     return loss_fn
 
 
+def _surrogate_options(name, config):
+    """The options of verl's config that the surrogate reads (verl's fallbacks for unset ones)."""
+    pl = config.policy_loss
+    if name == "sapo":
+        return dict(sapo_temperature_pos=config.tau_pos, sapo_temperature_neg=config.tau_neg)
+    if name == "clip_cov":
+        return dict(clip_cov_ratio=pl.clip_cov_ratio if pl.clip_cov_ratio is not None else 2e-4,
+                    clip_cov_lb=pl.clip_cov_lb if pl.clip_cov_lb is not None else 1.0,
+                    clip_cov_ub=pl.clip_cov_ub if pl.clip_cov_ub is not None else 5.0)
+    if name == "kl_cov":
+        return dict(kl_cov_ratio=pl.kl_cov_ratio if pl.kl_cov_ratio is not None else 2e-4,
+                    ppo_kl_coef=pl.ppo_kl_coef if pl.ppo_kl_coef is not None else 1.0)
+    return {}
+
+
+def _sequence_advantages(name, adv, mask):
+    """One advantage per sequence: geo_mean takes verl's row mean (its epsilon included); the sequence
+    ratio of GSPO needs the advantage constant along each row (GSPO's outcome advantages)."""
+    if name == "geo_mean":
+        return (adv * mask).sum(-1) / (mask.sum(-1) + 1e-8)
+    row = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    if ((adv - row[:, None]).abs() * mask).max() > 1e-6 * (1 + row.abs().max()):
+        raise ValueError(f"gro_{name}: advantages (times rollout_is_weights, if given) vary along a "
+                         "sequence; the objective's sequence-level ratio needs one value per sequence")
+    return row
+
+
 @torch.no_grad()
-def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c):
+def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, out):
     """verl's pg metrics for the loss, from detached log-probs."""
     if name == "gpg":
         return {}
@@ -150,6 +197,23 @@ def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c):
         return ((x * m).sum() / m.sum()).item()
 
     log_ratio = (log_prob - old_log_prob).detach()
+    if name == "kl_cov":
+        return {"actor/ppo_kl": masked_mean(log_ratio.abs())}
+    if name == "clip_cov":  # the share of tokens the covariance rule dropped (the objective's policy weight 0),
+        kept = out.metrics.get("policy_weight_mean")    # as verl's float32 masked mean of the dropped tokens
+        tokens = mask.sum().float()
+        dropped = torch.zeros(()) if kept is None else torch.round((1.0 - float(kept)) * tokens)
+        clipfrac = (dropped.float() / (tokens + 1e-8)).item()
+        return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio)}
+    if name == "geo_mean":
+        clipped = (log_ratio != log_ratio.clamp(-low, high)).float()
+        return {"actor/pg_clipfrac": masked_mean(clipped * (advantages > 0)), "actor/ppo_kl": masked_mean(-log_ratio),
+                "actor/pg_clipfrac_lower": masked_mean(clipped * (advantages < 0))}
+    if name in ("sapo", "cispo"):  # verl clamps the log-ratio here
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+        ratio = torch.exp(log_ratio)
+        clipfrac = masked_mean((ratio != ratio.clamp(1 - low, 1 + high)).float()) if name == "cispo" else 0.0
+        return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio), "actor/pg_clipfrac_lower": 0.0}
     ppo_kl = masked_mean(-log_ratio)
     if name == "gspo":
         seq = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1)
