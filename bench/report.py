@@ -66,16 +66,18 @@ def targets(records: List[dict]) -> List[dict]:
     """The issues' named targets, evaluated from this run's rows where present."""
     out = []
     plain = _find(records, "dapo", FOUNDATION, "plain", "cpu")
-    for impl in ("gro_torch", "gro_loss_torch"):
+    # The one-pass issue's CPU goal for gro_loss (<= 0.9x plain, <= 10% of its extra memory); the
+    # composable token_logprobs path (four GEMMs) keeps the foundation issue's 1.2x.
+    for impl, time_goal, name in (("gro_torch", 1.2, "foundation"), ("gro_loss_torch", 0.9, "one pass")):
         r = _find(records, "dapo", FOUNDATION, impl, "cpu")
         if not (plain and r and _ok(plain) and _ok(r)):
             continue
         t = r["time"]["total_ms"] / plain["time"]["total_ms"]
         m = r["mem"]["extra_bytes"] / max(plain["mem"]["extra_bytes"], 1)
         out.append({
-            "target": f"foundation (CPU): DAPO fwd+bwd N=2048 d=512 V=32768 fp32, {impl} vs plain",
-            "time_ratio": t, "mem_ratio": m, "time_goal": 1.2, "mem_goal": 0.10,
-            "pass": t <= 1.2 and m <= 0.10,
+            "target": f"{name} (CPU): DAPO fwd+bwd N=2048 d=512 V=32768 fp32, {impl} vs plain",
+            "time_ratio": t, "mem_ratio": m, "time_goal": time_goal, "mem_goal": 0.10,
+            "pass": t <= time_goal and m <= 0.10,
         })
     tri = _find(records, "logprob_entropy", TRITON_TARGET, "gro_triton", "cuda")
     if tri and _ok(tri):
