@@ -274,3 +274,27 @@ def test_reward_kl_with_offline_rows(method):
     opts = resolve_options(method, {"kl_coef": 0.05})
     assert needs_policy_logp(opts, has_old_logp=True, has_advantages=False, has_offline=True)
     assert not needs_policy_logp(opts, has_old_logp=True, has_advantages=False, has_offline=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_dw_sum_in_vocabulary_slices(monkeypatch, dtype):
+    # 16-bit weights: the fp32 dW sum lives in vocabulary slices, cast to the weight's dtype one at a
+    # time. Slices of 7 vocabulary rows (6 slices over V=40, the last ragged) must give one slice's result.
+    from gro_kernels.logprobs import engine
+    hidden, weight, _, targets, kw = batch("dapo", dtype=torch.float32)
+    kw = {k: kw[k].float() if k == "old_logp" else kw[k] for k in ("rewards", "group_ids", "old_logp")}
+    results = []
+    for slice_elements in (engine.DW_SLICE_ELEMENTS, 7 * D):
+        monkeypatch.setattr(engine, "DW_SLICE_ELEMENTS", slice_elements)
+        h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        out = gro_loss(h, w, targets, method="dapo", backend="torch", backend_options={"chunk_elements": 3 * V}, **kw)
+        out.loss.backward()
+        assert w.grad.dtype == dtype
+        results.append((h.grad.float(), w.grad.float()))
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    ref_h, ref_w = hidden.to(dtype).double().requires_grad_(), weight.to(dtype).double().requires_grad_()
+    kw64 = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    gro_loss(ref_h, ref_w, targets, method="dapo", backend="naive", **kw64).loss.backward()
+    scale = ref_w.grad.abs().max()
+    assert (results[1][1].double() - ref_w.grad).abs().max() <= 1e-2 * scale   # one 16-bit rounding of dW

@@ -10,7 +10,7 @@
 `backend="torch"` uses the torch-ops epilogue (any device); `backend="triton"` the two Triton
 kernels (CUDA; the CPU under TRITON_INTERPRET=1). float64 inputs (the test reference precision)
 always take the torch epilogue, which keeps float64 end to end. Backend option: `chunk_elements`,
-the logits per chunk (default: about 1 GiB of fp32 logits on a GPU, 16 MiB on a CPU).
+the logits per chunk (default: 768 MiB of fp32 logits on a GPU, 16 MiB on a CPU).
 """
 from __future__ import annotations
 

@@ -28,10 +28,12 @@ from typing import Callable, Optional
 import torch
 
 # Workspace per chunk, in fp32 logits. At most four chunk-sized buffers are alive at once (z, the
-# torch epilogue's p, the reference chunk, one transient), so the workspace is bounded whatever N. GPU: about 1 GiB, big enough that the GEMMs run at full
-# speed and the per-chunk fp32 dW update is amortized. CPU: 4M logits (16 MiB): cache-sized
-# chunks win there; side by side on 2 cores (N=2048, d=512, V=32768) 4M beat 1M, 2M and 16M.
-GPU_CHUNK_ELEMENTS = 1 << 28
+# torch epilogue's p, the reference chunk, one transient), so the workspace is bounded whatever N.
+# GPU: 768 MiB, big enough that the GEMMs run at full speed and the per-chunk fp32 dW update is
+# amortized, small enough that with the fp32 dW sum of a bf16 Qwen-size head (2.3 GiB) the extra
+# memory stays under 2 GiB beyond the gradients (bench/README.md). CPU: 4M logits (16 MiB):
+# cache-sized chunks win there (N=2048, d=512, V=32768 on 2 quiet cores: 0.82x plain PyTorch).
+GPU_CHUNK_ELEMENTS = 3 << 26
 CPU_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_TOKENS = 16
 # The fp32 dW update of 16-bit inputs goes through temporaries of at most this many elements.
@@ -111,7 +113,11 @@ class Head:
 
 
 class Grads:
-    """dh rows written per chunk; dW and db accumulated across chunks in fp32 (or float64)."""
+    """dh rows written per chunk; dW and db accumulated across chunks in fp32 (or float64).
+
+    For 16-bit weights the fp32 dW sum is held in vocabulary slices (at most DW_SLICE_ELEMENTS
+    each), so that `result` casts it to the weight's dtype a slice at a time and frees the fp32
+    slices as it goes: the sum and the returned gradient never both exist whole."""
 
     def __init__(self, head: Head, need_dh: bool, need_dw: bool, need_db: bool):
         n, d = head.h.shape
@@ -119,8 +125,14 @@ class Grads:
         dev, stat = head.h.device, head.stat
         self.head = head
         self.dh = torch.empty(n, d, dtype=head.h.dtype, device=dev) if need_dh else None
-        # The first chunk writes dW (beta = 0) rather than adding to a zero-filled buffer.
-        self.dw = torch.empty(vocab, d, dtype=stat, device=dev) if need_dw else None
+        self.dw = self.dw_parts = None
+        if need_dw and head.w.dtype == stat:
+            # The first chunk writes dW (beta = 0) rather than adding to a zero-filled buffer.
+            self.dw = torch.empty(vocab, d, dtype=stat, device=dev)
+        elif need_dw:
+            step = max(1, DW_SLICE_ELEMENTS // max(d, 1))
+            self.dw_parts = [(a, torch.zeros(min(step, vocab - a), d, dtype=stat, device=dev))
+                             for a in range(0, vocab, step)]
         self._dw_written = False
         self.db = torch.zeros(vocab, dtype=stat, device=dev) if (need_db and head.b is not None) else None
 
@@ -133,36 +145,48 @@ class Grads:
             else:
                 self.dh[s:e] = (dz @ head.w_stat).to(self.dh.dtype)
         if self.dw is not None:
-            self._add_dw(dz, head.h[s:e])
+            self._add_dw(dz, head.h[s:e].to(self.dw.dtype))
+        if self.dw_parts is not None:
+            self._add_dw_parts(dz, head.h[s:e])
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
 
     def _add_dw(self, dz, hc):
         first, self._dw_written = not self._dw_written, True
-        if dz.dtype == self.dw.dtype:
-            if first:
-                torch.mm(dz.T, hc.to(self.dw.dtype), out=self.dw)
-            else:
-                self.dw.addmm_(dz.T, hc.to(self.dw.dtype))  # accumulates inside the GEMM
-            return
+        if dz.dtype != self.dw.dtype:
+            dz = dz.to(self.dw.dtype)  # a 16-bit dz of fp32 weights (not made by the epilogues)
         if first:
-            self.dw.zero_()
-        if self.head.native and _gemm_accumulates_fp32(dz.device, dz.dtype):
-            # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1).
-            torch.addmm(self.dw, dz.T, hc, out_dtype=torch.float32, out=self.dw)
-        elif self.head.native:
-            # The same without that overload: fp32-output GEMM per vocabulary slice, then add.
-            step = max(1, DW_SLICE_ELEMENTS // max(hc.shape[1], 1))
-            for a in range(0, dz.shape[1], step):
-                self.dw[a:a + step] += torch.mm(dz[:, a:a + step].T, hc, out_dtype=torch.float32)
+            torch.mm(dz.T, hc, out=self.dw)
         else:
-            self.dw.addmm_(dz.T.to(self.dw.dtype), hc.to(self.dw.dtype))
+            self.dw.addmm_(dz.T, hc)  # accumulates inside the GEMM
+
+    def _add_dw_parts(self, dz, hc):
+        native, in_gemm = self.head.native, _gemm_accumulates_fp32(dz.device, dz.dtype)
+        hc_stat = None if native else hc.to(self.head.stat)
+        for a, part in self.dw_parts:
+            dza = dz[:, a:a + part.shape[0]]
+            if native and in_gemm:
+                # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1).
+                torch.addmm(part, dza.T, hc, out_dtype=torch.float32, out=part)
+            elif native:
+                # The same without that overload: an fp32-output GEMM, then the add.
+                part += torch.mm(dza.T, hc, out_dtype=torch.float32)
+            else:  # no fp32-output GEMM for 16-bit inputs here (CPU): upcast
+                part.addmm_(dza.T.to(part.dtype), hc_stat)
 
     def result(self):
-        """(dh, dW, db) in the statistics dtype (dW zero when no chunk ran)."""
-        if self.dw is not None and not self._dw_written:
-            self.dw.zero_()
-        return self.dh, self.dw, self.db
+        """(dh, dW, db): dW in the weight's dtype for 16-bit weights, else the statistics dtype
+        (zero when no chunk ran)."""
+        dw = self.dw
+        if dw is not None and not self._dw_written:
+            dw.zero_()
+        if self.dw_parts is not None:
+            parts, self.dw_parts = self.dw_parts, None
+            cast = []
+            while parts:  # cast a slice, drop its fp32 sum
+                cast.append(parts.pop(0)[1].to(self.head.w.dtype))
+            dw = torch.cat(cast) if len(cast) > 1 else cast[0]
+        return self.dh, dw, self.db
 
 
 @dataclass
