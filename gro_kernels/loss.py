@@ -18,7 +18,7 @@ from .logprobs.api import check_inputs, stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
 from .objective.core import prepare_objective
-from .objective.inputs import uses_ref_logp
+from .objective.inputs import check_mask, uses_ref_logp
 from .objective.options import resolve_options
 from .objective.split import needs_policy_logp, token_loss
 
@@ -81,7 +81,7 @@ def gro_loss(
     # (padding, a NaN hidden state) reaches a GEMM.
     valid = targets != ignore_index
     if mask is not None:
-        valid = valid & _mask(mask, targets)
+        valid = valid & check_mask(mask, tuple(targets.shape), targets.device, against="targets")
         targets = targets.masked_fill(~valid, ignore_index)
 
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
@@ -93,13 +93,9 @@ def gro_loss(
                 ref_hidden, ref_weight, targets, bias=ref_bias, temperature=opts.temperature,
                 ignore_index=ignore_index, backend=backend, **backend_options,
             ).logp
-    if log_sum_sq_probs is None and opts.use_weighting:
-        # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
-        with torch.no_grad():
-            log_sum_sq_probs = token_logprobs(
-                hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-                return_sum_p2=True, backend=backend, **backend_options,
-            ).sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
+    # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
+    # (use_weighting is never token-local, so that pass is the composable path's own, below.)
+    want_sum_p2 = log_sum_sq_probs is None and opts.use_weighting
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
@@ -111,25 +107,14 @@ def gro_loss(
 
     stats = token_logprobs(
         hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-        return_entropy=want_entropy, backend=backend, **ref_head, **backend_options,
+        return_entropy=want_entropy, return_sum_p2=want_sum_p2, backend=backend, **ref_head, **backend_options,
     )
+    if want_sum_p2:
+        objective["log_sum_sq_probs"] = stats.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
     entropy = stats.entropy
     if entropy is not None and opts.entropy_coef == 0:
         entropy = entropy.detach()  # metrics only
     return gro_objective(stats.logp, entropy=entropy, kl=stats.kl, **objective)
-
-
-def _mask(mask, targets):
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {shape}")
-    if mask.device != targets.device:
-        raise ValueError(f"mask is on {mask.device} but targets are on {targets.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be bool or hold only 0 and 1")
-        mask = mask != 0
-    return mask
 
 
 def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline) -> bool:
@@ -151,8 +136,7 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
     """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
     derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
     B, T = targets.shape
-    stat = stat_dtype(hidden.dtype) if isinstance(hidden, torch.Tensor) else torch.float32
-    zeros = torch.zeros(B, T, dtype=stat, device=targets.device)
+    zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
     want_kl = bool(ref_head)
     kl_grad = want_kl and opts.kl_coef != 0
     # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.

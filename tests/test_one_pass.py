@@ -298,3 +298,16 @@ def test_16bit_dw_sum_in_vocabulary_slices(monkeypatch, dtype):
     gro_loss(ref_h, ref_w, targets, method="dapo", backend="naive", **kw64).loss.backward()
     scale = ref_w.grad.abs().max()
     assert (results[1][1].double() - ref_w.grad).abs().max() <= 1e-2 * scale   # one 16-bit rounding of dW
+
+
+def test_wpo_takes_its_log_sum_p2_from_the_statistics_pass():
+    # use_weighting reads log sum_v p_v^2: the composable path's own statistics pass returns it, so
+    # WPO costs the same four GEMMs as DPO (no extra forward-only pass).
+    hidden, weight, _, targets, kw = batch("dpo", dtype=torch.float32)
+    kw = {k: kw[k].float() if k == "ref_logp" else kw[k] for k in ("group_ids", "labels", "ref_logp")}
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with MatmulFlops() as counter:
+        gro_loss(h, w, targets, method="dpo", pair_loss="sigmoid", use_weighting=True, backend="torch",
+                 **kw).loss.backward()
+    assert counter.flops == 4 * 2 * targets.numel() * D * V

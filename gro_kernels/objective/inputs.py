@@ -37,11 +37,11 @@ class Batch:
     log_sum_sq_probs: Optional[torch.Tensor] = None  # [B,T] detached: log sum_v p_v^2 of the policy (WPO)
 
 
-def _tensor(name, t, device):
+def _tensor(name, t, device, against="logp"):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but logp is on {device}")
+        raise ValueError(f"{name} is on {t.device} but {against} is on {device}")
     return t
 
 
@@ -79,10 +79,11 @@ def _per_sequence(name, t, B, dtype, device):
     return t
 
 
-def _mask(mask, shape, device):
+def check_mask(mask, shape, device, against="logp"):
+    """`mask` as bool [shape]: bool or 0/1 values, anything else an error naming mask (all True when None)."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    _tensor("mask", mask, device)
+    _tensor("mask", mask, device, against)
     _shape("mask", mask, [shape])
     if mask.dtype != torch.bool:
         if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
@@ -114,16 +115,21 @@ def _groups(group_ids, B, device):
     return inverse, int(uniq.numel())
 
 
+def _bool_rows(name, t, B, device, meaning):
+    """A per-sequence flag [B]: bool, or an integer tensor of 0/1; anything else a TypeError naming it."""
+    _tensor(name, t, device)
+    _shape(name, t, [(B,)])
+    if t.dtype != torch.bool:
+        if t.is_floating_point() or t.is_complex() or not ((t == 0) | (t == 1)).all():
+            raise TypeError(f"{name} must be a bool tensor (True for {meaning}), got dtype {t.dtype}")
+        t = t != 0
+    return t
+
+
 def _offline(offline, B, device):
     if offline is None:
         return torch.zeros(B, dtype=torch.bool, device=device)
-    _tensor("offline", offline, device)
-    _shape("offline", offline, [(B,)])
-    if offline.dtype != torch.bool:
-        if offline.is_floating_point() or offline.is_complex() or not ((offline == 0) | (offline == 1)).all():
-            raise TypeError(f"offline must be a bool tensor (True for offline rows), got dtype {offline.dtype}")
-        offline = offline != 0
-    return offline
+    return _bool_rows("offline", offline, B, device, "offline rows")
 
 
 def _num_items(n):
@@ -149,7 +155,7 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
         raise ValueError(f"logp must be [B, T] (sequences x tokens), got shape {tuple(logp.shape)}")
     B, T = logp.shape
     device, dtype = logp.device, stat_dtype(logp.dtype)
-    valid = _mask(mask, (B, T), device)
+    valid = check_mask(mask, (B, T), device)
     zero = torch.zeros((), dtype=dtype, device=device)
     m = valid.to(dtype)
 
@@ -190,14 +196,8 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
 
 def truncation_mask(truncated, mask, shape, device):
     """The mask with the rows of truncated completions [B] (bool) dropped (mask_truncated_completions)."""
-    B = shape[0]
-    _tensor("truncated", truncated, device)
-    _shape("truncated", truncated, [(B,)])
-    if truncated.dtype != torch.bool:
-        if truncated.is_floating_point() or truncated.is_complex() or not ((truncated == 0) | (truncated == 1)).all():
-            raise TypeError(f"truncated must be a bool tensor (True for completions cut at the length limit), got dtype {truncated.dtype}")
-        truncated = truncated != 0
-    return _mask(mask, shape, device) & ~truncated[:, None]
+    truncated = _bool_rows("truncated", truncated, shape[0], device, "completions cut at the length limit")
+    return check_mask(mask, shape, device) & ~truncated[:, None]
 
 
 def uses_reference_score(method: str, opts: Options, has_ref: bool) -> bool:

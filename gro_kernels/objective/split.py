@@ -39,6 +39,8 @@ def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool
         return True
     if opts.top_entropy_quantile < 1.0:
         return True  # the entropy threshold is a quantile over every token of the batch
+    if opts.use_weighting:
+        return True  # WPO's weights read the policy's log-probs and log sum_v p_v^2 over whole rows
     if opts.off_policy_mask_threshold is not None:
         return True  # the mask reads the row's mean of (rollout or old log-prob - sg[l])
     if opts.rollout_correction is not None and not has_old_logp:
