@@ -137,11 +137,10 @@ def _interpreting() -> bool:
 _warned_unaligned = False
 
 
-def _launch(tuned, raw, n, args, flags):
+def _launch(tuned, raw, n, vocab, args, flags):
     global _warned_unaligned
     if n == 0:
         return
-    vocab = args[[i for i, a in enumerate(args) if isinstance(a, int)][0]]
     if vocab % 4 and not _warned_unaligned and not _interpreting():
         # fp32 rows of V % 4 != 0 logits are not 16-byte aligned: the loads fall back to 32 bits.
         warnings.warn(f"vocabulary size {vocab} is not a multiple of 4: the epilogue kernels lose their "
@@ -164,7 +163,7 @@ def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None,
     args = (z, lse if zr is None else zr, y, lse, logp, lse if ent is None else ent, lse if kl is None else kl,
             lse if ekl is None else ekl, lse if sum_p2 is None else sum_p2,
             vocab, z.stride(0), 0 if zr is None else zr.stride(0), float(inv_t))
-    _launch(_row_stats_tuned, _row_stats_kernel, n, args,
+    _launch(_row_stats_tuned, _row_stats_kernel, n, vocab, args,
             dict(WANT_ENT=ent is not None, HAS_REF=zr is not None, WANT_P2=sum_p2 is not None))
 
 
@@ -186,5 +185,5 @@ def launch_logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None
     args = (z, lse if zr is None else zr, dz, y, lse, gl, alpha, lse if beta is None else beta,
             lse if gamma is None else gamma, vocab, z.stride(0), 0 if zr is None else zr.stride(0), dz.stride(0),
             float(inv_t))
-    _launch(_logits_grad_tuned, _logits_grad_kernel, n, args, dict(HAS_BETA=beta is not None, HAS_REF=zr is not None))
+    _launch(_logits_grad_tuned, _logits_grad_kernel, n, vocab, args, dict(HAS_BETA=beta is not None, HAS_REF=zr is not None))
     return dz

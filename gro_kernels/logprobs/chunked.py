@@ -51,7 +51,7 @@ class _TokenStats(torch.autograd.Function):
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                   epilogue=epi, ct=ct, want_sum_p2=return_sum_p2)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                              st.lse, st.ent, st.ekl)
+                              st.lse, st.entropy, st.ekl)
         ctx.config = (temperature, chunk_elements, backend)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2)
@@ -68,7 +68,7 @@ class _TokenStats(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
-        st = engine.Stats(logp=lse, lse=lse, ent=ent, ekl=ekl)
+        st = engine.Stats(logp=lse, lse=lse, entropy=ent, ekl=ekl)
 
         def gather(g, present=True):
             return None if (g is None or g.numel() == 0 or not present) else take_rows(g, rows).to(lse.dtype)

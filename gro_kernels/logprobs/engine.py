@@ -196,28 +196,34 @@ class Stats:
 
     logp: torch.Tensor
     lse: torch.Tensor
-    ent: Optional[torch.Tensor] = None      # H = lse - E_p[u]
+    entropy: Optional[torch.Tensor] = None  # H = lse - E_p[u]
     kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
     ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
     sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
 
-    @property
-    def entropy(self):
-        return self.ent
+    @classmethod
+    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False) -> "Stats":
+        """Room for n rows: the vectors asked for, the others None."""
+        def vec(want=True):
+            return torch.zeros(n, dtype=dtype, device=device) if want else None
 
+        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2))
 
-def _alloc(n, like, want):
-    return torch.zeros(n, dtype=like.dtype, device=like.device) if want else None
+    def rows(self, sl: slice) -> "Stats":
+        """A view of rows `sl` (the chunk's part)."""
+        def part(t):
+            return None if t is None else t[sl]
+
+        return Stats(logp=self.logp[sl], lse=self.lse[sl], entropy=part(self.entropy), kl=part(self.kl),
+                     ekl=part(self.ekl), sum_p2=part(self.sum_p2))
 
 
 def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
                   epilogue, ct: int, want_sum_p2: bool = False) -> Stats:
     """Statistics of every row, one GEMM (two with a reference head) per chunk."""
     n = y.shape[0]
-    lse = torch.zeros(n, dtype=head.stat, device=y.device)
-    st = Stats(logp=torch.zeros_like(lse), lse=lse, ent=_alloc(n, lse, want_entropy),
-               kl=_alloc(n, lse, ref is not None), ekl=_alloc(n, lse, ref is not None),
-               sum_p2=_alloc(n, lse, want_sum_p2))
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
+                     sum_p2=want_sum_p2)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
@@ -233,7 +239,7 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
     beta = gamma = None
     if gh is not None:
-        alpha = alpha + gh * (st.lse - st.ent)   # E_p[u]
+        alpha = alpha + gh * (st.lse - st.entropy)   # E_p[u]
         beta = -gh
     if gk is not None:
         alpha = alpha - gk * st.ekl
@@ -270,17 +276,14 @@ def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float
     per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
     """
     n = y.shape[0]
-    lse = torch.zeros(n, dtype=head.stat, device=y.device)
-    st = Stats(logp=torch.zeros_like(lse), lse=lse, ent=_alloc(n, lse, want_entropy),
-               kl=_alloc(n, lse, ref is not None), ekl=_alloc(n, lse, ref is not None))
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
         epilogue.stats(z, zr, y[s:e], inv_t, st, s)
         sl = slice(s, e)
-        part = (lambda t: None if t is None else t[sl])  # noqa: E731
-        chunk = Stats(logp=st.logp[sl], lse=st.lse[sl], ent=part(st.ent), kl=part(st.kl), ekl=part(st.ekl))
+        chunk = st.rows(sl)
         gl, gh, gk = coefficients(s, e, chunk)
         c_gl, alpha, beta, gamma = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t)
         dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype)

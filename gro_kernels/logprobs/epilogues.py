@@ -1,7 +1,7 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / ent / kl / ekl / sum_p2 at rows s.. from z [ct, V]
+    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / entropy / kl / ekl / sum_p2 at rows s.. from z [ct, V]
     grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype) -> dz [ct, V] (may reuse z's memory)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
@@ -33,7 +33,7 @@ class TorchEpilogue:
         d = z.sub_(m)                                # in place: z is d = u - max u from here on
         if inv_t != 1.0:
             d.mul_(inv_t)
-        need_rel = st.ent is not None or zr is not None
+        need_rel = st.entropy is not None or zr is not None
         p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
         se = p.sum(1)
         log_se = se.log()
@@ -42,8 +42,8 @@ class TorchEpilogue:
         st.lse[s:e] = lse
         st.logp[s:e] = zy * inv_t - lse
         pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
-        if st.ent is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
-            st.ent[s:e] = log_se - pd
+        if st.entropy is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
+            st.entropy[s:e] = log_se - pd
         mur = None
         if zr is not None:
             mr = zr.amax(1, keepdim=True)
@@ -99,7 +99,7 @@ class TritonEpilogue:
         def part(t):
             return None if t is None else t[s:e]
 
-        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.ent),
+        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
                                 kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
 
     def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
