@@ -49,3 +49,18 @@ def plain_full_kl(hidden, weight, ref_hidden, ref_weight, targets, temperature=1
 
 def grads(loss, params):
     return torch.autograd.grad(loss, params)
+
+
+def pairs(ids, labels):
+    """(chosen rows, rejected rows) of each pair."""
+    chosen, rejected = [], []
+    for gid in ids.unique():
+        rows = torch.nonzero(ids == gid).flatten()
+        chosen.append(int(rows[labels[rows] == 1]))
+        rejected.append(int(rows[labels[rows] == -1]))
+    return torch.tensor(chosen), torch.tensor(rejected)
+
+
+def k3(l, ref):
+    """k3 = exp(lr - l) - (lr - l) - 1, the KL estimator of the textbook losses."""
+    return torch.exp(ref - l) - (ref - l) - 1

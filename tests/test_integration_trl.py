@@ -276,13 +276,28 @@ def test_grpo_per_token_logprob_step_runs_on_gro_kernels(tmp_path, model_path):
 
 # ---- end to end: trainer.train() ---------------------------------------------------------------------
 
+def trained(trainer):
+    """Run trainer.train(): (its parameters, its log history)."""
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history
+
+
+def assert_same_training(ref, ours, keys):
+    """Parameters within 2% of one Adam step (a 1e-7 gradient difference on a near-zero gradient becomes
+    a visible step) and the logged `keys` within 1e-3, run by run."""
+    (ref_params, ref_log), (our_params, our_log) = ref, ours
+    for name in ref_params:
+        torch.testing.assert_close(our_params[name], ref_params[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
+    for r, o in zip(ref_log, our_log):
+        for key in keys:
+            if key in r:
+                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+
+
 def train_params(cls, tmp_path, model_path, **config):
     args = grpo_config(tmp_path, max_steps=3, **config)
-    trainer = cls(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(16),
-                  processing_class=build_tokenizer())
-    trainer.train()
-    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return params, trainer.state.log_history
+    return trained(cls(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(16),
+                       processing_class=build_tokenizer()))
 
 
 @pytest.mark.parametrize("extra", [dict(loss_type="dapo"),   # TRL's default use_bias_correction_kl=True
@@ -293,17 +308,11 @@ def test_grpo_train_end_to_end_matches_trl(tmp_path, model_path, extra):
     """Three optimizer steps of generation + update (accumulation 2, steps_per_generation 4, two
     iterations per generation, KL to the reference) land on TRL's own parameters and metrics."""
     config = dict(gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, beta=0.04, **extra)
-    ref, ref_log = train_params(GRPOTrainer, tmp_path / "trl", model_path, **config)
-    ours, our_log = train_params(GROGRPOTrainer, tmp_path / "gro", model_path, **config)
-    for name in ref:
-        # Adam turns a 1e-7 gradient difference on a near-zero gradient into a visible step: compare at 2% of one step
-        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
-    assert any(abs(float(e.get("loss", 0.0))) > 0 for e in ref_log)
-    for r, o in zip(ref_log, our_log):
-        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "policy_loss", "entropy_coef",
-                    "vespo/phi_seq_mean"):
-            if key in r:
-                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+    ref = train_params(GRPOTrainer, tmp_path / "trl", model_path, **config)
+    ours = train_params(GROGRPOTrainer, tmp_path / "gro", model_path, **config)
+    assert any(abs(float(e.get("loss", 0.0))) > 0 for e in ref[1])
+    assert_same_training(ref, ours, ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "policy_loss",
+                                     "entropy_coef", "vespo/phi_seq_mean"))
 
 
 # ---- DPO and KTO -------------------------------------------------------------------------------------
@@ -416,19 +425,11 @@ def test_kto_loss_and_gradient_equal_trl(tmp_path, model_path, precompute, loss_
 def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path, config):
     from trl import DPOTrainer
     from gro_kernels.integrations.trl import GRODPOTrainer
-    runs = {}
-    for cls in (DPOTrainer, GRODPOTrainer):
-        trainer = dpo_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3,
-                              gradient_accumulation_steps=2, per_device_train_batch_size=2, **config)
-        trainer.train()
-        runs[cls] = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history)
-    (ref, ref_log), (ours, our_log) = runs[DPOTrainer], runs[GRODPOTrainer]
-    for name in ref:
-        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
-    for r, o in zip(ref_log, our_log):
-        for key in ("loss", "grad_norm", "rewards/margins", "mean_token_accuracy", "logits/chosen", "entropy"):
-            if key in r:
-                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+    ref, ours = (trained(dpo_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3,
+                                     gradient_accumulation_steps=2, per_device_train_batch_size=2, **config))
+                 for cls in (DPOTrainer, GRODPOTrainer))
+    assert_same_training(ref, ours, ("loss", "grad_norm", "rewards/margins", "mean_token_accuracy", "logits/chosen",
+                                     "entropy"))
 
 
 @pytest.mark.parametrize("loss_type", ["dapo"])  # dapo's normalizer divides by the process count
@@ -452,31 +453,17 @@ def test_grpo_ddp_two_processes_match_trl(tmp_path, model_path, loss_type):
         raise
     assert proc.returncode == 0, out[-2000:] + err[-4000:]
     results = torch.load(tmp_path / "results.pt")
-    ref, ours = results["GRPOTrainer"], results["GROGRPOTrainer"]
-    for name in ref["params"]:
-        torch.testing.assert_close(ours["params"][name], ref["params"][name], rtol=0, atol=2e-4)
-    for r, o in zip(ref["log"], ours["log"]):
-        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"):
-            if key in r:
-                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+    ref, ours = ((results[k]["params"], results[k]["log"]) for k in ("GRPOTrainer", "GROGRPOTrainer"))
+    assert_same_training(ref, ours, ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"))
 
 
 def test_kto_train_end_to_end_matches_trl(tmp_path, model_path):
     from trl import KTOTrainer
     from gro_kernels.integrations.trl import GROKTOTrainer
-    runs = {}
-    for cls in (KTOTrainer, GROKTOTrainer):
-        trainer = kto_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3, gradient_accumulation_steps=2,
-                              per_device_train_batch_size=2)
-        trainer.train()
-        runs[cls] = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history)
-    (ref, ref_log), (ours, our_log) = runs[KTOTrainer], runs[GROKTOTrainer]
-    for name in ref:
-        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
-    for r, o in zip(ref_log, our_log):
-        for key in ("loss", "grad_norm", "kl", "rewards/chosen", "logits/chosen", "entropy"):
-            if key in r:
-                assert o[key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), key
+    ref, ours = (trained(kto_trainer(tmp_path / cls.__name__, model_path, cls=cls, max_steps=3,
+                                     gradient_accumulation_steps=2, per_device_train_batch_size=2))
+                 for cls in (KTOTrainer, GROKTOTrainer))
+    assert_same_training(ref, ours, ("loss", "grad_norm", "kl", "rewards/chosen", "logits/chosen", "entropy"))
 
 
 def test_patch_trainer_keeps_a_user_subclass(tmp_path, model_path):

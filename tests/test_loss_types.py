@@ -16,7 +16,7 @@ from gro_kernels.logprobs import token_logprobs
 from gro_kernels.loss import gro_loss
 from gro_kernels.objective import METHODS, gro_objective
 
-from helpers_objective import IGNORE, grads, plain_logprobs, plain_token_logp, tiny_batch
+from helpers_objective import IGNORE, grads, k3, pairs, plain_logprobs, plain_token_logp, tiny_batch
 
 STD_EPS = 1e-4
 GROUP_IDS = torch.tensor([3, 7, 3, 7, 7, 3, 3, 7])
@@ -50,21 +50,8 @@ def ppo_min(ratio, A, lo=0.2, hi=0.2):
     return torch.minimum(ratio * A, ratio.clamp(1 - lo, 1 + hi) * A)
 
 
-def k3(l, ref):
-    return torch.exp(ref - l) - (ref - l) - 1
-
-
 def grpo_A():
     return group_normalized(REWARDS, GROUP_IDS)[:, None]
-
-
-def pairs(ids, labels):
-    chosen, rejected = [], []
-    for gid in ids.unique():
-        rows = torch.nonzero(ids == gid).flatten()
-        chosen.append(int(rows[labels[rows] == 1]))
-        rejected.append(int(rows[labels[rows] == -1]))
-    return torch.tensor(chosen), torch.tensor(rejected)
 
 
 # ---- policy losses --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from gro_kernels.loss import gro_loss
 from gro_kernels.objective import METHODS
 
-from helpers_objective import IGNORE, grads, plain_full_kl, plain_token_logp, tiny_batch
+from helpers_objective import IGNORE, grads, k3, pairs, plain_full_kl, plain_token_logp, tiny_batch
 
 STD_EPS = 1e-4
 
@@ -62,20 +62,6 @@ def leave_one_out(r, groups):
 
 def ppo_clip(ratio, A, eps_low, eps_high):
     return torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
-
-
-def k3(l, ref):
-    return torch.exp(ref - l) - (ref - l) - 1
-
-
-def pairs(ids, labels):
-    """(chosen rows, rejected rows) of each pair."""
-    chosen, rejected = [], []
-    for gid in ids.unique():
-        rows = torch.nonzero(ids == gid).flatten()
-        chosen.append(int(rows[labels[rows] == 1]))
-        rejected.append(int(rows[labels[rows] == -1]))
-    return torch.tensor(chosen), torch.tensor(rejected)
 
 
 # ---- the textbook losses, one per row of the table ------------------------------------------
