@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_inputs, stat_dtype
+from .logprobs.api import check_inputs, check_teacher, stat_dtype, teacher_divergence
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
 from .objective.core import prepare_objective
@@ -42,6 +42,9 @@ def gro_loss(
     ref_weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
@@ -57,7 +60,13 @@ def gro_loss(
     hidden [B,T,d] predicts targets [B,T] (already shifted; `ignore_index` marks padding / prompt);
     weight [V,d] is the LM head. The reference head (ref_hidden, ref_weight, ref_bias) is frozen:
     it supplies the exact KL when kl_estimator="full" (in the same pass) and ref_logp when the
-    method needs it and none was given. `backend_options` go to the backend (`{"chunk_elements": n}`:
+    method needs it and none was given. The teacher head (teacher_hidden [B,T,dt], teacher_weight [V,dt],
+    teacher_bias; dt may differ from d) is frozen too: with `distill_coef` (method="distill") the loss
+    adds `distill_coef` times the exact per-token `divergence` to it, in the same fused pass. With
+    both a teacher and the exact KL to a reference head (kl_estimator="full", kl_coef != 0), each
+    second head takes its own statistics sweep on the composable path (the fused pass holds one);
+    a sampled-token KL (k1, k2, k3, ...) reads ref_logp, which the reference head gives without
+    gradient, and keeps the one pass. `backend_options` go to the backend (`{"chunk_elements": n}`:
     logits per chunk). `mask` (bool or 0/1) marks the tokens that count; masked tokens are dropped
     like ignored ones. The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
     (then `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
@@ -76,6 +85,16 @@ def gro_loss(
     full_kl = opts.kl_estimator == "full"
     if full_kl and opts.kl_coef != 0 and not has_ref_head:
         raise ValueError("kl_estimator='full' needs the reference head: pass ref_hidden and ref_weight")
+    teacher = None
+    if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+        if opts.distill_coef == 0:
+            raise ValueError("teacher_hidden / teacher_weight were given but distill_coef is 0: use method='distill' "
+                             "or set distill_coef")
+        teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                       divergence=opts.divergence, jsd_beta=opts.jsd_beta)
+    elif opts.distill_coef != 0:
+        raise ValueError(f"distill_coef={opts.distill_coef} needs the teacher head: pass teacher_hidden and "
+                         "teacher_weight (its final hidden states and lm_head weight)")
 
     # Masked positions are ignored tokens: dropped before any matrix work, so nothing there
     # (padding, a NaN hidden state) reaches a GEMM.
@@ -101,14 +120,19 @@ def gro_loss(
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
                      log_sum_sq_probs=log_sum_sq_probs, **options)
 
-    if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
-        return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
-                           ignore_index=ignore_index, backend=backend, backend_options=backend_options)
+    two_heads = bool(ref_head) and opts.kl_coef != 0 and teacher is not None
+    if not two_heads and _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
+        return _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective,
+                           want_entropy=want_entropy, ignore_index=ignore_index, backend=backend,
+                           backend_options=backend_options)
 
     stats = token_logprobs(
         hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-        return_entropy=want_entropy, return_sum_p2=want_sum_p2, backend=backend, **ref_head, **backend_options,
+        return_entropy=want_entropy, return_sum_p2=want_sum_p2, backend=backend, **ref_head, **(teacher or {}),
+        **backend_options,
     )
+    if stats.distill is not None:
+        objective["distill"] = stats.distill
     if want_sum_p2:
         objective["log_sum_sq_probs"] = stats.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
     entropy = stats.entropy
@@ -131,17 +155,19 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline
                                  has_offline=has_offline)
 
 
-def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, want_entropy, ignore_index,
+def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective, *, want_entropy, ignore_index,
                 backend, backend_options) -> GROOutput:
     """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
-    derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
+    derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs. The engine's
+    second head is the teacher (its divergence) when there is one, else the reference (the exact KL)."""
     B, T = targets.shape
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
-    want_kl = bool(ref_head)
+    want_kl = bool(ref_head) and teacher is None
     kl_grad = want_kl and opts.kl_coef != 0
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
+    # The plan never reads logp here (token-local): zeros stand in for it, and for H, KL and the divergence.
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                   kl=zeros if want_kl else None, **objective)
+                                   kl=zeros if want_kl else None, distill=None if teacher is None else zeros,
+                                   **objective)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
@@ -155,30 +181,40 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
         with torch.enable_grad():
             leaves = [cs.logp.detach().requires_grad_()]
             H = cs.entropy.detach().requires_grad_() if opts.entropy_coef != 0 else None
-            K = cs.kl.detach().requires_grad_() if kl_grad else None
+            K = cs.kl.detach().requires_grad_() if (kl_grad or teacher is not None) else None
             leaves += [t for t in (H, K) if t is not None]
             l = leaves[0]
             lo = l.detach() if given_lo is None else torch.where(online[pos], given_lo[pos], l.detach())
+            # The second head's statistic is the exact KL to the reference, or the divergence to the teacher.
+            K_kl, K_distill = (None, K) if teacher is not None else (K, None)
             terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=pick(lr, pos),
-                               entropy=None if H is None else H[None], kl=None if K is None else K[None],
+                               entropy=None if H is None else H[None], kl=None if K_kl is None else K_kl[None],
                                advantages=A[pos][None], coef=c[pos][None], online=online[pos][None], mask=None,
                                kl_in_loss=plan.kl_in_loss, policy_weight=pick(g_pol, pos),
-                               entropy_weight=pick(g_ent, pos), abs_kl_coef=pick(a_kl, pos))
+                               entropy_weight=pick(g_ent, pos), abs_kl_coef=pick(a_kl, pos),
+                               distill=None if K_distill is None else K_distill[None])
             g = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
         g = [torch.zeros_like(l) if x is None else x for x in g]
         return g[0], (g[1] if H is not None else None), (g[-1] if K is not None else None)
 
-    flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
-                             ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
+    second = {} if teacher is not None else ref_head
+    flat_args = check_inputs(hidden, weight, targets, bias, second.get("ref_hidden"), second.get("ref_weight"),
+                             second.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
+    div = {}
+    if teacher is not None:  # the teacher head in the second head's place
+        flat_args = flat_args[:4] + check_teacher(teacher["teacher_hidden"], teacher["teacher_weight"],
+                                                  teacher["teacher_bias"], targets, weight.shape[0])
+        div = dict(divergence=teacher_divergence(opts.divergence, opts.jsd_beta, True))
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     (logp, entropy, kl, _), (dh, dw, db) = fused_token_loss(
         *flat_args, temperature=opts.temperature, ignore_index=ignore_index, return_entropy=want_entropy,
         coefficients=coefficients, need_grads=need, backend=resolve_backend(backend, targets.device),
-        **backend_options)
+        **div, **backend_options)
     # The value and the metrics: the same objective on the detached [B,T] statistics.
+    stat = (lambda t: None if t is None else t.reshape(B, T))  # noqa: E731
     with torch.no_grad():
-        out = gro_objective(logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
-                            kl=None if kl is None else kl.reshape(B, T), **objective)
+        out = gro_objective(logp.reshape(B, T), entropy=stat(entropy), kl=None if teacher is not None else stat(kl),
+                            **objective, **({"distill": stat(kl)} if teacher is not None else {}))
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
 
@@ -194,13 +230,15 @@ class GROLoss(nn.Module):
 
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
-                ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
+                ref_weight=None, bias=None, ref_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+                num_items_in_batch=None, rollout_logp=None, truncated=None,
                 log_sum_sq_probs=None, ignore_index=-100, backend="auto", backend_options=None,
                 return_entropy=None) -> GROOutput:
         return gro_loss(
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
             num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
             log_sum_sq_probs=log_sum_sq_probs, ignore_index=ignore_index, backend=backend,
             backend_options=backend_options, return_entropy=return_entropy, **self.options,

@@ -602,7 +602,7 @@ def test_needs_policy_logp_names_the_configurations_that_read_whole_rows():
     for method, options in NOT_TOKEN_LOCAL:
         assert needs_policy_logp(resolve_options(method, options), has_old_logp=True, has_advantages=False), method
     one_pass = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro",
-                "bnpo", "sapo", "gpg", "dft"}   # as the README's method tables say
+                "bnpo", "sapo", "gpg", "dft", "luffy", "chord", "hpt", "distill"}   # as the README's method tables say
     for method in METHODS:
         assert needs_policy_logp(resolve_options(method, {}), has_old_logp=True, has_advantages=False) \
             == (method not in one_pass), method

@@ -6,12 +6,14 @@ reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
 
     token_stats(hidden[N,d], weight[V,d], targets[N] int64, bias[V]|None,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
-                temperature, ignore_index, return_entropy, return_kl, return_sum_p2, **backend_options)
-        -> (logp[N], entropy[N]|None, kl[N]|None, lse[N], sum_p2[N]|None)
+                temperature, ignore_index, return_entropy, return_kl, return_sum_p2,
+                teacher=(hidden[N,dt], weight[V,dt], bias[V]|None)|None, divergence=engine.Divergence|None,
+                **backend_options)
+        -> (logp[N], entropy[N]|None, kl[N]|None, lse[N], sum_p2[N]|None, distill[N]|None)
 
 all float32 (float64 when the inputs are float64), exactly 0 at ignored positions, and
-differentiable in hidden, weight and bias. The reference head is frozen: no gradient
-flows into ref_hidden / ref_weight / ref_bias.
+differentiable in hidden, weight and bias. The reference and teacher heads are frozen: no
+gradient flows into them.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ from typing import Optional
 
 import torch
 
+from .engine import Divergence
+
 BACKENDS = ("naive", "torch", "triton")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
 
 @dataclass
@@ -36,6 +41,8 @@ class TokenStats:
     kl: exact KL(softmax(z) || softmax(z_ref)) over the whole vocabulary, or None without a reference head.
     lse: logsumexp(z), the softmax normalizer.
     sum_p2: sum_v softmax(z)_v^2 (verl's optimal token baseline), detached, or None when not asked for.
+    distill: the exact divergence to the teacher head over the whole vocabulary (`divergence`), or None
+        without a teacher head.
     """
 
     logp: torch.Tensor
@@ -43,6 +50,7 @@ class TokenStats:
     kl: Optional[torch.Tensor]
     lse: torch.Tensor
     sum_p2: Optional[torch.Tensor] = None
+    distill: Optional[torch.Tensor] = None
 
 
 def interpreting() -> bool:
@@ -130,38 +138,87 @@ def token_logprobs(
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
     backend: str = "auto",
     **backend_options,
 ) -> TokenStats:
     """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
 
     Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test reference).
-    `hidden[..., d]` predicts `targets[...]` (already shifted). With `ref_hidden` and `ref_weight`
-    the exact full-vocabulary KL(policy || reference) is computed in the same pass, with the
-    temperature applied to both heads. `backend_options` go to the backend (the chunked backends
-    take `chunk_elements`, the logits per chunk); an option a backend does not know is an error.
+
+    Args:
+        hidden, weight, targets, bias: `hidden[..., d]` predicts `targets[...]` (already shifted);
+            `weight [V, d]`, `bias [V]` the LM head.
+        temperature: divides the logits of every head.
+        ignore_index: target id of positions that are not scored (0 in every output).
+        return_entropy, return_sum_p2: also the entropy (differentiable) / sum_v p_v^2 (detached).
+        ref_hidden, ref_weight, ref_bias: a frozen reference head: the exact full-vocabulary
+            KL(policy || reference) in the same pass (`.kl`).
+        teacher_hidden, teacher_weight, teacher_bias: a frozen teacher head (its hidden size may
+            differ; the vocabulary must be the policy's): the exact per-token `divergence` to it over
+            the whole vocabulary, differentiable in the policy (`.distill`).
+        divergence: "reverse_kl" KL(policy || teacher), "forward_kl" KL(teacher || policy), or "jsd",
+            the generalized Jensen-Shannon divergence `jsd_beta KL(teacher || m) + (1 - jsd_beta)
+            KL(policy || m)`, `m = (1 - jsd_beta) policy + jsd_beta teacher` (jsd_beta 0 / 1: forward /
+            reverse KL, as TRL and Liger define it).
+        backend: "auto", "naive", "torch" or "triton". `backend_options` go to the backend (the chunked
+            backends take `chunk_elements`, the logits per chunk); an option a backend does not know
+            is an error.
     """
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                                             temperature=temperature, ignore_index=ignore_index)
+    teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0])
+    div = teacher_divergence(divergence, jsd_beta, teacher is not None)
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
     fn = _backend_fn(name)
     # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
     with torch.autocast(device.type, enabled=False):
-        logp, ent, kl, lse, p2 = fn(
+        logp, ent, kl, lse, p2, distill = fn(
             h2, w, y, b, rh2, rw, rb,
             temperature=float(temperature), ignore_index=ignore_index,
             return_entropy=bool(return_entropy), return_kl=rh2 is not None, return_sum_p2=bool(return_sum_p2),
-            **backend_options,
+            teacher=teacher, divergence=div, **backend_options,
         )
     shape = tuple(lead)
-    return TokenStats(
-        logp=logp.reshape(shape),
-        entropy=None if ent is None else ent.reshape(shape),
-        kl=None if kl is None else kl.reshape(shape),
-        lse=lse.reshape(shape),
-        sum_p2=None if p2 is None else p2.reshape(shape),
-    )
+
+    def out(t):
+        return None if t is None else t.reshape(shape)
+
+    return TokenStats(logp=out(logp), entropy=out(ent), kl=out(kl), lse=out(lse), sum_p2=out(p2), distill=out(distill))
+
+
+def teacher_divergence(divergence, jsd_beta, has_teacher: bool) -> Optional[Divergence]:
+    """The engine's Divergence for (divergence, jsd_beta); None without a teacher (then both must be left at
+    their defaults)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be a number in [0, 1], got {jsd_beta!r}")
+    if not has_teacher:
+        if divergence != "reverse_kl" or jsd_beta != 0.5:
+            raise ValueError("divergence / jsd_beta apply to the teacher head: pass teacher_hidden and teacher_weight")
+        return None
+    return Divergence.named(divergence, float(jsd_beta))
+
+
+def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab):
+    """The teacher head flattened (hidden [N, dt], weight [V, dt], bias), or None; errors name the argument."""
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight must be given together (the teacher head)")
+    if teacher_hidden is None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias was given without teacher_hidden/teacher_weight")
+        return None
+    th, tw, tb = _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, targets.shape, targets.device)
+    if tw.shape[0] != vocab:
+        raise ValueError(f"teacher_weight has vocabulary {tw.shape[0]} but weight has {vocab} (a teacher must share "
+                         "the policy's tokenizer; pad the smaller head's rows with a -inf bias)")
+    return th, tw, tb
 
 
 def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index):

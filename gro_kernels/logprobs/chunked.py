@@ -42,17 +42,17 @@ def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                temperature, return_entropy, return_sum_p2, chunk_elements, backend):
+                temperature, return_entropy, return_sum_p2, chunk_elements, backend, div):
         n_all = targets.shape[0]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
         epi = _epilogue(backend, hidden.dtype)
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
-                                  epilogue=epi, ct=ct, want_sum_p2=return_sum_p2)
+                                  epilogue=epi, ct=ct, want_sum_p2=return_sum_p2, div=div)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                              st.lse, st.entropy, st.ekl)
-        ctx.config = (temperature, chunk_elements, backend)
+                              st.lse, st.entropy, st.ekl, st.lse_r, st.e_pm)
+        ctx.config = (temperature, chunk_elements, backend, div)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
@@ -63,26 +63,27 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
-        temperature, chunk_elements, backend = ctx.config
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl, lse_r,
+         e_pm) = ctx.saved_tensors
+        temperature, chunk_elements, backend, div = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
-        st = engine.Stats(logp=lse, lse=lse, entropy=ent, ekl=ekl)
+        st = engine.Stats(logp=lse, lse=lse, entropy=ent, ekl=ekl, lse_r=lse_r, e_pm=e_pm)
 
         def gather(g, present=True):
             return None if (g is None or g.numel() == 0 or not present) else take_rows(g, rows).to(lse.dtype)
 
         inv_t = 1.0 / temperature
         coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
-                                                  gather(g_kl, ekl is not None), gather(g_lse), inv_t)
+                                                  gather(g_kl, ref_hidden is not None), gather(g_lse), inv_t, div)
         grads = engine.Grads(head, need_h, need_w, need_b)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
         engine.backward_grads(head, ref, y, st, coefs, inv_t=inv_t, grads=grads,
                               epilogue=_epilogue(backend, hidden.dtype), ct=ct)
         dh, dw, db = grads.result()
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
-                _cast(db, bias), None, None, None, None, None, None, None, None, None, None)
+                _cast(db, bias), None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _cast(g, like):
@@ -100,23 +101,37 @@ def _check_options(backend, options):
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
-                return_entropy, return_kl, return_sum_p2=False, backend="torch", **options):
-    """See `gro_kernels.logprobs.api`. Returns (logp, entropy|None, kl|None, lse, sum_p2|None), each [N]."""
+                return_entropy, return_kl, return_sum_p2=False, teacher=None, divergence=None, backend="torch",
+                **options):
+    """See `gro_kernels.logprobs.api`. Returns (logp, entropy|None, kl|None, lse, sum_p2|None, distill|None),
+    each [N]. The engine holds one second head per sweep: with both a reference and a teacher head the
+    teacher's divergence takes a second sweep (its own recomputation in the backward)."""
     chunk_elements = _check_options(backend, options)
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
-    logp, ent, kl, lse, p2 = _TokenStats.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                                               rows, float(temperature), bool(return_entropy), bool(return_sum_p2),
-                                               chunk_elements, backend)
+    args = (float(temperature), bool(return_entropy), bool(return_sum_p2), chunk_elements, backend)
+    distill = None
+    if teacher is not None and ref_hidden is None:  # the teacher is the one second head
+        logp, ent, distill, lse, p2 = _TokenStats.apply(hidden, weight, bias, *teacher, targets, rows, *args,
+                                                        divergence)
+        kl = None
+    else:
+        logp, ent, kl, lse, p2 = _TokenStats.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                                                   rows, *args, engine.REVERSE_KL)
+        if teacher is not None:
+            distill = _TokenStats.apply(hidden, weight, bias, *teacher, targets, rows, float(temperature), False,
+                                        False, chunk_elements, backend, divergence)[2]
     return (logp, ent if return_entropy else None, kl if return_kl else None, lse,
-            p2 if return_sum_p2 else None)
+            p2 if return_sum_p2 else None, distill)
 
 
 def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
-                     return_entropy, coefficients, need_grads, backend="torch", **options):
+                     return_entropy, coefficients, need_grads, backend="torch", divergence=engine.REVERSE_KL,
+                     **options):
     """One sweep: statistics, then `coefficients(positions, chunk_stats) -> (g_logp, g_entropy|None,
-    g_kl|None)` per chunk, then the gradients. `positions` are the chunk's token indices in [N].
+    g_kl|None)` per chunk, then the gradients. `positions` are the chunk's token indices in [N]. The
+    second head (ref_*) is a reference or a teacher: `divergence` (engine.Divergence) is what its "kl" is.
     Returns ((logp, entropy|None, kl|None, lse) each [N] detached, (dh [N,d]|None, dW|None, db|None))."""
     chunk_elements = _check_options(backend, options)
     rows = valid_rows(targets, ignore_index)
@@ -130,7 +145,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         grads = engine.Grads(head, need_h, need_w, need_b)
         st = engine.fused_pass(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype), ct=ct)
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype), ct=ct, div=divergence)
     outs = tuple(None if o is None else scatter_rows(o, rows, n_all) for o in (st.logp, st.entropy, st.kl, st.lse))
     dh, dw, db = grads.result()
     return outs, (None if dh is None else scatter_rows(dh, rows, n_all), _cast(dw, weight), _cast(db, bias))

@@ -15,10 +15,19 @@ knows which. Three ways through it:
     fused_pass        statistics, then the per-token coefficients from a callback (the objective's
                       token-local loss), then dz and the gradients, in one sweep (3 GEMMs in all)
 
-Math (u = z/T, p = softmax(u), ur the reference head's scaled logits):
+Math (u = z/T, p = softmax(u), ur the second head's scaled logits, q = softmax(ur)):
     logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref
     d/du of gl*logp + gH*H + gK*KL + gs*lse  =  gl*onehot + p*(alpha + beta*u + gamma*ur)
     alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur],  beta = gK - gH,  gamma = -gK;  dz = du / T.
+
+The second head is a frozen reference (the exact KL above) or a teacher, whose divergence D
+(`Divergence`) replaces KL in the statistics ("kl") and in gK:
+    reverse_kl  D = KL(p || q), as above
+    forward_kl  D = KL(q || p) = E_q[ur - u] - lse_ref + lse,      dD/du = p - q
+    jsd         D = b KL(q || m) + (1 - b) KL(p || m),  m = (1 - b) p + b q,
+                dD/du = (1 - b) p (log p - log m - E_p[log p - log m])
+so that gK*dD/du = p*(alpha' + ...) + extra with alpha' += gK (forward) or -gK (1 - b) E_p[log(p/m)]
+(jsd), and extra = -delta q (forward) or delta p log(p/m) (jsd), delta = gK or gK (1 - b).
 """
 from __future__ import annotations
 
@@ -82,6 +91,36 @@ def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
             ok = False
         _ACCUMULATE_PROBE[key] = ok
     return _ACCUMULATE_PROBE[key]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """What the statistics pass computes against the second head (module docstring): `reverse_kl`
+    (a reference head's exact KL, or a teacher's reverse KL), `forward_kl`, or `jsd` with mixture weight
+    `beta` in (0, 1) (TRL's / Liger's generalized JSD; their end points 0 and 1 are the two KLs)."""
+
+    kind: str = "reverse_kl"
+    beta: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in ("reverse_kl", "forward_kl", "jsd"):
+            raise ValueError(f"divergence must be reverse_kl, forward_kl or jsd, got {self.kind!r}")
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"the jsd kernel takes 0 < beta < 1 (0 and 1 are forward_kl / reverse_kl), got {self.beta}")
+
+
+    @classmethod
+    def named(cls, kind: str, jsd_beta: float = 0.5) -> "Divergence":
+        """The user-facing (divergence, jsd_beta): jsd's end points beta 0 / 1 are forward / reverse KL,
+        as TRL's and Liger's generalized JSD define them."""
+        if kind == "jsd" and jsd_beta in (0.0, 1.0):
+            return cls("forward_kl" if jsd_beta == 0.0 else "reverse_kl")
+        if kind == "jsd" and not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
+        return cls(kind, float(jsd_beta))
+
+
+REVERSE_KL = Divergence()
 
 
 @dataclass
@@ -197,17 +236,22 @@ class Stats:
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: Optional[torch.Tensor] = None  # H = lse - E_p[u]
-    kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
-    ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
+    kl: Optional[torch.Tensor] = None       # the divergence to the second head (exact KL(p || p_ref)), >= 0
+    ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the reverse KL's gradient
     sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
+    lse_r: Optional[torch.Tensor] = None    # the second head's lse (forward_kl, jsd: q in the gradient)
+    e_pm: Optional[torch.Tensor] = None     # E_p[log p - log m] (jsd's gradient)
 
     @classmethod
-    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False) -> "Stats":
+    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False,
+              div: Divergence = REVERSE_KL) -> "Stats":
         """Room for n rows: the vectors asked for, the others None."""
         def vec(want=True):
             return torch.zeros(n, dtype=dtype, device=device) if want else None
 
-        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2))
+        kind = div.kind if ref else None
+        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(kind == "reverse_kl"),
+                   sum_p2=vec(sum_p2), lse_r=vec(kind in ("forward_kl", "jsd")), e_pm=vec(kind == "jsd"))
 
     def rows(self, sl: slice) -> "Stats":
         """A view of rows `sl` (the chunk's part)."""
@@ -215,53 +259,71 @@ class Stats:
             return None if t is None else t[sl]
 
         return Stats(logp=self.logp[sl], lse=self.lse[sl], entropy=part(self.entropy), kl=part(self.kl),
-                     ekl=part(self.ekl), sum_p2=part(self.sum_p2))
+                     ekl=part(self.ekl), sum_p2=part(self.sum_p2), lse_r=part(self.lse_r), e_pm=part(self.e_pm))
 
 
 def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-                  epilogue, ct: int, want_sum_p2: bool = False) -> Stats:
-    """Statistics of every row, one GEMM (two with a reference head) per chunk."""
+                  epilogue, ct: int, want_sum_p2: bool = False, div: Divergence = REVERSE_KL) -> Stats:
+    """Statistics of every row, one GEMM (two with a second head) per chunk."""
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     sum_p2=want_sum_p2)
+                     sum_p2=want_sum_p2, div=div)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+        epilogue.stats(z, zr, y[s:e], inv_t, st, s, div=div)
     return st
 
 
-def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
-    """(gl, alpha, beta, gamma) of the module docstring, each scaled by 1/T (dz is wrt the raw z)."""
+@dataclass
+class Extra:
+    """The second head's gradient term beyond p (alpha + beta u + gamma ur), for forward_kl and jsd
+    (module docstring): per-row delta, the second head's lse, and the divergence."""
+
+    div: Divergence
+    delta: torch.Tensor
+    lse_r: torch.Tensor
+
+    def rows(self, sl: slice) -> "Extra":
+        return Extra(self.div, self.delta[sl], self.lse_r[sl])
+
+
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t, div: Divergence = REVERSE_KL):
+    """(gl, alpha, beta, gamma, extra) of the module docstring, each scaled by 1/T (dz is wrt the raw z);
+    extra is None unless gk is the gradient of a forward_kl or jsd divergence."""
     zeros = torch.zeros_like(st.lse)
     gl = zeros if gl is None else gl.to(st.lse.dtype)
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
-    beta = gamma = None
+    beta = gamma = extra = None
     if gh is not None:
         alpha = alpha + gh * (st.lse - st.entropy)   # E_p[u]
         beta = -gh
-    if gk is not None:
+    if gk is not None and div.kind == "reverse_kl":
         alpha = alpha - gk * st.ekl
         beta = gk if beta is None else beta + gk
         gamma = -gk
+    elif gk is not None:
+        delta = gk if div.kind == "forward_kl" else gk * (1 - div.beta)
+        alpha = alpha + (gk if div.kind == "forward_kl" else -delta * st.e_pm)
+        extra = Extra(div, delta * inv_t, st.lse_r)
     scale = (lambda t: None if t is None else t * inv_t)
-    return scale(gl), scale(alpha), scale(beta), scale(gamma)
+    return scale(gl), scale(alpha), scale(beta), scale(gamma), extra
 
 
 def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs, *, inv_t: float,
                    grads: Grads, epilogue, ct: int) -> None:
     """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
-    gl, alpha, beta, gamma = coefs
+    gl, alpha, beta, gamma, extra = coefs
     n = y.shape[0]
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
-        zr = None if gamma is None else ref.logits(s, e)
+        zr = None if gamma is None and extra is None else ref.logits(s, e)
         sl = slice(s, e)
         dz = epilogue.grad(z, zr, y[sl], inv_t, st.lse[sl], gl[sl], alpha[sl],
                            None if beta is None else beta[sl], None if gamma is None else gamma[sl],
-                           out_dtype=head.w.dtype)
+                           out_dtype=head.w.dtype, extra=None if extra is None else extra.rows(sl))
         grads.add(dz, s, e)
 
 
@@ -269,23 +331,24 @@ CoefficientFn = Callable[[int, int, Stats], tuple]
 
 
 def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int) -> Stats:
+               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int, div: Divergence = REVERSE_KL) -> Stats:
     """Statistics, coefficients and gradients in one sweep: 3 GEMMs per chunk (plus the reference's).
 
     `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
     per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
     """
     n = y.shape[0]
-    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None)
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None, div=div)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+        epilogue.stats(z, zr, y[s:e], inv_t, st, s, div=div)
         sl = slice(s, e)
         chunk = st.rows(sl)
         gl, gh, gk = coefficients(s, e, chunk)
-        c_gl, alpha, beta, gamma = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype)
+        c_gl, alpha, beta, gamma, extra = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t, div)
+        dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype,
+                           extra=extra)
         grads.add(dz, s, e)
     return st

@@ -1,13 +1,17 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / entropy / kl / ekl / sum_p2 at rows s.. from z [ct, V]
-    grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype) -> dz [ct, V] (may reuse z's memory)
-with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
+    stats(z, zr, y, inv_t, st, s, div)   fill st.logp / lse / entropy / kl / ekl / sum_p2 / lse_r / e_pm at
+                                         rows s.. from z [ct, V] (and the second head's chunk zr)
+    grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype, extra) -> dz [ct, V] (may reuse z's memory)
+with the math of `engine.py`'s docstring (`div`: the divergence to the second head; `extra`: its
+forward_kl / jsd gradient term, or None). `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
 or the CPU under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -26,7 +30,7 @@ class TorchEpilogue:
     def __init__(self):
         self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
 
-    def stats(self, z, zr, y, inv_t, st, s):
+    def stats(self, z, zr, y, inv_t, st, s, div=None):
         e = s + z.shape[0]
         zy = z.gather(1, y[:, None])[:, 0]
         m = z.amax(1, keepdim=True)
@@ -44,36 +48,73 @@ class TorchEpilogue:
         pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
         if st.entropy is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
             st.entropy[s:e] = log_se - pd
-        mur = None
+        mur = aux = None
         if zr is not None:
             mr = zr.amax(1, keepdim=True)
             dr = zr.sub_(mr)                         # in place: zr is ur - max ur from here on
             if inv_t != 1.0:
                 dr.mul_(inv_t)
             mur = mr[:, 0] * inv_t
-            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
-            log_se_r = dr.exp().sum(1).log()
-            st.ekl[s:e] = ekl_rel + (mu - mur)
-            # Clamp tiny negative round-off: KL is non-negative by definition.
-            st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
+            kind = "reverse_kl" if div is None else div.kind
+            if kind == "reverse_kl":
+                ekl_rel = pd - _rowdot(p, dr) / se   # E_p[(u - max u) - (ur - max ur)]
+                log_se_r = dr.exp().sum(1).log()
+                st.ekl[s:e] = ekl_rel + (mu - mur)
+                # Clamp tiny negative round-off: a divergence is non-negative by definition.
+                st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
+            else:
+                aux = self._teacher_stats(kind, div, p, se, log_se, d, dr, mur, st, s, e)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        self._cache = (z, p, se, mu, mur)
+        self._cache = (z, p, se, mu, mur, aux)
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
-        # dz = gl onehot + p (alpha + beta u + gamma ur); the coefficients are already scaled by 1/T.
+    @staticmethod
+    def _teacher_stats(kind, div, p, se, log_se, d, dr, mur, st, s, e):
+        """forward_kl / jsd against the second head; returns what the gradient reuses: q (forward_kl) or
+        log p - log m (jsd), one chunk-sized buffer."""
+        q = dr.exp()
+        se_r = q.sum(1)
+        log_se_r = se_r.log()
+        q.div_(se_r[:, None])                        # q = softmax(ur)
+        st.lse_r[s:e] = mur + log_se_r
+        if kind == "forward_kl":                     # KL(q || p) = E_q[dr - d] - log se_r + log se
+            st.kl[s:e] = (_rowdot(q, dr) - _rowdot(q, d) - log_se_r + log_se).clamp_min(0)
+            return q
+        b = div.beta
+        log_q = dr.sub_(log_se_r[:, None])           # dr is log q from here on
+        log_m = torch.logaddexp(d - log_se[:, None] + math.log1p(-b), log_q + math.log(b))
+        lqm = log_q.sub_(log_m)                      # log q - log m
+        s_q = _rowdot(q, lqm)
+        lpm = log_m.neg_().add_(d).sub_(log_se[:, None])   # log p - log m
+        s_p = _rowdot(p, lpm) / se
+        st.e_pm[s:e] = s_p
+        st.kl[s:e] = (b * s_q + (1 - b) * s_p).clamp_min(0)
+        return lpm
+
+    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype, extra=None):
+        # dz = gl onehot + p (alpha + beta u + gamma ur) [+ the second head's extra term]; the coefficients
+        # are already scaled by 1/T.
         cached = self._cache is not None and self._cache[0] is z
         if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
-            _, p, se, mu, mur = self._cache
+            _, p, se, mu, mur, aux = self._cache
             self._cache = None
-            if beta is None:
+            if beta is None and extra is None:
                 dz = p.mul_((alpha / se)[:, None])
             else:
-                shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
-                t = z.mul_(beta[:, None]).add_(shift[:, None])
+                if beta is None:
+                    t = z.zero_().add_(alpha[:, None])
+                else:
+                    shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
+                    t = z.mul_(beta[:, None]).add_(shift[:, None])
                 if gamma is not None:
                     t.add_(zr.mul_(gamma[:, None]))
+                if extra is not None and extra.div.kind == "jsd":   # + delta (log p - log m), times p below
+                    t.add_(aux.mul_(extra.delta[:, None]))
                 dz = t.mul_(p.div_(se[:, None]))
+                if extra is not None and extra.div.kind == "forward_kl":   # - delta q
+                    dz.sub_(aux.mul_(extra.delta[:, None]))
+        elif extra is not None:  # the composable backward with a forward_kl / jsd second head
+            dz = self._grad_recomputed(z, zr, inv_t, lse, alpha, beta, gamma, extra)
         elif beta is None:  # z is the raw logits chunk (the composable backward)
             dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
         else:
@@ -85,6 +126,25 @@ class TorchEpilogue:
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
         return dz if dz.dtype == out_dtype or out_dtype == torch.float64 else dz.to(out_dtype)
 
+    @staticmethod
+    def _grad_recomputed(z, zr, inv_t, lse, alpha, beta, gamma, extra):
+        """p (alpha + beta u + gamma ur) + extra from the raw chunks (no cache: the composable backward)."""
+        u = z.mul_(inv_t) if inv_t != 1.0 else z
+        ur = zr.mul_(inv_t) if inv_t != 1.0 else zr
+        log_p = u - lse[:, None]
+        t = alpha[:, None].expand_as(u).clone()
+        if beta is not None:
+            t.add_(u * beta[:, None])
+        if gamma is not None:
+            t.add_(ur * gamma[:, None])
+        log_q = ur.sub_(extra.lse_r[:, None])
+        if extra.div.kind == "jsd":
+            b = extra.div.beta
+            log_m = torch.logaddexp(log_p + math.log1p(-b), log_q + math.log(b))
+            t.add_((log_p - log_m).mul_(extra.delta[:, None]))
+            return t.mul_(log_p.exp_())
+        return t.mul_(log_p.exp_()).sub_(log_q.exp_().mul_(extra.delta[:, None]))
+
 
 class TritonEpilogue:
     """The two fused Triton kernels (row statistics; logits gradient written in place)."""
@@ -93,7 +153,7 @@ class TritonEpilogue:
         from ..kernels import epilogue as kernels  # imported here: triton is optional for the torch path
         self.k = kernels
 
-    def stats(self, z, zr, y, inv_t, st, s):
+    def stats(self, z, zr, y, inv_t, st, s, div=None):
         e = s + z.shape[0]
 
         def part(t):
@@ -102,6 +162,8 @@ class TritonEpilogue:
         self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
                                 kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
+    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype, extra=None):
+        if extra is not None:
+            raise NotImplementedError(f"backend='triton' does not compute divergence={extra.div.kind!r} yet")
         return self.k.launch_logits_grad(z, zr, y, inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
                                          out_dtype=out_dtype)

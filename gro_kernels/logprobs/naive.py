@@ -6,6 +6,8 @@ hidden state, padding) reaches a gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .api import reject_options, scatter_rows, stat_dtype, take_rows, valid_rows
@@ -18,8 +20,21 @@ def _logits(hidden, weight, bias, temperature, dtype):
     return z / temperature
 
 
+def divergence_to(logprobs, teacher_logprobs, div):
+    """The per-row divergence to the teacher, from both log-softmaxes (engine.Divergence)."""
+    p, q = logprobs.exp(), teacher_logprobs.exp()
+    if div.kind == "reverse_kl":
+        return (p * (logprobs - teacher_logprobs)).sum(-1)
+    if div.kind == "forward_kl":
+        return (q * (teacher_logprobs - logprobs)).sum(-1)
+    b = div.beta
+    log_m = torch.logaddexp(logprobs + math.log1p(-b), teacher_logprobs + math.log(b))
+    return b * (q * (teacher_logprobs - log_m)).sum(-1) + (1 - b) * (p * (logprobs - log_m)).sum(-1)
+
+
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
-                temperature, ignore_index, return_entropy, return_kl, return_sum_p2=False, **options):
+                temperature, ignore_index, return_entropy, return_kl, return_sum_p2=False, teacher=None,
+                divergence=None, **options):
     reject_options("naive", options)
     dtype = stat_dtype(hidden.dtype)
     n = targets.shape[0]
@@ -42,4 +57,10 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                 _logits(take_rows(ref_hidden, rows), ref_weight, ref_bias, temperature, dtype), dim=-1)
         kl = out((p * (logprobs - ref_logprobs)).sum(-1))
     sum_p2 = out((p * p).sum(-1)).detach() if return_sum_p2 else None
-    return logp, entropy, kl, lse, sum_p2
+    distill = None
+    if teacher is not None:
+        t_hidden, t_weight, t_bias = teacher
+        with torch.no_grad():  # the teacher is frozen
+            t_logprobs = torch.log_softmax(_logits(take_rows(t_hidden, rows), t_weight, t_bias, temperature, dtype), -1)
+        distill = out(divergence_to(logprobs, t_logprobs, divergence))
+    return logp, entropy, kl, lse, sum_p2, distill

@@ -13,6 +13,7 @@ import torch
 
 from . import corrections
 from .aggregation import token_coefficients
+from .offline import sft_plan
 from .inputs import Batch, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .options import Options, resolve_options
 from .split import token_loss
@@ -85,25 +86,36 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
     return g, e, a
 
 
+def _weights(method: str, opts: Options, b: Batch, kl_used: bool) -> Weights:
+    """The weights of every row of b: given advantages, rewards (sequence or token returns), or none at all
+    (method='distill' without rewards: pure distillation)."""
+    m = b.mask
+    if b.advantages is not None:
+        A = torch.where(b.offline[:, None], b.advantages * opts.offline_coef, b.advantages)
+        return Weights(advantages=A, weights=A, units=m.shape[0])
+    if b.rewards is None and method == "distill":
+        return Weights(advantages=torch.zeros_like(m), weights=torch.zeros_like(b.lengths), units=m.shape[0])
+    reward_kl = None
+    if kl_used and opts.kl_placement == "reward":
+        # The KL of the sampled tokens, under the behaviour policy, enters the reward.
+        reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
+    if opts.score == "token_return":
+        return token_weights(opts, b, reward_kl)
+    return sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
+
+
 def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
     """Weights and aggregation coefficients for a validated batch. Reads b.logp only (detached)
     for the methods `split.needs_policy_logp` names; the rest never look at it."""
     m = b.mask
     kl_used = kl_is_used(opts, b.advantages is not None)
-    if b.advantages is not None:
-        A = torch.where(b.offline[:, None], b.advantages * opts.offline_coef, b.advantages)
-        w = Weights(advantages=A, weights=A, units=m.shape[0])
+    if opts.offline_role == "sft":  # CHORD, HPT: the online rows' weights alone, offline rows SFT (offline.py)
+        A, c, _ = sft_plan(method, opts, b, lambda sub: _weights(method, opts, sub, kl_used))
+        w = Weights(advantages=A, weights=(A * m).sum(1) / b.lengths.clamp(min=1), units=m.shape[0])
     else:
-        reward_kl = None
-        if kl_used and opts.kl_placement == "reward":
-            # The KL of the sampled tokens, under the behaviour policy, enters the reward.
-            reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
-        if opts.score == "token_return":
-            w = token_weights(opts, b, reward_kl)
-        else:
-            w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
-    c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
-                           num_items=b.num_items)
+        w = _weights(method, opts, b, kl_used)
+        c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
+                               num_items=b.num_items)
     g, e, a = _token_weights(opts, b, w.advantages, c)
     return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss",
                         policy_weight=g, entropy_weight=e, abs_kl_coef=a)
@@ -111,7 +123,7 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, **options):
+                      log_sum_sq_probs=None, distill=None, **options):
     """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan)."""
     opts = resolve_options(method, options)
     if (truncated is not None) != opts.mask_truncated_completions:
@@ -124,7 +136,7 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
-        log_sum_sq_probs=log_sum_sq_probs,
+        log_sum_sq_probs=log_sum_sq_probs, distill=distill,
     )
     check_requirements(method, opts, b)
     return opts, b, sequence_plan(method, opts, b)
@@ -149,6 +161,7 @@ def gro_objective(
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     log_sum_sq_probs: Optional[torch.Tensor] = None,
+    distill: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
     """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
@@ -159,7 +172,8 @@ def gro_objective(
     sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
     [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
     log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
-    `use_weighting`. Statistics are float32
+    `use_weighting`. distill [B,T]: the per-token divergence to a teacher (differentiable, as
+    `token_logprobs(..., teacher_hidden=...)` gives it), for `distill_coef`. Statistics are float32
     (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
     the method's own loss value; its gradient is the GRO gradient, which equals the method's.
     """
@@ -167,13 +181,13 @@ def gro_objective(
         logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
         ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-        log_sum_sq_probs=log_sum_sq_probs, **options)
+        log_sum_sq_probs=log_sum_sq_probs, distill=distill, **options)
     l, m = b.logp, b.mask
     online = ~b.offline[:, None]
     terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,
                        advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,
                        kl_in_loss=plan.kl_in_loss, policy_weight=plan.policy_weight,
-                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef)
+                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef, distill=b.distill)
     loss = terms.loss
     w, surrogate = plan.weights, terms.surrogate
     policy = terms.policy
@@ -189,6 +203,8 @@ def gro_objective(
         metrics["kl"] = _masked_mean(terms.kl.detach(), m)
     if b.entropy is not None:
         metrics["entropy"] = _masked_mean(b.entropy.detach(), m)
+    if b.distill is not None:
+        metrics["distill"] = _masked_mean(b.distill.detach(), m)
     if surrogate.ratio is not None:
         on = m * online.to(m.dtype)
         metrics["ratio_mean"] = _masked_mean(surrogate.ratio, on)

@@ -63,8 +63,10 @@ class TokenTerms:
 
 
 def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantages, coef, online,
-               mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None) -> TokenTerms:
-    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] ) - entropy_coef * sum e * H.
+               mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None,
+               distill=None) -> TokenTerms:
+    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] + distill_coef * D )
+    - entropy_coef * sum e * H.
 
     Every argument is shaped like `logp` ([B,T], or one chunk of tokens as [1, n]); `online` is
     broadcastable to it (False on offline rows, which use the plain A l surrogate). `mask` is used
@@ -80,7 +82,7 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
                      token mask times c, or TRL's token mean with entropy_agg='token_mean');
       abs_kl_coef    a [B,T]: KL-Cov's penalty coefficient (ppo_kl_coef on the selected tokens, else 0).
     `[* r]`: with use_bias_correction_kl the KL term is multiplied by the importance ratio r (with its
-    gradient; DeepSeek-V3.2).
+    gradient; DeepSeek-V3.2). `distill` D: the exact per-token divergence to the teacher head (differentiable).
     """
     surrogate = policy_surrogate(opts, logp, old_logp, advantages, mask, online)
     value = surrogate.value
@@ -103,4 +105,6 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
     if entropy is not None and opts.entropy_coef != 0:
         e = coef if entropy_weight is None else entropy_weight
         loss = loss - opts.entropy_coef * (e * entropy).sum()
+    if distill is not None and opts.distill_coef != 0:
+        loss = loss + opts.distill_coef * (coef * distill).sum()
     return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k)
