@@ -1,6 +1,7 @@
 """Trainer settings: one flat dataclass, every field documented where it is declared."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
@@ -39,6 +40,14 @@ class GROConfig:
     # --- reference policy ----------------------------------------------------------------------
     use_reference: Optional[bool] = None  # None: a frozen copy iff the method or kl_coef needs one
 
+    # --- CHORD's mu schedule (offline_role="sft" with mu; Trinity-RFT's mu_schedule_function) ---
+    # None: mu stays the loss option's value. Else per step: linear warm-up from 0 to mu_peak over
+    # mu_warmup_steps, then a cosine from mu_peak down to mu_valley over mu_decay_steps, then mu_valley.
+    mu_peak: Optional[float] = None
+    mu_valley: Optional[float] = None   # None: mu_peak (no decay)
+    mu_warmup_steps: int = 0
+    mu_decay_steps: int = 0
+
     # --- run -----------------------------------------------------------------------------------
     steps: int = 100
     seed: int = 0
@@ -64,6 +73,30 @@ class GROConfig:
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
         self.adam_betas = tuple(self.adam_betas)
+        if self.mu_peak is not None:
+            if self.resolved_options().offline_role != "sft":
+                raise ValueError("mu_peak schedules CHORD's mu: it needs a method with offline_role='sft' (chord)")
+            for name in ("mu_peak", "mu_valley"):
+                v = getattr(self, name)
+                if v is not None and not 0.0 <= v <= 1.0:
+                    raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        elif self.mu_valley is not None or self.mu_warmup_steps or self.mu_decay_steps:
+            raise ValueError("mu_valley / mu_warmup_steps / mu_decay_steps shape the mu schedule: set mu_peak")
+        if self.mu_warmup_steps < 0 or self.mu_decay_steps < 0:
+            raise ValueError("mu_warmup_steps and mu_decay_steps must be >= 0")
+
+    def mu_at(self, step: int) -> Optional[float]:
+        """CHORD's mu at optimizer step `step` (0-based), or None without a schedule."""
+        if self.mu_peak is None:
+            return None
+        peak = self.mu_peak
+        valley = peak if self.mu_valley is None else self.mu_valley
+        if step < self.mu_warmup_steps:
+            return step / self.mu_warmup_steps * peak
+        after = step - self.mu_warmup_steps
+        if after >= self.mu_decay_steps:
+            return valley
+        return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * after / self.mu_decay_steps))
 
     # Resolved settings (the objective's own option table decides, so the two never disagree) ---
     def resolved_options(self):

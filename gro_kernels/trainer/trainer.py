@@ -31,6 +31,8 @@ from torch import nn
 
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
+from ..objective.inputs import prepare_batch
+from ..objective.offline import sft_token_counts
 from . import distributed as gdist
 from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
@@ -134,6 +136,11 @@ class PolicyLoss(nn.Module):
         return out.loss, out.logp.detach(), out.metrics
 
 
+def no_reward(prompts, completions, **_):
+    """Every completion scores 0 (pure on-policy distillation: the teacher term is the whole loss)."""
+    return [0.0] * len(completions)
+
+
 # ---- files ----------------------------------------------------------------------------------------
 def truncate_metrics(path: str, step: int) -> None:
     """Keep only the lines of steps <= `step` (a resumed run rewrites the steps after its checkpoint)."""
@@ -174,11 +181,16 @@ class GROTrainer:
             column named by `config.offline_column`); offline: see `offline.py`.
         ref_model: the frozen reference; by default a copy of `model` made here when the method or
             `kl_coef` needs one (`config.use_reference`).
+        teacher_model: a frozen teacher (an HF causal LM with the policy's tokenizer; its size may
+            differ) for on-policy distillation (`method="distill"`, or any method with `distill_coef`):
+            its final hidden states and lm_head give the per-token divergence in `gro_loss`'s fused pass.
+            Without reward functions the trainer still samples, every completion scores 0, and the loss
+            is the distillation term alone.
         reward_weights: one weight per reward function (default 1).
     """
 
     def __init__(self, model, tokenizer, *, reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None,
-                 config: Optional[GROConfig] = None, ref_model=None, reward_weights=None,
+                 config: Optional[GROConfig] = None, ref_model=None, teacher_model=None, reward_weights=None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None):
         self.config = cfg = config or GROConfig()
         self.dist = gdist.info()
@@ -187,6 +199,19 @@ class GROTrainer:
         check_head(self.model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.tokenizer = tokenizer
         self.reward_funcs = list(reward_funcs or [])
+        self.teacher_model = teacher_model
+        if (teacher_model is not None) != (cfg.resolved_options().distill_coef != 0):
+            raise ValueError("teacher_model and distill_coef go together (method='distill' sets distill_coef=1): got "
+                             f"teacher_model {'given' if teacher_model is not None else 'None'}, distill_coef="
+                             f"{cfg.resolved_options().distill_coef}")
+        if teacher_model is not None:
+            self.teacher_model = teacher_model.to(self.device).eval().requires_grad_(False)
+            check_head(self.teacher_model, final_hidden, lm_head)
+            if not self.reward_funcs:  # pure on-policy distillation: sample, no reward
+                self.reward_funcs = [no_reward]
+        if cfg.resolved_options().offline_role == "sft" and cfg.resolved_options().loss_agg != "token_mean":
+            raise ValueError("offline_role='sft' in GROTrainer needs loss_agg='token_mean' (its online and offline "
+                             "token means are made exact across micro-batches and processes with the batch's counts)")
         self.reward_weights = reward_weights
         self.dataset = train_dataset
         self.online = bool(self.reward_funcs)
@@ -381,9 +406,12 @@ class GROTrainer:
         """The objective's options as given to `gro_loss` (the sampling temperature unless overridden)."""
         return {"temperature": self.config.temperature, **self.config.loss_options}
 
-    def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
+    def _loss_kwargs(self, mb: Batch, tokens_global) -> dict:
         cfg, opts = self.config, self.options
         kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
+        mu = cfg.mu_at(self.step)
+        if mu is not None:
+            kw["mu"] = mu
         if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
             kw["advantages"] = mb.advantages
         else:
@@ -404,6 +432,11 @@ class GROTrainer:
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                th, tw, tb = policy_inputs(self.teacher_model, mb.input_ids, mb.attention_mask, mb.position_ids,
+                                           mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
+            kw.update(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb)
         if opts.loss_agg == "token_mean":
             kw["num_items_in_batch"] = tokens_global
         if opts.loss_agg == "seq_mean_token_sum_norm" and opts.max_completion_length is None:
@@ -411,13 +444,26 @@ class GROTrainer:
             kw["max_completion_length"] = cfg.max_new_tokens
         return kw
 
+    def _sft_counts(self, batch: Batch) -> tuple:
+        """offline_role='sft': this process's (online RL, offline SFT) token counts (objective.offline); else ()."""
+        if self.options.offline_role != "sft":
+            return ()
+        mask = batch.targets != IGNORE_INDEX
+        b = prepare_batch(torch.zeros(mask.shape, device=self.device), mask=mask, entropy=None, kl=None,
+                          rewards=batch.rewards, advantages=None, group_ids=batch.group_ids, labels=None,
+                          baselines=None, offline=batch.offline, old_logp=None, ref_logp=None, num_items_in_batch=None)
+        return sft_token_counts(self.options, b)
+
     def train_step(self, batch: Batch) -> Dict[str, float]:
         """`num_iterations` optimizer steps on `batch` (this process's rows of the global batch)."""
         cfg, W = self.config, self.dist.world_size
         batch = batch.to(self.device)
-        counts = torch.tensor([len(batch), batch.num_tokens()], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([len(batch), batch.num_tokens(), *self._sft_counts(batch)], dtype=torch.float64,
+                              device=self.device)
         gdist.all_reduce(counts)
         rows_global, tokens_global = int(counts[0]), int(counts[1])
+        if self.options.offline_role == "sft":  # two token means: (online RL tokens, offline SFT tokens)
+            tokens_global = (float(counts[2]), float(counts[3]))
         token_mean = self.options.loss_agg == "token_mean"
 
         if cfg.num_iterations > 1:
