@@ -124,6 +124,21 @@ def test_groloss_module_rejects_unknown_options_at_construction():
         GROLoss(method="ppo")
 
 
+@pytest.mark.parametrize("call_with", ["gro_loss", "GROLoss", "gro_objective"])
+def test_misspelled_option_suggests_the_right_name(call_with):
+    """kl_coeff: the error names kl_coef first, not only the list of every option."""
+    d = lm()
+    with pytest.raises(TypeError, match=r"'kl_coeff' \(did you mean 'kl_coef'"):
+        if call_with == "GROLoss":
+            GROLoss(method="grpo", kl_coeff=0.1)
+        elif call_with == "gro_loss":
+            gro_loss(d.hidden, d.weight, d.targets, method="grpo", kl_coeff=0.1)
+        else:
+            gro_objective(torch.zeros(4, 5), method="grpo", kl_coeff=0.1)
+    with pytest.raises(ValueError, match="did you mean 'grpo'"):
+        GROLoss(method="grp")
+
+
 def test_groloss_module_matches_gro_loss():
     d = lm()
     kw = dict(rewards=torch.tensor([1.0, 0, 1, 0], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]), backend="naive")

@@ -4,6 +4,7 @@ An option's value is resolved as: DEFAULTS <- PRESETS[method] <- what the caller
 """
 from __future__ import annotations
 
+import difflib
 import numbers
 
 METHODS = (
@@ -189,13 +190,25 @@ def _number(name, value, *, low=None, low_open=False, high=None):
     return value
 
 
+def unknown_names(what: str, unknown, valid) -> str:
+    """The message for misspelled names: each with its closest valid names first, then all of them."""
+    hints = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    return f"unknown {what}(s) {', '.join(hints)}; valid {what}s are: {', '.join(sorted(valid))}"
+
+
 def resolve_options(method: str, options: dict) -> Options:
-    """DEFAULTS <- PRESETS[method] <- options, validated. Unknown names are a TypeError listing valid ones."""
+    """DEFAULTS <- PRESETS[method] <- options, validated. Unknown names are a TypeError naming the
+    closest valid ones (did you mean ...) and listing all of them."""
     if method not in PRESETS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    unknown = sorted(set(options) - set(OPTIONS))
+        close = difflib.get_close_matches(str(method), METHODS, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}{hint}")
+    unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(OPTIONS))}")
+        raise TypeError(unknown_names("option", unknown, OPTIONS))
     o = Options({**DEFAULTS, **PRESETS[method], **options})
 
     for name, allowed in CHOICES.items():

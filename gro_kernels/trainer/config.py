@@ -1,11 +1,12 @@
 """Trainer settings: one flat dataclass, every field documented where it is declared."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import functools
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
 from ..objective.inputs import uses_ref_logp
-from ..objective.options import resolve_options
+from ..objective.options import OPTIONS, resolve_options, unknown_names
 
 @dataclass
 class GROConfig:
@@ -81,3 +82,24 @@ class GROConfig:
         d = asdict(self)
         d["adam_betas"] = list(self.adam_betas)
         return d
+
+
+def _check_names(init):
+    """A misspelled setting names the closest ones; a loss option given as a setting says where it goes."""
+    settings = tuple(f.name for f in fields(GROConfig))
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        unknown = set(kwargs) - set(settings)
+        options = sorted(unknown & set(OPTIONS) - {"temperature"})
+        if options:
+            raise TypeError(f"{', '.join(options)}: option(s) of the loss, not GROConfig settings; pass them as "
+                            f"GROConfig(loss_options={{{', '.join(repr(o) + ': ...' for o in options)}}})")
+        if unknown:
+            raise TypeError(unknown_names("GROConfig setting", unknown, settings))
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+GROConfig.__init__ = _check_names(GROConfig.__init__)
