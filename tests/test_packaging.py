@@ -67,3 +67,21 @@ def test_sdist_tests_collect(tmp_path):
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " collected" in res.stdout or "tests collected" in res.stdout
+
+
+@pytest.mark.parametrize("module,missing,install", [
+    ("gro_kernels.integrations.trl", "trl", "gro_kernels[integrations]"),
+    ("gro_kernels.integrations.verl", "verl", "verl==0.9.1"),
+])
+def test_integration_without_its_trainer_library_says_what_to_install(monkeypatch, module, missing, install):
+    """Importing a drop-in without TRL / verl: an ImportError that names the package and the install
+    command, not a bare ModuleNotFoundError from inside the module."""
+    import importlib
+
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import trl...` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError) as info:
+        importlib.import_module(module)
+    message = str(info.value)
+    assert type(info.value) is ImportError and repr(missing) in message and install in message, message

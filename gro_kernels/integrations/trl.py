@@ -19,10 +19,17 @@ and gradients against TRL's own trainers on the same batches (tests/test_integra
 from __future__ import annotations
 
 import torch
-from trl import DPOTrainer, GRPOTrainer, KTOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
-from .hf_head import GROCall, add_gro_head
+from . import missing_dependency
+
+try:
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+
+    from .hf_head import GROCall, add_gro_head
+except ImportError as e:
+    raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (TRL 1.16.0 and transformers; "
+                                          "or: pip install trl==1.16.0)") from e
 
 __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
