@@ -85,3 +85,18 @@ def test_integration_without_its_trainer_library_says_what_to_install(monkeypatc
         importlib.import_module(module)
     message = str(info.value)
     assert type(info.value) is ImportError and repr(missing) in message and install in message, message
+
+
+def test_bench_writes_outside_the_source_tree_by_default_and_speaks_user_terms():
+    """`python bench/run.py --quick` from a clone must not rewrite the committed bench/results/; its
+    help describes each suite, not the project's issue history."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "bench", "run.py"))
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    out_dir = os.path.abspath(run.parser().parse_args(["--quick"]).out_dir)
+    assert not out_dir.startswith(os.path.join(ROOT, "bench") + os.sep), out_dir
+    assert run.parser().parse_args(["--quick", "--out-dir", "bench/results"]).out_dir == "bench/results"
+    help_text = run.parser().format_help()
+    assert "issue" not in help_text.lower() and "bench-results" in help_text, help_text
