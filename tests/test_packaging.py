@@ -48,10 +48,18 @@ def test_metadata_license_typed_and_triton_marker():
 
 
 def test_sdist_tests_collect(tmp_path):
-    """Build the sdist with the PEP 517 hook in-process (no network), unpack it, collect its tests."""
+    """Build the sdist with the PEP 517 hook in-process (no network), unpack it, collect its tests.
+
+    It builds from a copy of the tree without the `*.egg-info` an editable install leaves: setuptools
+    would otherwise add the files its SOURCES.txt lists from an earlier build, whatever MANIFEST.in says."""
+    import shutil
+
+    clean = tmp_path / "tree"
+    shutil.copytree(ROOT, clean, ignore=shutil.ignore_patterns(
+        ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "runs", "build", "dist", "bench-results"))
     build = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; "
                             f"print(build_meta.build_sdist({str(tmp_path)!r}))"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           cwd=clean, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     name = build.stdout.strip().splitlines()[-1]
     with tarfile.open(tmp_path / name) as tar:
@@ -60,7 +68,10 @@ def test_sdist_tests_collect(tmp_path):
         except TypeError:  # Python without extraction filters (< 3.10.12)
             tar.extractall(tmp_path)
     src = tmp_path / name[: -len(".tar.gz")]
-    for path in ("LICENSE", "gro_kernels/py.typed", "python/examples/quickstart.py", "tests/conftest.py"):
+    docs = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "docs"))
+            for f in files if f.endswith((".md", ".png", ".json"))]
+    assert "docs/methods.md" in docs
+    for path in ["LICENSE", "gro_kernels/py.typed", "python/examples/quickstart.py", "tests/conftest.py"] + docs:
         assert (src / path).exists(), path
     res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
                          cwd=src, capture_output=True, text=True, timeout=300,
