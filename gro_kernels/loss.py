@@ -180,7 +180,8 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
         out = gro_objective(logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
                             kl=None if kl is None else kl.reshape(B, T), **objective)
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
-    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
+    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics, per_sequence=out.per_sequence,
+                     per_token=out.per_token)
 
 
 class GROLoss(nn.Module):

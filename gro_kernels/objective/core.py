@@ -20,14 +20,42 @@ from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
 
 
+# Names that used to be in `metrics` and now live in `per_sequence` / `per_token`.
+_ROW_VALUES = ("weights", "advantages", "scores", "anchors", "signs")
+
+
+class Metrics(dict):
+    """GROOutput.metrics: name -> 0-d tensor. A per-row name asked for here says where it lives."""
+
+    def __missing__(self, key):
+        if key in _ROW_VALUES:
+            raise KeyError(f"{key!r} is not a scalar metric: per-sequence values are in GROOutput.per_sequence "
+                           f"([B]), per-token values in GROOutput.per_token ([B,T])")
+        raise KeyError(key)
+
+
 @dataclass
 class GROOutput:
-    """loss: 0-d tensor to backpropagate; logp: the policy's per-token log-probs [B,T] (detached,
-    0 where masked); metrics: detached diagnostics (kl, entropy, clip fractions, weights, ...)."""
+    """What `gro_loss`, `GROLoss` and `gro_objective` return. Everything but `loss` is detached.
+
+    loss: 0-d tensor to backpropagate.
+    logp: [B,T] float32 (float64 for float64 input), the policy's per-token log-probs, 0 where not scored.
+    metrics: name -> 0-d tensor, the batch's diagnostics (`float(v)` works on every value): policy_loss,
+        kl, entropy, ratio_mean, clip_frac(_low/_high), policy_weight_mean, and for the preference
+        methods rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins as TRL logs them.
+        Which names are present depends on the method, options and inputs, never on the values.
+    per_sequence: name -> [B] tensor: weights w_i, scores s_i, anchors a_i, signs y_i (when the weights
+        are formed per sequence).
+    per_token: name -> [B,T] tensor: advantages A[i,t] (always), and scores / anchors / signs when the
+        scores are per token (score='token_return') or the weights were given per token.
+    docs/options.md ("What comes back") lists every name.
+    """
 
     loss: torch.Tensor
     logp: torch.Tensor
-    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=Metrics)
+    per_sequence: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _masked_mean(values, mask):
@@ -184,7 +212,7 @@ def gro_objective(
         loss = loss + (own - policy).detach()
         policy = own
 
-    metrics = {"policy_loss": policy.detach()}
+    metrics = Metrics(policy_loss=policy.detach())
     if terms.kl is not None:
         metrics["kl"] = _masked_mean(terms.kl.detach(), m)
     if b.entropy is not None:
@@ -197,9 +225,34 @@ def gro_objective(
         metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), on)
     if plan.policy_weight is not None:
         metrics["policy_weight_mean"] = _masked_mean(plan.policy_weight, m)
-    metrics["weights"] = w.weights.detach()
-    metrics["advantages"] = w.advantages.detach()
-    for name in ("scores", "anchors", "signs"):
-        if getattr(w, name) is not None:
-            metrics[name] = getattr(w, name).detach()
-    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics)
+    if opts.score == "implicit" and opts.separation == "label" and w.scores is not None:
+        metrics.update(_preference_metrics(w, pairwise=opts.anchor == "pair"))
+    # [B] values in per_sequence, [B,T] values in per_token: the shape says which.
+    per_sequence, per_token = {}, {"advantages": w.advantages.detach()}
+    for name in ("weights", "scores", "anchors", "signs"):
+        value = getattr(w, name)
+        if value is not None and not (name == "weights" and value is w.advantages):
+            (per_sequence if value.dim() == 1 else per_token)[name] = value.detach()
+    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics, per_sequence=per_sequence, per_token=per_token)
+
+
+def _preference_metrics(w: Weights, *, pairwise: bool) -> Dict[str, torch.Tensor]:
+    """TRL's DPO / KTO reward metrics from the implicit scores s_i (beta times the sequence log-ratio
+    to the reference, or the method's reference-free score): the mean over chosen (desirable) rows,
+    over rejected (undesirable) rows, their difference, and for pairs the fraction of pairs whose
+    chosen row scores higher. A label with no row in the batch (KTO) contributes 0."""
+    s, chosen = w.scores.detach(), w.signs > 0
+    rejected = ~chosen
+
+    def mean(rows):
+        return s[rows].sum() / rows.sum().clamp(min=1)
+
+    out = {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected)}
+    if pairwise:  # anchors: the partner's score
+        margin = (s - w.anchors.detach())[chosen]
+        out["rewards/accuracies"] = (margin > 0).to(s.dtype).mean()
+        out["rewards/margins"] = margin.mean()
+    else:
+        both = bool(chosen.any()) and bool(rejected.any())
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"] if both else s.new_zeros(())
+    return out
