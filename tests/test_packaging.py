@@ -111,3 +111,34 @@ def test_bench_writes_outside_the_source_tree_by_default_and_speaks_user_terms()
     assert run.parser().parse_args(["--quick", "--out-dir", "bench/results"]).out_dir == "bench/results"
     help_text = run.parser().format_help()
     assert "issue" not in help_text.lower() and "bench-results" in help_text, help_text
+
+
+def _make_dry_run(tmp_path, target):
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)  # no install stamps: what a fresh clone runs
+    res = subprocess.run(["make", "-n", target, "PYTHON=python"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    return [line for line in res.stdout.splitlines() if "pip install" in line]
+
+
+def test_make_demo_installs_only_the_demo_stack_and_make_test_the_whole_one(tmp_path):
+    """`make demo` on a fresh clone: CPU torch (when torch is absent), the package and its train extra
+    (transformers, matplotlib), not the test / integration stack; `make test` (what .ci/run runs after
+    `make install`) installs everything the suite uses."""
+    import re
+
+    demo = _make_dry_run(tmp_path, "demo")
+    assert any('"torch==2.13.0"' in line for line in demo) and any('-e ".[train]"' in line for line in demo), demo
+    assert not any(word in line for line in demo for word in ("test", "integrations", "verl", "openrlhf")), demo
+    train = re.search(r"^train = \[(.*)\]", open(os.path.join(ROOT, "pyproject.toml")).read(), re.M).group(1)
+    assert sorted(re.findall(r'"([a-z_-]+)', train)) == ["matplotlib", "transformers"], train
+    full = " ".join(_make_dry_run(tmp_path, "test"))
+    for needed in ("torch==2.13.0", ".[test,train,integrations]", "verl==0.9.1"):
+        assert needed in full, full
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if line.startswith("make ")]
+    assert ci == ["make install", "make test"], ci
