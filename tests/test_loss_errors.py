@@ -1,4 +1,4 @@
-"""Bad input is a clear error naming the argument; degenerate input is finite (GRO.md section 5)."""
+"""Bad input is a clear error naming the argument; degenerate input is finite (docs/options.md, Inputs)."""
 import pytest
 import torch
 

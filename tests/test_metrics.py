@@ -2,6 +2,8 @@
 [B,T]), and the preference methods' reward metrics as TRL 1.16's DPOTrainer / KTOTrainer log them
 (chosen / rejected rewards, accuracies, margins; TRL's definitions written out here, the TRL wrapper's
 run against TRL itself in test_integration_trl.py)."""
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from gro_kernels.objective import gro_objective
 from helpers_objective import IGNORE, pairs, plain_token_logp, tiny_batch
 
 F64 = torch.float64
+DOCS = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "options.md")).read()
 B, T = 8, 6
 GROUPS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 LABELS = torch.tensor([1, -1, -1, 1, 1, -1, 1, -1])
@@ -47,6 +50,10 @@ def test_metrics_are_scalars_and_row_values_have_one_shape_per_field(method):
     assert "advantages" in out.per_token and not any(v.requires_grad for v in out.per_token.values())
     token_level = method == "reinforce_pp"
     assert ("scores" in out.per_token) == token_level and ("weights" in out.per_sequence) == (not token_level)
+    # every name is documented (docs/options.md, "What comes back")
+    documented = DOCS.split("## What comes back")[1].split("\n## ")[0]
+    missing = [k for k in [*out.metrics, *out.per_sequence, *out.per_token] if f"`{k}`" not in documented]
+    assert not missing, f"not in docs/options.md: {missing}"
 
 
 def test_given_token_advantages_and_a_moved_name_say_where_they_are():

@@ -1,4 +1,4 @@
-"""Offline and online data in one batch (GRO.md section 4)."""
+"""Offline and online data in one batch (docs/objective.md, "Offline rows")."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Each knob of gro_objective in isolation, against a hand-computed expectation (GRO.md section 2)."""
+"""Each knob of gro_objective in isolation, against a hand-computed expectation (docs/objective.md)."""
 import math
 
 import pytest

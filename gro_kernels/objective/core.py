@@ -1,4 +1,4 @@
-"""`gro_objective`: the GRO loss on per-token log-probs (GRO.md section 2).
+"""`gro_objective`: the GRO loss on per-token log-probs (docs/objective.md).
 
     loss = sum_{i,t} c[i,t] * ( -surrogate(A, l, lo) + kl_coef * k(l, lr) - entropy_coef * H )
 
@@ -14,7 +14,8 @@ import torch
 from . import corrections
 from .aggregation import token_coefficients
 from .inputs import Batch, check_requirements, kl_is_used, prepare_batch, truncation_mask
-from .options import Options, resolve_options
+from ..argdocs import document, options_entry
+from .options import OPTIONS, Options, resolve_options
 from .split import token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
@@ -64,7 +65,7 @@ def _masked_mean(values, mask):
 
 @dataclass
 class SequencePlan:
-    """Step (a) of GRO.md section 6: everything formed before the pass over the vocabulary (detached)."""
+    """Step (a) of the split (docs/objective.md, "One pass or two"): everything formed before the pass over the vocabulary (detached)."""
 
     weights: Weights         # A[i,t] = weights.advantages
     coef: torch.Tensor       # c[i,t], the aggregation coefficients
@@ -158,6 +159,9 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
     return opts, b, sequence_plan(method, opts, b)
 
 
+@document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
+           "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
+           "**options"), {"**options": options_entry(OPTIONS)})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -179,17 +183,22 @@ def gro_objective(
     log_sum_sq_probs: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
-    """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
+    """The GRO objective on per-token log-probs you computed (docs/objective.md), configured as
+    `method` with `options` overriding the preset. Use it when the log-probs come from elsewhere
+    (your own forward, `token_logprobs`, another trainer); `gro_loss` computes them from hidden
+    states without the logits. `entropy` and `kl` may carry gradients (as from `token_logprobs`).
+    Statistics are float32 (float64 when logp is float64). For the preference presets (DPO, IPO,
+    CPL, SimPO, KTO) `loss` reports the method's own loss value; its gradient is the GRO gradient,
+    which equals the method's.
 
-    logp, mask, entropy, kl, old_logp, ref_logp: [B,T] (entropy and kl differentiable, as from
-    `token_logprobs`). rewards, baselines, group_ids, labels (+1/-1), offline (bool): [B].
-    advantages: [B] or [B,T], replacing the weights formed from rewards. rollout_logp [B,T]: the
-    sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
-    [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
-    log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
-    `use_weighting`. Statistics are float32
-    (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
-    the method's own loss value; its gradient is the GRO gradient, which equals the method's.
+    {args}
+
+    Returns:
+        GROOutput: loss (0-d), logp (detached), metrics (name -> 0-d tensor), per_sequence
+        (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
+
+    Raises:
+        TypeError, ValueError: naming the argument or option.
     """
     opts, b, plan = prepare_objective(
         logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,

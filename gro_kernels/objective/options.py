@@ -1,4 +1,4 @@
-"""GRO options: their names, defaults, allowed values, and the preset table (GRO.md sections 2-3).
+"""GRO options: their names, defaults, allowed values, and the preset table (docs/options.md).
 
 An option's value is resolved as: DEFAULTS <- PRESETS[method] <- what the caller passed.
 """
@@ -15,7 +15,7 @@ METHODS = (
 )
 
 # Options whose value is one of a fixed set of names. `surrogate`, score `token_return`/`none` and
-# separation `positive` are this package's names for table cells GRO.md describes in words
+# separation `positive` are this package's names for table cells the unification table describes in words
 # (the surrogate column, REINFORCE++'s token rewards, SFT's "all +1").
 CHOICES = {
     "score": ("reward", "implicit", "token_return", "none"),
@@ -36,7 +36,7 @@ CHOICES = {
 }
 
 DEFAULTS = {
-    # weights (GRO.md 2, "Forming the weights")
+    # weights (docs/objective.md, "How the weights are formed")
     "score": "reward",
     "anchor": "group_mean",
     "anchor_value": 0.0,
@@ -99,7 +99,7 @@ DEFAULTS = {
 }
 OPTIONS = tuple(DEFAULTS)
 
-# The unification table, one row per method (GRO.md section 3). "KL" is where a KL term goes when
+# The unification table, one row per method (docs/options.md, "Defaults by method"). "KL" is where a KL term goes when
 # kl_coef != 0: "loss" adds kl_coef * k to the loss, "reward" subtracts it from the score.
 _COLUMNS = ("score", "anchor", "separation", "weighting", "scale", "surrogate", "kl_placement", "loss_agg")
 _TABLE = {

@@ -1,4 +1,4 @@
-"""Forming the weights (GRO.md section 2, steps 1-4): score -> anchor -> separation -> weighting.
+"""Forming the weights (docs/objective.md, steps 1-4): score -> anchor -> separation -> weighting.
 
 Everything here is detached: the weights are `sg[w_i]`. Each `w_i` is `-dL/dS_i` of the method's
 loss, so `sum_i w_i grad S_i` is the method's gradient. The RL-free weightings also return the
