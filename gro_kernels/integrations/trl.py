@@ -29,8 +29,8 @@ try:
 
     from .hf_head import GROCall, add_gro_head
 except ImportError as e:
-    raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (TRL 1.16.0 and transformers; "
-                                          "or: pip install trl==1.16.0)") from e
+    raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (from a clone: pip install "
+                                          "'.[integrations]'; or only TRL: pip install trl==1.16.0)") from e
 
 __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
