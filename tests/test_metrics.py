@@ -56,15 +56,14 @@ def test_metrics_are_scalars_and_row_values_have_one_shape_per_field(method):
     assert not missing, f"not in docs/options.md: {missing}"
 
 
-def test_given_token_advantages_and_a_moved_name_say_where_they_are():
+def test_given_token_advantages_are_per_token():
     d = tiny_batch(seed=2)
     A = torch.randn(B, T, dtype=F64)
     out = gro_loss(d.hidden, d.weight, d.targets, method="dapo", advantages=A)
     m = d.targets != IGNORE
     torch.testing.assert_close(out.per_token["advantages"], A * m)
     assert out.per_sequence == {}
-    with pytest.raises(KeyError, match="per_sequence"):
-        out.metrics["weights"]
+    assert type(out.metrics) is dict  # plain: torch.save / torch.load(weights_only=True) round-trip it
 
 
 def implicit(d, ref, kind):

@@ -21,20 +21,6 @@ from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
 
 
-# Names that used to be in `metrics` and now live in `per_sequence` / `per_token`.
-_ROW_VALUES = ("weights", "advantages", "scores", "anchors", "signs")
-
-
-class Metrics(dict):
-    """GROOutput.metrics: name -> 0-d tensor. A per-row name asked for here says where it lives."""
-
-    def __missing__(self, key):
-        if key in _ROW_VALUES:
-            raise KeyError(f"{key!r} is not a scalar metric: per-sequence values are in GROOutput.per_sequence "
-                           f"([B]), per-token values in GROOutput.per_token ([B,T])")
-        raise KeyError(key)
-
-
 @dataclass
 class GROOutput:
     """What `gro_loss`, `GROLoss` and `gro_objective` return. Everything but `loss` is detached.
@@ -54,7 +40,7 @@ class GROOutput:
 
     loss: torch.Tensor
     logp: torch.Tensor
-    metrics: Dict[str, torch.Tensor] = field(default_factory=Metrics)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     per_sequence: Dict[str, torch.Tensor] = field(default_factory=dict)
     per_token: Dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -221,7 +207,7 @@ def gro_objective(
         loss = loss + (own - policy).detach()
         policy = own
 
-    metrics = Metrics(policy_loss=policy.detach())
+    metrics = {"policy_loss": policy.detach()}
     if terms.kl is not None:
         metrics["kl"] = _masked_mean(terms.kl.detach(), m)
     if b.entropy is not None:
