@@ -33,8 +33,8 @@ class GROOutput:
         Which names are present depends on the method, options and inputs, never on the values.
     per_sequence: name -> [B] tensor: weights w_i, scores s_i, anchors a_i, signs y_i (when the weights
         are formed per sequence).
-    per_token: name -> [B,T] tensor: advantages A[i,t] (always), and scores / anchors / signs when the
-        scores are per token (score='token_return') or the weights were given per token.
+    per_token: name -> [B,T] tensor: advantages A[i,t] (always: the weights, or the given advantages),
+        and scores / anchors / signs when the scores are per token (score='token_return').
     docs/options.md ("What comes back") lists every name.
     """
 
