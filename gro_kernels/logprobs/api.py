@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .engine import Divergence
+from ..argdocs import document
 
 BACKENDS = ("naive", "torch", "triton")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
@@ -125,6 +126,15 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
+@document(("hidden", "weight", "targets", "bias", "temperature", "ignore_index", "return_entropy", "return_sum_p2",
+           "ref_hidden", "ref_weight", "ref_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "divergence",
+           "jsd_beta", "backend", "**backend_options"), {
+    "ref_hidden": "[..., d_ref] float, optional. The frozen reference model's final hidden states: with "
+                  "ref_weight, the exact KL(policy || reference) per token in the same pass, the temperature "
+                  "applied to both heads. No gradient flows into the reference head.",
+    "return_entropy": "bool, default False. Also compute each token's entropy (differentiable).",
+    "**backend_options": "Options of the chunked backends: chunk_elements=n, the logits per chunk (default 4M "
+                         "on a CPU, 192M on a GPU). An option the backend does not know is an error."})
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -148,26 +158,21 @@ def token_logprobs(
 ) -> TokenStats:
     """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
 
-    Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test reference).
+    The fused primitive under `gro_loss`: never builds the `[tokens, vocab]` logits (except
+    `backend="naive"`, the test reference), and is differentiable in hidden, weight and bias.
+    `hidden` may have any leading shape matching `targets` (`[B, T, d]` with `[B, T]`, or `[N, d]`).
 
-    Args:
-        hidden, weight, targets, bias: `hidden[..., d]` predicts `targets[...]` (already shifted);
-            `weight [V, d]`, `bias [V]` the LM head.
-        temperature: divides the logits of every head.
-        ignore_index: target id of positions that are not scored (0 in every output).
-        return_entropy, return_sum_p2: also the entropy (differentiable) / sum_v p_v^2 (detached).
-        ref_hidden, ref_weight, ref_bias: a frozen reference head: the exact full-vocabulary
-            KL(policy || reference) in the same pass (`.kl`).
-        teacher_hidden, teacher_weight, teacher_bias: a frozen teacher head (its hidden size may
-            differ; the vocabulary must be the policy's): the exact per-token `divergence` to it over
-            the whole vocabulary, differentiable in the policy (`.distill`).
-        divergence: "reverse_kl" KL(policy || teacher), "forward_kl" KL(teacher || policy), or "jsd",
-            the generalized Jensen-Shannon divergence `jsd_beta KL(teacher || m) + (1 - jsd_beta)
-            KL(policy || m)`, `m = (1 - jsd_beta) policy + jsd_beta teacher` (jsd_beta 0 / 1: forward /
-            reverse KL, as TRL and Liger define it).
-        backend: "auto", "naive", "torch" or "triton". `backend_options` go to the backend (the chunked
-            backends take `chunk_elements`, the logits per chunk); an option a backend does not know
-            is an error.
+    {args}
+
+    Returns:
+        TokenStats: logp, entropy (or None), kl (the exact KL, or None without a reference head),
+        lse (log normalizer), sum_p2 (or None), distill (the divergence to the teacher, or None
+        without a teacher head); each shaped like `targets`, float32 (float64 for float64 input),
+        exactly 0 at ignored positions.
+
+    Raises:
+        TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
+        where triton is not installed.
     """
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                                             temperature=temperature, ignore_index=ignore_index)
