@@ -139,9 +139,10 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
     want_kl = bool(ref_head)
     kl_grad = want_kl and opts.kl_coef != 0
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
+    # The plan is formed before the pass (token-local): zeros give the shapes, and the plan itself
+    # gets no logp, H or KL at all (reading them raises: see split.NotYetComputed).
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                   kl=zeros if want_kl else None, **objective)
+                                   kl=zeros if want_kl else None, before_pass=True, **objective)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).

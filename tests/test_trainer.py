@@ -244,3 +244,18 @@ def test_an_interrupted_checkpoint_write_leaves_no_checkpoint_and_keeps_the_old_
     assert not os.path.exists(tmp_path / "new")
     trainer.save_checkpoint(str(tmp_path / "ckpt"))  # a retry replaces it and cleans up after itself
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "new.tmp"]  # only the unfinished other write remains
+
+
+@pytest.mark.parametrize("method", ["rloo", "reinforce_pp"])
+def test_exact_kl_in_the_reward_with_two_iterations_matches_naive(tmp_path, method):
+    """num_iterations=2 gives gro_loss old_logp; with the exact KL in the reward the one pass used to
+    read that KL as zeros (issue 15 item 1): the parameters then differed from backend='naive'."""
+    batch = group_batch([1.0, 0.5, 0.0, 0.25], completions=["4321", "4312", "1234", "98"])
+    options = {"kl_coef": 0.5, "kl_estimator": "full"}
+    grads = {}
+    for backend in ("naive", "torch"):
+        trainer = trainer_for(tiny_model(), tmp_path, method=method, num_iterations=2, backend=backend,
+                              loss_options=options, ref_model=tiny_model(seed=1), max_grad_norm=None)
+        trainer.train_step(batch)
+        grads[backend] = _flat_grads((p, p.grad) for p in trainer.model.parameters())  # the second update's
+    torch.testing.assert_close(grads["torch"], grads["naive"], rtol=1e-4, atol=1e-6)
