@@ -138,7 +138,10 @@ def token_logprobs(
     Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test reference).
     `hidden[..., d]` predicts `targets[...]` (already shifted). With `ref_hidden` and `ref_weight`
     the exact full-vocabulary KL(policy || reference) is computed in the same pass, with the
-    temperature applied to both heads. `backend_options` go to the backend (the chunked backends
+    temperature applied to both heads. A `-inf` in `bias` masks that vocabulary row (padding): every
+    statistic and gradient is that of the head without the row (its gradients are exactly 0; a
+    target in it has logp -inf). `ref_bias` may mask only rows `bias` masks too (else the KL is
+    infinite: a ValueError naming ref_bias). `backend_options` go to the backend (the chunked backends
     take `chunk_elements`, the logits per chunk); an option a backend does not know is an error.
     """
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
@@ -189,6 +192,7 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
         rh2, rw, rb = _check_head("ref_", ref_hidden, ref_weight, ref_bias, lead, device)
         if rw.shape[0] != vocab:
             raise ValueError(f"ref_weight has vocabulary {rw.shape[0]} but weight has {vocab}")
+    _check_masked_rows(b, rb)
 
     y = targets.reshape(-1).long()
     valid = y != ignore_index
@@ -202,6 +206,30 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
             )
 
     return h2, w, y, b, rh2, rw, rb
+
+
+def _check_masked_rows(bias, ref_bias) -> None:
+    """A -inf bias masks a vocabulary row (padding): probability 0, and the statistics are those of
+    the head without that row. NaN or +inf in a bias is an error; so is a reference that masks a
+    row the policy keeps, since KL(policy || reference) is then +inf for every token."""
+    masks = []
+    for name, t in (("bias", bias), ("ref_bias", ref_bias)):
+        if t is None:
+            continue
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if bool(bad.any()) or bool(torch.isneginf(t).all()):
+            rows = torch.nonzero(bad)[:5, 0].tolist()
+            raise ValueError(f"{name} must be finite, or -inf on the vocabulary rows it masks (not on all of "
+                             f"them); got NaN/+inf at rows {rows}" if rows else f"{name} is -inf on every row")
+        masks.append(torch.isneginf(t))
+    if ref_bias is not None and bool(masks[-1].any()):
+        kept = ~masks[0] if bias is not None else torch.ones_like(masks[-1])
+        rows = torch.nonzero(masks[-1] & kept)[:5, 0].tolist()
+        if rows:
+            raise ValueError(
+                f"ref_bias is -inf at vocabulary rows {rows} where bias is not: the reference gives those tokens "
+                "probability 0 while the policy does not, so the exact KL(policy || reference) is infinite. "
+                "Mask the same rows in both heads (-inf in bias too).")
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -34,12 +34,15 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
 
     logp = out(logprobs.gather(1, y[:, None])[:, 0])
     lse = out(torch.logsumexp(z, dim=-1))
-    entropy = out(-(p * logprobs).sum(-1)) if return_entropy else None
+    # 0 log 0 = 0: a vocabulary row masked with a -inf bias has p = 0 and log p = -inf. The log is
+    # replaced before the product (a `where` after it would still send NaN into the gradient).
+    live = p > 0
+    entropy = out(-(p * torch.where(live, logprobs, 0.0)).sum(-1)) if return_entropy else None
     kl = None
     if return_kl:
         with torch.no_grad():  # the reference head is frozen
             ref_logprobs = torch.log_softmax(
                 _logits(take_rows(ref_hidden, rows), ref_weight, ref_bias, temperature, dtype), dim=-1)
-        kl = out((p * (logprobs - ref_logprobs)).sum(-1))
+        kl = out((p * torch.where(live, logprobs - ref_logprobs, 0.0)).sum(-1))
     sum_p2 = out((p * p).sum(-1)).detach() if return_sum_p2 else None
     return logp, entropy, kl, lse, sum_p2

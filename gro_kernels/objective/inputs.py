@@ -159,6 +159,10 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
     zero = torch.zeros((), dtype=dtype, device=device)
     m = valid.to(dtype)
 
+    if not bool((torch.isfinite(logp.detach()) | ~valid).all()):
+        bad = torch.nonzero(~torch.isfinite(logp.detach()) & valid)[:5].tolist()
+        raise ValueError(f"logp must be finite at unmasked positions, got non-finite values at [row, token] {bad}: "
+                         "targets there have probability 0 (e.g. a token of a vocabulary row masked with a -inf bias)")
     l = torch.where(valid, logp.to(dtype), zero)
     off = _offline(offline, B, device)
     lo = _per_token("old_logp", old_logp, (B, T), valid, dtype, device, detach=True, finite=True)
