@@ -64,6 +64,13 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
+        # backward() called inside torch.autocast would recast the recompute and gradient GEMMs to
+        # 16 bits: autocast off here as in the forward (api.token_logprobs).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _TokenStats._backward(ctx, g_logp, g_ent, g_kl, g_lse)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent, g_kl, g_lse):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
         temperature, chunk_elements, backend = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

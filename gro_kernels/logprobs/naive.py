@@ -11,8 +11,26 @@ import torch
 from .api import reject_options, scatter_rows, stat_dtype, take_rows, valid_rows
 
 
+class _Linear(torch.autograd.Function):
+    """h @ W^T, whose backward GEMMs run with autocast off: `backward()` called inside
+    `torch.autocast` would otherwise run them in 16 bits (the forward is already outside autocast,
+    in api.token_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return h @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad
+        with torch.autocast(g.device.type, enabled=False):
+            return (g @ w if need_h else None), (g.T @ h if need_w else None)
+
+
 def _logits(hidden, weight, bias, temperature, dtype):
-    z = hidden.to(dtype) @ weight.to(dtype).T
+    z = _Linear.apply(hidden.to(dtype), weight.to(dtype))
     if bias is not None:
         z = z + bias.to(dtype)
     return z / temperature
