@@ -68,6 +68,7 @@ def cases(draw, reference_head=False):
             o["label_smoothing"] = draw(st.sampled_from([0.0, 0.1]))
     elif method == "kto":
         o["beta"] = draw(st.sampled_from([0.1, 0.5]))
+        o["anchor_value"] = draw(st.sampled_from([0.0, 0.3]))   # z0
     return case
 
 

@@ -162,7 +162,7 @@ def test_fully_masked_sequence_contributes_zero_and_never_nan(method, options):
     if method in ("dpo", "cpl", "simpo"):
         kw.update(group_ids=torch.tensor([0, 0, 1, 1]), labels=torch.tensor([1, -1, -1, 1]))
     elif method == "kto":
-        kw.update(labels=torch.tensor([1, -1, -1, 1]))
+        kw.update(labels=torch.tensor([1, -1, -1, 1]), anchor_value=0.1)
     elif method != "sft":
         kw.update(rewards=torch.tensor([1.0, 0.5, 0.0, 0.3], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]))
     out = gro_loss(d.hidden, d.weight, targets, method=method, **kw)
@@ -226,3 +226,20 @@ def test_entropy_is_computed_only_when_needed():
     p = torch.softmax(h @ w.T, -1)
     torch.testing.assert_close(asked, -(p * p.log()).sum(-1).mean())
     torch.testing.assert_close(bonus, asked)
+
+
+def test_kto_needs_its_reference_point():
+    # Without anchor_value, method='kto' silently used z0 = 0: that is APO-zero, not KTO (issue 15
+    # item 4). KTO's z0 is a batch estimate of KL(policy || reference): the caller passes it.
+    d = lm()
+    kw = dict(labels=torch.tensor([1, -1, -1, 1]), ref_logp=torch.full((4, 5), -2.0, dtype=F64), backend="naive")
+    with pytest.raises(ValueError, match="anchor_value.*apo_zero_unpaired"):
+        gro_loss(d.hidden, d.weight, d.targets, method="kto", **kw)
+    with pytest.raises(ValueError, match="anchor_value"):
+        gro_objective(torch.full((4, 5), -1.0, dtype=F64), method="kto", labels=kw["labels"], ref_logp=kw["ref_logp"])
+    # z0 = 0 is the APO-zero method; a KTO z0 moves the weights
+    apo = gro_loss(d.hidden, d.weight, d.targets, method="apo_zero_unpaired", **kw).metrics["weights"]
+    kto0 = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.0, **kw).metrics["weights"]
+    kto = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.5, **kw).metrics["weights"]
+    torch.testing.assert_close(apo, kto0, rtol=0, atol=0)
+    assert (kto - kto0).abs().max() > 1e-4

@@ -54,6 +54,7 @@ def batch(method, seed=0, dtype=torch.float64):
     if method == "kto":
         kw.pop("rewards"), kw.pop("group_ids")
         kw["labels"] = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+        kw["anchor_value"] = 0.2   # KTO's z0
     if method == "sft":
         kw.pop("rewards"), kw.pop("group_ids")
     if method == "gro":

@@ -259,3 +259,49 @@ def test_exact_kl_in_the_reward_with_two_iterations_matches_naive(tmp_path, meth
         trainer.train_step(batch)
         grads[backend] = _flat_grads((p, p.grad) for p in trainer.model.parameters())  # the second update's
     torch.testing.assert_close(grads["torch"], grads["naive"], rtol=1e-4, atol=1e-6)
+
+
+def test_kto_estimates_its_reference_point_like_trl(tmp_path):
+    """Without anchor_value, GROTrainer's KTO estimates z0 per step as TRL's KTOTrainer does: the mean
+    over the batch of log pi - log pi_ref of mismatched pairs (each prompt with the previous row's
+    completion), clamped at 0. Checked against that computation written here, and the step's
+    gradient against gro_loss with anchor_value=z0."""
+    from gro_kernels import gro_loss, token_logprobs
+    from gro_kernels.trainer.trainer import policy_inputs
+
+    rows = [{"prompt": "1234>", "completion": "4321", "label": True},
+            {"prompt": "5678>", "completion": "56", "label": False},
+            {"prompt": "9012>", "completion": "2109", "label": True},
+            {"prompt": "3456>", "completion": "3456", "label": False}]
+    trainer = trainer_for(tiny_model(), tmp_path, reward_funcs=(), dataset=rows, method="kto", prompts_per_step=4,
+                          learning_rate=0.0, max_grad_norm=None, ref_model=tiny_model(seed=1))
+    batch = trainer.make_batch(0)
+    prompts, completions = batch.prompts, batch.completions
+    policy, reference = tiny_model(), tiny_model(seed=1)
+
+    def logp(model, completions, grad=False):
+        b = collate([TOK.encode(p) for p in prompts],
+                    [TOK.encode(c, add_special_tokens=False) + [TOK.eos_token_id] for c in completions],
+                    pad_id=TOK.pad_token_id, group_ids=list(range(len(prompts))))
+        with torch.set_grad_enabled(grad):
+            h, w, bias = policy_inputs(model, b.input_ids, b.attention_mask, b.position_ids, b.prompt_len)
+            return token_logprobs(h, w, b.targets, bias=bias, backend="naive").logp, (h, w, bias, b.targets)
+
+    cycled = completions[-1:] + completions[:-1]
+    z0 = max(float((logp(policy, cycled)[0] - logp(reference, cycled)[0]).sum(1).mean()), 0.0)
+    assert z0 > 0.01   # a case where the reference point matters
+    ref_logp = logp(reference, completions)[0]
+    _, (h, w, bias, targets) = logp(policy, completions, grad=True)
+    loss = gro_loss(h, w, targets, bias=bias, method="kto", labels=batch.labels, ref_logp=ref_logp,
+                    anchor_value=z0, backend="naive").loss
+    params = list(policy.parameters())
+    want = _flat_grads(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
+
+    metrics = trainer.train_step(batch)
+    assert metrics["kto_z0"] == pytest.approx(z0, rel=1e-5)
+    got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # a fixed anchor_value is used as given (no estimate)
+    fixed = trainer_for(tiny_model(), tmp_path, reward_funcs=(), dataset=rows, method="kto", prompts_per_step=4,
+                        loss_options={"anchor_value": 0.0}, ref_model=tiny_model(seed=1))
+    assert "kto_z0" not in fixed.train_step(batch)

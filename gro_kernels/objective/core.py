@@ -130,7 +130,7 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
         log_sum_sq_probs=log_sum_sq_probs,
     )
-    check_requirements(method, opts, b)
+    check_requirements(method, opts, b, given=options)
     if not before_pass:
         return opts, b, sequence_plan(method, opts, b)
     b = _before_pass(b, given_old_logp=old_logp is not None)

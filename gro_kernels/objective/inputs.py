@@ -222,8 +222,9 @@ def kl_is_used(opts: Options, given_advantages: bool) -> bool:
     return opts.kl_placement == "loss" or (not given_advantages and opts.score in ("reward", "token_return"))
 
 
-def check_requirements(method: str, opts: Options, b: Batch) -> None:
-    """Errors for inputs the configured method needs but did not get, or cannot use."""
+def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -> None:
+    """Errors for inputs the configured method needs but did not get, or cannot use. `given`: the
+    options the caller passed (a preset's value is not a choice the caller made)."""
     who = f"method={method!r}"
     if b.advantages is not None and b.rewards is not None:
         raise ValueError("pass either rewards or advantages: given advantages replace the weights formed from rewards")
@@ -258,6 +259,12 @@ def check_requirements(method: str, opts: Options, b: Batch) -> None:
         raise ValueError(f"{who} scores by the log-ratio to the reference: pass ref_logp (or ref_hidden and ref_weight to gro_loss)")
     if opts.separation == "label" and b.labels is None:
         raise ValueError(f"{who} separates by label: pass labels [B] (+1 chosen / desirable, -1 rejected / undesirable)")
+    if method == "kto" and "anchor_value" not in given:
+        raise ValueError(
+            "method='kto' needs its reference point z0 as anchor_value: KTO weighs each completion by "
+            "beta (D_i - z0), D_i its log-ratio to the reference, z0 = KL(policy || reference) estimated per "
+            "batch and detached (TRL: the mean log-ratio of mismatched prompt/completion pairs, clamped at 0). "
+            "Pass anchor_value=z0; method='apo_zero_unpaired' is the method with z0 = 0")
     if opts.anchor == "baseline" and b.baselines is None:
         raise ValueError(f"{who} with anchor='baseline' needs baselines [B] (e.g. the greedy decode's reward)")
     needs_groups = opts.anchor in ("group_mean", "leave_one_out", "pair") or opts.scale == "group_std"

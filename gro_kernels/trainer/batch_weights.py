@@ -9,10 +9,12 @@ of these methods never depend on the current policy (only on rewards and, for a 
 on the behaviour and reference log-probs), so forming them first is exact.
 
 Methods whose scores are the policy's own log-probs (DPO, IPO, CPL, SimPO, KTO) keep forming their
-weights in the loss: their pairs are never split across micro-batches or processes.
+weights in the loss: their pairs are never split across micro-batches or processes. KTO's reference
+point z0 is a batch statistic too: `kto_reference_point` estimates it as TRL's KTOTrainer does.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -91,3 +93,24 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     out = gro_objective(logp, method=method, mask=mask, **rows, **opts)
     n, width = batch.targets.shape
     return out.metrics["advantages"][start:start + n, :width].float().to(batch.targets.device)
+
+
+def mismatched_pairs(batch: Batch) -> Batch:
+    """KTO's mismatched (prompt, completion) pairs, built as TRL's KTOTrainer builds them: each row's
+    prompt with the previous row's completion (the completions cycled by one row)."""
+    P = batch.prompt_len
+    ids = torch.cat([batch.input_ids[:, :P], batch.input_ids[:, P:].roll(1, 0)], 1)
+    am = torch.cat([batch.attention_mask[:, :P], batch.attention_mask[:, P:].roll(1, 0)], 1)
+    return replace(batch, input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
+                   targets=batch.targets.roll(1, 0))
+
+
+def kto_reference_point(policy_logp: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    """KTO's z0 from the [N, C] log-probs of `mismatched_pairs` under the policy and the reference
+    (0 off the completions): the batch mean of the sequence log-ratios, averaged over processes and
+    clamped at 0, without gradient (TRL KTOTrainer, `kl` in `_compute_loss`)."""
+    z0 = (policy_logp.double() - ref_logp.double()).sum(1).mean()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(z0)
+        z0 = z0 / dist.get_world_size()
+    return float(z0.clamp(min=0))

@@ -32,7 +32,8 @@ from torch import nn
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
 from . import distributed as gdist
-from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
+from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
+                            needs_behaviour_logp)
 from .config import GROConfig
 from .heads import check_head, fold_scale, logit_scale
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
@@ -233,6 +234,7 @@ class GROTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
         self._updating = False
+        self._z0 = None  # KTO's reference point of the current step (method='kto' without anchor_value)
         self.history: List[dict] = []
 
     # -- token ids --------------------------------------------------------------------------------
@@ -381,9 +383,20 @@ class GROTrainer:
         """The objective's options as given to `gro_loss` (the sampling temperature unless overridden)."""
         return {"temperature": self.config.temperature, **self.config.loss_options}
 
+    def _estimates_kto_z0(self) -> bool:
+        """method='kto' without a fixed anchor_value: z0 is estimated per step, as TRL does."""
+        return self.config.method == "kto" and "anchor_value" not in self.config.loss_options
+
+    def _kto_z0(self, batch: Batch) -> float:
+        """KTO's reference point for this step's batch, before its updates (batch_weights.py)."""
+        pairs = mismatched_pairs(batch)
+        return kto_reference_point(self.logprobs(self.model, pairs), self.logprobs(self.ref_model, pairs))
+
     def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
         cfg, opts = self.config, self.options
         kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
+        if self._z0 is not None:
+            kw["anchor_value"] = self._z0
         if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
             kw["advantages"] = mb.advantages
         else:
@@ -424,6 +437,7 @@ class GROTrainer:
             batch.old_logp = self.logprobs(self.model, batch)
         if self.ref_model is not None and not (self.options.kl_estimator == "full" and self.options.kl_coef != 0):
             batch.ref_logp = self.logprobs(self.ref_model, batch)
+        self._z0 = self._kto_z0(batch) if self._estimates_kto_z0() else None
         if forms_weights_from_rewards(self.options):
             behaviour = batch.old_logp
             if behaviour is None and needs_behaviour_logp(self.options):
@@ -471,7 +485,10 @@ class GROTrainer:
             self.scheduler.step()
         self.step += 1
         self._updating = False
-        return self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+        metrics = self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+        if self._z0 is not None:
+            metrics["kto_z0"] = self._z0
+        return metrics
 
     def _metrics(self, batch, mask, logp, sums, loss_total, grad_norm) -> Dict[str, float]:
         """Global (all-process) step metrics."""
