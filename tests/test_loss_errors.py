@@ -243,3 +243,22 @@ def test_kto_needs_its_reference_point():
     kto = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.5, **kw).metrics["weights"]
     torch.testing.assert_close(apo, kto0, rtol=0, atol=0)
     assert (kto - kto0).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "gro", "dr_grpo"])
+def test_groups_of_one_under_a_group_anchor_are_an_error(method):
+    # group_ids=torch.arange(B) (a forgotten repeat_interleave): every sequence is its own group's
+    # mean, so every weight was 0 and nothing trained, silently (issue 15 item 5). That is an error;
+    # groups of equal rewards (zero weights that carry information) and some singletons stay allowed.
+    d = lm()
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2], dtype=F64)
+    with pytest.raises(ValueError, match="group_ids.*one sequence"):
+        gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards, group_ids=torch.arange(4),
+                 kl_coef=0.0, backend="naive")
+    out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards, group_ids=torch.tensor([0, 0, 1, 2]),
+                   kl_coef=0.0, backend="naive")
+    w = out.metrics["weights"]
+    assert (w[2:] == 0).all() and (w[:2] != 0).all()
+    equal = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=torch.full((4,), 0.5, dtype=F64),
+                     group_ids=torch.tensor([0, 0, 1, 1]), kl_coef=0.0, backend="naive")
+    assert (equal.metrics["weights"] == 0).all()

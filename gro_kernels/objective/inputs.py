@@ -270,6 +270,12 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -
     needs_groups = opts.anchor in ("group_mean", "leave_one_out", "pair") or opts.scale == "group_std"
     if needs_groups and b.group is None:
         raise ValueError(f"{who} (anchor={opts.anchor!r}, scale={opts.scale!r}) needs group_ids [B]")
+    if opts.anchor == "group_mean" and b.num_groups == b.mask.shape[0]:
+        raise ValueError(
+            f"{who} compares each sequence with its group's mean (anchor='group_mean'), but every group of "
+            "group_ids has one sequence, so every weight would be 0 and nothing would train. Give the samples "
+            "of one prompt one id (e.g. torch.arange(prompts).repeat_interleave(samples_per_prompt)). (Groups "
+            "whose rewards are all equal are fine: their weights are 0 by design.)")
     if opts.anchor == "leave_one_out":
         sizes = torch.bincount(b.group, minlength=b.num_groups)
         if (sizes < 2).any():
