@@ -96,10 +96,11 @@ def gro_loss(
     # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
     # (use_weighting is never token-local, so that pass is the composable path's own, below.)
     want_sum_p2 = log_sum_sq_probs is None and opts.use_weighting
+    # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                     log_sum_sq_probs=log_sum_sq_probs, **options)
+                     log_sum_sq_probs=log_sum_sq_probs, **{k: v for k, v in options.items() if k != "temperature"})
 
     if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
         return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,

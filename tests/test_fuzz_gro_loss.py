@@ -46,9 +46,10 @@ def cases(draw, reference_head=False):
         o["temperature"] = draw(st.sampled_from([0.5, 1.0, 1.7]))
     if method in REWARD:
         o["kl_coef"] = draw(st.sampled_from([0.05, 0.5] if reference_head else [0.0, 0.05]))
-        o["kl_estimator"] = "full" if reference_head else draw(st.sampled_from(["k1", "k2", "k3", "full"]))
-        # the reward KL with the given old_logp below, the exact one included (issue 15 item 1)
-        o["kl_placement"] = draw(st.sampled_from(["loss", "reward"]))
+        if o["kl_coef"]:  # (the objective refuses KL options it does not read)
+            o["kl_estimator"] = "full" if reference_head else draw(st.sampled_from(["k1", "k2", "k3", "full"]))
+            # the reward KL with the given old_logp below, the exact one included (issue 15 item 1)
+            o["kl_placement"] = draw(st.sampled_from(["loss", "reward"]))
         if method != "reinforce_pp" and draw(st.booleans()):
             o["loss_agg"] = draw(st.sampled_from(LOSS_AGG))
         o["entropy_coef"] = draw(st.sampled_from([0.0, 0.01]))
@@ -58,7 +59,7 @@ def cases(draw, reference_head=False):
             o["importance_sampling"] = draw(st.sampled_from(["token", "sequence"]))
             if draw(st.booleans()):
                 o["delta"] = 1.5
-        if method not in ("reinforce_pp",):
+        if method not in ("reinforce", "rloo", "remax", "dr_grpo"):  # the methods with a std scale
             o["std_eps"] = draw(st.sampled_from([0.0, 1e-4]))
         case["offline"] = draw(st.booleans())
         case["equal_rewards"] = draw(st.booleans())  # constant groups: weight exactly 0, never NaN

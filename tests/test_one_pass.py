@@ -97,7 +97,7 @@ def composable(method, inputs=None, **extra):
     opts = {**options(method), **extra}
     ref = dict(ref_hidden=kw.pop("ref_hidden"), ref_weight=kw.pop("ref_weight"))
     full = opts.get("kl_estimator") == "full"
-    st = token_logprobs(h, w, targets, bias=b, temperature=opts["temperature"], return_entropy=True,
+    st = token_logprobs(h, w, targets, bias=b, temperature=opts.pop("temperature"), return_entropy=True,
                         backend="naive", **(ref if full else {}))
     out = gro_objective(st.logp, mask=targets != IGNORE, entropy=st.entropy, kl=st.kl, method=method, **kw, **opts)
     return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
@@ -331,7 +331,7 @@ def test_exact_kl_in_the_reward_with_old_logp(config):
     want, ref = composable(method, **extra)
     assert_same(got, want)
     torch.testing.assert_close(out.metrics["weights"], ref.metrics["weights"], atol=1e-10, rtol=1e-10)
-    without, _ = composable(method, **dict(extra, kl_coef=0.0))
+    without, _ = composable(method, kl_coef=0.0)
     assert (got[1] - without[1]).abs().max() > 1e-3   # the KL moves the gradient
     assert needs_policy_logp(resolve_options(method, extra), has_old_logp=True, has_advantages=False)
 

@@ -191,7 +191,12 @@ def gro_objective(
     `use_weighting`. Statistics are float32
     (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
     the method's own loss value; its gradient is the GRO gradient, which equals the method's.
+    An option the configuration does not read is an error naming it (options.py); `temperature` is
+    one here: it applies where the log-probs are computed (gro_loss, token_logprobs).
     """
+    if "temperature" in options:
+        raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
+                         "computed (gro_loss, token_logprobs); gro_objective gets them computed")
     opts, b, plan = prepare_objective(
         logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..logprobs.api import stat_dtype  # float32 statistics, float64 when given float64
-from .options import IMPLICIT_REFERENCE, Options
+from .options import IMPLICIT_REFERENCE, WEIGHT_OPTIONS, Options
 
 
 @dataclass
@@ -251,7 +251,17 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -
                          f"{'given' if b.log_sum_sq_probs is not None else 'not given'}")
     if b.rollout_logp is not None and opts.rollout_correction is None and opts.off_policy_mask_threshold is None:
         raise ValueError("rollout_logp was given but nothing uses it: set rollout_correction and/or off_policy_mask_threshold")
+    if "kl_estimator" in given and opts.kl_coef == 0 and b.ref_logp is None and b.kl is None:
+        raise ValueError("option kl_estimator is not read: kl_coef is 0 and there is no reference (ref_logp, kl, or "
+                         "the reference head) to report a KL for")
     if b.advantages is not None:
+        unread = [name for name in WEIGHT_OPTIONS if name in given]
+        if opts.kl_coef != 0 and opts.kl_placement == "reward" and ("kl_coef" in given or "kl_placement" in given):
+            unread.append("kl_coef")  # a reward KL enters the weights formed from rewards
+        if unread:
+            raise ValueError(f"option(s) {', '.join(unread)} shape the weights formed from rewards, labels or scores; "
+                             "given advantages replace those weights, so they would be ignored: leave them out, or "
+                             "fold them into the advantages (a KL: kl_placement='loss')")
         return  # steps 1-4 (scores, anchors, separation, weighting) are replaced
     if opts.score in ("reward", "token_return") and b.rewards is None:
         raise ValueError(f"{who} scores sequences by reward: pass rewards [B] (or advantages)")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..objective import gro_objective
 from ..objective.inputs import kl_is_used
-from ..objective.options import resolve_options
+from ..objective.options import WEIGHT_OPTIONS, resolve_options
 from .rollout import IGNORE_INDEX, Batch
 
 
@@ -37,6 +37,26 @@ def forms_weights_from_rewards(opts) -> bool:
 def needs_behaviour_logp(opts) -> bool:
     """A k1/k2/k3 KL in the reward is evaluated at the behaviour policy's log-probs."""
     return kl_is_used(opts, False) and opts.kl_placement == "reward"
+
+
+_KL_OPTIONS = ("kl_coef", "kl_estimator", "kl_placement")
+
+
+def weight_options(options: dict, resolved) -> dict:
+    """The loss options that form the weights: the weight options, and the KL's when it is in the reward."""
+    keep = WEIGHT_OPTIONS + (_KL_OPTIONS if needs_behaviour_logp(resolved) else ())
+    return {k: v for k, v in options.items() if k in keep}
+
+
+def options_beside_advantages(options: dict, resolved) -> dict:
+    """The loss options to pass with the advantages formed here: the ones those advantages already
+    hold are left out (gro_loss refuses them beside advantages), a KL in the reward included."""
+    out = {k: v for k, v in options.items() if k not in WEIGHT_OPTIONS and k not in _KL_OPTIONS}
+    if needs_behaviour_logp(resolved):
+        out["kl_coef"] = 0.0  # in the advantages already (a preset's KL in the loss must not come back)
+    else:
+        out.update({k: v for k, v in options.items() if k in _KL_OPTIONS})
+    return out
 
 
 def _rows(batch: Batch, opts, behaviour_logp, world_rank: int, world_size: int) -> dict:
@@ -72,8 +92,9 @@ def _gather(local: dict, world_size: int) -> tuple:
 def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: Optional[torch.Tensor]) -> torch.Tensor:
     """A[i,t] of this process's rows `[N, C]` (float32), formed on the global batch.
 
-    `options` are the loss options as the trainer passes them to `gro_loss`; `offline_coef` is left
-    to the loss (it scales given advantages of offline rows), the entropy term is the loss's too.
+    `options` are the loss options as the trainer passes them to `gro_loss`; only those that form
+    the weights are used (`offline_coef` is left to the loss: it scales given advantages of offline
+    rows).
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -83,7 +104,7 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     if world > 1:
         rows, start = _gather(rows, world)
     mask = rows.pop("mask")
-    opts = {**options, "offline_coef": 1.0, "entropy_coef": 0.0}
+    opts = weight_options(options, resolved)
     if not needs_behaviour_logp(resolved):
         opts["kl_coef"] = 0.0  # a KL in the loss does not enter the weights
     # The weights of a reward-scored method do not depend on the current log-probs, except through a

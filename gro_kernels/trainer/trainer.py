@@ -33,7 +33,7 @@ from ..logprobs import token_logprobs
 from ..loss import gro_loss
 from . import distributed as gdist
 from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
-                            needs_behaviour_logp)
+                            needs_behaviour_logp, options_beside_advantages)
 from .config import GROConfig
 from .heads import check_head, fold_scale, logit_scale
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
@@ -394,10 +394,13 @@ class GROTrainer:
 
     def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
         cfg, opts = self.config, self.options
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
+        options = self._loss_options()
+        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py), with the options that shape them
+            options = options_beside_advantages(options, opts)
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **options)
         if self._z0 is not None:
             kw["anchor_value"] = self._z0
-        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
+        if mb.advantages is not None:
             kw["advantages"] = mb.advantages
         else:
             if opts.score in ("reward", "token_return"):
