@@ -1,4 +1,4 @@
-"""Bad input is a clear error naming the argument; degenerate input is finite (GRO.md section 5)."""
+"""Bad input is a clear error naming the argument; degenerate input is finite (docs/options.md, Inputs)."""
 import pytest
 import torch
 
@@ -124,6 +124,21 @@ def test_groloss_module_rejects_unknown_options_at_construction():
         GROLoss(method="ppo")
 
 
+@pytest.mark.parametrize("call_with", ["gro_loss", "GROLoss", "gro_objective"])
+def test_misspelled_option_suggests_the_right_name(call_with):
+    """kl_coeff: the error names kl_coef first, not only the list of every option."""
+    d = lm()
+    with pytest.raises(TypeError, match=r"'kl_coeff' \(did you mean 'kl_coef'"):
+        if call_with == "GROLoss":
+            GROLoss(method="grpo", kl_coeff=0.1)
+        elif call_with == "gro_loss":
+            gro_loss(d.hidden, d.weight, d.targets, method="grpo", kl_coeff=0.1)
+        else:
+            gro_objective(torch.zeros(4, 5), method="grpo", kl_coeff=0.1)
+    with pytest.raises(ValueError, match="did you mean 'grpo'"):
+        GROLoss(method="grp")
+
+
 def test_groloss_module_matches_gro_loss():
     d = lm()
     kw = dict(rewards=torch.tensor([1.0, 0, 1, 0], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]), backend="naive")
@@ -167,8 +182,8 @@ def test_fully_masked_sequence_contributes_zero_and_never_nan(method, options):
         kw.update(rewards=torch.tensor([1.0, 0.5, 0.0, 0.3], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]))
     out = gro_loss(d.hidden, d.weight, targets, method=method, **kw)
     assert torch.isfinite(out.loss)
-    w = out.metrics["weights"]
-    assert (w[1] == 0).all(), "an empty sequence has zero weight"
+    assert (out.per_token["advantages"][1] == 0).all(), "an empty sequence has zero weight"
+    assert "weights" not in out.per_sequence or out.per_sequence["weights"][1] == 0
     g_h, g_w = torch.autograd.grad(out.loss, (d.hidden, d.weight))
     assert torch.isfinite(g_h).all() and torch.isfinite(g_w).all()
     assert (g_h[1] == 0).all(), "an empty sequence gets no gradient"
@@ -192,7 +207,7 @@ def test_zero_variance_group_gives_zero_weights_and_finite_loss(method):
     out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards,
                    group_ids=torch.tensor([0, 0, 0, 0]), kl_coef=0.0, backend="naive")
     assert torch.isfinite(out.loss)
-    assert (out.metrics["weights"] == 0).all()
+    assert (out.per_token["advantages"] == 0).all()
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.loss, (d.hidden, d.weight)))
 
 
@@ -238,9 +253,9 @@ def test_kto_needs_its_reference_point():
     with pytest.raises(ValueError, match="anchor_value"):
         gro_objective(torch.full((4, 5), -1.0, dtype=F64), method="kto", labels=kw["labels"], ref_logp=kw["ref_logp"])
     # z0 = 0 is the APO-zero method; a KTO z0 moves the weights
-    apo = gro_loss(d.hidden, d.weight, d.targets, method="apo_zero_unpaired", **kw).metrics["weights"]
-    kto0 = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.0, **kw).metrics["weights"]
-    kto = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.5, **kw).metrics["weights"]
+    apo = gro_loss(d.hidden, d.weight, d.targets, method="apo_zero_unpaired", **kw).per_sequence["weights"]
+    kto0 = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.0, **kw).per_sequence["weights"]
+    kto = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.5, **kw).per_sequence["weights"]
     torch.testing.assert_close(apo, kto0, rtol=0, atol=0)
     assert (kto - kto0).abs().max() > 1e-4
 
@@ -257,8 +272,8 @@ def test_groups_of_one_under_a_group_anchor_are_an_error(method):
                  kl_coef=0.0, backend="naive")
     out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards, group_ids=torch.tensor([0, 0, 1, 2]),
                    kl_coef=0.0, backend="naive")
-    w = out.metrics["weights"]
+    w = out.per_sequence["weights"]
     assert (w[2:] == 0).all() and (w[:2] != 0).all()
     equal = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=torch.full((4,), 0.5, dtype=F64),
                      group_ids=torch.tensor([0, 0, 1, 1]), kl_coef=0.0, backend="naive")
-    assert (equal.metrics["weights"] == 0).all()
+    assert (equal.per_sequence["weights"] == 0).all()

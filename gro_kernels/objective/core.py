@@ -1,4 +1,4 @@
-"""`gro_objective`: the GRO loss on per-token log-probs (GRO.md section 2).
+"""`gro_objective`: the GRO loss on per-token log-probs (docs/objective.md).
 
     loss = sum_{i,t} c[i,t] * ( -surrogate(A, l, lo) + kl_coef * k(l, lr) - entropy_coef * H )
 
@@ -14,7 +14,8 @@ import torch
 from . import corrections
 from .aggregation import token_coefficients
 from .inputs import Batch, check_requirements, kl_is_used, prepare_batch, truncation_mask
-from .options import Options, resolve_options
+from ..argdocs import document, options_entry
+from .options import OPTIONS, Options, resolve_options
 from .split import NotYetComputed, token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
@@ -22,12 +23,26 @@ from .weights import Weights, sequence_weights, token_weights
 
 @dataclass
 class GROOutput:
-    """loss: 0-d tensor to backpropagate; logp: the policy's per-token log-probs [B,T] (detached,
-    0 where masked); metrics: detached diagnostics (kl, entropy, clip fractions, weights, ...)."""
+    """What `gro_loss`, `GROLoss` and `gro_objective` return. Everything but `loss` is detached.
+
+    loss: 0-d tensor to backpropagate.
+    logp: [B,T] float32 (float64 for float64 input), the policy's per-token log-probs, 0 where not scored.
+    metrics: name -> 0-d tensor, the batch's diagnostics (`float(v)` works on every value): policy_loss,
+        kl, entropy, ratio_mean, clip_frac(_low/_high), policy_weight_mean, and for the preference
+        methods rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins as TRL logs them.
+        Which names are present depends on the method, options and inputs, never on the values.
+    per_sequence: name -> [B] tensor: weights w_i, scores s_i, anchors a_i, signs y_i (when the weights
+        are formed per sequence).
+    per_token: name -> [B,T] tensor: advantages A[i,t] (always: the weights, or the given advantages),
+        and scores / anchors / signs when the scores are per token (score='token_return').
+    docs/options.md ("What comes back") lists every name.
+    """
 
     loss: torch.Tensor
     logp: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_sequence: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _masked_mean(values, mask):
@@ -36,7 +51,7 @@ def _masked_mean(values, mask):
 
 @dataclass
 class SequencePlan:
-    """Step (a) of GRO.md section 6: everything formed before the pass over the vocabulary (detached)."""
+    """Step (a) of the split (docs/objective.md, "One pass or two"): everything formed before the pass over the vocabulary (detached)."""
 
     weights: Weights         # A[i,t] = weights.advantages
     coef: torch.Tensor       # c[i,t], the aggregation coefficients
@@ -159,6 +174,9 @@ def _check_plan(plan: SequencePlan) -> None:
         NotYetComputed(f"behaviour log-probs of offline rows (non-finite plan outputs {bad})")._refuse()
 
 
+@document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
+           "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
+           "**options"), {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -180,19 +198,24 @@ def gro_objective(
     log_sum_sq_probs: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
-    """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
+    """The GRO objective on per-token log-probs you computed (docs/objective.md), configured as
+    `method` with `options` overriding the preset. Use it when the log-probs come from elsewhere
+    (your own forward, `token_logprobs`, another trainer); `gro_loss` computes them from hidden
+    states without the logits. `entropy` and `kl` may carry gradients (as from `token_logprobs`).
+    Statistics are float32 (float64 when logp is float64). For the preference presets (DPO, IPO,
+    CPL, SimPO, KTO) `loss` reports the method's own loss value; its gradient is the GRO gradient,
+    which equals the method's.
 
-    logp, mask, entropy, kl, old_logp, ref_logp: [B,T] (entropy and kl differentiable, as from
-    `token_logprobs`). rewards, baselines, group_ids, labels (+1/-1), offline (bool): [B].
-    advantages: [B] or [B,T], replacing the weights formed from rewards. rollout_logp [B,T]: the
-    sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
-    [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
-    log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
-    `use_weighting`. Statistics are float32
-    (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
-    the method's own loss value; its gradient is the GRO gradient, which equals the method's.
-    An option the configuration does not read is an error naming it (options.py); `temperature` is
-    one here: it applies where the log-probs are computed (gro_loss, token_logprobs).
+    {args}
+
+    Returns:
+        GROOutput: loss (0-d), logp (detached), metrics (name -> 0-d tensor), per_sequence
+        (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
+
+    Raises:
+        TypeError, ValueError: naming the argument or option; an option the configuration does not
+        read is one (docs/options.md), `temperature` too: it applies where the log-probs are computed
+        (gro_loss, token_logprobs), and gro_objective gets them computed.
     """
     if "temperature" in options:
         raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
@@ -231,9 +254,34 @@ def gro_objective(
         metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), on)
     if plan.policy_weight is not None:
         metrics["policy_weight_mean"] = _masked_mean(plan.policy_weight, m)
-    metrics["weights"] = w.weights.detach()
-    metrics["advantages"] = w.advantages.detach()
-    for name in ("scores", "anchors", "signs"):
-        if getattr(w, name) is not None:
-            metrics[name] = getattr(w, name).detach()
-    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics)
+    if opts.score == "implicit" and opts.separation == "label" and w.scores is not None:
+        metrics.update(_preference_metrics(w, pairwise=opts.anchor == "pair"))
+    # [B] values in per_sequence, [B,T] values in per_token: the shape says which.
+    per_sequence, per_token = {}, {"advantages": w.advantages.detach()}
+    for name in ("weights", "scores", "anchors", "signs"):
+        value = getattr(w, name)
+        if value is not None and not (name == "weights" and value is w.advantages):
+            (per_sequence if value.dim() == 1 else per_token)[name] = value.detach()
+    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics, per_sequence=per_sequence, per_token=per_token)
+
+
+def _preference_metrics(w: Weights, *, pairwise: bool) -> Dict[str, torch.Tensor]:
+    """TRL's DPO / KTO reward metrics from the implicit scores s_i (beta times the sequence log-ratio
+    to the reference, or the method's reference-free score): the mean over chosen (desirable) rows,
+    over rejected (undesirable) rows, their difference, and for pairs the fraction of pairs whose
+    chosen row scores higher. A label with no row in the batch (KTO) contributes 0."""
+    s, chosen = w.scores.detach(), w.signs > 0
+    rejected = ~chosen
+
+    def mean(rows):
+        return s[rows].sum() / rows.sum().clamp(min=1)
+
+    out = {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected)}
+    if pairwise:  # anchors: the partner's score
+        margin = (s - w.anchors.detach())[chosen]
+        out["rewards/accuracies"] = (margin > 0).to(s.dtype).mean()
+        out["rewards/margins"] = margin.mean()
+    else:
+        both = bool(chosen.any()) and bool(rejected.any())
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"] if both else s.new_zeros(())
+    return out
