@@ -134,10 +134,11 @@ def gro_loss(
     # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
     # (use_weighting is never token-local, so that pass is the composable path's own, below.)
     want_sum_p2 = log_sum_sq_probs is None and opts.use_weighting
+    # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                     log_sum_sq_probs=log_sum_sq_probs, **options)
+                     log_sum_sq_probs=log_sum_sq_probs, **{k: v for k, v in options.items() if k != "temperature"})
 
     two_heads = bool(ref_head) and opts.kl_coef != 0 and teacher is not None
     if not two_heads and _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
@@ -183,10 +184,11 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objectiv
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
     want_kl = bool(ref_head) and teacher is None
     kl_grad = want_kl and opts.kl_coef != 0
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H, KL and the divergence.
+    # The plan is formed before the pass (token-local): zeros give the shapes, and the plan itself
+    # gets no logp, H, KL or divergence at all (reading them raises: see split.NotYetComputed).
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
                                    kl=zeros if want_kl else None, distill=None if teacher is None else zeros,
-                                   **objective)
+                                   before_pass=True, **objective)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
@@ -222,7 +224,7 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objectiv
     div = {}
     if teacher is not None:  # the teacher head in the second head's place
         flat_args = flat_args[:4] + check_teacher(teacher["teacher_hidden"], teacher["teacher_weight"],
-                                                  teacher["teacher_bias"], targets, weight.shape[0])
+                                                  teacher["teacher_bias"], targets, weight.shape[0], bias)
         div = dict(divergence=teacher_divergence(opts.divergence, opts.jsd_beta, True))
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     (logp, entropy, kl, _), (dh, dw, db) = fused_token_loss(

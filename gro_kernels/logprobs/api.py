@@ -176,7 +176,7 @@ def token_logprobs(
     """
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                                             temperature=temperature, ignore_index=ignore_index)
-    teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0])
+    teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0], b)
     div = teacher_divergence(divergence, jsd_beta, teacher is not None)
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
@@ -211,7 +211,24 @@ def teacher_divergence(divergence, jsd_beta, has_teacher: bool) -> Optional[Dive
     return Divergence.named(divergence, float(jsd_beta))
 
 
-def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab):
+def _check_teacher_masked_rows(bias, teacher_bias) -> None:
+    """-inf rows of the teacher's bias must be the policy's: a row one head masks and the other keeps makes
+    the reverse or the forward KL infinite (the JSD stays finite, but one rule for every divergence)."""
+    if teacher_bias is None:
+        if bias is not None and bool(torch.isneginf(bias).any()):
+            raise ValueError("bias masks vocabulary rows (-inf) the teacher keeps (no teacher_bias): mask the same "
+                             "rows with teacher_bias")
+        return
+    if bool((torch.isnan(teacher_bias) | torch.isposinf(teacher_bias)).any()) or bool(torch.isneginf(teacher_bias).all()):
+        raise ValueError("teacher_bias must be finite, or -inf on the vocabulary rows it masks (not on all of them)")
+    mine = torch.isneginf(bias) if bias is not None else torch.zeros_like(teacher_bias, dtype=torch.bool)
+    rows = torch.nonzero(mine != torch.isneginf(teacher_bias))[:5, 0].tolist()
+    if rows:
+        raise ValueError(f"teacher_bias and bias mask (-inf) different vocabulary rows, e.g. {rows}: a row one head "
+                         "masks and the other keeps makes the KL to the teacher infinite; mask the same rows in both")
+
+
+def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, bias=None):
     """The teacher head flattened (hidden [N, dt], weight [V, dt], bias), or None; errors name the argument."""
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("teacher_hidden and teacher_weight must be given together (the teacher head)")
@@ -220,6 +237,7 @@ def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab):
             raise ValueError("teacher_bias was given without teacher_hidden/teacher_weight")
         return None
     th, tw, tb = _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, targets.shape, targets.device)
+    _check_teacher_masked_rows(bias, tb)
     if tw.shape[0] != vocab:
         raise ValueError(f"teacher_weight has vocabulary {tw.shape[0]} but weight has {vocab} (a teacher must share "
                          "the policy's tokenizer; pad the smaller head's rows with a -inf bias)")
@@ -251,6 +269,7 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
         rh2, rw, rb = _check_head("ref_", ref_hidden, ref_weight, ref_bias, lead, device)
         if rw.shape[0] != vocab:
             raise ValueError(f"ref_weight has vocabulary {rw.shape[0]} but weight has {vocab}")
+    _check_masked_rows(b, rb)
 
     y = targets.reshape(-1).long()
     valid = y != ignore_index
@@ -264,6 +283,30 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
             )
 
     return h2, w, y, b, rh2, rw, rb
+
+
+def _check_masked_rows(bias, ref_bias) -> None:
+    """A -inf bias masks a vocabulary row (padding): probability 0, and the statistics are those of
+    the head without that row. NaN or +inf in a bias is an error; so is a reference that masks a
+    row the policy keeps, since KL(policy || reference) is then +inf for every token."""
+    masks = []
+    for name, t in (("bias", bias), ("ref_bias", ref_bias)):
+        if t is None:
+            continue
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if bool(bad.any()) or bool(torch.isneginf(t).all()):
+            rows = torch.nonzero(bad)[:5, 0].tolist()
+            raise ValueError(f"{name} must be finite, or -inf on the vocabulary rows it masks (not on all of "
+                             f"them); got NaN/+inf at rows {rows}" if rows else f"{name} is -inf on every row")
+        masks.append(torch.isneginf(t))
+    if ref_bias is not None and bool(masks[-1].any()):
+        kept = ~masks[0] if bias is not None else torch.ones_like(masks[-1])
+        rows = torch.nonzero(masks[-1] & kept)[:5, 0].tolist()
+        if rows:
+            raise ValueError(
+                f"ref_bias is -inf at vocabulary rows {rows} where bias is not: the reference gives those tokens "
+                "probability 0 while the policy does not, so the exact KL(policy || reference) is infinite. "
+                "Mask the same rows in both heads (-inf in bias too).")
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,10 +23,11 @@ from .epilogues import TorchEpilogue, TritonEpilogue
 _OPTIONS = ("chunk_elements",)
 
 
-def _epilogue(backend: str, dtype: torch.dtype):
+def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None):
     if backend == "triton" and dtype != torch.float64:
-        return TritonEpilogue()
-    return TorchEpilogue()
+        return TritonEpilogue()  # its kernels guard -inf bias rows at no extra pass
+    masked = any(b is not None and bool(torch.isneginf(b).any()) for b in (bias, ref_bias))
+    return TorchEpilogue(masked_rows=masked)
 
 
 def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
@@ -47,7 +48,7 @@ class _TokenStats(torch.autograd.Function):
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
-        epi = _epilogue(backend, hidden.dtype)
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias)
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                   epilogue=epi, ct=ct, want_sum_p2=return_sum_p2, div=div)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
@@ -63,6 +64,13 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
+        # backward() called inside torch.autocast would recast the recompute and gradient GEMMs to
+        # 16 bits: autocast off here as in the forward (api.token_logprobs).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _TokenStats._backward(ctx, g_logp, g_ent, g_kl, g_lse)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent, g_kl, g_lse):
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl, lse_r,
          e_pm) = ctx.saved_tensors
         temperature, chunk_elements, backend, div = ctx.config
@@ -80,7 +88,7 @@ class _TokenStats(torch.autograd.Function):
         grads = engine.Grads(head, need_h, need_w, need_b)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
         engine.backward_grads(head, ref, y, st, coefs, inv_t=inv_t, grads=grads,
-                              epilogue=_epilogue(backend, hidden.dtype), ct=ct)
+                              epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias), ct=ct)
         dh, dw, db = grads.result()
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
                 _cast(db, bias), None, None, None, None, None, None, None, None, None, None, None)
@@ -145,7 +153,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         grads = engine.Grads(head, need_h, need_w, need_b)
         st = engine.fused_pass(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype), ct=ct, div=divergence)
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias), ct=ct, div=divergence)
     outs = tuple(None if o is None else scatter_rows(o, rows, n_all) for o in (st.logp, st.entropy, st.kl, st.lse))
     dh, dw, db = grads.result()
     return outs, (None if dh is None else scatter_rows(dh, rows, n_all), _cast(dw, weight), _cast(db, bias))

@@ -22,12 +22,22 @@ def _rowdot(a, b):
     return torch.linalg.vecdot(a, b)
 
 
+def _zero_masked(t):
+    """-inf (a vocabulary row masked by its bias) -> 0, in place, once its exp (0) is taken: the
+    entropy, the KL and the gradient multiply these logits by p = 0, and 0 * -inf would be NaN."""
+    return t.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=0.0)
+
+
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
     keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
-    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for)."""
+    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for).
 
-    def __init__(self):
+    masked_rows: a bias has -inf rows (masked vocabulary). Their logits are then zeroed once their
+    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for."""
+
+    def __init__(self, masked_rows: bool = False):
+        self.masked_rows = masked_rows
         self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
 
     def stats(self, z, zr, y, inv_t, st, s, div=None):
@@ -39,6 +49,8 @@ class TorchEpilogue:
             d.mul_(inv_t)
         need_rel = st.entropy is not None or zr is not None
         p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
+        if need_rel and self.masked_rows:
+            _zero_masked(d)                          # -inf bias rows: p = 0 there, and 0 * d must be 0
         se = p.sum(1)
         log_se = se.log()
         mu = m[:, 0] * inv_t                         # max u
@@ -57,8 +69,10 @@ class TorchEpilogue:
             mur = mr[:, 0] * inv_t
             kind = "reverse_kl" if div is None else div.kind
             if kind == "reverse_kl":
-                ekl_rel = pd - _rowdot(p, dr) / se   # E_p[(u - max u) - (ur - max ur)]
                 log_se_r = dr.exp().sum(1).log()
+                if self.masked_rows:                 # rows the reference masks, the policy masks too (api.py)
+                    _zero_masked(dr)
+                ekl_rel = pd - _rowdot(p, dr) / se   # E_p[(u - max u) - (ur - max ur)]
                 st.ekl[s:e] = ekl_rel + (mu - mur)
                 # Clamp tiny negative round-off: a divergence is non-negative by definition.
                 st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
@@ -68,11 +82,13 @@ class TorchEpilogue:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
         self._cache = (z, p, se, mu, mur, aux)
 
-    @staticmethod
-    def _teacher_stats(kind, div, p, se, log_se, d, dr, mur, st, s, e):
+    def _teacher_stats(self, kind, div, p, se, log_se, d, dr, mur, st, s, e):
         """forward_kl / jsd against the second head; returns what the gradient reuses: q (forward_kl) or
-        log p - log m (jsd), one chunk-sized buffer."""
+        log p - log m (jsd), one chunk-sized buffer. With -inf bias rows (the same in both heads, api.py)
+        d and dr are 0 there: every term there is then finite and multiplied by p = q = 0."""
         q = dr.exp()
+        if self.masked_rows:
+            _zero_masked(dr)
         se_r = q.sum(1)
         log_se_r = se_r.log()
         q.div_(se_r[:, None])                        # q = softmax(ur)
@@ -119,6 +135,10 @@ class TorchEpilogue:
             dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
         else:
             p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
+            if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
+                _zero_masked(z)
+                if gamma is not None:
+                    _zero_masked(zr)
             t = z.mul_((beta * inv_t)[:, None]).add_(alpha[:, None])   # alpha + beta u
             if gamma is not None:
                 t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur
@@ -126,24 +146,29 @@ class TorchEpilogue:
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
         return dz if dz.dtype == out_dtype or out_dtype == torch.float64 else dz.to(out_dtype)
 
-    @staticmethod
-    def _grad_recomputed(z, zr, inv_t, lse, alpha, beta, gamma, extra):
+    def _grad_recomputed(self, z, zr, inv_t, lse, alpha, beta, gamma, extra):
         """p (alpha + beta u + gamma ur) + extra from the raw chunks (no cache: the composable backward)."""
         u = z.mul_(inv_t) if inv_t != 1.0 else z
         ur = zr.mul_(inv_t) if inv_t != 1.0 else zr
-        log_p = u - lse[:, None]
+        log_p, log_q = u - lse[:, None], ur - extra.lse_r[:, None]
+        p = log_p.exp()
         t = alpha[:, None].expand_as(u).clone()
+        if extra.div.kind == "jsd":
+            b = extra.div.beta
+            lpm = log_p.sub_(torch.logaddexp(log_p + math.log1p(-b), log_q + math.log(b)))
+            if self.masked_rows:   # -inf - (-inf) at rows both heads mask, where p = 0
+                lpm.nan_to_num_(nan=0.0)
+            t.add_(lpm.mul_(extra.delta[:, None]))
+        if self.masked_rows:       # p = 0 at -inf bias rows: their u may not make inf * 0 below
+            _zero_masked(u)
         if beta is not None:
             t.add_(u * beta[:, None])
         if gamma is not None:
             t.add_(ur * gamma[:, None])
-        log_q = ur.sub_(extra.lse_r[:, None])
-        if extra.div.kind == "jsd":
-            b = extra.div.beta
-            log_m = torch.logaddexp(log_p + math.log1p(-b), log_q + math.log(b))
-            t.add_((log_p - log_m).mul_(extra.delta[:, None]))
-            return t.mul_(log_p.exp_())
-        return t.mul_(log_p.exp_()).sub_(log_q.exp_().mul_(extra.delta[:, None]))
+        dz = t.mul_(p)
+        if extra.div.kind == "forward_kl":
+            dz.sub_(log_q.exp_().mul_(extra.delta[:, None]))
+        return dz
 
 
 class TritonEpilogue:

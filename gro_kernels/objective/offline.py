@@ -7,7 +7,7 @@ group (`offline_neg_coef` scales the pushes down; 0 never pushes an offline answ
 
 `offline_role="sft"` (CHORD, HPT): offline rows are demonstrations beside the group. The group's
 weights are formed from its online rows alone; each offline row gets weight +1 (SFT, times
-`offline_coef`). The two parts have their own aggregation: the online rows with `loss_agg` over
+`offline_coef`; given advantages replace it). The two parts have their own aggregation: the online rows with `loss_agg` over
 the online rows, the offline rows with a token mean over the offline tokens, mixed as
 `(1 - mu) online + mu offline` when `mu` is given (CHORD), else summed (HPT). With
 `switch_threshold` (HPT) each group trains one way only: a group whose mean online reward is at or
@@ -64,8 +64,8 @@ def _select(b: Batch, rows: torch.Tensor) -> Batch:
     """The batch restricted to `rows` (a [B] bool), its groups renumbered 0..n-1."""
     idx = torch.nonzero(rows).flatten()
 
-    def pick(t):
-        return None if t is None else t.index_select(0, idx)
+    def pick(t):  # (a NotYetComputed placeholder of the one pass stays one)
+        return t.index_select(0, idx) if isinstance(t, torch.Tensor) else t
 
     group, num_groups = None, 0
     if b.group is not None:
@@ -85,12 +85,19 @@ def sft_plan(method: str, opts: Options, b: Batch, online_weights) -> Tuple[torc
     their given advantages)."""
     rl, sft = sft_rows(opts, b)
     m = b.mask
+    if opts.anchor == "leave_one_out" and b.advantages is None and bool(rl.any()):
+        sizes = torch.bincount(b.group[rl], minlength=b.num_groups)
+        if ((sizes > 0) & (sizes < 2)).any():
+            raise ValueError("offline_role='sft' forms the weights from the online rows alone, and anchor="
+                             "'leave_one_out' needs at least 2 of them in every group")
     A = torch.zeros_like(m)
     w_sub = None
     if bool(rl.any()):
         w_sub = online_weights(_select(b, rl))
         A[rl] = w_sub.advantages
-    A = torch.where(sft[:, None], m * opts.offline_coef, A)
+    # An offline row's SFT weight is +1, or its given advantage.
+    off = m if b.advantages is None else b.advantages * m
+    A = torch.where(sft[:, None], off * opts.offline_coef, A)
     n_on, n_off = _part_counts(b.num_items)
     units = int(rl.sum()) if w_sub is None else w_sub.units
     c_on = token_coefficients(opts.loss_agg, m * rl[:, None], units=units,
