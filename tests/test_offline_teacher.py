@@ -404,3 +404,39 @@ def test_orpo_is_finite_when_a_sequence_is_certain():
                         mask=torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 0]]).bool())
     assert torch.isfinite(out.loss)
     assert torch.isfinite(grads(out.loss, (logp,))[0]).all()
+
+
+@pytest.mark.parametrize("divergence, beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("backend, extra", [("naive", {}), ("torch", {}), ("torch", {"top_entropy_quantile": 0.5})])
+def test_teacher_with_masked_vocabulary_rows_is_the_head_without_them(divergence, beta, backend, extra):
+    """-inf bias rows (a padded vocabulary) masked in both heads: the divergence and its gradient are those
+    of the heads without those rows (torch: the fused pass, and with top_entropy_quantile the composable
+    path's recomputed backward); a row only one head masks is an error naming teacher_bias."""
+    data, _ = _data()
+    V = data.weight.shape[0]
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[[3, 17, V - 1]] = True
+    targets = data.targets.masked_fill(torch.isin(data.targets, torch.nonzero(masked).flatten()), IGNORE)
+    bias = torch.where(masked, -torch.inf, 0.1 * torch.arange(V, dtype=torch.float64))
+    t_bias = torch.where(masked, -torch.inf, data.teacher_bias)
+    opts = dict(divergence=divergence, **({"jsd_beta": beta} if divergence == "jsd" else {}), **extra)
+    out = gro_loss(data.hidden, data.weight, targets, bias=bias, method="distill", teacher_hidden=data.teacher_hidden,
+                   teacher_weight=data.teacher_weight, teacher_bias=t_bias, backend=backend, temperature=0.8, **opts)
+    got = grads(out.loss, (data.hidden, data.weight))
+    keep = ~masked   # the same heads without the masked rows
+    remap = torch.cumsum(keep.long(), 0) - 1
+    small = torch.where(targets == IGNORE, IGNORE, remap[targets.clamp(min=0)])
+    w_small = data.weight.detach()[keep].clone().requires_grad_()
+    h = data.hidden.detach().clone().requires_grad_()
+    ref = gro_loss(h, w_small, small, bias=bias[keep], method="distill", teacher_hidden=data.teacher_hidden,
+                   teacher_weight=data.teacher_weight[keep], teacher_bias=t_bias[keep], backend="naive",
+                   temperature=0.8, **opts)
+    want_h, want_w = grads(ref.loss, (h, w_small))
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got[0], want_h, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got[1][keep], want_w, atol=1e-10, rtol=1e-10)
+    assert (got[1][masked] == 0).all()
+    with pytest.raises(ValueError, match="teacher_bias"):
+        gro_loss(data.hidden, data.weight, targets, bias=bias, method="distill", teacher_hidden=data.teacher_hidden,
+                 teacher_weight=data.teacher_weight, teacher_bias=data.teacher_bias, backend=backend)

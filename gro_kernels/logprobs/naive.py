@@ -39,15 +39,20 @@ def _logits(hidden, weight, bias, temperature, dtype):
 
 
 def divergence_to(logprobs, teacher_logprobs, div):
-    """The per-row divergence to the teacher, from both log-softmaxes (engine.Divergence)."""
+    """The per-row divergence to the teacher, from both log-softmaxes (engine.Divergence). 0 log 0 = 0 at
+    vocabulary rows a -inf bias masks: the logs are replaced before any product (as for the entropy)."""
     p, q = logprobs.exp(), teacher_logprobs.exp()
+    live_p, live_q = p > 0, q > 0
     if div.kind == "reverse_kl":
-        return (p * (logprobs - teacher_logprobs)).sum(-1)
+        return (p * torch.where(live_p, logprobs - teacher_logprobs, 0.0)).sum(-1)
     if div.kind == "forward_kl":
-        return (q * (teacher_logprobs - logprobs)).sum(-1)
+        return (q * torch.where(live_q, teacher_logprobs - logprobs, 0.0)).sum(-1)
     b = div.beta
-    log_m = torch.logaddexp(logprobs + math.log1p(-b), teacher_logprobs + math.log(b))
-    return b * (q * (teacher_logprobs - log_m)).sum(-1) + (1 - b) * (p * (logprobs - log_m)).sum(-1)
+    dead = ~live_p & ~live_q                      # masked in both heads: m = 0 too
+    lp, lq = torch.where(dead, 0.0, logprobs), torch.where(dead, 0.0, teacher_logprobs)
+    log_m = torch.logaddexp(lp + math.log1p(-b), lq + math.log(b))
+    return (b * (q * torch.where(live_q, lq - log_m, 0.0)).sum(-1)
+            + (1 - b) * (p * torch.where(live_p, lp - log_m, 0.0)).sum(-1))
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
