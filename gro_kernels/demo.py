@@ -10,6 +10,11 @@ samples per step and optimizer steps:
 * `sft_then_grpo` SFT first, then GRPO;
 * `grpo_sft`      GRPO plus a weighted SFT loss on the offline answers;
 * `luffy`         offline answers in the group with LUFFY's policy shaping f(p) = p / (p + 0.1);
+* `chord`         (1 - mu) GRPO + mu SFT on the offline answers with CHORD-phi's token weight p (1 - p);
+* `hpt`           per prompt, SFT on its offline answer when its samples score at or below a threshold,
+                  else GRPO (HPT's switch);
+* `distill`       on-policy distillation: GRPO plus the reverse KL to a teacher at every sampled token,
+                  the teacher being the `sft` arm's model (trained first, inside the run);
 * `gro`           offline answers in the group, scored by the same reward (this package's method):
                   an offline answer above the group's anchor is pushed up, one below it pushed down.
 
