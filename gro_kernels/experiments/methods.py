@@ -39,9 +39,9 @@ ABLATIONS = ("gro_nodown",)
 KNOBS = {
     "sft_then_grpo": ("sft_fraction", (0.25, 0.5, 0.75)),
     "grpo_sft": ("sft_weight", (0.1, 0.3, 1.0)),
-    "chord": ("mu", (0.1, 0.3, 0.5)),
+    "chord": ("mu", (0.1, 0.5, 0.9)),         # Trinity-RFT's default 0.1 up to CHORD-mu's peak 0.9
     "hpt": ("switch_threshold", (0.0, 0.25, 0.5)),
-    "distill": ("distill_coef", (0.1, 0.3, 1.0)),
+    "distill": ("distill_coef", (0.1, 0.5, 2.0)),
     "gro": ("offline_coef", (0.5, 1.0, 2.0)),
     "gro_nodown": ("offline_coef", (0.5, 1.0, 2.0)),
 }
