@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_inputs, stat_dtype
+from .logprobs.api import check_class_weight, check_inputs, stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
+from .logprobs.transform import HEAD_PRECISIONS, check_head_options
 from .objective import GROOutput, gro_objective
 from .objective.core import prepare_objective
 from .objective.inputs import check_mask, uses_ref_logp
-from .objective.options import resolve_options
+from .objective.options import ce_smoothing_reader, resolve_options
 from .objective.split import needs_policy_logp, token_loss
 
 
@@ -46,6 +47,12 @@ def gro_loss(
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     log_sum_sq_probs: Optional[torch.Tensor] = None,
+    head_precision: str = "native",
+    softcap: Optional[float] = None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    class_weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
     backend_options: Optional[dict] = None,
@@ -55,14 +62,41 @@ def gro_loss(
     """The GRO loss of `method` straight from the LM head, without materializing the logits.
 
     hidden [B,T,d] predicts targets [B,T] (already shifted; `ignore_index` marks padding / prompt);
-    weight [V,d] is the LM head. The reference head (ref_hidden, ref_weight, ref_bias) is frozen:
-    it supplies the exact KL when kl_estimator="full" (in the same pass) and ref_logp when the
-    method needs it and none was given. `backend_options` go to the backend (`{"chunk_elements": n}`:
-    logits per chunk). `mask` (bool or 0/1) marks the tokens that count; masked tokens are dropped
-    like ignored ones. The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
-    (then `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
-    (three GEMMs, gradients computed in the forward call); the others the composable path (four).
-    Every other argument goes to `gro_objective`.
+    weight [V,d] is the LM head. Token-local objectives take the single fused pass (three GEMMs,
+    gradients computed in the forward call); the others the composable path (four). The policy's
+    distribution is `token_logprobs`'s: softmax(softcap(W h + b) / temperature) over the sampler's
+    kept set (top_k / top_p / min_p).
+
+    Args:
+        method: a preset (`PRESETS`); `options` override its columns (see `gro_objective`).
+        mask: bool or 0/1 [B,T], the tokens that count; masked tokens are dropped like ignored ones.
+        rewards, advantages, group_ids, labels, baselines, offline, old_logp, ref_logp,
+            num_items_in_batch, rollout_logp, truncated, log_sum_sq_probs: `gro_objective`'s inputs.
+        ref_hidden, ref_weight, ref_bias: the frozen reference head: the exact KL when
+            kl_estimator="full" (in the same pass), and ref_logp when the method needs it and none
+            was given. Soft-capped and tempered like the policy, never truncated.
+        bias: the head's bias [V] or None.
+        head_precision: "native" | "fp32" | "tf32" (`token_logprobs`): "fp32" computes the logits
+            and the gradient GEMMs on fp32 copies of 16-bit hidden states and weight (vLLM's fp32
+            head); "tf32" the same on TF32 tensor cores (CUDA only).
+        softcap: the logit soft cap c (Gemma 2/3's final_logit_softcapping), or None.
+        top_k, top_p, min_p: the sampler's truncation (number, [B] or [B,T]; `token_logprobs`).
+        class_weight: [V] class weights of the SFT preset (torch's cross-entropy `weight`): each
+            target's log-likelihood times its class weight, the mean over the targets' weights.
+        temperature (an option): a float, or a positive tensor [B] or [B,T]; applied to log-probs,
+            entropy and KL alike.
+        z_loss_coef (an option): adds z_loss_coef * sum c lse^2 (PaLM's z-loss; Liger's lse_square_scale).
+        label_smoothing, reduction (options of the SFT preset): torch's cross-entropy label smoothing
+            (in [0, 1]) and reduction ("mean", "sum", "none": `loss` is then [B,T]).
+        ignore_index: the target id of positions not scored.
+        backend, backend_options: the `token_logprobs` backend and its options
+            (`{"chunk_elements": n}`: logits per chunk).
+        return_entropy: compute the entropy for metrics (`metrics["entropy"]`); it is computed anyway
+            when `entropy_coef != 0` or tokens are selected by entropy.
+
+    Returns:
+        GROOutput(loss, logp [B,T] detached, metrics): metrics hold kl, entropy, clip fractions,
+        weights, ... and `token_accuracy` (the fraction of scored targets that are their row's top-1).
     """
     backend_options = dict(backend_options or {})
     opts = resolve_options(method, options)
@@ -76,6 +110,8 @@ def gro_loss(
     full_kl = opts.kl_estimator == "full"
     if full_kl and opts.kl_coef != 0 and not has_ref_head:
         raise ValueError("kl_estimator='full' needs the reference head: pass ref_hidden and ref_weight")
+    head = dict(temperature=opts.temperature, softcap=softcap, head_precision=head_precision)
+    sampler = dict(top_k=top_k, top_p=top_p, min_p=min_p)
 
     # Masked positions are ignored tokens: dropped before any matrix work, so nothing there
     # (padding, a NaN hidden state) reaches a GEMM.
@@ -88,64 +124,83 @@ def gro_loss(
     # The entropy: for the bonus, for top-entropy token selection, or asked for (metrics).
     want_entropy = bool(return_entropy) or opts.entropy_coef != 0 or opts.top_entropy_quantile < 1
     if ref_logp is None and has_ref_head and uses_ref_logp(method, opts):
-        with torch.no_grad():
+        with torch.no_grad():  # the reference's full (never truncated) distribution
             ref_logp = token_logprobs(
-                ref_hidden, ref_weight, targets, bias=ref_bias, temperature=opts.temperature,
-                ignore_index=ignore_index, backend=backend, **backend_options,
+                ref_hidden, ref_weight, targets, bias=ref_bias, ignore_index=ignore_index, backend=backend,
+                **head, **backend_options,
             ).logp
     # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
     # (use_weighting is never token-local, so that pass is the composable path's own, below.)
     want_sum_p2 = log_sum_sq_probs is None and opts.use_weighting
+    # SFT's label smoothing reads the mean log-prob over the vocabulary; its class weights the targets'.
+    want_mean_logp = opts.label_smoothing != 0 and ce_smoothing_reader(opts)
+    cw = check_class_weight(class_weight, weight.shape[0] if isinstance(weight, torch.Tensor) else 0, targets.device)
+    target_weight = None if cw is None else cw[targets.clamp(min=0)] * valid
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                     log_sum_sq_probs=log_sum_sq_probs, **options)
+                     log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight, **options)
+    stat_options = dict(want_entropy=want_entropy, want_mean_logp=want_mean_logp, class_weight=cw,
+                        ignore_index=ignore_index, backend=backend, backend_options=backend_options)
 
     if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
-        return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
-                           ignore_index=ignore_index, backend=backend, backend_options=backend_options)
+        return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, head={**head, **sampler},
+                           **stat_options)
 
     stats = token_logprobs(
-        hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-        return_entropy=want_entropy, return_sum_p2=want_sum_p2, backend=backend, **ref_head, **backend_options,
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, return_entropy=want_entropy,
+        return_sum_p2=want_sum_p2, return_mean_logp=want_mean_logp, class_weight=cw if want_mean_logp else None,
+        backend=backend, **head, **sampler, **ref_head, **backend_options,
     )
     if want_sum_p2:
         objective["log_sum_sq_probs"] = stats.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
     entropy = stats.entropy
     if entropy is not None and opts.entropy_coef == 0:
         entropy = entropy.detach()  # metrics only
-    return gro_objective(stats.logp, entropy=entropy, kl=stats.kl, **objective)
+    out = gro_objective(stats.logp, entropy=entropy, kl=stats.kl, lse=stats.lse if opts.z_loss_coef != 0 else None,
+                        mean_logp=stats.mean_logp, **objective)
+    _token_accuracy(out, stats.is_top1, valid)
+    return out
+
+
+def _token_accuracy(out: GROOutput, is_top1, valid) -> None:
+    """metrics["token_accuracy"]: the fraction of scored targets that are their row's top-1 (Liger's)."""
+    if is_top1 is not None:
+        out.metrics["token_accuracy"] = ((is_top1 & valid).sum() / valid.sum().clamp(min=1)).to(out.logp.dtype)
 
 
 def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline) -> bool:
     """The single fused pass (three GEMMs) applies when gradients are wanted, the backend is a
-    chunked one, and the objective is token-local (GRO.md section 6)."""
+    chunked one, the loss is a scalar, and the objective is token-local (GRO.md section 6)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return False  # token_logprobs names the bad argument
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if not wants_grad or resolve_backend(backend, hidden.device) == "naive":
+    if not wants_grad or resolve_backend(backend, hidden.device) == "naive" or opts.reduction == "none":
         return False
     has_offline = isinstance(offline, torch.Tensor) and bool(offline.any())
     return not needs_policy_logp(opts, has_old_logp=old_logp is not None, has_advantages=advantages is not None,
                                  has_offline=has_offline)
 
 
-def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, want_entropy, ignore_index,
-                backend, backend_options) -> GROOutput:
+def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, head, want_entropy, want_mean_logp,
+                class_weight, ignore_index, backend, backend_options) -> GROOutput:
     """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
     derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
     B, T = targets.shape
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
     want_kl = bool(ref_head)
     kl_grad = want_kl and opts.kl_coef != 0
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
-    _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                   kl=zeros if want_kl else None, **objective)
+    want_lse = opts.z_loss_coef != 0
+    # The plan never reads logp here (token-local): zeros stand in for it, and for H, KL, lse, mean_logp.
+    _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None, kl=zeros if want_kl else None,
+                                   lse=zeros if want_lse else None, mean_logp=zeros if want_mean_logp else None,
+                                   **objective)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
-    g_pol, g_ent, a_kl = flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef)
+    g_pol, g_ent, a_kl, c_lse = flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef), \
+        flat(plan.lse_coef)
     pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
     online = flat((~b.offline)[:, None].expand(B, T))
     # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
@@ -153,59 +208,94 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
 
     def coefficients(pos, cs):
         with torch.enable_grad():
-            leaves = [cs.logp.detach().requires_grad_()]
-            H = cs.entropy.detach().requires_grad_() if opts.entropy_coef != 0 else None
-            K = cs.kl.detach().requires_grad_() if kl_grad else None
-            leaves += [t for t in (H, K) if t is not None]
-            l = leaves[0]
+            def leaf(t, want):
+                return t.detach().requires_grad_() if want else None
+
+            l = leaf(cs.logp, True)
+            H, K = leaf(cs.entropy, opts.entropy_coef != 0), leaf(cs.kl, kl_grad)
+            Z, M = leaf(cs.lse, want_lse), leaf(cs.mean_logp, want_mean_logp)
+            leaves = [l, H, K, Z, M]
             lo = l.detach() if given_lo is None else torch.where(online[pos], given_lo[pos], l.detach())
+            one = lambda t: None if t is None else t[None]  # noqa: E731
             terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=pick(lr, pos),
-                               entropy=None if H is None else H[None], kl=None if K is None else K[None],
-                               advantages=A[pos][None], coef=c[pos][None], online=online[pos][None], mask=None,
-                               kl_in_loss=plan.kl_in_loss, policy_weight=pick(g_pol, pos),
-                               entropy_weight=pick(g_ent, pos), abs_kl_coef=pick(a_kl, pos))
-            g = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
-        g = [torch.zeros_like(l) if x is None else x for x in g]
-        return g[0], (g[1] if H is not None else None), (g[-1] if K is not None else None)
+                               entropy=one(H), kl=one(K), advantages=A[pos][None], coef=c[pos][None],
+                               online=online[pos][None], mask=None, kl_in_loss=plan.kl_in_loss,
+                               policy_weight=pick(g_pol, pos), entropy_weight=pick(g_ent, pos),
+                               abs_kl_coef=pick(a_kl, pos), lse=one(Z), mean_logp=one(M), lse_coef=pick(c_lse, pos))
+            present = [x for x in leaves if x is not None]
+            g = dict(zip(map(id, present), torch.autograd.grad(terms.loss, present, allow_unused=True)))
+        out = []
+        for x in leaves:
+            gx = None if x is None else g[id(x)]
+            out.append(torch.zeros_like(x) if x is not None and gx is None else gx)
+        return tuple(out)
 
     flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
-                             ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
+                             ref_head.get("ref_bias"), ignore_index=ignore_index, **head)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    (logp, entropy, kl, _), (dh, dw, db) = fused_token_loss(
-        *flat_args, temperature=opts.temperature, ignore_index=ignore_index, return_entropy=want_entropy,
-        coefficients=coefficients, need_grads=need, backend=resolve_backend(backend, targets.device),
-        **backend_options)
+    *args, tf = flat_args
+    stats, (dh, dw, db) = fused_token_loss(
+        *args, transform=tf, head_precision=head["head_precision"], ignore_index=ignore_index,
+        return_entropy=want_entropy, coefficients=coefficients, need_grads=need, want_mean_logp=want_mean_logp,
+        class_weight=class_weight, backend=resolve_backend(backend, targets.device), **backend_options)
     # The value and the metrics: the same objective on the detached [B,T] statistics.
+    bt = lambda t: None if t is None else t.reshape(B, T)  # noqa: E731
     with torch.no_grad():
-        out = gro_objective(logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
-                            kl=None if kl is None else kl.reshape(B, T), **objective)
+        out = gro_objective(bt(stats["logp"]), entropy=bt(stats["entropy"]), kl=bt(stats["kl"]),
+                            lse=bt(stats["lse"]) if want_lse else None, mean_logp=bt(stats["mean_logp"]), **objective)
+    _token_accuracy(out, bt(stats["is_top1"]), objective["mask"])
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
 
 
 class GROLoss(nn.Module):
-    """`gro_loss` as a module: `GROLoss(method="grpo", kl_coef=0.0)(hidden, weight, targets, rewards=..., group_ids=...)`."""
+    """`gro_loss` as a module: `GROLoss(method="grpo", kl_coef=0.0)(hidden, weight, targets, rewards=..., group_ids=...)`.
 
-    def __init__(self, method: str = "gro", **options):
+    Args:
+        method: the preset.
+        head_precision, softcap, top_k, top_p, min_p: the head's options (`gro_loss`), fixed here;
+            `forward` may override top_k / top_p / min_p / temperature per batch (e.g. [B] tensors
+            from the sampler).
+        **options: the objective's options (`gro_loss`), checked at construction.
+    """
+
+    def __init__(self, method: str = "gro", *, head_precision: str = "native", softcap: Optional[float] = None,
+                 top_k=None, top_p=None, min_p=None, **options):
         super().__init__()
         resolve_options(method, options)  # fail at construction, not at the first step
+        if head_precision not in HEAD_PRECISIONS:
+            raise ValueError(f"head_precision must be one of {HEAD_PRECISIONS}, got {head_precision!r}")
+        check_head_options(temperature=1.0, softcap=softcap, top_k=None, top_p=None, min_p=None,
+                           head_precision="native", lead=(1,), device=torch.device("cpu"), dtype=torch.float32,
+                           vocab=1)
         self.method = method
+        self.head = dict(head_precision=head_precision, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
         self.options = dict(options)
 
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
-                log_sum_sq_probs=None, ignore_index=-100, backend="auto", backend_options=None,
-                return_entropy=None) -> GROOutput:
+                log_sum_sq_probs=None, class_weight=None, temperature=None, top_k=None, top_p=None, min_p=None,
+                ignore_index=-100, backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
+        """`gro_loss` with the module's options; temperature / top_k / top_p / min_p given here
+        (numbers or per-sequence / per-token tensors) replace the module's for this call."""
+        head = dict(self.head)
+        for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+            if value is not None:
+                head[name] = value
+        options = dict(self.options)
+        if temperature is not None:
+            options["temperature"] = temperature
         return gro_loss(
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
             num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-            log_sum_sq_probs=log_sum_sq_probs, ignore_index=ignore_index, backend=backend,
-            backend_options=backend_options, return_entropy=return_entropy, **self.options,
+            log_sum_sq_probs=log_sum_sq_probs, class_weight=class_weight, ignore_index=ignore_index, backend=backend,
+            backend_options=backend_options, return_entropy=return_entropy, **head, **options,
         )
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        given = {**{k: v for k, v in self.head.items() if v is not None and v != "native"}, **self.options}
+        opts = ", ".join(f"{k}={v!r}" for k, v in given.items())
         return f"method={self.method!r}" + (f", {opts}" if opts else "")

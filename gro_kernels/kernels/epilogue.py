@@ -156,8 +156,21 @@ def _rowmajor(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None, sum_p2=None):
+def _not_yet(inv_t, **features):
+    # TODO(issue 17): the soft cap, per-row temperature, truncation and mean log-prob in the kernels.
+    given = [k for k, v in features.items() if v is not None]
+    if isinstance(inv_t, torch.Tensor):
+        given.append("a per-token temperature")
+    if given:
+        raise NotImplementedError(f"backend='triton' does not take {', '.join(given)} yet; use backend='torch'")
+
+
+def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None, sum_p2=None, top1=None,
+                     mean_logp=None, cap=None, tau=None, class_weight=None):
     """Fill lse and logp (and the entropy, sum_v p_v^2; with zr, the exact KL and E_p[u - ur]) for each row of z."""
+    _not_yet(inv_t, softcap=cap, truncation=tau, mean_logp=mean_logp)
+    if top1 is not None:
+        top1.copy_(z.gather(1, y[:, None])[:, 0] >= z.amax(1))
     z, zr = _rowmajor(z), _rowmajor(zr)
     n, vocab = z.shape
     args = (z, lse if zr is None else zr, y, lse, logp, lse if ent is None else ent, lse if kl is None else kl,
@@ -167,10 +180,12 @@ def launch_row_stats(z, zr, y, inv_t, *, lse, logp, ent=None, kl=None, ekl=None,
             dict(WANT_ENT=ent is not None, HAS_REF=zr is not None, WANT_P2=sum_p2 is not None))
 
 
-def launch_logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, out_dtype=torch.float32):
+def launch_logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, out_dtype=torch.float32,
+                       cap=None, tau=None, eta=None, class_weight=None):
     """The logits gradient dz [ct, V] in `out_dtype`, written over z's memory (a 16-bit dz is a
     strided view of the first half of each fp32 row). Under the interpreter dz is a new tensor:
     the interpreter copies each argument, so aliasing arguments would not write back in order."""
+    _not_yet(inv_t, softcap=cap, truncation=tau, mean_logp=eta)
     zr = None if gamma is None else _rowmajor(zr)  # the reference chunk matters only through gamma
     z = _rowmajor(z)
     n, vocab = z.shape

@@ -6,12 +6,15 @@ reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
 
     token_stats(hidden[N,d], weight[V,d], targets[N] int64, bias[V]|None,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
-                temperature, ignore_index, return_entropy, return_kl, return_sum_p2, **backend_options)
-        -> (logp[N], entropy[N]|None, kl[N]|None, lse[N], sum_p2[N]|None)
+                transform (transform.Transform of the N tokens), head_precision, ignore_index,
+                return_entropy, return_kl, return_sum_p2, return_mean_logp, class_weight[V]|None,
+                **backend_options)
+        -> dict logp, entropy, kl, lse, sum_p2, mean_logp (each [N] or None), is_top1 ([N] bool)
 
 all float32 (float64 when the inputs are float64), exactly 0 at ignored positions, and
 differentiable in hidden, weight and bias. The reference head is frozen: no gradient
-flows into ref_hidden / ref_weight / ref_bias.
+flows into ref_hidden / ref_weight / ref_bias. `transform.py` defines the soft cap, temperature
+and truncation every backend applies.
 """
 from __future__ import annotations
 
@@ -24,18 +27,26 @@ from typing import Optional
 
 import torch
 
+from .transform import check_head_options
+
 BACKENDS = ("naive", "torch", "triton")
+STAT_NAMES = ("logp", "entropy", "kl", "lse", "sum_p2", "mean_logp", "is_top1")
 
 
 @dataclass
 class TokenStats:
-    """Per-token statistics, each shaped like `targets`.
+    """Per-token statistics, each shaped like `targets`, of q = the row's distribution: softmax(u),
+    u = softcap(W h + b) / temperature, restricted to the kept set when truncated (`transform.py`).
 
-    logp: log softmax(z)[target], z = (W h + b) / temperature.
-    entropy: entropy of softmax(z), or None when not asked for.
-    kl: exact KL(softmax(z) || softmax(z_ref)) over the whole vocabulary, or None without a reference head.
-    lse: logsumexp(z), the softmax normalizer.
-    sum_p2: sum_v softmax(z)_v^2 (verl's optimal token baseline), detached, or None when not asked for.
+    logp: log q[target].
+    entropy: entropy of q, or None when not asked for.
+    kl: exact KL(q || q_ref) over the whole vocabulary (q_ref: the reference head's soft-capped,
+        tempered, never truncated softmax), or None without a reference head.
+    lse: log sum exp(u) over the kept set, q's normalizer.
+    sum_p2: sum_v q_v^2 (verl's optimal token baseline), detached, or None when not asked for.
+    mean_logp: (1/V) sum_v w_v log q_v over the whole vocabulary (w: class_weight, else 1; label
+        smoothing's term), differentiable, or None when not asked for.
+    is_top1: bool, the target's logit is the row's largest (ties count; token accuracy), no gradient.
     """
 
     logp: torch.Tensor
@@ -43,6 +54,8 @@ class TokenStats:
     kl: Optional[torch.Tensor]
     lse: torch.Tensor
     sum_p2: Optional[torch.Tensor] = None
+    mean_logp: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
 
 
 def interpreting() -> bool:
@@ -123,56 +136,110 @@ def token_logprobs(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature=1.0,
+    softcap: Optional[float] = None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    head_precision: str = "native",
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_sum_p2: bool = False,
+    return_mean_logp: bool = False,
+    class_weight: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     **backend_options,
 ) -> TokenStats:
-    """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
+    """Log-prob of each target token under the head's distribution, without building the logits.
 
-    Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test reference).
-    `hidden[..., d]` predicts `targets[...]` (already shifted). With `ref_hidden` and `ref_weight`
-    the exact full-vocabulary KL(policy || reference) is computed in the same pass, with the
-    temperature applied to both heads. `backend_options` go to the backend (the chunked backends
-    take `chunk_elements`, the logits per chunk); an option a backend does not know is an error.
+    The distribution of a token is q = softmax(u), u = softcap(hidden @ weight.T + bias) / temperature,
+    restricted to the sampler's kept set and renormalized when top_k / top_p / min_p are given: the
+    distribution the sampler drew from, as vLLM's processed log-probs (`transform.py` has the exact
+    definitions). Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test
+    reference). `hidden[..., d]` predicts `targets[...]` (already shifted).
+
+    Args:
+        hidden, weight, targets: `[..., d]`, `[V, d]`, `[...]` token ids (`ignore_index` = not scored).
+        bias: `[V]` or None.
+        temperature: a positive float, or a tensor shaped like targets (per token) or like its first
+            dim (per sequence), applied to log-probs, entropy and KL alike (a constant: no gradient).
+        softcap: c of the logit soft cap `c * tanh(z / c)` (Gemma 2/3's `final_logit_softcapping`),
+            applied before the temperature, to both heads; -inf logits stay -inf. None: no cap.
+        top_k, top_p, min_p: the sampler's truncation, each a number or a per-sequence / per-token
+            tensor (off: top_k 0 or -1, top_p 1, min_p 0). The kept set is a constant of the gradient;
+            a target outside it joins its row's kept set (finite log-prob). The reference head is
+            never truncated.
+        head_precision: "native" (16-bit inputs: a 16-bit GEMM with fp32 output where the device has
+            one, else fp32 math on upcast slices), "fp32" (every GEMM of the head, the two gradient
+            GEMMs included, on fp32 copies of 16-bit hidden states and weight, with TF32 off: logp is
+            `log_softmax(F.linear(h.float(), W.float()))[y]` to fp32 rounding, vLLM's fp32 head; the
+            weight is upcast in vocabulary slices when a whole fp32 copy would exceed the budget,
+            `engine.FP32_COPY_ELEMENTS`), "tf32" (the same copies on TF32 tensor cores: CUDA, sm_80+).
+            Gradients are returned in the inputs' dtypes.
+        ignore_index: the target id of positions not scored (0 in every output there).
+        return_entropy, return_sum_p2: also return the entropy (differentiable) / sum_v q_v^2.
+        return_mean_logp: also return (1/V) sum_v w_v log q_v (label smoothing's term), weighted by
+            `class_weight` `[V]` when given; not with truncation (log q is -inf outside the kept set).
+        ref_hidden, ref_weight, ref_bias: the frozen reference head: the exact full-vocabulary
+            KL(policy || reference) in the same pass, with the temperature and soft cap on both heads.
+        backend: "auto" (triton on CUDA, else torch), "torch", "triton", "naive".
+        backend_options: for the chunked backends, `chunk_elements` (logits per chunk); an option a
+            backend does not know is an error.
     """
-    h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-                                            temperature=temperature, ignore_index=ignore_index)
+    h2, w, y, b, rh2, rw, rb, tf = check_inputs(
+        hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature=temperature,
+        ignore_index=ignore_index, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
+        head_precision=head_precision)
+    cw = check_class_weight(class_weight, w.shape[0], targets.device)
+    if return_mean_logp and tf.truncates:
+        raise ValueError("return_mean_logp (label smoothing's mean log-prob over the vocabulary) is -inf for a "
+                         "truncated distribution (top_k / top_p / min_p): use one or the other")
+    if cw is not None and not return_mean_logp:
+        raise ValueError("class_weight weights the mean log-prob over the vocabulary: pass return_mean_logp=True")
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
     fn = _backend_fn(name)
     # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
     with torch.autocast(device.type, enabled=False):
-        logp, ent, kl, lse, p2 = fn(
+        out = fn(
             h2, w, y, b, rh2, rw, rb,
-            temperature=float(temperature), ignore_index=ignore_index,
+            transform=tf, head_precision=head_precision, ignore_index=ignore_index,
             return_entropy=bool(return_entropy), return_kl=rh2 is not None, return_sum_p2=bool(return_sum_p2),
-            **backend_options,
+            return_mean_logp=bool(return_mean_logp), class_weight=cw, **backend_options,
         )
     shape = tuple(lead)
-    return TokenStats(
-        logp=logp.reshape(shape),
-        entropy=None if ent is None else ent.reshape(shape),
-        kl=None if kl is None else kl.reshape(shape),
-        lse=lse.reshape(shape),
-        sum_p2=None if p2 is None else p2.reshape(shape),
-    )
+    return TokenStats(**{k: None if out.get(k) is None else out[k].reshape(shape) for k in STAT_NAMES})
 
 
-def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index):
+def check_class_weight(class_weight, vocab, device):
+    """class_weight: None or a finite non-negative float tensor [V] without gradient."""
+    if class_weight is None:
+        return None
+    _check_float("class_weight", class_weight)
+    if tuple(class_weight.shape) != (vocab,):
+        raise ValueError(f"class_weight must have shape ({vocab},) (one weight per vocabulary entry), "
+                         f"got {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise ValueError(f"class_weight is on {class_weight.device} but targets are on {device}")
+    if class_weight.requires_grad:
+        raise ValueError("class_weight is a constant: pass a tensor without requires_grad (detach it)")
+    if not bool((torch.isfinite(class_weight) & (class_weight >= 0)).all()):
+        raise ValueError("class_weight must be finite and >= 0")
+    return class_weight
+
+
+def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
+                 softcap=None, top_k=None, top_p=None, min_p=None, head_precision="native"):
     """Validate the arguments of `token_logprobs` (each error names its argument) and flatten them:
-    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias)."""
+    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias,
+    the head's Transform of the N tokens)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     device = targets.device
@@ -201,7 +268,10 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
                 f"targets holds token id {bad} outside [0, {vocab}) that is not ignore_index ({ignore_index})"
             )
 
-    return h2, w, y, b, rh2, rw, rb
+    tf = check_head_options(temperature=temperature, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
+                            head_precision=head_precision, lead=tuple(lead), device=device, dtype=h2.dtype,
+                            vocab=vocab)
+    return h2, w, y, b, rh2, rw, rb, tf
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

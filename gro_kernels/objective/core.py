@@ -6,7 +6,7 @@ The objective never knows which backend produced `logp`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 import torch
@@ -45,6 +45,7 @@ class SequencePlan:
     policy_weight: Optional[torch.Tensor] = None
     entropy_weight: Optional[torch.Tensor] = None
     abs_kl_coef: Optional[torch.Tensor] = None
+    lse_coef: Optional[torch.Tensor] = None     # the z-loss's c_z where it differs from c (SFT class weights)
 
 
 def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
@@ -104,14 +105,23 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
             w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
     c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
                            num_items=b.num_items)
+    lse_coef = None
+    if b.target_weight is not None:
+        # SFT's class weights, as torch's cross-entropy: each target's log-likelihood times its class weight,
+        # the mean over the targets' weights (not their count); label smoothing's term and the z-loss unweighted
+        # (the z-loss keeps the mean over tokens, Liger's convention).
+        w = replace(w, advantages=w.advantages * b.target_weight)
+        if opts.loss_agg == "token_mean" and b.num_items is None:
+            lse_coef = c
+            c = m / (m * b.target_weight).sum().clamp(min=torch.finfo(m.dtype).tiny)
     g, e, a = _token_weights(opts, b, w.advantages, c)
     return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss",
-                        policy_weight=g, entropy_weight=e, abs_kl_coef=a)
+                        policy_weight=g, entropy_weight=e, abs_kl_coef=a, lse_coef=lse_coef)
 
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, **options):
+                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, **options):
     """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan)."""
     opts = resolve_options(method, options)
     if (truncated is not None) != opts.mask_truncated_completions:
@@ -124,7 +134,7 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
-        log_sum_sq_probs=log_sum_sq_probs,
+        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight,
     )
     check_requirements(method, opts, b)
     return opts, b, sequence_plan(method, opts, b)
@@ -149,6 +159,9 @@ def gro_objective(
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     log_sum_sq_probs: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    mean_logp: Optional[torch.Tensor] = None,
+    target_weight: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
     """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
@@ -159,22 +172,30 @@ def gro_objective(
     sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
     [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
     log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
-    `use_weighting`. Statistics are float32
+    `use_weighting`. lse [B,T] (the head's log normalizer, differentiable) for `z_loss_coef`;
+    mean_logp [B,T] ((1/V) sum_v w_v log p_v, differentiable) for the SFT preset's `label_smoothing`;
+    target_weight [B,T] (each target's class weight) for the SFT preset's class weights (torch's
+    weighted cross-entropy); `token_logprobs` returns the first two (`lse`, `return_mean_logp`).
+    With the SFT preset's `reduction="none"` `loss` is the per-token loss [B,T] (0 where masked).
+    Statistics are float32
     (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
     the method's own loss value; its gradient is the GRO gradient, which equals the method's.
+    The head's options (temperature, soft cap, truncation, precision) are applied where logp is
+    computed (`token_logprobs`, `gro_loss`); `temperature` is accepted here so presets can carry it.
     """
     opts, b, plan = prepare_objective(
         logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
         ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-        log_sum_sq_probs=log_sum_sq_probs, **options)
+        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight, **options)
     l, m = b.logp, b.mask
     online = ~b.offline[:, None]
     terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,
                        advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,
                        kl_in_loss=plan.kl_in_loss, policy_weight=plan.policy_weight,
-                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef)
-    loss = terms.loss
+                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef,
+                       lse=b.lse, mean_logp=b.mean_logp, lse_coef=plan.lse_coef)
+    loss = terms.loss if opts.reduction != "none" else terms.per_token
     w, surrogate = plan.weights, terms.surrogate
     policy = terms.policy
     if w.unit_losses is not None and opts.loss_agg == "seq_mean_token_sum":
