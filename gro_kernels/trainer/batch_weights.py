@@ -81,7 +81,7 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     if world > 1:
         rows, start = _gather(rows, world)
     mask = rows.pop("mask")
-    opts = {**options, "offline_coef": 1.0, "entropy_coef": 0.0}
+    opts = {**options, "offline_coef": 1.0, "entropy_coef": 0.0, "z_loss_coef": 0.0}
     if not needs_behaviour_logp(resolved):
         opts["kl_coef"] = 0.0  # a KL in the loss does not enter the weights
     # The weights of a reward-scored method do not depend on the current log-probs, except through a

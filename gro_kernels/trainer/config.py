@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
+from ..logprobs.transform import HEAD_PRECISIONS
 from ..objective.inputs import uses_ref_logp
 from ..objective.options import resolve_options
 
@@ -18,8 +19,12 @@ class GROConfig:
     num_generations: int = 8            # K completions per prompt (one group per prompt)
     max_new_tokens: int = 64
     temperature: float = 1.0            # sampling temperature; also the loss's temperature unless overridden
-    top_k: int = 0                      # 0: full distribution (what the importance ratios assume)
+    # The sampler's truncation (0 / 1.0 / 0.0: off). The loss's log-probs (and old log-probs) are those of
+    # the truncated distribution the samples were drawn from; the reference's stay the full distribution.
+    top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0                  # not with top_p < 1 (generate applies them in the other order)
+    head_precision: str = "native"      # the LM head's GEMMs: native | fp32 | tf32 (gro_loss's head_precision)
 
     # --- offline data mixed into online groups (GRO.md section 4) ------------------------------
     offline_column: Optional[str] = None  # prompt-dataset column holding gold completion(s) to mix in
@@ -63,6 +68,17 @@ class GROConfig:
             raise ValueError("micro_batch_size and prompts_per_step must be >= 1")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if self.head_precision not in HEAD_PRECISIONS:
+            raise ValueError(f"head_precision must be one of {HEAD_PRECISIONS}, got {self.head_precision!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0: off), got {self.min_p!r}")
+        if self.min_p > 0 and self.top_p < 1:
+            raise ValueError("min_p with top_p < 1: transformers' generate applies top_p before min_p, the loss's "
+                             "kept set (vLLM's order) min_p first, so the two would differ; use one of them")
         self.adam_betas = tuple(self.adam_betas)
 
     # Resolved settings (the objective's own option table decides, so the two never disagree) ---
@@ -76,6 +92,17 @@ class GROConfig:
             return bool(self.use_reference)
         opts = self.resolved_options()
         return uses_ref_logp(self.method, opts) or (opts.kl_coef != 0 and opts.kl_estimator == "full")
+
+    def sampler(self) -> dict:
+        """The sampler's truncation as gro_loss / token_logprobs arguments (only what is on)."""
+        out = {}
+        if self.top_k > 0:
+            out["top_k"] = self.top_k
+        if self.top_p < 1:
+            out["top_p"] = self.top_p
+        if self.min_p > 0:
+            out["min_p"] = self.min_p
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)

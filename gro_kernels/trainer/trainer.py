@@ -34,7 +34,7 @@ from ..loss import gro_loss
 from . import distributed as gdist
 from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
 from .config import GROConfig
-from .heads import check_head, fold_scale, logit_scale
+from .heads import check_head, fold_scale, logit_scale, logit_softcap
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .packing import check_packing, packed_final_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
@@ -130,7 +130,8 @@ class PolicyLoss(nn.Module):
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
                                              self.autocast_dtype, pack=self.pack)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
-        out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
+        out = gro_loss(hidden, weight, targets, bias=bias, softcap=logit_softcap(self.model), return_entropy=True,
+                       **loss_kwargs)
         return out.loss, out.logp.detach(), out.metrics
 
 
@@ -302,7 +303,7 @@ class GROTrainer:
         pids = [encode_prompt(self.tokenizer, p) for p in prompts]
         comps = generate(self.model, pids, num_generations=K, max_new_tokens=cfg.max_new_tokens,
                          pad_id=self.pad_id, eos_ids=self.eos_ids, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p)
+                         top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
         texts = [self._decode(c) for c in comps]
         rep = [r for r in rows for _ in range(K)]
         rewards = score(self.reward_funcs, [r["prompt"] for r in rep], texts, self._columns(rep), self.reward_weights)
@@ -361,19 +362,28 @@ class GROTrainer:
 
     @torch.no_grad()
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
-        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
+        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch):
+        the policy's of the sampler's (truncated) distribution, the reference's of its full one."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
-        temp = float(self.options.temperature)
+        head = self._head_options(model)
         with self.gathered() if model is self.model else contextlib.nullcontext():
-            self._logprobs_into(out, model, batch, temp)
+            self._logprobs_into(out, model, batch, head)
         return out
 
-    def _logprobs_into(self, out, model, batch: Batch, temp: float) -> None:
+    def _head_options(self, model) -> dict:
+        """token_logprobs' head arguments for `model`: its soft cap, the configured precision and temperature,
+        and for the policy the sampler's truncation."""
+        cfg = self.config
+        head = dict(temperature=float(self.options.temperature), softcap=logit_softcap(model),
+                    head_precision=cfg.head_precision)
+        return {**head, **cfg.sampler()} if model is self.model else head
+
+    def _logprobs_into(self, out, model, batch: Batch, head: dict) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
                                     self.autocast_dtype, pack=self.config.pack_sequences)
-            lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
+            lp = token_logprobs(h, w, mb.targets, bias=b, backend=self.config.backend, **head).logp
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
 
     # -- the update -------------------------------------------------------------------------------
@@ -383,7 +393,8 @@ class GROTrainer:
 
     def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
         cfg, opts = self.config, self.options
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, head_precision=cfg.head_precision,
+                  **cfg.sampler(), **self._loss_options())
         if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
             kw["advantages"] = mb.advantages
         else:
@@ -398,6 +409,9 @@ class GROTrainer:
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
+            if logit_softcap(self.ref_model) != logit_softcap(self.model):
+                raise ValueError("kl_estimator='full' soft-caps both heads with the policy's cap: the reference "
+                                 f"model's final_logit_softcapping ({logit_softcap(self.ref_model)}) differs")
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
                                            mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
