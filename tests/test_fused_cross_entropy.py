@@ -135,6 +135,6 @@ def test_sft_options_are_refused_where_they_mean_nothing(kw, match):
     if kw.get("class_weight") is True:
         kw["class_weight"] = cw
     if kw["method"] == "dapo":
-        kw.update(rewards=torch.ones(B, dtype=torch.float64), group_ids=torch.zeros(B))
+        kw.update(rewards=torch.ones(B, dtype=torch.float64), group_ids=torch.zeros(B, dtype=torch.long))
     with pytest.raises(ValueError, match=match):
         gro_loss(h, w, y, backend="torch", **kw)

@@ -310,5 +310,5 @@ def test_bad_head_options_name_the_argument(kw, match):
 def test_gro_loss_refuses_label_smoothing_where_nothing_reads_it():
     h, w, bias, y, *_ = inputs()
     with pytest.raises(ValueError, match="label_smoothing"):
-        gro_loss(h, w, y, method="dapo", rewards=torch.ones(3, dtype=torch.float64), group_ids=torch.zeros(3),
+        gro_loss(h, w, y, method="dapo", rewards=torch.ones(3, dtype=torch.float64), group_ids=torch.zeros(3, dtype=torch.long),
                  label_smoothing=0.1, backend="torch")
