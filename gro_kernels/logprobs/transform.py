@@ -212,9 +212,10 @@ def kept_threshold(z: torch.Tensor, tf: Transform) -> torch.Tensor:
     """tau [rows]: each row's kept set is {v : z_v >= tau} (-inf: the row is not truncated).
 
     Decided on u = transform(z) with torch ops over the chunk in memory, from the largest logits of
-    each row (torch.topk, sorted): FIRST_CANDIDATES of them, x4 until the boundary lies strictly
-    inside (a row whose kept set is most of the vocabulary ends as a full sort of that row). Rows are
-    taken in groups so that the candidates never exceed 1/CANDIDATE_FRACTION of the chunk."""
+    each row (torch.topk, sorted): FIRST_CANDIDATES of them (at least top_k + 1), x4 until the
+    boundary lies strictly inside; past 1/8 of the vocabulary a full sort of the row. top_p without
+    top_k also takes one pass over the row for the kept mass. Rows are taken in groups so that the
+    candidates never exceed 1/CANDIDATE_FRACTION of the chunk."""
     n, vocab = z.shape
     tau = torch.full((n,), -math.inf, dtype=z.dtype, device=z.device)
     active = torch.zeros(n, dtype=torch.bool, device=z.device)
@@ -222,16 +223,18 @@ def kept_threshold(z: torch.Tensor, tf: Transform) -> torch.Tensor:
         if t is not None:
             active |= t != off
     todo = active.nonzero()[:, 0]
+    mass = _top_p_mass(z, tf, todo)
     width = FIRST_CANDIDATES
     if tf.top_k is not None:
         width = max(width, int(tf.top_k.max()) + 1)
     while todo.numel():
-        width = min(width, vocab)
+        width = vocab if 8 * width > vocab else width
         step = max(1, z.numel() // (CANDIDATE_FRACTION * width))
         unresolved = []
         for a in range(0, todo.numel(), step):
             rows = todo[a:a + step]
-            value, done = _threshold_from_candidates(z.index_select(0, rows), tf.rows(rows), width)
+            value, done = _threshold_from_candidates(z.index_select(0, rows), tf.rows(rows), width,
+                                                     None if mass is None else mass[rows])
             tau[rows] = value
             unresolved.append(rows[~done])
         todo = torch.cat(unresolved)
@@ -239,8 +242,33 @@ def kept_threshold(z: torch.Tensor, tf: Transform) -> torch.Tensor:
     return tau
 
 
-def _threshold_from_candidates(z, tf: Transform, width: int):
-    """(tau, resolved) for rows z [r, V] from their `width` largest logits."""
+def _top_p_mass(z, tf: Transform, rows):
+    """sum_v exp(u_v - max u) over the min_p set (the whole row without min_p) of the rows with top_p < 1
+    and no top_k, whose kept mass can reach past any candidate list; NaN elsewhere (None: no such row)."""
+    if tf.top_p is None or not rows.numel():
+        return None
+    need = tf.top_p[rows] < 1
+    if tf.top_k is not None:
+        need &= tf.top_k[rows] == 0
+    rows = rows[need]
+    if not rows.numel():
+        return None
+    mass = torch.full((z.shape[0],), math.nan, dtype=z.dtype, device=z.device)
+    zr, tr = z.index_select(0, rows), tf.rows(rows)
+    u_max = transform(zr.amax(1, keepdim=True), tr)[:, 0]
+    lo = u_max if tr.min_p is None else u_max + torch.log(tr.min_p.to(z.dtype))
+    lo = torch.full_like(u_max, -math.inf) if tr.min_p is None else lo
+    total = torch.zeros_like(u_max)
+    step = max(1, z.shape[1] // CANDIDATE_FRACTION)
+    for a in range(0, z.shape[1], step):
+        u = transform(zr[:, a:a + step], tr)
+        total += (torch.exp(u - u_max[:, None]) * (u >= lo[:, None])).sum(1)
+    mass[rows] = total
+    return mass
+
+
+def _threshold_from_candidates(z, tf: Transform, width: int, mass=None):
+    """(tau, resolved) for rows z [r, V] from their `width` largest logits; mass: _top_p_mass's rows."""
     vocab = z.shape[1]
     cand = z.topk(width, dim=1, sorted=True).values          # [r, width], descending
     u = transform(cand, tf)
@@ -256,12 +284,11 @@ def _threshold_from_candidates(z, tf: Transform, width: int):
     bound = lo
     if tf.top_p is not None:
         p = tf.top_p.to(u.dtype)
-        e = torch.exp(u - u[:, :1]) * (u >= lo[:, None])      # masses of the candidates kept so far
-        total = e.sum(1)
-        inside = u[:, -1] < lo                                 # the min_p / top_k set ends within the candidates
-        if width < vocab and not bool(inside.all()):
-            # Its mass then reaches past them: the whole row's (one pass over the chunk's rows).
-            total = torch.where(inside, total, _kept_mass(z, tf, lo, u[:, 0]))
+        e = torch.exp(u - u[:, :1])                            # masses of the candidates kept so far
+        if tf.top_k is not None or tf.min_p is not None:
+            e.mul_(u >= lo[:, None])
+        # the kept mass: the candidates' when the min_p / top_k set ends within them, else the row's
+        total = e.sum(1) if mass is None else torch.where(torch.isnan(mass), e.sum(1), mass)
         before = torch.cumsum(e, 1) - e                        # mass strictly before each candidate
         keep = (before < p[:, None] * total[:, None]) & (u >= lo[:, None])
         last = keep.sum(1).clamp(min=1) - 1                    # the max is always kept
@@ -270,21 +297,12 @@ def _threshold_from_candidates(z, tf: Transform, width: int):
     # Resolved: the last candidate lies below the boundary (so no token outside the candidates can tie
     # with or pass it), or the candidates are the whole row.
     done = (u[:, -1] < bound) | (width >= vocab)
-    # The raw-logit threshold: the smallest candidate logit whose u clears the bound.
-    kept = u >= bound[:, None]
-    tau = torch.where(kept, cand, torch.full_like(cand, math.inf)).amin(1)
+    # The raw-logit threshold: the smallest candidate logit whose u clears the bound (a prefix of the
+    # sorted candidates; the largest always does).
+    count = (u >= bound[:, None]).sum(1).clamp(min=1)
+    tau = cand.gather(1, (count - 1)[:, None])[:, 0]
     tau = torch.where(torch.isneginf(bound), neg_inf, tau)
     return tau, done
-
-
-def _kept_mass(z, tf: Transform, lo, u_max):
-    """sum_v exp(u_v - u_max) over u_v >= lo, for each row of z, in vocabulary slices."""
-    total = torch.zeros_like(u_max)
-    step = max(1, z.shape[1] // CANDIDATE_FRACTION)
-    for a in range(0, z.shape[1], step):
-        u = transform(z[:, a:a + step], tf)
-        total += (torch.exp(u - u_max[:, None]) * (u >= lo[:, None])).sum(1)
-    return total
 
 
 def kept_mask(z: torch.Tensor, y: torch.Tensor, tau: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
