@@ -138,3 +138,12 @@ def test_sft_options_are_refused_where_they_mean_nothing(kw, match):
         kw.update(rewards=torch.ones(B, dtype=torch.float64), group_ids=torch.zeros(B, dtype=torch.long))
     with pytest.raises(ValueError, match=match):
         gro_loss(h, w, y, backend="torch", **kw)
+
+
+def test_sft_label_smoothing_is_the_cross_entropy_smoothing():
+    # main accepted label_smoothing for the SFT preset and ignored it (the plain NLL came back)
+    h, w, b, y, _ = inputs(seed=7)
+    for backend in ("torch", "naive"):
+        out = gro_loss(h, w, y, bias=b, method="sft", label_smoothing=0.3, backend=backend)
+        want = F.cross_entropy((h @ w.T + b).reshape(-1, V), y.reshape(-1), label_smoothing=0.3)
+        torch.testing.assert_close(out.loss, want, atol=1e-10, rtol=1e-10)

@@ -26,7 +26,8 @@ from ..loss import gro_loss
 @dataclass
 class GROCall:
     """One `gro_loss` call: `keep` = the number of trailing positions scored (TRL's `logits_to_keep`);
-    `kwargs` = everything `gro_loss` takes besides hidden, weight, targets and temperature."""
+    `kwargs` = everything `gro_loss` takes besides hidden, weight, targets and the head's options (temperature,
+    softcap, head_precision, the sampler's truncation: `add_gro_head`'s)."""
 
     keep: int
     kwargs: dict = field(default_factory=dict)

@@ -367,7 +367,7 @@ def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transfor
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
         tc = _chunk_transform(tf, z, s, e)
-        epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight)
+        epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True)
         sl = slice(s, e)
         chunk = st.rows(sl)
         gl, gh, gk, gs, gm = coefficients(s, e, chunk)

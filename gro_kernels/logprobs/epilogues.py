@@ -1,8 +1,9 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, tf, st, s, class_weight)   fill st.logp / lse / entropy / kl / ekl / sum_p2 /
-        mean_logp / top1 at rows s.. from z [ct, V] (tf: the chunk's `transform.Transform`)
+    stats(z, zr, y, tf, st, s, class_weight, for_grad)   fill st.logp / lse / entropy / kl / ekl / sum_p2 /
+        mean_logp / top1 at rows s.. from z [ct, V] (tf: the chunk's `transform.Transform`; for_grad:
+        `grad` follows on the same chunk, the fused pass)
     grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta, class_weight) -> dz [ct, V]
         (may reuse z's memory)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
@@ -38,11 +39,12 @@ class TorchEpilogue:
     def __init__(self):
         self._cache = None  # (z, p, row sums, max u, max ur, soft cap derivative) of the last stats call
 
-    def stats(self, z, zr, y, tf, st, s, class_weight=None):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
         inv_t = tf.inv_t
         keep = kept_mask(z, y, tf.tau)               # on the raw logits (None: not truncated)
-        g = None if tf.cap is None else softcap_(z, tf.cap)   # z <- c tanh(z / c); g = its derivative
+        # z <- c tanh(z / c); g = its derivative, kept for `grad` when it follows on this chunk
+        g = None if tf.cap is None else softcap_(z, tf.cap, derivative=for_grad)
         zy = z.gather(1, y[:, None])[:, 0]
         m = z.amax(1, keepdim=True)                  # the largest logit is always kept
         st.top1[s:e] = (zy >= m[:, 0]).to(st.top1.dtype)
@@ -133,7 +135,7 @@ class TritonEpilogue:
         from ..kernels import epilogue as kernels  # imported here: triton is optional for the torch path
         self.k = kernels
 
-    def stats(self, z, zr, y, tf, st, s, class_weight=None):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
 
         def part(t):

@@ -190,10 +190,13 @@ def softcap_(z: torch.Tensor, c: float, derivative: bool = True) -> Optional[tor
     (None without `derivative`). 1 - t^2 loses its relative precision only where it is below the
     dtype's epsilon: those logits' gradients are that small, so their absolute error is at the level
     of the others' rounding."""
-    masked = torch.isneginf(z)
+    # the mask of -inf logits only when there are some (one reduction, not a bool chunk, in the common case)
+    masked = torch.isneginf(z) if z.numel() and bool(z.amin() == -math.inf) else None
     t = z.div_(c).tanh_()
-    g = torch.mul(t, t).neg_().add_(1) if derivative else None
-    t.mul_(c).masked_fill_(masked, -math.inf)
+    g = torch.addcmul(torch.ones_like(t), t, t, value=-1) if derivative else None
+    t.mul_(c)
+    if masked is not None:
+        t.masked_fill_(masked, -math.inf)
     return g
 
 
@@ -233,13 +236,20 @@ def kept_threshold(z: torch.Tensor, tf: Transform) -> torch.Tensor:
         unresolved = []
         for a in range(0, todo.numel(), step):
             rows = todo[a:a + step]
-            value, done = _threshold_from_candidates(z.index_select(0, rows), tf.rows(rows), width,
+            value, done = _threshold_from_candidates(_take(z, rows), tf.rows(rows), width,
                                                      None if mass is None else mass[rows])
             tau[rows] = value
             unresolved.append(rows[~done])
         todo = torch.cat(unresolved)
         width *= 4
     return tau
+
+
+def _take(z, rows):
+    """z's rows `rows` (sorted, distinct): a view when they are consecutive, else a copy."""
+    if rows.numel() and int(rows[-1]) - int(rows[0]) + 1 == rows.numel():
+        return z[int(rows[0]):int(rows[-1]) + 1]
+    return z.index_select(0, rows)
 
 
 def _top_p_mass(z, tf: Transform, rows):
@@ -254,7 +264,7 @@ def _top_p_mass(z, tf: Transform, rows):
     if not rows.numel():
         return None
     mass = torch.full((z.shape[0],), math.nan, dtype=z.dtype, device=z.device)
-    zr, tr = z.index_select(0, rows), tf.rows(rows)
+    zr, tr = _take(z, rows), tf.rows(rows)
     u_max = transform(zr.amax(1, keepdim=True), tr)[:, 0]
     lo = u_max if tr.min_p is None else u_max + torch.log(tr.min_p.to(z.dtype))
     lo = torch.full_like(u_max, -math.inf) if tr.min_p is None else lo
