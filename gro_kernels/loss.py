@@ -1,7 +1,7 @@
 """`gro_loss`: hidden states -> the GRO loss and its gradients, without materializing the logits.
 
 The only glue between layer 2 (`token_logprobs`, the fused pass) and layer 3 (`gro_objective`).
-Token-local objectives (GRO.md section 6) take the single fused pass: three GEMMs, the gradients
+Token-local objectives (docs/objective.md, "One pass or two") take the single fused pass: three GEMMs, the gradients
 computed inside the forward call and handed back by backward. The others (weights that depend on
 the policy's own log-probs: DPO, IPO, CPL, SimPO, KTO, GSPO's sequence ratio) take the composable
 path: `token_logprobs` forward (one GEMM), the objective, `token_logprobs` backward (three).
@@ -13,17 +13,28 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .argdocs import document, options_entry
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_class_weight, check_inputs, stat_dtype
+from .logprobs.api import check_class_weight, check_inputs, check_mean_logp, stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .logprobs.transform import HEAD_PRECISIONS, check_head_options
 from .objective import GROOutput, gro_objective
 from .objective.core import prepare_objective
 from .objective.inputs import check_mask, uses_ref_logp
-from .objective.options import ce_smoothing_reader, resolve_options
+from .objective.options import OPTIONS, ce_smoothing_reader, resolve_options
 from .objective.split import needs_policy_logp, token_loss
 
 
+_INPUTS = ("hidden", "weight", "targets", "method", "mask", "rewards", "advantages", "group_ids", "labels",
+           "baselines", "offline", "old_logp", "ref_logp", "ref_hidden", "ref_weight", "bias", "ref_bias",
+           "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs", "head_precision", "softcap",
+           "top_k", "top_p", "min_p", "class_weight", "ignore_index", "backend", "backend_options", "return_entropy")
+# the head's arguments (docs/head.md): GROLoss takes them with the options at construction
+HEAD_ARGS = ("head_precision", "softcap", "top_k", "top_p", "min_p")
+_OPTIONS_DOC = {"**options": options_entry(OPTIONS)}
+
+
+@document(_INPUTS + ("**options",), _OPTIONS_DOC)
 def gro_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -59,44 +70,32 @@ def gro_loss(
     return_entropy: Optional[bool] = None,
     **options,
 ) -> GROOutput:
-    """The GRO loss of `method` straight from the LM head, without materializing the logits.
+    """The loss of `method` straight from the LM head, without materializing the logits.
 
-    hidden [B,T,d] predicts targets [B,T] (already shifted; `ignore_index` marks padding / prompt);
-    weight [V,d] is the LM head. Token-local objectives take the single fused pass (three GEMMs,
-    gradients computed in the forward call); the others the composable path (four). The policy's
-    distribution is `token_logprobs`'s: softmax(softcap(W h + b) / temperature) over the sampler's
-    kept set (top_k / top_p / min_p).
+    The GRO objective (docs/objective.md) configured as `method`, with `options` overriding the
+    preset. The policy's per-token log-probs (and entropy, exact KL to the frozen reference head)
+    come from `hidden @ weight.T` one chunk of tokens at a time. Token-local configurations take
+    one fused pass: three GEMMs, the gradients computed in the forward call and handed back by
+    `backward`. The others (weights that read the policy's own log-probs: DPO, KTO, GSPO, ...)
+    take a forward-only pass first: four GEMMs. Masked and ignored tokens reach no GEMM. The
+    policy's distribution is `token_logprobs`'s: softmax(softcap(W h + b) / temperature) over the
+    sampler's kept set (top_k / top_p / min_p; docs/head.md).
 
-    Args:
-        method: a preset (`PRESETS`); `options` override its columns (see `gro_objective`).
-        mask: bool or 0/1 [B,T], the tokens that count; masked tokens are dropped like ignored ones.
-        rewards, advantages, group_ids, labels, baselines, offline, old_logp, ref_logp,
-            num_items_in_batch, rollout_logp, truncated, log_sum_sq_probs: `gro_objective`'s inputs.
-        ref_hidden, ref_weight, ref_bias: the frozen reference head: the exact KL when
-            kl_estimator="full" (in the same pass), and ref_logp when the method needs it and none
-            was given. Soft-capped and tempered like the policy, never truncated.
-        bias: the head's bias [V] or None.
-        head_precision: "native" | "fp32" | "tf32" (`token_logprobs`): "fp32" computes the logits
-            and the gradient GEMMs on fp32 copies of 16-bit hidden states and weight (vLLM's fp32
-            head); "tf32" the same on TF32 tensor cores (CUDA only).
-        softcap: the logit soft cap c (Gemma 2/3's final_logit_softcapping), or None.
-        top_k, top_p, min_p: the sampler's truncation (number, [B] or [B,T]; `token_logprobs`).
-        class_weight: [V] class weights of the SFT preset (torch's cross-entropy `weight`): each
-            target's log-likelihood times its class weight, the mean over the targets' weights.
-        temperature (an option): a float, or a positive tensor [B] or [B,T]; applied to log-probs,
-            entropy and KL alike.
-        z_loss_coef (an option): adds z_loss_coef * sum c lse^2 (PaLM's z-loss; Liger's lse_square_scale).
-        label_smoothing, reduction (options of the SFT preset): torch's cross-entropy label smoothing
-            (in [0, 1]) and reduction ("mean", "sum", "none": `loss` is then [B,T]).
-        ignore_index: the target id of positions not scored.
-        backend, backend_options: the `token_logprobs` backend and its options
-            (`{"chunk_elements": n}`: logits per chunk).
-        return_entropy: compute the entropy for metrics (`metrics["entropy"]`); it is computed anyway
-            when `entropy_coef != 0` or tokens are selected by entropy.
+    {args}
 
     Returns:
-        GROOutput(loss, logp [B,T] detached, metrics): metrics hold kl, entropy, clip fractions,
-        weights, ... and `token_accuracy` (the fraction of scored targets that are their row's top-1).
+        GROOutput: loss (0-d; [B, T] with the SFT preset's reduction="none"), logp ([B, T] float32,
+        detached), metrics (name -> 0-d tensor, token_accuracy among them), per_sequence
+        (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
+
+    Raises:
+        TypeError, ValueError: naming the argument or option (an unknown option also names the
+        closest valid ones).
+
+    Example:
+        >>> out = gro_loss(hidden, model.lm_head.weight, targets, method="grpo",
+        ...                rewards=rewards, group_ids=group_ids, kl_coef=0.0)
+        >>> out.loss.backward()
     """
     backend_options = dict(backend_options or {})
     opts = resolve_options(method, options)
@@ -136,10 +135,12 @@ def gro_loss(
     want_mean_logp = opts.label_smoothing != 0 and ce_smoothing_reader(opts)
     cw = check_class_weight(class_weight, weight.shape[0] if isinstance(weight, torch.Tensor) else 0, targets.device)
     target_weight = None if cw is None else cw[targets.clamp(min=0)] * valid
+    # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                     log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight, **options)
+                     log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight,
+                     **{k: v for k, v in options.items() if k != "temperature"})
     stat_options = dict(want_entropy=want_entropy, want_mean_logp=want_mean_logp, class_weight=cw,
                         ignore_index=ignore_index, backend=backend, backend_options=backend_options)
 
@@ -171,7 +172,7 @@ def _token_accuracy(out: GROOutput, is_top1, valid) -> None:
 
 def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline) -> bool:
     """The single fused pass (three GEMMs) applies when gradients are wanted, the backend is a
-    chunked one, the loss is a scalar, and the objective is token-local (GRO.md section 6)."""
+    chunked one, the loss is a scalar, and the objective is token-local (docs/objective.md)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return False  # token_logprobs names the bad argument
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
@@ -192,15 +193,16 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
     want_kl = bool(ref_head)
     kl_grad = want_kl and opts.kl_coef != 0
     want_lse = opts.z_loss_coef != 0
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H, KL, lse, mean_logp.
+    # The plan is formed before the pass (token-local): zeros give the shapes, and the plan itself
+    # gets no logp, H, KL, lse or mean log-prob at all (reading them raises: see split.NotYetComputed).
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None, kl=zeros if want_kl else None,
                                    lse=zeros if want_lse else None, mean_logp=zeros if want_mean_logp else None,
-                                   **objective)
+                                   before_pass=True, **objective)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
-    g_pol, g_ent, a_kl, c_lse = flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef), \
-        flat(plan.lse_coef)
+    g_pol, g_ent, a_kl, c_lse = (flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef),
+                                 flat(plan.lse_coef))
     pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
     online = flat((~b.offline)[:, None].expand(B, T))
     # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
@@ -230,10 +232,11 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
             out.append(torch.zeros_like(x) if x is not None and gx is None else gx)
         return tuple(out)
 
-    flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
+    *args, tf = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
                              ref_head.get("ref_bias"), ignore_index=ignore_index, **head)
+    if want_mean_logp:
+        check_mean_logp(tf, bias)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    *args, tf = flat_args
     stats, (dh, dw, db) = fused_token_loss(
         *args, transform=tf, head_precision=head["head_precision"], ignore_index=ignore_index,
         return_entropy=want_entropy, coefficients=coefficients, need_grads=need, want_mean_logp=want_mean_logp,
@@ -245,31 +248,35 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
                             lse=bt(stats["lse"]) if want_lse else None, mean_logp=bt(stats["mean_logp"]), **objective)
     _token_accuracy(out, bt(stats["is_top1"]), objective["mask"])
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
-    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
+    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics, per_sequence=out.per_sequence,
+                     per_token=out.per_token)
 
 
+@document(("method", "**options"), {"**options": options_entry(OPTIONS) + " And the head's arguments of "
+                                     "gro_loss: " + ", ".join(HEAD_ARGS) + " (docs/head.md)."})
 class GROLoss(nn.Module):
-    """`gro_loss` as a module: `GROLoss(method="grpo", kl_coef=0.0)(hidden, weight, targets, rewards=..., group_ids=...)`.
+    """`gro_loss` as an `nn.Module`: the method and its options are fixed, and checked, at construction.
 
-    Args:
-        method: the preset.
-        head_precision, softcap, top_k, top_p, min_p: the head's options (`gro_loss`), fixed here;
-            `forward` may override top_k / top_p / min_p / temperature per batch (e.g. [B] tensors
-            from the sampler).
-        **options: the objective's options (`gro_loss`), checked at construction.
+        loss_fn = GROLoss(method="grpo", kl_coef=0.0)
+        out = loss_fn(hidden, model.lm_head.weight, targets, rewards=rewards, group_ids=group_ids)
+        out.loss.backward()
+
+    {args}
+
+    Raises:
+        TypeError, ValueError: an unknown option (naming the closest valid ones), a bad method or value.
     """
 
-    def __init__(self, method: str = "gro", *, head_precision: str = "native", softcap: Optional[float] = None,
-                 top_k=None, top_p=None, min_p=None, **options):
+    def __init__(self, method: str = "gro", **options):
         super().__init__()
+        self.head = {k: options.pop(k) for k in HEAD_ARGS if k in options}
         resolve_options(method, options)  # fail at construction, not at the first step
-        if head_precision not in HEAD_PRECISIONS:
-            raise ValueError(f"head_precision must be one of {HEAD_PRECISIONS}, got {head_precision!r}")
-        check_head_options(temperature=1.0, softcap=softcap, top_k=None, top_p=None, min_p=None,
-                           head_precision="native", lead=(1,), device=torch.device("cpu"), dtype=torch.float32,
-                           vocab=1)
+        precision = self.head.get("head_precision", "native")
+        if precision not in HEAD_PRECISIONS:
+            raise ValueError(f"head_precision must be one of {HEAD_PRECISIONS}, got {precision!r}")
+        check_head_options(temperature=1.0, softcap=self.head.get("softcap"), top_k=None, top_p=None, min_p=None,
+                           head_precision="native", lead=(1,), device=torch.device("cpu"), dtype=torch.float32, vocab=1)
         self.method = method
-        self.head = dict(head_precision=head_precision, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
         self.options = dict(options)
 
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
@@ -277,13 +284,17 @@ class GROLoss(nn.Module):
                 ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
                 log_sum_sq_probs=None, class_weight=None, temperature=None, top_k=None, top_p=None, min_p=None,
                 ignore_index=-100, backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
-        """`gro_loss` with the module's options; temperature / top_k / top_p / min_p given here
-        (numbers or per-sequence / per-token tensors) replace the module's for this call."""
-        head = dict(self.head)
+        """The loss of the module's method and options on one batch (`gro_loss` with them).
+
+        {args}
+
+        Returns:
+            GROOutput: loss, logp, metrics (0-d tensors), per_sequence ([B]), per_token ([B, T]).
+        """
+        head, options = dict(self.head), dict(self.options)
         for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
             if value is not None:
                 head[name] = value
-        options = dict(self.options)
         if temperature is not None:
             options["temperature"] = temperature
         return gro_loss(
@@ -296,6 +307,16 @@ class GROLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        given = {**{k: v for k, v in self.head.items() if v is not None and v != "native"}, **self.options}
-        opts = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in {**self.head, **self.options}.items())
         return f"method={self.method!r}" + (f", {opts}" if opts else "")
+
+
+_PER_CALL = {
+    "temperature": "float > 0 or a [B] / [B, T] tensor, optional. Replaces the module's temperature for this call "
+                   "(the sampler's, per sequence or per token).",
+    "top_k": "int or a [B] / [B, T] tensor, optional. Replaces the module's top_k for this call.",
+    "top_p": "float or a [B] / [B, T] tensor, optional. Replaces the module's top_p for this call.",
+    "min_p": "float or a [B] / [B, T] tensor, optional. Replaces the module's min_p for this call.",
+}
+GROLoss.forward = document(_INPUTS[:3] + _INPUTS[4:21] + ("class_weight", "temperature", "top_k", "top_p", "min_p")
+                           + _INPUTS[-4:], _PER_CALL)(GROLoss.forward)

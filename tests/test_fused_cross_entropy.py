@@ -129,11 +129,14 @@ def test_objective_takes_lse_and_mean_logp_from_token_logprobs():
     (dict(method="sft", label_smoothing=1.5), "label_smoothing must be <= 1"),
     (dict(method="sft", label_smoothing=0.1, top_k=5), "truncated"),
     (dict(method="dapo", class_weight=True), "target_weight"),
+    (dict(method="sft", label_smoothing=0.1, bias="masked"), "masks vocabulary rows"),
 ])
 def test_sft_options_are_refused_where_they_mean_nothing(kw, match):
     h, w, b, y, cw = inputs()
     if kw.get("class_weight") is True:
         kw["class_weight"] = cw
+    if kw.get("bias") == "masked":
+        kw["bias"] = b.masked_fill(torch.arange(V) >= V - 3, float("-inf"))
     if kw["method"] == "dapo":
         kw.update(rewards=torch.ones(B, dtype=torch.float64), group_ids=torch.zeros(B, dtype=torch.long))
     with pytest.raises(ValueError, match=match):

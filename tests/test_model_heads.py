@@ -97,7 +97,7 @@ def test_softcapped_gemma_logprobs_match_the_models_own_logits(tmp_path, name, c
     torch.testing.assert_close(trainer.logprobs(trainer.model, b).double(), want, rtol=0, atol=2e-5)
     # the loss's own log-probs (gro_loss in the trainer's forward) are the model's too
     loss, logp, _ = trainer.policy(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.prompt_len,
-                                   trainer._loss_kwargs(b, int((b.targets != -100).sum())) | {"rewards": b.rewards,
+                                   trainer._loss_kwargs(b, int((b.targets != -100).sum()), 1.0) | {"rewards": b.rewards,
                                                                                               "advantages": None})
     torch.testing.assert_close(logp.double(), want, rtol=0, atol=2e-5)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_sampler_settings_flow_into_the_loss(tmp_path):
     got = trainer.logprobs(trainer.model, b).double()
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     assert (torch.isinf(kept) & (b.targets != -100)[..., None]).sum() > 0, "the sampler must truncate here"
-    kw = trainer._loss_kwargs(b, 10)
+    kw = trainer._loss_kwargs(b, 10, 1.0)
     assert (kw["top_k"], kw["top_p"], kw["temperature"]) == (4, 0.9, 0.7)
 
 

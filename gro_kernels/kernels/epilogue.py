@@ -79,7 +79,6 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, lse_ptr,
         u = _transformed(z, cap, inv_t, HAS_CAP)
         if HAS_TAU:
             u = tl.where((z >= tau) | (idx == target), u, neg_inf)
-        live = u > neg_inf   # inside the row and kept: the relative sums below read u only there
         m_new = tl.maximum(m, u)
         # A lane that has seen only -inf keeps max 0 for the exponent: exp(-inf - 0) = 0, no NaN.
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
@@ -87,7 +86,9 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, lse_ptr,
         e = tl.exp(u - m_safe)
         shift = tl.where(m == neg_inf, 0.0, m - m_safe)
         if WANT_ENT or HAS_REF:
-            sd = scale * (sd + shift * s) + e * tl.where(live, u - m_safe, 0.0)
+            # u = -inf (past the row's end, outside the kept set, or a vocabulary row masked by a -inf
+            # bias): e = 0 and 0 * (u - m) must count as 0, not NaN.
+            sd = scale * (sd + shift * s) + e * tl.where(u == neg_inf, 0.0, u - m_safe)
         if WANT_MEAN:
             wv = tl.where(inside, 1.0, 0.0)
             if HAS_CW:
@@ -99,7 +100,8 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, lse_ptr,
             mr_new = tl.maximum(mr, ur)
             mr_safe = tl.where(mr_new == neg_inf, 0.0, mr_new)
             shift_r = tl.where(mr == neg_inf, 0.0, mr - mr_safe)
-            sdr = scale * (sdr + shift_r * s) + e * tl.where(inside, ur - mr_safe, 0.0)
+            # ur = -inf only where u = -inf too (api.py refuses the rest): again 0, not 0 * -inf.
+            sdr = scale * (sdr + shift_r * s) + e * tl.where(ur == neg_inf, 0.0, ur - mr_safe)
             sr = sr * tl.exp(mr - mr_safe) + tl.exp(ur - mr_safe)
             mr = mr_new
         if WANT_P2:
@@ -183,7 +185,9 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr
         if HAS_REF:
             ur = _transformed(tl.load(zr_row + idx, mask=inside, other=0.0).to(tl.float32), cap, inv_t, HAS_CAP)
             t = t + gamma * ur
-        d = p * t + tl.where(idx == target, gl, 0.0)
+        # p = 0 (a -inf bias row, outside the kept set): dz is exactly 0 there, whatever t (inf, or NaN
+        # from 0 * -inf) is.
+        d = tl.where(p == 0.0, 0.0, p * t) + tl.where(idx == target, gl, 0.0)
         if HAS_ETA:
             if HAS_CW:
                 d = d + eta * tl.load(cw_ptr + idx, mask=inside, other=0.0).to(tl.float32)

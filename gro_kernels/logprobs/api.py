@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ..argdocs import document
 from .transform import check_head_options
 
 BACKENDS = ("naive", "torch", "triton")
@@ -130,6 +131,20 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
+@document(("hidden", "weight", "targets", "bias", "temperature", "softcap", "top_k", "top_p", "min_p", "head_precision",
+           "ignore_index", "return_entropy", "return_sum_p2", "return_mean_logp", "class_weight",
+           "ref_hidden", "ref_weight", "ref_bias", "backend", "**backend_options"), {
+    "temperature": "float > 0, or a tensor shaped like targets (per token) or like its first dim (per "
+                   "sequence), default 1.0. Applied to log-probs, entropy and both heads of the KL alike; a "
+                   "constant (no gradient flows to it).",
+    "class_weight": "[V] float >= 0, optional. Weights the mean log-prob over the vocabulary (label "
+                    "smoothing's term, torch's cross-entropy class weights); needs return_mean_logp.",
+    "ref_hidden": "[..., d_ref] float, optional. The frozen reference model's final hidden states: with "
+                  "ref_weight, the exact KL(policy || reference) per token in the same pass, the temperature "
+                  "applied to both heads. No gradient flows into the reference head.",
+    "return_entropy": "bool, default False. Also compute each token's entropy (differentiable).",
+    "**backend_options": "Options of the chunked backends: chunk_elements=n, the logits per chunk (default 4M "
+                         "on a CPU, 192M on a GPU). An option the backend does not know is an error."})
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -155,48 +170,31 @@ def token_logprobs(
 ) -> TokenStats:
     """Log-prob of each target token under the head's distribution, without building the logits.
 
+    The fused primitive under `gro_loss`: never builds the `[tokens, vocab]` logits (except
+    `backend="naive"`, the test reference), and is differentiable in hidden, weight and bias.
+    `hidden` may have any leading shape matching `targets` (`[B, T, d]` with `[B, T]`, or `[N, d]`).
     The distribution of a token is q = softmax(u), u = softcap(hidden @ weight.T + bias) / temperature,
     restricted to the sampler's kept set and renormalized when top_k / top_p / min_p are given: the
-    distribution the sampler drew from, as vLLM's processed log-probs (`transform.py` has the exact
-    definitions). Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test
-    reference). `hidden[..., d]` predicts `targets[...]` (already shifted).
+    distribution the sampler drew from, as vLLM's processed log-probs (docs/head.md).
 
-    Args:
-        hidden, weight, targets: `[..., d]`, `[V, d]`, `[...]` token ids (`ignore_index` = not scored).
-        bias: `[V]` or None.
-        temperature: a positive float, or a tensor shaped like targets (per token) or like its first
-            dim (per sequence), applied to log-probs, entropy and KL alike (a constant: no gradient).
-        softcap: c of the logit soft cap `c * tanh(z / c)` (Gemma 2/3's `final_logit_softcapping`),
-            applied before the temperature, to both heads; -inf logits stay -inf. None: no cap.
-        top_k, top_p, min_p: the sampler's truncation, each a number or a per-sequence / per-token
-            tensor (off: top_k 0 or -1, top_p 1, min_p 0). The kept set is a constant of the gradient;
-            a target outside it joins its row's kept set (finite log-prob). The reference head is
-            never truncated.
-        head_precision: "native" (16-bit inputs: a 16-bit GEMM with fp32 output where the device has
-            one, else fp32 math on upcast slices), "fp32" (every GEMM of the head, the two gradient
-            GEMMs included, on fp32 copies of 16-bit hidden states and weight, with TF32 off: logp is
-            `log_softmax(F.linear(h.float(), W.float()))[y]` to fp32 rounding, vLLM's fp32 head; the
-            weight is upcast in vocabulary slices when a whole fp32 copy would exceed the budget,
-            `engine.FP32_COPY_ELEMENTS`), "tf32" (the same copies on TF32 tensor cores: CUDA, sm_80+).
-            Gradients are returned in the inputs' dtypes.
-        ignore_index: the target id of positions not scored (0 in every output there).
-        return_entropy, return_sum_p2: also return the entropy (differentiable) / sum_v q_v^2.
-        return_mean_logp: also return (1/V) sum_v w_v log q_v (label smoothing's term), weighted by
-            `class_weight` `[V]` when given; not with truncation (log q is -inf outside the kept set).
-        ref_hidden, ref_weight, ref_bias: the frozen reference head: the exact full-vocabulary
-            KL(policy || reference) in the same pass, with the temperature and soft cap on both heads.
-        backend: "auto" (triton on CUDA, else torch), "torch", "triton", "naive".
-        backend_options: for the chunked backends, `chunk_elements` (logits per chunk); an option a
-            backend does not know is an error.
+    {args}
+
+    Returns:
+        TokenStats: logp, entropy (or None), kl (the exact KL, or None without a reference head),
+        lse (log normalizer), sum_p2 (or None), mean_logp (or None), is_top1; each shaped like
+        `targets`, float32 (float64 for float64 input; is_top1 bool), exactly 0 at ignored positions.
+
+    Raises:
+        TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
+        where triton is not installed.
     """
     h2, w, y, b, rh2, rw, rb, tf = check_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature=temperature,
         ignore_index=ignore_index, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
         head_precision=head_precision)
     cw = check_class_weight(class_weight, w.shape[0], targets.device)
-    if return_mean_logp and tf.truncates:
-        raise ValueError("return_mean_logp (label smoothing's mean log-prob over the vocabulary) is -inf for a "
-                         "truncated distribution (top_k / top_p / min_p): use one or the other")
+    if return_mean_logp:
+        check_mean_logp(tf, b)
     if cw is not None and not return_mean_logp:
         raise ValueError("class_weight weights the mean log-prob over the vocabulary: pass return_mean_logp=True")
     device, lead = targets.device, targets.shape
@@ -212,6 +210,17 @@ def token_logprobs(
         )
     shape = tuple(lead)
     return TokenStats(**{k: None if out.get(k) is None else out[k].reshape(shape) for k in STAT_NAMES})
+
+
+def check_mean_logp(tf, bias) -> None:
+    """The mean log-prob over the whole vocabulary (label smoothing's term) is -inf where a row has
+    probability 0: refused with truncation and with a bias that masks rows."""
+    if tf.truncates:
+        raise ValueError("the mean log-prob over the vocabulary (label smoothing's term, return_mean_logp) is -inf "
+                         "for a truncated distribution (top_k / top_p / min_p): use one or the other")
+    if bias is not None and bool(torch.isneginf(bias).any()):
+        raise ValueError("the mean log-prob over the vocabulary (label smoothing's term, return_mean_logp) is -inf "
+                         "when bias masks vocabulary rows with -inf: label smoothing puts mass on every row")
 
 
 def check_class_weight(class_weight, vocab, device):
@@ -256,6 +265,7 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
         rh2, rw, rb = _check_head("ref_", ref_hidden, ref_weight, ref_bias, lead, device)
         if rw.shape[0] != vocab:
             raise ValueError(f"ref_weight has vocabulary {rw.shape[0]} but weight has {vocab}")
+    _check_masked_rows(b, rb)
 
     y = targets.reshape(-1).long()
     valid = y != ignore_index
@@ -272,6 +282,30 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
                             head_precision=head_precision, lead=tuple(lead), device=device, dtype=h2.dtype,
                             vocab=vocab)
     return h2, w, y, b, rh2, rw, rb, tf
+
+
+def _check_masked_rows(bias, ref_bias) -> None:
+    """A -inf bias masks a vocabulary row (padding): probability 0, and the statistics are those of
+    the head without that row. NaN or +inf in a bias is an error; so is a reference that masks a
+    row the policy keeps, since KL(policy || reference) is then +inf for every token."""
+    masks = []
+    for name, t in (("bias", bias), ("ref_bias", ref_bias)):
+        if t is None:
+            continue
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if bool(bad.any()) or bool(torch.isneginf(t).all()):
+            rows = torch.nonzero(bad)[:5, 0].tolist()
+            raise ValueError(f"{name} must be finite, or -inf on the vocabulary rows it masks (not on all of "
+                             f"them); got NaN/+inf at rows {rows}" if rows else f"{name} is -inf on every row")
+        masks.append(torch.isneginf(t))
+    if ref_bias is not None and bool(masks[-1].any()):
+        kept = ~masks[0] if bias is not None else torch.ones_like(masks[-1])
+        rows = torch.nonzero(masks[-1] & kept)[:5, 0].tolist()
+        if rows:
+            raise ValueError(
+                f"ref_bias is -inf at vocabulary rows {rows} where bias is not: the reference gives those tokens "
+                "probability 0 while the policy does not, so the exact KL(policy || reference) is infinite. "
+                "Mask the same rows in both heads (-inf in bias too).")
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

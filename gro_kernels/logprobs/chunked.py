@@ -24,10 +24,11 @@ from .transform import Transform, gemm_precision
 _OPTIONS = ("chunk_elements",)
 
 
-def _epilogue(backend: str, dtype: torch.dtype):
+def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None):
     if backend == "triton" and dtype != torch.float64:
-        return TritonEpilogue()
-    return TorchEpilogue()
+        return TritonEpilogue()  # its kernels guard -inf bias rows at no extra pass
+    masked = any(b is not None and bool(torch.isneginf(b).any()) for b in (bias, ref_bias))
+    return TorchEpilogue(masked_rows=masked)
 
 
 def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision):
@@ -53,7 +54,7 @@ class _TokenStats(torch.autograd.Function):
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
-        epi = _epilogue(backend, hidden.dtype)
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias)
         tf = _compact(tf, rows)
         with gemm_precision(precision, hidden.device):
             st = engine.forward_stats(head, ref, y, tf=tf, want_entropy=return_entropy, epilogue=epi, ct=ct,
@@ -74,6 +75,13 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2, g_mean, _g_top1):
+        # backward() called inside torch.autocast would recast the recompute and gradient GEMMs to
+        # 16 bits: autocast off here as in the forward (api.token_logprobs).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _TokenStats._backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
         precision, class_weight, chunk_elements, backend = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -92,7 +100,8 @@ class _TokenStats(torch.autograd.Function):
         ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
         with gemm_precision(precision, hidden.device):
             engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads,
-                                  epilogue=_epilogue(backend, hidden.dtype), ct=ct, class_weight=class_weight)
+                                  epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias), ct=ct,
+                                  class_weight=class_weight)
         dh, dw, db = grads.result()
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
                 _cast(db, bias)) + (None,) * 13
@@ -148,7 +157,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         grads = engine.Grads(head, need_h, need_w, need_b)
         st = engine.fused_pass(head, ref, y, tf=_compact(transform, rows), want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype), ct=ct,
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias), ct=ct,
                                want_mean_logp=want_mean_logp, class_weight=class_weight)
     outs = {k: None if getattr(st, k) is None else scatter_rows(getattr(st, k), rows, n_all)
             for k in ("logp", "entropy", "kl", "lse", "mean_logp")}

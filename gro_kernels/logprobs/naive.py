@@ -14,8 +14,26 @@ from .api import STAT_NAMES, reject_options, scatter_rows, stat_dtype, take_rows
 from . import transform as head
 
 
+class _Linear(torch.autograd.Function):
+    """h @ W^T, whose backward GEMMs run with autocast off: `backward()` called inside
+    `torch.autocast` would otherwise run them in 16 bits (the forward is already outside autocast,
+    in api.token_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return h @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad
+        with torch.autocast(g.device.type, enabled=False):
+            return (g @ w if need_h else None), (g.T @ h if need_w else None)
+
+
 def _logits(hidden, weight, bias, dtype):
-    z = hidden.to(dtype) @ weight.to(dtype).T
+    z = _Linear.apply(hidden.to(dtype), weight.to(dtype))
     return z if bias is None else z + bias.to(dtype)
 
 
@@ -43,8 +61,11 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         u = u.masked_fill(~keep, float("-inf"))
     logprobs = torch.log_softmax(u, dim=-1)
     p = logprobs.exp()
-    # outside the kept set log q = -inf and q = 0: their products count 0
-    kept_logprobs = logprobs if keep is None else torch.where(keep, logprobs, torch.zeros_like(logprobs))
+    # 0 log 0 = 0: outside the kept set, and at a vocabulary row masked with a -inf bias, p = 0 and
+    # log p = -inf. The log is replaced before the product (a `where` after it would still send NaN
+    # into the gradient).
+    live = p > 0
+    kept_logprobs = torch.where(live, logprobs, 0.0)
 
     def out(v):
         return scatter_rows(v, rows, n)
@@ -56,11 +77,10 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         stats["entropy"] = out(-(p * kept_logprobs).sum(-1))
     if return_kl:
         ref_logprobs = torch.log_softmax(head.transform(zr, tf.without_truncation()), dim=-1)
-        stats["kl"] = out((p * (kept_logprobs - ref_logprobs)).sum(-1))
+        stats["kl"] = out((p * torch.where(live, logprobs - ref_logprobs, 0.0)).sum(-1))
     if return_sum_p2:
         stats["sum_p2"] = out((p * p).sum(-1)).detach()
     if return_mean_logp:
         w = 1.0 if class_weight is None else class_weight.to(dtype)
         stats["mean_logp"] = out((w * logprobs).sum(-1) / logprobs.shape[-1])
     return stats
-

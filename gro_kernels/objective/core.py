@@ -1,4 +1,4 @@
-"""`gro_objective`: the GRO loss on per-token log-probs (GRO.md section 2).
+"""`gro_objective`: the GRO loss on per-token log-probs (docs/objective.md).
 
     loss = sum_{i,t} c[i,t] * ( -surrogate(A, l, lo) + kl_coef * k(l, lr) - entropy_coef * H )
 
@@ -14,20 +14,35 @@ import torch
 from . import corrections
 from .aggregation import token_coefficients
 from .inputs import Batch, check_requirements, kl_is_used, prepare_batch, truncation_mask
-from .options import Options, resolve_options
-from .split import token_loss
+from ..argdocs import document, options_entry
+from .options import OPTIONS, Options, resolve_options
+from .split import NotYetComputed, token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
 
 
 @dataclass
 class GROOutput:
-    """loss: 0-d tensor to backpropagate; logp: the policy's per-token log-probs [B,T] (detached,
-    0 where masked); metrics: detached diagnostics (kl, entropy, clip fractions, weights, ...)."""
+    """What `gro_loss`, `GROLoss` and `gro_objective` return. Everything but `loss` is detached.
+
+    loss: 0-d tensor to backpropagate.
+    logp: [B,T] float32 (float64 for float64 input), the policy's per-token log-probs, 0 where not scored.
+    metrics: name -> 0-d tensor, the batch's diagnostics (`float(v)` works on every value): policy_loss,
+        kl, entropy, ratio_mean, clip_frac(_low/_high), policy_weight_mean, and for the preference
+        methods rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins as TRL logs them.
+        Which names are present depends on the method, options and inputs, never on the values.
+    per_sequence: name -> [B] tensor: weights w_i, scores s_i, anchors a_i, signs y_i (when the weights
+        are formed per sequence).
+    per_token: name -> [B,T] tensor: advantages A[i,t] (always: the weights, or the given advantages),
+        and scores / anchors / signs when the scores are per token (score='token_return').
+    docs/options.md ("What comes back") lists every name.
+    """
 
     loss: torch.Tensor
     logp: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_sequence: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _masked_mean(values, mask):
@@ -36,7 +51,7 @@ def _masked_mean(values, mask):
 
 @dataclass
 class SequencePlan:
-    """Step (a) of GRO.md section 6: everything formed before the pass over the vocabulary (detached)."""
+    """Step (a) of the split (docs/objective.md, "One pass or two"): everything formed before the pass over the vocabulary (detached)."""
 
     weights: Weights         # A[i,t] = weights.advantages
     coef: torch.Tensor       # c[i,t], the aggregation coefficients
@@ -52,7 +67,7 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
     """The per-token policy weight g, entropy coefficient e and KL-Cov coefficient a (corrections.py).
     Offline rows were not sampled: no mismatch correction, off-policy mask, VESPO weight or covariance
     selection applies to them (the top-entropy selection does)."""
-    m, l, lo = b.mask, b.logp.detach(), b.old_logp
+    m, lo = b.mask, b.old_logp
     online = (~b.offline[:, None]).to(m.dtype)
     on_mask = m * online
     g, e, a = None, None, None
@@ -70,7 +85,7 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
             g = times(g, is_weight)
     if opts.off_policy_mask_threshold is not None:
         behaviour = b.rollout_logp if b.rollout_logp is not None else lo
-        g = times(g, online_only(corrections.off_policy_mask(opts, A, l, behaviour, on_mask)))
+        g = times(g, online_only(corrections.off_policy_mask(opts, A, b.logp.detach(), behaviour, on_mask)))
     keep = m
     if opts.top_entropy_quantile < 1:
         keep = corrections.top_entropy_mask(opts, b.entropy, m)
@@ -78,11 +93,11 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
     if opts.entropy_agg == "token_mean":  # TRL: the mean entropy of the (selected) tokens, whatever c is
         e = keep / keep.sum().clamp(min=1)
     if opts.surrogate == "vespo":
-        g = times(g, online_only(corrections.vespo_weight(opts, A, l, lo, on_mask, is_weight)))
+        g = times(g, online_only(corrections.vespo_weight(opts, A, b.logp.detach(), lo, on_mask, is_weight)))
     elif opts.surrogate == "clip_cov":
-        g = times(g, corrections.clip_cov_keep(opts, A, l, lo, on_mask))
+        g = times(g, corrections.clip_cov_keep(opts, A, b.logp.detach(), lo, on_mask))
     elif opts.surrogate == "kl_cov":
-        a = corrections.kl_cov_coef(opts, A, l, on_mask)
+        a = corrections.kl_cov_coef(opts, A, b.logp.detach(), on_mask)
     return g, e, a
 
 
@@ -121,8 +136,13 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, **options):
-    """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan)."""
+                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, before_pass=False,
+                      **options):
+    """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan).
+
+    before_pass=True (the one pass of gro_loss): logp, entropy and kl are placeholders for shapes only;
+    the plan gets `NotYetComputed` in their place (and in place of sg[l] as the behaviour log-prob),
+    so reading them raises, and any non-finite plan output is an error too."""
     opts = resolve_options(method, options)
     if (truncated is not None) != opts.mask_truncated_completions:
         raise ValueError("mask_truncated_completions=True and truncated [B] (bool) go together: "
@@ -136,10 +156,41 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
         log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight,
     )
-    check_requirements(method, opts, b)
-    return opts, b, sequence_plan(method, opts, b)
+    check_requirements(method, opts, b, given=options)
+    if not before_pass:
+        return opts, b, sequence_plan(method, opts, b)
+    b = _before_pass(b, given_old_logp=old_logp is not None)
+    plan = sequence_plan(method, opts, b)
+    _check_plan(plan)
+    return opts, b, plan
 
 
+def _before_pass(b: Batch, *, given_old_logp: bool) -> Batch:
+    """The batch as the one pass's plan may see it: no statistic of the policy. Given old_logp stays;
+    its offline rows (sg[l] there) become NaN, which `_check_plan` catches if the plan reads them."""
+    if given_old_logp:
+        old = torch.where(b.offline[:, None], torch.full_like(b.old_logp, float("nan")), b.old_logp)
+    else:
+        old = NotYetComputed("on-policy behaviour log-probs sg[logp]")
+    return replace(b, logp=NotYetComputed("log-probs"), old_logp=old,
+                   entropy=None if b.entropy is None else NotYetComputed("entropies"),
+                   kl=None if b.kl is None else NotYetComputed("exact KL"),
+                   lse=None if b.lse is None else NotYetComputed("log normalizers"),
+                   mean_logp=None if b.mean_logp is None else NotYetComputed("mean log-probs over the vocabulary"))
+
+
+def _check_plan(plan: SequencePlan) -> None:
+    parts = dict(advantages=plan.weights.advantages, coef=plan.coef, policy_weight=plan.policy_weight,
+                 entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef)
+    bad = [name for name, t in parts.items() if t is not None and not torch.isfinite(t).all()]
+    if bad:
+        NotYetComputed(f"behaviour log-probs of offline rows (non-finite plan outputs {bad})")._refuse()
+
+
+@document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
+           "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
+           "lse", "mean_logp", "target_weight", "**options"),
+          {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -164,25 +215,28 @@ def gro_objective(
     target_weight: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
-    """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
+    """The GRO objective on per-token log-probs you computed (docs/objective.md), configured as
+    `method` with `options` overriding the preset. Use it when the log-probs come from elsewhere
+    (your own forward, `token_logprobs`, another trainer); `gro_loss` computes them from hidden
+    states without the logits. `entropy` and `kl` may carry gradients (as from `token_logprobs`).
+    Statistics are float32 (float64 when logp is float64). For the preference presets (DPO, IPO,
+    CPL, SimPO, KTO) `loss` reports the method's own loss value; its gradient is the GRO gradient,
+    which equals the method's.
 
-    logp, mask, entropy, kl, old_logp, ref_logp: [B,T] (entropy and kl differentiable, as from
-    `token_logprobs`). rewards, baselines, group_ids, labels (+1/-1), offline (bool): [B].
-    advantages: [B] or [B,T], replacing the weights formed from rewards. rollout_logp [B,T]: the
-    sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
-    [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
-    log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
-    `use_weighting`. lse [B,T] (the head's log normalizer, differentiable) for `z_loss_coef`;
-    mean_logp [B,T] ((1/V) sum_v w_v log p_v, differentiable) for the SFT preset's `label_smoothing`;
-    target_weight [B,T] (each target's class weight) for the SFT preset's class weights (torch's
-    weighted cross-entropy); `token_logprobs` returns the first two (`lse`, `return_mean_logp`).
-    With the SFT preset's `reduction="none"` `loss` is the per-token loss [B,T] (0 where masked).
-    Statistics are float32
-    (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
-    the method's own loss value; its gradient is the GRO gradient, which equals the method's.
-    The head's options (temperature, soft cap, truncation, precision) are applied where logp is
-    computed (`token_logprobs`, `gro_loss`); `temperature` is accepted here so presets can carry it.
+    {args}
+
+    Returns:
+        GROOutput: loss (0-d), logp (detached), metrics (name -> 0-d tensor), per_sequence
+        (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
+
+    Raises:
+        TypeError, ValueError: naming the argument or option; an option the configuration does not
+        read is one (docs/options.md), `temperature` too: it applies where the log-probs are computed
+        (gro_loss, token_logprobs), and gro_objective gets them computed.
     """
+    if "temperature" in options:
+        raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
+                         "computed (gro_loss, token_logprobs); gro_objective gets them computed")
     opts, b, plan = prepare_objective(
         logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
@@ -218,9 +272,34 @@ def gro_objective(
         metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), on)
     if plan.policy_weight is not None:
         metrics["policy_weight_mean"] = _masked_mean(plan.policy_weight, m)
-    metrics["weights"] = w.weights.detach()
-    metrics["advantages"] = w.advantages.detach()
-    for name in ("scores", "anchors", "signs"):
-        if getattr(w, name) is not None:
-            metrics[name] = getattr(w, name).detach()
-    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics)
+    if opts.score == "implicit" and opts.separation == "label" and w.scores is not None:
+        metrics.update(_preference_metrics(w, pairwise=opts.anchor == "pair"))
+    # [B] values in per_sequence, [B,T] values in per_token: the shape says which.
+    per_sequence, per_token = {}, {"advantages": w.advantages.detach()}
+    for name in ("weights", "scores", "anchors", "signs"):
+        value = getattr(w, name)
+        if value is not None and not (name == "weights" and value is w.advantages):
+            (per_sequence if value.dim() == 1 else per_token)[name] = value.detach()
+    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics, per_sequence=per_sequence, per_token=per_token)
+
+
+def _preference_metrics(w: Weights, *, pairwise: bool) -> Dict[str, torch.Tensor]:
+    """TRL's DPO / KTO reward metrics from the implicit scores s_i (beta times the sequence log-ratio
+    to the reference, or the method's reference-free score): the mean over chosen (desirable) rows,
+    over rejected (undesirable) rows, their difference, and for pairs the fraction of pairs whose
+    chosen row scores higher. A label with no row in the batch (KTO) contributes 0."""
+    s, chosen = w.scores.detach(), w.signs > 0
+    rejected = ~chosen
+
+    def mean(rows):
+        return s[rows].sum() / rows.sum().clamp(min=1)
+
+    out = {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected)}
+    if pairwise:  # anchors: the partner's score
+        margin = (s - w.anchors.detach())[chosen]
+        out["rewards/accuracies"] = (margin > 0).to(s.dtype).mean()
+        out["rewards/margins"] = margin.mean()
+    else:
+        both = bool(chosen.any()) and bool(rejected.any())
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"] if both else s.new_zeros(())
+    return out
