@@ -138,6 +138,18 @@ def test_min_p_with_top_p_is_refused():
         GROConfig(top_p=0.9, min_p=0.05)
 
 
+def test_head_precision_is_checked_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="head_precision"):
+        GROConfig(head_precision="fp16")
+    if not torch.cuda.is_available():  # tf32 needs CUDA: refused when the trainer is built, not at its first step
+        cfg = GROConfig(method="grpo", steps=1, num_generations=2, prompts_per_step=1, max_new_tokens=4,
+                        output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False,
+                        backend="torch", loss_options={"kl_coef": 0.0}, head_precision="tf32")
+        with pytest.raises(ValueError, match="tf32"):
+            GROTrainer(build(transformers.LlamaConfig), TOK, reward_funcs=[reversal_reward],
+                       train_dataset=make_prompts(4, 3, seed=0), config=cfg)
+
+
 def test_an_unknown_head_transform_is_caught_by_the_probe(tmp_path):
     class Doubled(transformers.LlamaForCausalLM):
         def forward(self, *args, **kwargs):

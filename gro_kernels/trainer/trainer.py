@@ -35,6 +35,7 @@ from . import distributed as gdist
 from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
                             needs_behaviour_logp, options_beside_advantages)
 from .config import GROConfig
+from ..logprobs.transform import check_precision
 from .heads import check_head, fold_scale, logit_scale, logit_softcap
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .packing import check_packing, packed_final_hidden
@@ -199,6 +200,7 @@ class GROTrainer:
                              f"processes ({self.dist.world_size})")
         self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
         cfg.check_for(online=self.online, world_size=self.dist.world_size)
+        check_precision(cfg.head_precision, self.device, next(model.parameters()).dtype)  # tf32 needs CUDA
 
         self.eos_ids = self._eos_ids(eos_token_id)
         self.pad_id = self._pad_id(pad_token_id)
