@@ -574,3 +574,8 @@ def test_preference_trainers_take_a_path_or_an_in_memory_model_with_its_referenc
                   processing_class=build_tokenizer())
     trainer.train()
     assert any("rewards/chosen" in h for h in trainer.state.log_history)
+
+
+def test_dpo_gemma_softcap_equal_trl(tmp_path, gemma_path):
+    # DPO on a soft-capped Gemma 2: TRL's head and ours both apply final_logit_softcapping (refused on main)
+    compare_preference(dpo_trainer(tmp_path, gemma_path, loss_type=["sigmoid"], beta=0.3))
