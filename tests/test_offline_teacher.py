@@ -436,3 +436,14 @@ def test_teacher_with_masked_vocabulary_rows_is_the_head_without_them(divergence
     with pytest.raises(ValueError, match="teacher_bias"):
         gro_loss(data.hidden, data.weight, targets, bias=bias, method="distill", teacher_hidden=data.teacher_hidden,
                  teacher_weight=data.teacher_weight, teacher_bias=data.teacher_bias, backend=backend)
+
+
+@pytest.mark.parametrize("head", [{"softcap": 30.0}, {"top_k": 5}, {"top_p": 0.9}])
+def test_teacher_with_a_soft_cap_or_truncation_is_refused(head):
+    """The policy's soft cap and the sampler's kept set are the policy's: the teacher's divergence is over its
+    own full distribution, so a teacher with either is refused, naming the argument."""
+    data, _ = _data()
+    name = next(iter(head))
+    with pytest.raises(ValueError, match=name if name != "top_p" else "top_k / top_p / min_p"):
+        gro_loss(data.hidden, data.weight, data.targets, method="distill", teacher_hidden=data.teacher_hidden,
+                 teacher_weight=data.teacher_weight, backend="torch", **head)

@@ -33,6 +33,7 @@ AUDIT_VALUES = {
     "kl_estimator": ["k2", "k1"], "kl_placement": ["reward", "loss"], "use_bias_correction_kl": [True],
     "entropy_coef": [0.05], "entropy_agg": ["token_mean", "loss"],
     "loss_agg": ["seq_mean_token_sum", "token_mean"], "max_completion_length": [17], "temperature": [0.7],
+    "z_loss_coef": [0.05], "reduction": ["sum", "mean"],
     # issue 19: offline rows and teachers
     "offline_role": ["sft", "group"], "offline_surrogate": ["shaping", "logp"], "shaping_gamma": [0.3], "mu": [0.4],
     "switch_threshold": [0.0, 0.5], "offline_neg_coef": [0.0], "nll_coef": [0.5], "distill_coef": [0.5],

@@ -238,21 +238,40 @@ def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, 
 
 def _gro_fused_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
     """verl's FusedLinearForPPO.forward on gro_kernels: (log_probs, entropy) shaped like input_ids, float32.
-    Only the "torch" implementation is replaced; "liger" stays Liger's."""
+    Only the "torch" implementation is replaced; "liger" stays Liger's. `temperature` may also be a tensor
+    shaped like input_ids (per token) or like its first dim (per sequence); the head options given to
+    `register` (soft cap, precision, truncation) apply."""
     if self.impl_backend != "torch":
+        if _HEAD_OPTIONS or isinstance(temperature, torch.Tensor):
+            raise ValueError(f"verl's fused kernel impl_backend={self.impl_backend!r} is not gro_kernels': the head "
+                             f"options {sorted(_HEAD_OPTIONS) or ['a tensor temperature']} need impl_backend='torch'")
         return _ORIGINAL_FUSED_FORWARD(self, hidden_states, vocab_weights, input_ids, temperature)
     stats = token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
-                           return_entropy=True)
+                           return_entropy=True, **_HEAD_OPTIONS)
     return stats.logp, stats.entropy
 
 
 _ORIGINAL_FUSED_FORWARD = None
+_HEAD_OPTIONS: dict = {}
 
 
-def register(*, fused_kernels: bool = False) -> list:
+def register(*, fused_kernels: bool = False, softcap=None, head_precision: str = "native", top_k=None, top_p=None,
+             min_p=None) -> list:
     """Register `gro_<name>` for every verl loss in VERL_LOSSES (verl's `register_policy_loss`); with
     `fused_kernels=True`, also route verl's fused log-prob + entropy (`use_fused_kernels=True`,
-    `impl_backend="torch"`, i.e. `FusedLinearForPPO`) through `token_logprobs`. Returns the names."""
+    `impl_backend="torch"`, i.e. `FusedLinearForPPO`) through `token_logprobs`. Returns the names.
+
+    The fused path's head options (verl's own fused kernel has none of them; it sees neither the model's
+    config nor the rollout's sampling settings, so they are given here, for every model it runs):
+        softcap: the model's final_logit_softcapping (Gemma 2/3; verl's kernel leaves the cap out).
+        head_precision: "native" | "fp32" | "tf32" (gro_loss's): "fp32" to match a rollout engine's fp32 head.
+        top_k, top_p, min_p: the rollout's truncation (actor_rollout_ref.rollout.top_k / top_p / min_p), so
+            that the actor's log-probs are those of the distribution vLLM sampled from (its processed_logprobs).
+    """
+    options = {k: v for k, v in dict(softcap=softcap, head_precision=head_precision, top_k=top_k, top_p=top_p,
+                                     min_p=min_p).items() if v is not None and v != "native"}
+    if options and not fused_kernels:
+        raise ValueError(f"the head options {sorted(options)} apply to verl's fused kernel: pass fused_kernels=True")
     names = []
     for name in VERL_LOSSES:
         core_algos.register_policy_loss(f"gro_{name}")(gro_policy_loss(name))
@@ -263,12 +282,15 @@ def register(*, fused_kernels: bool = False) -> list:
         if _ORIGINAL_FUSED_FORWARD is None:
             _ORIGINAL_FUSED_FORWARD = FusedLinearForPPO.forward
         FusedLinearForPPO.forward = _gro_fused_forward
+        _HEAD_OPTIONS.clear()
+        _HEAD_OPTIONS.update(options)
     return names
 
 
 def unregister_fused_kernels() -> None:
     """Give verl back its own FusedLinearForPPO.forward."""
     global _ORIGINAL_FUSED_FORWARD
+    _HEAD_OPTIONS.clear()
     if _ORIGINAL_FUSED_FORWARD is not None:
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
         FusedLinearForPPO.forward = _ORIGINAL_FUSED_FORWARD

@@ -6,14 +6,16 @@ reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
 
     token_stats(hidden[N,d], weight[V,d], targets[N] int64, bias[V]|None,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
-                temperature, ignore_index, return_entropy, return_kl, return_sum_p2,
+                transform (transform.Transform of the N tokens), head_precision, ignore_index,
+                return_entropy, return_kl, return_sum_p2, return_mean_logp, class_weight[V]|None,
                 teacher=(hidden[N,dt], weight[V,dt], bias[V]|None)|None, divergence=engine.Divergence|None,
                 **backend_options)
-        -> (logp[N], entropy[N]|None, kl[N]|None, lse[N], sum_p2[N]|None, distill[N]|None)
+        -> dict logp, entropy, kl, lse, sum_p2, mean_logp, distill (each [N] or None), is_top1 ([N] bool)
 
 all float32 (float64 when the inputs are float64), exactly 0 at ignored positions, and
 differentiable in hidden, weight and bias. The reference and teacher heads are frozen: no
-gradient flows into them.
+gradient flows into them. `transform.py` defines the soft cap, temperature
+and truncation every backend applies.
 """
 from __future__ import annotations
 
@@ -28,20 +30,27 @@ import torch
 
 from .engine import Divergence
 from ..argdocs import document
+from .transform import check_head_options
 
 BACKENDS = ("naive", "torch", "triton")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+STAT_NAMES = ("logp", "entropy", "kl", "lse", "sum_p2", "mean_logp", "is_top1", "distill")
 
 
 @dataclass
 class TokenStats:
-    """Per-token statistics, each shaped like `targets`.
+    """Per-token statistics, each shaped like `targets`, of q = the row's distribution: softmax(u),
+    u = softcap(W h + b) / temperature, restricted to the kept set when truncated (`transform.py`).
 
-    logp: log softmax(z)[target], z = (W h + b) / temperature.
-    entropy: entropy of softmax(z), or None when not asked for.
-    kl: exact KL(softmax(z) || softmax(z_ref)) over the whole vocabulary, or None without a reference head.
-    lse: logsumexp(z), the softmax normalizer.
-    sum_p2: sum_v softmax(z)_v^2 (verl's optimal token baseline), detached, or None when not asked for.
+    logp: log q[target].
+    entropy: entropy of q, or None when not asked for.
+    kl: exact KL(q || q_ref) over the whole vocabulary (q_ref: the reference head's soft-capped,
+        tempered, never truncated softmax), or None without a reference head.
+    lse: log sum exp(u) over the kept set, q's normalizer.
+    sum_p2: sum_v q_v^2 (verl's optimal token baseline), detached, or None when not asked for.
+    mean_logp: (1/V) sum_v w_v log q_v over the whole vocabulary (w: class_weight, else 1; label
+        smoothing's term), differentiable, or None when not asked for.
+    is_top1: bool, the target's logit is the row's largest (ties count; token accuracy), no gradient.
     distill: the exact divergence to the teacher head over the whole vocabulary (`divergence`), or None
         without a teacher head.
     """
@@ -51,6 +60,8 @@ class TokenStats:
     kl: Optional[torch.Tensor]
     lse: torch.Tensor
     sum_p2: Optional[torch.Tensor] = None
+    mean_logp: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
     distill: Optional[torch.Tensor] = None
 
 
@@ -126,9 +137,15 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
-@document(("hidden", "weight", "targets", "bias", "temperature", "ignore_index", "return_entropy", "return_sum_p2",
-           "ref_hidden", "ref_weight", "ref_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "divergence",
-           "jsd_beta", "backend", "**backend_options"), {
+@document(("hidden", "weight", "targets", "bias", "temperature", "softcap", "top_k", "top_p", "min_p", "head_precision",
+           "ignore_index", "return_entropy", "return_sum_p2", "return_mean_logp", "class_weight",
+           "ref_hidden", "ref_weight", "ref_bias", "teacher_hidden", "teacher_weight", "teacher_bias",
+           "divergence", "jsd_beta", "backend", "**backend_options"), {
+    "temperature": "float > 0, or a tensor shaped like targets (per token) or like its first dim (per "
+                   "sequence), default 1.0. Applied to log-probs, entropy and both heads of the KL alike; a "
+                   "constant (no gradient flows to it).",
+    "class_weight": "[V] float >= 0, optional. Weights the mean log-prob over the vocabulary (label "
+                    "smoothing's term, torch's cross-entropy class weights); needs return_mean_logp.",
     "ref_hidden": "[..., d_ref] float, optional. The frozen reference model's final hidden states: with "
                   "ref_weight, the exact KL(policy || reference) per token in the same pass, the temperature "
                   "applied to both heads. No gradient flows into the reference head.",
@@ -141,10 +158,17 @@ def token_logprobs(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature=1.0,
+    softcap: Optional[float] = None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    head_precision: str = "native",
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_sum_p2: bool = False,
+    return_mean_logp: bool = False,
+    class_weight: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
@@ -156,45 +180,52 @@ def token_logprobs(
     backend: str = "auto",
     **backend_options,
 ) -> TokenStats:
-    """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
+    """Log-prob of each target token under the head's distribution, without building the logits.
 
     The fused primitive under `gro_loss`: never builds the `[tokens, vocab]` logits (except
     `backend="naive"`, the test reference), and is differentiable in hidden, weight and bias.
     `hidden` may have any leading shape matching `targets` (`[B, T, d]` with `[B, T]`, or `[N, d]`).
+    The distribution of a token is q = softmax(u), u = softcap(hidden @ weight.T + bias) / temperature,
+    restricted to the sampler's kept set and renormalized when top_k / top_p / min_p are given: the
+    distribution the sampler drew from, as vLLM's processed log-probs (docs/head.md).
 
     {args}
 
     Returns:
         TokenStats: logp, entropy (or None), kl (the exact KL, or None without a reference head),
-        lse (log normalizer), sum_p2 (or None), distill (the divergence to the teacher, or None
-        without a teacher head); each shaped like `targets`, float32 (float64 for float64 input),
-        exactly 0 at ignored positions.
+        lse (log normalizer), sum_p2 (or None), mean_logp (or None), is_top1, distill (the divergence
+        to the teacher, or None without a teacher head); each shaped like `targets`, float32 (float64
+        for float64 input; is_top1 bool), exactly 0 at ignored positions.
 
     Raises:
         TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
         where triton is not installed.
     """
-    h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-                                            temperature=temperature, ignore_index=ignore_index)
-    teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0], b)
+    h2, w, y, b, rh2, rw, rb, tf = check_inputs(
+        hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature=temperature,
+        ignore_index=ignore_index, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
+        head_precision=head_precision)
+    cw = check_class_weight(class_weight, w.shape[0], targets.device)
+    if return_mean_logp:
+        check_mean_logp(tf, b)
+    if cw is not None and not return_mean_logp:
+        raise ValueError("class_weight weights the mean log-prob over the vocabulary: pass return_mean_logp=True")
+    teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0], b, tf)
     div = teacher_divergence(divergence, jsd_beta, teacher is not None)
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
     fn = _backend_fn(name)
     # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
     with torch.autocast(device.type, enabled=False):
-        logp, ent, kl, lse, p2, distill = fn(
+        out = fn(
             h2, w, y, b, rh2, rw, rb,
-            temperature=float(temperature), ignore_index=ignore_index,
+            transform=tf, head_precision=head_precision, ignore_index=ignore_index,
             return_entropy=bool(return_entropy), return_kl=rh2 is not None, return_sum_p2=bool(return_sum_p2),
-            teacher=teacher, divergence=div, **backend_options,
+            return_mean_logp=bool(return_mean_logp), class_weight=cw, teacher=teacher, divergence=div,
+            **backend_options,
         )
     shape = tuple(lead)
-
-    def out(t):
-        return None if t is None else t.reshape(shape)
-
-    return TokenStats(logp=out(logp), entropy=out(ent), kl=out(kl), lse=out(lse), sum_p2=out(p2), distill=out(distill))
+    return TokenStats(**{k: None if out.get(k) is None else out[k].reshape(shape) for k in STAT_NAMES})
 
 
 def teacher_divergence(divergence, jsd_beta, has_teacher: bool) -> Optional[Divergence]:
@@ -228,8 +259,9 @@ def _check_teacher_masked_rows(bias, teacher_bias) -> None:
                          "masks and the other keeps makes the KL to the teacher infinite; mask the same rows in both")
 
 
-def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, bias=None):
-    """The teacher head flattened (hidden [N, dt], weight [V, dt], bias), or None; errors name the argument."""
+def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, bias=None, tf=None):
+    """The teacher head flattened (hidden [N, dt], weight [V, dt], bias), or None; errors name the argument.
+    A teacher takes no soft cap and no truncation (the policy's would not be the teacher's)."""
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("teacher_hidden and teacher_weight must be given together (the teacher head)")
     if teacher_hidden is None:
@@ -237,6 +269,12 @@ def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, 
             raise ValueError("teacher_bias was given without teacher_hidden/teacher_weight")
         return None
     th, tw, tb = _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, targets.shape, targets.device)
+    if tf is not None and tf.cap is not None:
+        raise ValueError("softcap applies to the policy's head; the teacher head takes none (a teacher of another model "
+                         "has its own): the divergence to a teacher is not offered with softcap")
+    if tf is not None and tf.truncates:
+        raise ValueError("top_k / top_p / min_p truncate the policy's distribution; the divergence to a teacher is over "
+                         "the whole vocabulary: not offered with truncation")
     _check_teacher_masked_rows(bias, tb)
     if tw.shape[0] != vocab:
         raise ValueError(f"teacher_weight has vocabulary {tw.shape[0]} but weight has {vocab} (a teacher must share "
@@ -244,15 +282,44 @@ def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, 
     return th, tw, tb
 
 
-def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index):
+
+def check_mean_logp(tf, bias) -> None:
+    """The mean log-prob over the whole vocabulary (label smoothing's term) is -inf where a row has
+    probability 0: refused with truncation and with a bias that masks rows."""
+    if tf.truncates:
+        raise ValueError("the mean log-prob over the vocabulary (label smoothing's term, return_mean_logp) is -inf "
+                         "for a truncated distribution (top_k / top_p / min_p): use one or the other")
+    if bias is not None and bool(torch.isneginf(bias).any()):
+        raise ValueError("the mean log-prob over the vocabulary (label smoothing's term, return_mean_logp) is -inf "
+                         "when bias masks vocabulary rows with -inf: label smoothing puts mass on every row")
+
+
+def check_class_weight(class_weight, vocab, device):
+    """class_weight: None or a finite non-negative float tensor [V] without gradient."""
+    if class_weight is None:
+        return None
+    _check_float("class_weight", class_weight)
+    if tuple(class_weight.shape) != (vocab,):
+        raise ValueError(f"class_weight must have shape ({vocab},) (one weight per vocabulary entry), "
+                         f"got {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise ValueError(f"class_weight is on {class_weight.device} but targets are on {device}")
+    if class_weight.requires_grad:
+        raise ValueError("class_weight is a constant: pass a tensor without requires_grad (detach it)")
+    if not bool((torch.isfinite(class_weight) & (class_weight >= 0)).all()):
+        raise ValueError("class_weight must be finite and >= 0")
+    return class_weight
+
+
+def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
+                 softcap=None, top_k=None, top_p=None, min_p=None, head_precision="native"):
     """Validate the arguments of `token_logprobs` (each error names its argument) and flatten them:
-    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias)."""
+    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias,
+    the head's Transform of the N tokens)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     device = targets.device
@@ -282,7 +349,10 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
                 f"targets holds token id {bad} outside [0, {vocab}) that is not ignore_index ({ignore_index})"
             )
 
-    return h2, w, y, b, rh2, rw, rb
+    tf = check_head_options(temperature=temperature, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
+                            head_precision=head_precision, lead=tuple(lead), device=device, dtype=h2.dtype,
+                            vocab=vocab)
+    return h2, w, y, b, rh2, rw, rb, tf
 
 
 def _check_masked_rows(bias, ref_bias) -> None:

@@ -3,31 +3,43 @@
 Per chunk of `ct` tokens (the non-ignored rows only):
 
     z   = h_c @ W^T + b            the vendor GEMM (cuBLAS / MKL), fp32 out: never rounded to 16 bits
+    tau = kept_threshold(z)        only when truncated (top_k / top_p / min_p): torch ops on the chunk
     stats(z)                       one read: lse, target logit, entropy, with a reference chunk the exact KL
     dz  = grad(z; coefficients)    one read-write, in place (16-bit for 16-bit inputs, fp32 math)
     dh_c = dz @ W,  dW += dz^T @ h_c,  db += sum dz     the vendor GEMM, dW/db accumulated in fp32
 
-with u = z / T. The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never
-knows which. Three ways through it:
+with u = softcap(z) / T per row and p the softmax of u over the row's kept set (`transform.py`).
+The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never knows which.
+Three ways through it:
 
     forward_stats     the statistics only (1 GEMM per chunk): `token_logprobs` forward, forward-only passes
     backward_grads    recompute z, dz from upstream per-token gradients (3 GEMMs): `token_logprobs` backward
     fused_pass        statistics, then the per-token coefficients from a callback (the objective's
                       token-local loss), then dz and the gradients, in one sweep (3 GEMMs in all)
 
-Math (u = z/T, p = softmax(u), ur the second head's scaled logits, q = softmax(ur)):
-    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref
-    d/du of gl*logp + gH*H + gK*KL + gs*lse  =  gl*onehot + p*(alpha + beta*u + gamma*ur)
-    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur],  beta = gK - gH,  gamma = -gK;  dz = du / T.
+Math (p = the kept-set softmax of u, ur the reference head's transformed logits, w the class
+weights (1 without), W = sum_v w_v):
+    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref,
+    M = (1/V) sum_v w_v (u_v - lse)   (the mean log-prob over the vocabulary, label smoothing's term)
+    d/du of gl*logp + gH*H + gK*KL + gs*lse + gM*M  =  gl*onehot + p*(alpha + beta*u + gamma*ur) + eta*w
+    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur] - gM*W/V,  beta = gK - gH,  gamma = -gK,  eta = gM/V;
+    dz = du / T * (1 - tanh^2(z / c))   (the last factor with a soft cap c), 0 outside the kept set
+    but for the onehot and eta terms' own tokens (the target is always kept; eta only without truncation).
 
 The second head is a frozen reference (the exact KL above) or a teacher, whose divergence D
-(`Divergence`) replaces KL in the statistics ("kl") and in gK:
-    reverse_kl  D = KL(p || q), as above
+(`Divergence`) replaces KL in the statistics ("kl") and in gK (a teacher takes no soft cap and
+no truncation: api.py refuses them):
+    reverse_kl  D = KL(p || q), as above (q = softmax(ur))
     forward_kl  D = KL(q || p) = E_q[ur - u] - lse_ref + lse,      dD/du = p - q
     jsd         D = b KL(q || m) + (1 - b) KL(p || m),  m = (1 - b) p + b q,
                 dD/du = (1 - b) p (log p - log m - E_p[log p - log m])
 so that gK*dD/du = p*(alpha' + ...) + extra with alpha' += gK (forward) or -gK (1 - b) E_p[log(p/m)]
 (jsd), and extra = -delta q (forward) or delta p log(p/m) (jsd), delta = gK or gK (1 - b).
+
+Head precision: "native" keeps today's GEMMs (16-bit inputs: fp32-output GEMMs where the device has
+them, else fp32 GEMMs on upcast weights; dz in the weight's dtype for the gradient GEMMs); "fp32"
+and "tf32" run all three on fp32 copies (the weight whole when it fits FP32_COPY_ELEMENTS, else
+cast a vocabulary slice at a time per use) with dz in fp32; `transform.gemm_precision` sets TF32.
 """
 from __future__ import annotations
 
@@ -35,6 +47,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .transform import Transform, kept_threshold
 
 # Workspace per chunk, in fp32 logits. At most four chunk-sized buffers are alive at once (z, the
 # torch epilogue's p, the reference chunk, one transient), so the workspace is bounded whatever N.
@@ -47,6 +61,11 @@ CPU_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_TOKENS = 16
 # The fp32 dW update of 16-bit inputs goes through temporaries of at most this many elements.
 DW_SLICE_ELEMENTS = 1 << 26
+# A 16-bit weight that takes fp32 GEMMs (head_precision fp32 / tf32, or a device without fp32-output
+# 16-bit GEMMs) is upcast whole when it has at most this many elements (1 GiB of fp32: a 32k x 8k
+# head), else one vocabulary slice of at most DW_SLICE_ELEMENTS at a time, per GEMM (a Qwen-size
+# 151936 x 4096 head is never held whole in fp32 beside the gradients).
+FP32_COPY_ELEMENTS = 1 << 28
 
 
 def chunk_tokens(n: int, vocab: int, device: torch.device, chunk_elements: Optional[int] = None) -> int:
@@ -108,7 +127,6 @@ class Divergence:
         if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
             raise ValueError(f"the jsd kernel takes 0 < beta < 1 (0 and 1 are forward_kl / reverse_kl), got {self.beta}")
 
-
     @classmethod
     def named(cls, kind: str, jsd_beta: float = 0.5) -> "Divergence":
         """The user-facing (divergence, jsd_beta): jsd's end points beta 0 / 1 are forward / reverse KL,
@@ -131,24 +149,57 @@ class Head:
     w: torch.Tensor
     b: Optional[torch.Tensor]
     stat: torch.dtype          # float32 (float64 for float64 inputs)
+    precision: str = "native"  # native | fp32 | tf32 (transform.HEAD_PRECISIONS)
 
     def __post_init__(self):
-        self.native = self.w.dtype == self.stat or _mm_fp32_out_supported(self.w.device, self.w.dtype)
-        # No fp32-output GEMM for 16-bit inputs here (CPU, old torch): upcast once per call, never
-        # round the logits to 16 bits.
-        self.w_stat = self.w if self.native else self.w.to(self.stat)
+        upcast = self.w.dtype != self.stat and (
+            self.precision != "native" or not _mm_fp32_out_supported(self.w.device, self.w.dtype))
+        # native: the weight's own dtype (or a 16-bit GEMM with fp32 output) runs the GEMMs
+        self.native = not upcast
+        # fp32 / tf32: dz and the gradient GEMMs in fp32 too; native: dz in the weight's dtype
+        self.dz_dtype = self.stat if self.precision != "native" else self.w.dtype
+        self.w_stat = self.w if not upcast else (
+            self.w.to(self.stat) if self.w.numel() <= FP32_COPY_ELEMENTS else None)
         self.b_stat = None if self.b is None else self.b.to(self.stat)
+
+    def w_slices(self):
+        """(start, W[start:start+k] in the statistics dtype) covering the vocabulary: the weight itself
+        or its fp32 copy, or fp32 casts of vocabulary slices made one at a time (bounded memory)."""
+        if self.w_stat is not None:
+            yield 0, self.w_stat
+            return
+        vocab, d = self.w.shape
+        step = max(1, DW_SLICE_ELEMENTS // max(d, 1))
+        for a in range(0, vocab, step):
+            yield a, self.w[a:a + step].to(self.stat)
 
     def logits(self, s: int, e: int) -> torch.Tensor:
         """z = h[s:e] @ W^T + b, in the statistics dtype."""
         hc = self.h[s:e]
-        if self.w_stat.dtype == self.stat:
+        if not self.native:
+            hc = hc.to(self.stat)
+            if self.w_stat is None:  # a vocabulary slice of the fp32 weight at a time
+                z = torch.empty(hc.shape[0], self.w.shape[0], dtype=self.stat, device=hc.device)
+                for a, ws in self.w_slices():
+                    z[:, a:a + ws.shape[0]] = hc @ ws.T
+                return z if self.b_stat is None else z.add_(self.b_stat)
+        if self.w_stat is not None and self.w_stat.dtype == self.stat:
             hc = hc.to(self.stat)
             if self.b_stat is None:
                 return hc @ self.w_stat.T
             return torch.addmm(self.b_stat, hc, self.w_stat.T)
         z = torch.mm(hc, self.w.T, out_dtype=torch.float32)
         return z if self.b_stat is None else z.add_(self.b_stat)
+
+    def dz_times_w(self, dz: torch.Tensor) -> torch.Tensor:
+        """dz @ W in the statistics dtype (dz in the statistics dtype), slice by slice when sliced."""
+        if self.w_stat is not None:
+            return dz @ self.w_stat
+        out = None
+        for a, ws in self.w_slices():
+            part = dz[:, a:a + ws.shape[0]]
+            out = part @ ws if out is None else out.addmm_(part, ws)
+        return out
 
 
 class Grads:
@@ -182,7 +233,7 @@ class Grads:
             if dz.dtype == head.w.dtype:
                 torch.mm(dz, head.w, out=self.dh[s:e])
             else:
-                self.dh[s:e] = (dz @ head.w_stat).to(self.dh.dtype)
+                self.dh[s:e] = head.dz_times_w(dz.to(head.stat)).to(self.dh.dtype)
         if self.dw is not None:
             self._add_dw(dz, head.h[s:e].to(self.dw.dtype))
         if self.dw_parts is not None:
@@ -236,22 +287,25 @@ class Stats:
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: Optional[torch.Tensor] = None  # H = lse - E_p[u]
-    kl: Optional[torch.Tensor] = None       # the divergence to the second head (exact KL(p || p_ref)), >= 0
-    ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the reverse KL's gradient
+    kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
+    ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
     sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
+    mean_logp: Optional[torch.Tensor] = None  # (1/V) sum_v w_v log p_v (label smoothing's term)
+    top1: Optional[torch.Tensor] = None     # 1.0 where the target's logit is the row's largest, no gradient
     lse_r: Optional[torch.Tensor] = None    # the second head's lse (forward_kl, jsd: q in the gradient)
     e_pm: Optional[torch.Tensor] = None     # E_p[log p - log m] (jsd's gradient)
 
     @classmethod
     def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False,
-              div: Divergence = REVERSE_KL) -> "Stats":
+              mean_logp: bool = False, div: Divergence = REVERSE_KL) -> "Stats":
         """Room for n rows: the vectors asked for, the others None."""
         def vec(want=True):
             return torch.zeros(n, dtype=dtype, device=device) if want else None
 
         kind = div.kind if ref else None
         return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(kind == "reverse_kl"),
-                   sum_p2=vec(sum_p2), lse_r=vec(kind in ("forward_kl", "jsd")), e_pm=vec(kind == "jsd"))
+                   sum_p2=vec(sum_p2), mean_logp=vec(mean_logp), top1=vec(),
+                   lse_r=vec(kind in ("forward_kl", "jsd")), e_pm=vec(kind == "jsd"))
 
     def rows(self, sl: slice) -> "Stats":
         """A view of rows `sl` (the chunk's part)."""
@@ -259,27 +313,46 @@ class Stats:
             return None if t is None else t[sl]
 
         return Stats(logp=self.logp[sl], lse=self.lse[sl], entropy=part(self.entropy), kl=part(self.kl),
-                     ekl=part(self.ekl), sum_p2=part(self.sum_p2), lse_r=part(self.lse_r), e_pm=part(self.e_pm))
+                     ekl=part(self.ekl), sum_p2=part(self.sum_p2), mean_logp=part(self.mean_logp),
+                     top1=part(self.top1), lse_r=part(self.lse_r), e_pm=part(self.e_pm))
 
 
-def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-                  epilogue, ct: int, want_sum_p2: bool = False, div: Divergence = REVERSE_KL) -> Stats:
+def _chunk_transform(tf: Transform, z: torch.Tensor, s: int, e: int) -> Transform:
+    """The chunk's transform; a truncated one gets its rows' kept-set thresholds (from z, before the
+    epilogue transforms it in place) written into tf.tau for the backward."""
+    tc = tf.rows(slice(s, e))
+    if tf.truncates:
+        tc.tau.copy_(kept_threshold(z, tc))
+    return tc
+
+
+def with_thresholds(tf: Transform, n: int, dtype, device) -> Transform:
+    """tf with room for n kept-set thresholds when it truncates (filled by the forward sweep)."""
+    if tf.truncates and tf.tau is None:
+        tf.tau = torch.full((n,), -float("inf"), dtype=dtype, device=device)
+    return tf
+
+
+def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
+                  epilogue, ct: int, want_sum_p2: bool = False, want_mean_logp: bool = False,
+                  class_weight: Optional[torch.Tensor] = None, div: Divergence = REVERSE_KL) -> Stats:
     """Statistics of every row, one GEMM (two with a second head) per chunk."""
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     sum_p2=want_sum_p2, div=div)
+                     sum_p2=want_sum_p2, mean_logp=want_mean_logp, div=div)
+    with_thresholds(tf, n, head.stat, y.device)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s, div=div)
+        epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e), st, s, class_weight, div=div)
     return st
 
 
 @dataclass
 class Extra:
     """The second head's gradient term beyond p (alpha + beta u + gamma ur), for forward_kl and jsd
-    (module docstring): per-row delta, the second head's lse, and the divergence."""
+    (module docstring): per-row delta (scaled by 1/T), the second head's lse, and the divergence."""
 
     div: Divergence
     delta: torch.Tensor
@@ -289,13 +362,14 @@ class Extra:
         return Extra(self.div, self.delta[sl], self.lse_r[sl])
 
 
-def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t, div: Divergence = REVERSE_KL):
-    """(gl, alpha, beta, gamma, extra) of the module docstring, each scaled by 1/T (dz is wrt the raw z);
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, tf: Transform, gm=None, class_weight=None, vocab=None,
+                               div: Divergence = REVERSE_KL):
+    """(gl, alpha, beta, gamma, eta, extra) of the module docstring, each scaled by 1/T (dz is wrt the raw z);
     extra is None unless gk is the gradient of a forward_kl or jsd divergence."""
     zeros = torch.zeros_like(st.lse)
     gl = zeros if gl is None else gl.to(st.lse.dtype)
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
-    beta = gamma = extra = None
+    beta = gamma = eta = extra = None
     if gh is not None:
         alpha = alpha + gh * (st.lse - st.entropy)   # E_p[u]
         beta = -gh
@@ -306,49 +380,63 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t, div: Divergence
     elif gk is not None:
         delta = gk if div.kind == "forward_kl" else gk * (1 - div.beta)
         alpha = alpha + (gk if div.kind == "forward_kl" else -delta * st.e_pm)
-        extra = Extra(div, delta * inv_t, st.lse_r)
-    scale = (lambda t: None if t is None else t * inv_t)
-    return scale(gl), scale(alpha), scale(beta), scale(gamma), extra
+        extra = Extra(div, tf.scale(delta), st.lse_r)
+    if gm is not None:
+        total = float(vocab) if class_weight is None else class_weight.sum(dtype=st.lse.dtype)
+        alpha = alpha - gm * (total / vocab)
+        eta = gm / vocab
+    return tuple(tf.scale(t) for t in (gl, alpha, beta, gamma, eta)) + (extra,)
 
 
-def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs, *, inv_t: float,
-                   grads: Grads, epilogue, ct: int) -> None:
+def _part(t, sl):
+    return None if t is None else t[sl]
+
+
+def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, coefs, *, tf: Transform, lse: torch.Tensor,
+                   grads: Grads, epilogue, ct: int, class_weight=None) -> None:
     """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
-    gl, alpha, beta, gamma, extra = coefs
+    gl, alpha, beta, gamma, eta, extra = coefs
     n = y.shape[0]
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if gamma is None and extra is None else ref.logits(s, e)
         sl = slice(s, e)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, st.lse[sl], gl[sl], alpha[sl],
-                           None if beta is None else beta[sl], None if gamma is None else gamma[sl],
-                           out_dtype=head.w.dtype, extra=None if extra is None else extra.rows(sl))
+        dz = epilogue.grad(z, zr, y[sl], tf.rows(sl), lse[sl], gl[sl], alpha[sl], _part(beta, sl),
+                           _part(gamma, sl), out_dtype=head.dz_dtype, eta=_part(eta, sl), class_weight=class_weight,
+                           extra=None if extra is None else extra.rows(sl))
         grads.add(dz, s, e)
 
 
 CoefficientFn = Callable[[int, int, Stats], tuple]
 
 
-def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int, div: Divergence = REVERSE_KL) -> Stats:
+def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
+               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int, want_mean_logp: bool = False,
+               class_weight=None, div: Divergence = REVERSE_KL) -> Stats:
     """Statistics, coefficients and gradients in one sweep: 3 GEMMs per chunk (plus the reference's).
 
     `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
-    per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
+    per-token gradients (g_logp, g_entropy or None, g_kl or None, g_lse or None, g_mean_logp or None)
+    of the loss for those rows.
     """
     n = y.shape[0]
-    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None, div=div)
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
+                     mean_logp=want_mean_logp, div=div)
+    with_thresholds(tf, n, head.stat, y.device)
+    vocab = head.w.shape[0]
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s, div=div)
+        tc = _chunk_transform(tf, z, s, e)
+        epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True, div=div)
         sl = slice(s, e)
         chunk = st.rows(sl)
-        gl, gh, gk = coefficients(s, e, chunk)
-        c_gl, alpha, beta, gamma, extra = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t, div)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype,
-                           extra=extra)
+        gl, gh, gk, gs, gm = coefficients(s, e, chunk)
+        c_gl, alpha, beta, gamma, eta, extra = coefficients_from_upstream(chunk, gl, gh, gk, gs, tc, gm, class_weight,
+                                                                          vocab, div)
+        dz = epilogue.grad(z, zr, y[sl], tc, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.dz_dtype,
+                           eta=eta, class_weight=class_weight, extra=extra)
         grads.add(dz, s, e)
     return st

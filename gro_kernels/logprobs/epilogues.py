@@ -1,11 +1,13 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s, div)   fill st.logp / lse / entropy / kl / ekl / sum_p2 / lse_r / e_pm at
-                                         rows s.. from z [ct, V] (and the second head's chunk zr)
-    grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype, extra) -> dz [ct, V] (may reuse z's memory)
-with the math of `engine.py`'s docstring (`div`: the divergence to the second head; `extra`: its
-forward_kl / jsd gradient term, or None). `TorchEpilogue` is torch ops (any device: the CPU path);
+    stats(z, zr, y, tf, st, s, class_weight, for_grad, div)   fill st.logp / lse / entropy / kl / ekl /
+        sum_p2 / mean_logp / top1 / lse_r / e_pm at rows s.. from z [ct, V] (tf: the chunk's
+        `transform.Transform`; for_grad: `grad` follows on the same chunk, the fused pass; div: the
+        divergence to the second head)
+    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta, class_weight, extra) -> dz [ct, V]
+        (may reuse z's memory; extra: a teacher's forward_kl / jsd gradient term, or None)
+with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
 or the CPU under TRITON_INTERPRET=1).
 """
@@ -15,11 +17,20 @@ import math
 
 import torch
 
+from .transform import kept_mask, softcap_
+
 
 def _rowdot(a, b):
     """Per-row dot product. (einsum "nv,nv->n" lowers to a batched GEMM of 1x1 outputs: 8-10x
     slower on the CPU, measured at [128, 32768].)"""
     return torch.linalg.vecdot(a, b)
+
+
+def _scale_(t, inv_t):
+    """t * (1 / T) per row, in place."""
+    if isinstance(inv_t, torch.Tensor):
+        return t.mul_(inv_t.to(t.dtype)[:, None])
+    return t.mul_(inv_t) if inv_t != 1.0 else t
 
 
 def _zero_masked(t):
@@ -31,24 +42,31 @@ def _zero_masked(t):
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
     keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
-    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for).
+    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for). A soft cap
+    adds one buffer (its derivative, kept for `grad`), truncation a bool mask of the kept set.
 
     masked_rows: a bias has -inf rows (masked vocabulary). Their logits are then zeroed once their
-    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for."""
+    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for (the soft
+    cap keeps them -inf: `transform.softcap_`)."""
 
     def __init__(self, masked_rows: bool = False):
         self.masked_rows = masked_rows
-        self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
+        self._cache = None  # (z, p, row sums, max u, max ur, soft cap derivative) of the last stats call
 
-    def stats(self, z, zr, y, inv_t, st, s, div=None):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False, div=None):
         e = s + z.shape[0]
+        inv_t = tf.inv_t
+        keep = kept_mask(z, y, tf.tau)               # on the raw logits (None: not truncated)
+        # z <- c tanh(z / c); g = its derivative, kept for `grad` when it follows on this chunk
+        g = None if tf.cap is None else softcap_(z, tf.cap, derivative=for_grad)
         zy = z.gather(1, y[:, None])[:, 0]
-        m = z.amax(1, keepdim=True)
-        d = z.sub_(m)                                # in place: z is d = u - max u from here on
-        if inv_t != 1.0:
-            d.mul_(inv_t)
-        need_rel = st.entropy is not None or zr is not None
+        m = z.amax(1, keepdim=True)                  # the largest logit is always kept
+        st.top1[s:e] = (zy >= m[:, 0]).to(st.top1.dtype)
+        d = _scale_(z.sub_(m), inv_t)                # in place: z is d = u - max u from here on
+        need_rel = st.entropy is not None or zr is not None or st.mean_logp is not None
         p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
+        if keep is not None:
+            p.mul_(keep)
         if need_rel and self.masked_rows:
             _zero_masked(d)                          # -inf bias rows: p = 0 there, and 0 * d must be 0
         se = p.sum(1)
@@ -57,33 +75,41 @@ class TorchEpilogue:
         lse = mu + log_se
         st.lse[s:e] = lse
         st.logp[s:e] = zy * inv_t - lse
-        pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
+        pd = _rowdot(p, d) / se if (st.entropy is not None or zr is not None) else None   # E_p[u - max u]
         if st.entropy is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
             st.entropy[s:e] = log_se - pd
-        mur = aux = None
-        if zr is not None:
-            mr = zr.amax(1, keepdim=True)
-            dr = zr.sub_(mr)                         # in place: zr is ur - max ur from here on
-            if inv_t != 1.0:
-                dr.mul_(inv_t)
-            mur = mr[:, 0] * inv_t
-            kind = "reverse_kl" if div is None else div.kind
-            if kind == "reverse_kl":
-                log_se_r = dr.exp().sum(1).log()
-                if self.masked_rows:                 # rows the reference masks, the policy masks too (api.py)
-                    _zero_masked(dr)
-                ekl_rel = pd - _rowdot(p, dr) / se   # E_p[(u - max u) - (ur - max ur)]
-                st.ekl[s:e] = ekl_rel + (mu - mur)
-                # Clamp tiny negative round-off: a divergence is non-negative by definition.
-                st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
+        if st.mean_logp is not None:  # (1/V) sum_v w_v (u_v - lse) = (sum w d - W log se) / V
+            vocab = d.shape[1]
+            if class_weight is None:
+                sw, total = d.sum(1), float(vocab)
             else:
-                aux = self._teacher_stats(kind, div, p, se, log_se, d, dr, mur, st, s, e)
+                sw, total = d @ class_weight.to(d.dtype), class_weight.sum(dtype=d.dtype)
+            st.mean_logp[s:e] = (sw - total * log_se) / vocab
+        mur = aux = None
+        if zr is not None and div is not None and div.kind != "reverse_kl":   # a teacher (no cap, no truncation)
+            mr = zr.amax(1, keepdim=True)
+            dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
+            mur = mr[:, 0] * inv_t
+            aux = self._teacher_stats(div, p, se, log_se, d, dr, mur, st, s, e)
+        elif zr is not None:
+            if tf.cap is not None:
+                softcap_(zr, tf.cap, derivative=False)
+            mr = zr.amax(1, keepdim=True)
+            dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
+            mur = mr[:, 0] * inv_t
+            log_se_r = dr.exp().sum(1).log()
+            if self.masked_rows:                     # rows the reference masks, the policy masks too (api.py)
+                _zero_masked(dr)
+            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
+            st.ekl[s:e] = ekl_rel + (mu - mur)
+            # Clamp tiny negative round-off: KL is non-negative by definition.
+            st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        self._cache = (z, p, se, mu, mur, aux)
+        self._cache = (z, p, se, mu, mur, g, aux)
 
-    def _teacher_stats(self, kind, div, p, se, log_se, d, dr, mur, st, s, e):
-        """forward_kl / jsd against the second head; returns what the gradient reuses: q (forward_kl) or
+    def _teacher_stats(self, div, p, se, log_se, d, dr, mur, st, s, e):
+        """forward_kl / jsd against the teacher; returns what the gradient reuses: q (forward_kl) or
         log p - log m (jsd), one chunk-sized buffer. With -inf bias rows (the same in both heads, api.py)
         d and dr are 0 there: every term there is then finite and multiplied by p = q = 0."""
         q = dr.exp()
@@ -93,7 +119,7 @@ class TorchEpilogue:
         log_se_r = se_r.log()
         q.div_(se_r[:, None])                        # q = softmax(ur)
         st.lse_r[s:e] = mur + log_se_r
-        if kind == "forward_kl":                     # KL(q || p) = E_q[dr - d] - log se_r + log se
+        if div.kind == "forward_kl":                 # KL(q || p) = E_q[dr - d] - log se_r + log se
             st.kl[s:e] = (_rowdot(q, dr) - _rowdot(q, d) - log_se_r + log_se).clamp_min(0)
             return q
         b = div.beta
@@ -107,12 +133,13 @@ class TorchEpilogue:
         st.kl[s:e] = (b * s_q + (1 - b) * s_p).clamp_min(0)
         return lpm
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype, extra=None):
-        # dz = gl onehot + p (alpha + beta u + gamma ur) [+ the second head's extra term]; the coefficients
-        # are already scaled by 1/T.
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None, extra=None):
+        # dz = (gl onehot + p (alpha + beta u + gamma ur) + eta w) * g; the coefficients are already scaled by 1/T.
+        inv_t = tf.inv_t
         cached = self._cache is not None and self._cache[0] is z
-        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
-            _, p, se, mu, mur, aux = self._cache
+        keep = None
+        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
+            _, p, se, mu, mur, g, aux = self._cache
             self._cache = None
             if beta is None and extra is None:
                 dz = p.mul_((alpha / se)[:, None])
@@ -129,27 +156,39 @@ class TorchEpilogue:
                 dz = t.mul_(p.div_(se[:, None]))
                 if extra is not None and extra.div.kind == "forward_kl":   # - delta q
                     dz.sub_(aux.mul_(extra.delta[:, None]))
-        elif extra is not None:  # the composable backward with a forward_kl / jsd second head
-            dz = self._grad_recomputed(z, zr, inv_t, lse, alpha, beta, gamma, extra)
-        elif beta is None:  # z is the raw logits chunk (the composable backward)
-            dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
-        else:
-            p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
-            if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
-                _zero_masked(z)
+        elif extra is not None:  # the composable backward with a teacher's forward_kl / jsd (no cap, no truncation)
+            g = None
+            dz = self._grad_recomputed(z, zr, tf.inv_t, lse, alpha, beta, gamma, extra)
+        else:  # z is the raw logits chunk (the composable backward)
+            keep = kept_mask(z, y, tf.tau)
+            g = None if tf.cap is None else softcap_(z, tf.cap)
+            if gamma is not None and tf.cap is not None:
+                softcap_(zr, tf.cap, derivative=False)
+            if beta is None:
+                dz = _scale_(z, inv_t).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
+            else:
+                p = _scale_(z.clone(), inv_t).sub_(lse[:, None]).exp_()
+                if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
+                    _zero_masked(z)
+                    if gamma is not None:
+                        _zero_masked(zr)
+                t = z.mul_(beta[:, None] * _col(inv_t)).add_(alpha[:, None])    # alpha + beta u
                 if gamma is not None:
-                    _zero_masked(zr)
-            t = z.mul_((beta * inv_t)[:, None]).add_(alpha[:, None])   # alpha + beta u
-            if gamma is not None:
-                t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur
-            dz = t.mul_(p)
+                    t.add_(zr.mul_(gamma[:, None] * _col(inv_t)))             # + gamma ur
+                dz = t.mul_(p)
+            if keep is not None:
+                dz.mul_(keep)
+        if eta is not None:  # the mean log-prob's own term: eta w_v (w = class weights, else 1)
+            dz.add_(eta[:, None] if class_weight is None else eta[:, None] * class_weight.to(dz.dtype)[None, :])
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
+        if g is not None:
+            dz.mul_(g)                                                 # the soft cap's chain rule
         return dz if dz.dtype == out_dtype or out_dtype == torch.float64 else dz.to(out_dtype)
+
 
     def _grad_recomputed(self, z, zr, inv_t, lse, alpha, beta, gamma, extra):
         """p (alpha + beta u + gamma ur) + extra from the raw chunks (no cache: the composable backward)."""
-        u = z.mul_(inv_t) if inv_t != 1.0 else z
-        ur = zr.mul_(inv_t) if inv_t != 1.0 else zr
+        u, ur = _scale_(z, inv_t), _scale_(zr, inv_t)
         log_p, log_q = u - lse[:, None], ur - extra.lse_r[:, None]
         p = log_p.exp()
         t = alpha[:, None].expand_as(u).clone()
@@ -171,6 +210,10 @@ class TorchEpilogue:
         return dz
 
 
+def _col(inv_t):
+    return inv_t[:, None] if isinstance(inv_t, torch.Tensor) else inv_t
+
+
 class TritonEpilogue:
     """The two fused Triton kernels (row statistics; logits gradient written in place)."""
 
@@ -178,17 +221,21 @@ class TritonEpilogue:
         from ..kernels import epilogue as kernels  # imported here: triton is optional for the torch path
         self.k = kernels
 
-    def stats(self, z, zr, y, inv_t, st, s, div=None):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False, div=None):
         e = s + z.shape[0]
+        if div is not None and div.kind != "reverse_kl":
+            raise NotImplementedError(f"backend='triton' does not compute divergence={div.kind!r} yet")
 
         def part(t):
             return None if t is None else t[s:e]
 
-        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
-                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
+        self.k.launch_row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
+                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2), top1=part(st.top1),
+                                mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype, extra=None):
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None, extra=None):
         if extra is not None:
             raise NotImplementedError(f"backend='triton' does not compute divergence={extra.div.kind!r} yet")
-        return self.k.launch_logits_grad(z, zr, y, inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
-                                         out_dtype=out_dtype)
+        return self.k.launch_logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
+                                         out_dtype=out_dtype, cap=tf.cap, tau=tf.tau, eta=eta,
+                                         class_weight=class_weight)

@@ -61,6 +61,7 @@ class SequencePlan:
     policy_weight: Optional[torch.Tensor] = None
     entropy_weight: Optional[torch.Tensor] = None
     abs_kl_coef: Optional[torch.Tensor] = None
+    lse_coef: Optional[torch.Tensor] = None     # the z-loss's c_z where it differs from c (SFT class weights)
 
 
 def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
@@ -131,14 +132,24 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
         w = _weights(method, opts, b, kl_used)
         c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
                                num_items=b.num_items)
+    lse_coef = None
+    if b.target_weight is not None:
+        # SFT's class weights, as torch's cross-entropy: each target's log-likelihood times its class weight,
+        # the mean over the targets' weights (not their count); label smoothing's term and the z-loss unweighted
+        # (the z-loss keeps the mean over tokens, Liger's convention).
+        w = replace(w, advantages=w.advantages * b.target_weight)
+        if opts.loss_agg == "token_mean" and b.num_items is None:
+            lse_coef = c
+            c = m / (m * b.target_weight).sum().clamp(min=torch.finfo(m.dtype).tiny)
     g, e, a = _token_weights(opts, b, w.advantages, c)
     return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss",
-                        policy_weight=g, entropy_weight=e, abs_kl_coef=a)
+                        policy_weight=g, entropy_weight=e, abs_kl_coef=a, lse_coef=lse_coef)
 
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, distill=None, before_pass=False, **options):
+                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, distill=None,
+                      before_pass=False, **options):
     """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan).
 
     before_pass=True (the one pass of gro_loss): logp, entropy, kl and distill are placeholders for shapes only;
@@ -155,7 +166,7 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
-        log_sum_sq_probs=log_sum_sq_probs, distill=distill,
+        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight, distill=distill,
     )
     check_requirements(method, opts, b, given=options)
     if not before_pass:
@@ -176,6 +187,8 @@ def _before_pass(b: Batch, *, given_old_logp: bool) -> Batch:
     return replace(b, logp=NotYetComputed("log-probs"), old_logp=old,
                    entropy=None if b.entropy is None else NotYetComputed("entropies"),
                    kl=None if b.kl is None else NotYetComputed("exact KL"),
+                   lse=None if b.lse is None else NotYetComputed("log normalizers"),
+                   mean_logp=None if b.mean_logp is None else NotYetComputed("mean log-probs over the vocabulary"),
                    distill=None if b.distill is None else NotYetComputed("divergence to the teacher"))
 
 
@@ -189,7 +202,8 @@ def _check_plan(plan: SequencePlan) -> None:
 
 @document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
            "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
-           "distill", "**options"), {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
+           "lse", "mean_logp", "target_weight", "distill", "**options"),
+          {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -209,6 +223,9 @@ def gro_objective(
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     log_sum_sq_probs: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    mean_logp: Optional[torch.Tensor] = None,
+    target_weight: Optional[torch.Tensor] = None,
     distill: Optional[torch.Tensor] = None,
     **options,
 ) -> GROOutput:
@@ -238,14 +255,16 @@ def gro_objective(
         logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
         ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-        log_sum_sq_probs=log_sum_sq_probs, distill=distill, **options)
+        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight, distill=distill,
+        **options)
     l, m = b.logp, b.mask
     online = ~b.offline[:, None]
     terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,
                        advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,
                        kl_in_loss=plan.kl_in_loss, policy_weight=plan.policy_weight,
-                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef, distill=b.distill)
-    loss = terms.loss
+                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef,
+                       lse=b.lse, mean_logp=b.mean_logp, lse_coef=plan.lse_coef, distill=b.distill)
+    loss = terms.loss if opts.reduction != "none" else terms.per_token
     w, surrogate = plan.weights, terms.surrogate
     policy = terms.policy
     if w.unit_losses is not None and opts.loss_agg == "seq_mean_token_sum":

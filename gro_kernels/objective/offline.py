@@ -19,6 +19,7 @@ In both roles `offline_surrogate` says how an offline token's weight meets the p
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Optional, Tuple
 
 import torch
@@ -64,18 +65,15 @@ def _select(b: Batch, rows: torch.Tensor) -> Batch:
     """The batch restricted to `rows` (a [B] bool), its groups renumbered 0..n-1."""
     idx = torch.nonzero(rows).flatten()
 
-    def pick(t):  # (a NotYetComputed placeholder of the one pass stays one)
-        return t.index_select(0, idx) if isinstance(t, torch.Tensor) else t
+    def pick(t):  # per-row tensors; a NotYetComputed placeholder of the one pass (or a count) stays as it is
+        return t.index_select(0, idx) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t
 
     group, num_groups = None, 0
     if b.group is not None:
         uniq, group = torch.unique(b.group.index_select(0, idx), return_inverse=True)
         num_groups = int(uniq.numel())
-    return Batch(logp=pick(b.logp), mask=pick(b.mask), lengths=pick(b.lengths), old_logp=pick(b.old_logp),
-                 offline=pick(b.offline), ref_logp=pick(b.ref_logp), entropy=pick(b.entropy), kl=pick(b.kl),
-                 rewards=pick(b.rewards), advantages=pick(b.advantages), baselines=pick(b.baselines),
-                 labels=pick(b.labels), group=group, num_groups=num_groups, num_items=b.num_items,
-                 rollout_logp=pick(b.rollout_logp), log_sum_sq_probs=pick(b.log_sum_sq_probs), distill=pick(b.distill))
+    rest = {f.name: pick(getattr(b, f.name)) for f in fields(b) if f.name not in ("group", "num_groups")}
+    return Batch(**rest, group=group, num_groups=num_groups)
 
 
 def sft_plan(method: str, opts: Options, b: Batch, online_weights) -> Tuple[torch.Tensor, torch.Tensor, object]:

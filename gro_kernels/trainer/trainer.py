@@ -37,7 +37,8 @@ from . import distributed as gdist
 from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
                             needs_behaviour_logp, options_beside_advantages)
 from .config import GROConfig
-from .heads import check_head, fold_scale, logit_scale
+from ..logprobs.transform import check_precision
+from .heads import check_head, fold_scale, logit_scale, logit_softcap
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .packing import check_packing, packed_final_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
@@ -133,7 +134,8 @@ class PolicyLoss(nn.Module):
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
                                              self.autocast_dtype, pack=self.pack)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
-        out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
+        out = gro_loss(hidden, weight, targets, bias=bias, softcap=logit_softcap(self.model), return_entropy=True,
+                       **loss_kwargs)
         return out.loss, out.logp.detach(), out.metrics
 
 
@@ -223,6 +225,7 @@ class GROTrainer:
                              f"processes ({self.dist.world_size})")
         self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
         cfg.check_for(online=self.online, world_size=self.dist.world_size)
+        check_precision(cfg.head_precision, self.device, next(model.parameters()).dtype)  # tf32 needs CUDA
 
         self.eos_ids = self._eos_ids(eos_token_id)
         self.pad_id = self._pad_id(pad_token_id)
@@ -330,7 +333,7 @@ class GROTrainer:
         pids = [encode_prompt(self.tokenizer, p) for p in prompts]
         comps = generate(self.model, pids, num_generations=K, max_new_tokens=cfg.max_new_tokens,
                          pad_id=self.pad_id, eos_ids=self.eos_ids, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p)
+                         top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
         texts = [self._decode(c) for c in comps]
         rep = [r for r in rows for _ in range(K)]
         rewards = score(self.reward_funcs, [r["prompt"] for r in rep], texts, self._columns(rep), self.reward_weights)
@@ -389,19 +392,28 @@ class GROTrainer:
 
     @torch.no_grad()
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
-        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
+        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch):
+        the policy's of the sampler's (truncated) distribution, the reference's of its full one."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
-        temp = float(self.options.temperature)
+        head = self._head_options(model)
         with self.gathered() if model is self.model else contextlib.nullcontext():
-            self._logprobs_into(out, model, batch, temp)
+            self._logprobs_into(out, model, batch, head)
         return out
 
-    def _logprobs_into(self, out, model, batch: Batch, temp: float) -> None:
+    def _head_options(self, model) -> dict:
+        """token_logprobs' head arguments for `model`: its soft cap, the configured precision and temperature,
+        and for the policy the sampler's truncation."""
+        cfg = self.config
+        head = dict(temperature=float(self.options.temperature), softcap=logit_softcap(model),
+                    head_precision=cfg.head_precision)
+        return {**head, **cfg.sampler()} if model is self.model else head
+
+    def _logprobs_into(self, out, model, batch: Batch, head: dict) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
                                     self.autocast_dtype, pack=self.config.pack_sequences)
-            lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
+            lp = token_logprobs(h, w, mb.targets, bias=b, backend=self.config.backend, **head).logp
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
 
     # -- the update -------------------------------------------------------------------------------
@@ -431,7 +443,8 @@ class GROTrainer:
             else:  # the call's token mean, rescaled to its share of the batch's
                 tokens = float(self._counted(mb).sum())
                 options["entropy_coef"] = opts.entropy_coef * tokens * self.dist.world_size / (max(tokens_global, 1) * scale)
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **options)
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, head_precision=cfg.head_precision,
+                  **cfg.sampler(), **options)
         mu = cfg.mu_at(self.step)
         if mu is not None:  # CHORD's schedule
             kw["mu"] = mu
@@ -453,6 +466,9 @@ class GROTrainer:
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
+            if logit_softcap(self.ref_model) != logit_softcap(self.model):
+                raise ValueError("kl_estimator='full' soft-caps both heads with the policy's cap: the reference "
+                                 f"model's final_logit_softcapping ({logit_softcap(self.ref_model)}) differs")
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
                                            mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
