@@ -233,7 +233,17 @@ def test_cli_writes_the_json_schema_and_a_plot_per_regime(tmp_path):
             if m != "gro":
                 assert set(r["vs_gro"]) == {"final_reward", "heldout_reward"}
         pytest.importorskip("matplotlib")
-        assert (path.parent / f"{name}.png").stat().st_size > 1000
+        assert reg["plot"] == f"{name}.png" and (path.parent / f"{name}.png").stat().st_size > 1000
+
+
+def test_a_second_json_gets_its_own_plots(tmp_path):
+    """The ablation's JSON beside results.json: its plots are ablation_NAME.png, never NAME.png."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ablation.json"
+    cli.main(["--regime", "noisy", "--seeds", "1", "--steps", "2", "--prompts", "2", "--generations", "2",
+              "--workers", "1", "--no-tune", "--methods", "gro,gro_nodown", "--json", str(path)])
+    assert json.loads(path.read_text())["regimes"]["noisy"]["plot"] == "ablation_noisy.png"
+    assert (tmp_path / "ablation_noisy.png").exists() and not (tmp_path / "noisy.png").exists()
 
 
 @pytest.mark.parametrize("argv, arg", [(["--regime", "nope"], "--regime"), (["--regime", "clean", "--seeds", "0"], "--seeds"),

@@ -42,6 +42,16 @@ def parse(argv=None):
     return args, regimes, methods
 
 
+def plot_next_to(json_path: str, name: str, regime: dict):
+    """The regime's plot beside the JSON: `NAME.png` for results.json, `STEM_NAME.png` for any other JSON
+    (so a second run, e.g. the ablation, never overwrites the main run's plots). Returns the file name
+    (relative to the JSON's folder), or None without matplotlib."""
+    stem = os.path.splitext(os.path.basename(json_path))[0]
+    file = f"{name}.png" if stem == "results" else f"{stem}_{name}.png"
+    path = plot(name, regime, os.path.join(os.path.dirname(os.path.abspath(json_path)), file))
+    return None if path is None else file
+
+
 def write(summary: dict, path: str) -> None:
     """Write the JSON atomically (a partial file never replaces a complete one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -66,7 +76,7 @@ def main(argv=None) -> dict:
             reg = run_regime(name, seeds=args.seeds, steps=args.steps, workers=args.workers, methods=methods,
                              tune_knobs=not args.no_tune, base=base, log=lambda s: print(s, flush=True), pool=pool)
             if args.json:
-                reg["plot"] = plot(name, reg, os.path.join(os.path.dirname(os.path.abspath(args.json)), f"{name}.png"))
+                reg["plot"] = plot_next_to(args.json, name, reg)
             summary["regimes"][name] = reg
             summary["seconds_total"] = time.time() - t0
             print(table({"regimes": {name: reg}}), flush=True)
