@@ -44,11 +44,11 @@ from .experiments.tasks import N_EVAL, REGIMES, CharTokenizer, partial_reward  #
 BACKENDS = ("auto", "torch", "naive", "triton")
 # Knobs picked by `python -m gro_kernels.experiments --regime all --seeds 5` (docs/experiments/results.json).
 TUNED: Dict[str, Dict[str, float]] = {
-    "clean": {"sft_then_grpo": 0.5, "grpo_sft": 1.0, "gro": 2.0},
-    "scarce": {"sft_then_grpo": 0.75, "grpo_sft": 0.1, "gro": 2.0},
-    "noisy": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "gro": 1.0},
-    "graded": {"sft_then_grpo": 0.5, "grpo_sft": 0.3, "gro": 2.0},
-    "diverse": {"sft_then_grpo": 0.75, "grpo_sft": 1.0, "gro": 1.0},
+    "clean": {"sft_then_grpo": 0.25, "grpo_sft": 1.0, "chord": 0.9, "hpt": 0.0, "distill": 0.5, "gro": 1.0},
+    "scarce": {"sft_then_grpo": 0.75, "grpo_sft": 0.1, "chord": 0.9, "hpt": 0.25, "distill": 0.1, "gro": 2.0},
+    "noisy": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "chord": 0.1, "hpt": 0.0, "distill": 0.1, "gro": 2.0},
+    "graded": {"sft_then_grpo": 0.5, "grpo_sft": 0.3, "chord": 0.9, "hpt": 0.25, "distill": 0.5, "gro": 1.0},
+    "diverse": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "chord": 0.9, "hpt": 0.25, "distill": 2.0, "gro": 2.0},
 }
 
 # The reversal helpers the examples and the trainer tests build on.

@@ -351,3 +351,32 @@ def test_sum_p2_matches_torch_epilogue():
     got = token_logprobs(*args, backend="triton", **kw).sum_p2
     want = token_logprobs(*args, backend="torch", **kw).sum_p2
     assert (got - want).abs().max() < 1e-6 and want.max() > 1e-3
+
+
+# ---- issue 19: a teacher head -------------------------------------------------------------------
+
+def test_teacher_reverse_kl_on_triton_and_the_other_divergences_refused():
+    """The teacher as the second head: its reverse KL (the reference KL's kernels) in the fused pass on the
+    triton backend equals the torch backend's; forward KL and JSD are refused there, naming divergence."""
+    from gro_kernels import gro_loss
+
+    g = torch.Generator().manual_seed(19)
+    B, T, d, dt, V = 3, 4, 8, 6, 300
+    hidden = torch.randn(B, T, d, generator=g, device="cpu").to(DEVICE)
+    weight = (0.5 * torch.randn(V, d, generator=g)).to(DEVICE)
+    teacher = dict(teacher_hidden=torch.randn(B, T, dt, generator=g).to(DEVICE),
+                   teacher_weight=(0.5 * torch.randn(V, dt, generator=g)).to(DEVICE))
+    targets = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    rewards = torch.tensor([1.0, 0.0, 0.5], device=DEVICE)
+    res = []
+    for backend in ("triton", "torch"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = gro_loss(h, w, targets, method="distill", rewards=rewards, group_ids=torch.zeros(B, dtype=torch.long,
+                       device=DEVICE), backend=backend, backend_options=SMALL, **teacher)
+        res.append((out.loss.detach(), *torch.autograd.grad(out.loss, (h, w))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for div in ("forward_kl", "jsd"):
+        with pytest.raises(ValueError, match="divergence"):
+            gro_loss(hidden.clone().requires_grad_(), weight, targets, method="distill", divergence=div,
+                     backend="triton", **teacher)

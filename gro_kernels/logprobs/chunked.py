@@ -112,6 +112,14 @@ def _cast(g, like):
     return None if g is None else g.to(like.dtype)
 
 
+def _check_divergence(backend, dtype, divergence) -> None:
+    """The Triton kernels compute a second head's reverse KL; a teacher's forward KL or JSD runs on the torch
+    epilogue only (kernels/teacher.py holds their kernels, not yet wired into the logits-gradient kernel)."""
+    if backend == "triton" and dtype != torch.float64 and divergence is not None and divergence.kind != "reverse_kl":
+        raise ValueError(f"divergence={divergence.kind!r} (a teacher's forward KL / generalized JSD) runs on "
+                         "backend='torch' (and 'naive'); backend='triton' computes divergence='reverse_kl' only")
+
+
 def _check_options(backend, options):
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -129,6 +137,7 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
     one second head per sweep: with both a reference and a teacher head the teacher's divergence takes a
     second sweep (its own recomputation in the backward)."""
     chunk_elements = _check_options(backend, options)
+    _check_divergence(backend, hidden.dtype, divergence if teacher is not None else None)
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
@@ -159,6 +168,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
     (engine.Divergence) is what its "kl" is. Returns (dict of statistics each [N] detached or None,
     (dh [N,d]|None, dW|None, db|None))."""
     chunk_elements = _check_options(backend, options)
+    _check_divergence(backend, hidden.dtype, divergence)
     rows = valid_rows(targets, ignore_index)
     n_all = targets.shape[0]
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), \
