@@ -2,8 +2,9 @@
 
 One regime of `gro_kernels.experiments` (default: `graded`, reverse 3 digits with partial credit
 and offline answers of mixed quality, the regime that separates the methods most clearly over
-seeds), one seed, every method of the fair comparison from the same initialization, prompts,
-samples per step and optimizer steps:
+seeds), one seed, the methods of the fair comparison from the same initialization, prompts,
+samples per step and optimizer steps (by default `DEMO_METHODS`: all but `sft` and `sft_then_grpo`,
+so that it runs in under two minutes on 2 CPU cores; `--methods` picks any):
 
 * `grpo`          online GRPO only (never reads the offline answers);
 * `sft`           supervised fine-tuning on the offline answers only;
@@ -37,6 +38,11 @@ from typing import Dict, List
 import torch
 
 from .experiments.methods import KNOBS, METHODS, default_knob
+
+# The demo's default methods: every method of the experiments but `sft` and `sft_then_grpo` (both one
+# `--methods` away; the sft arm's model is `distill`'s teacher), so that `make demo` stays under two
+# minutes on 2 CPU cores (docs: the README's Quick start).
+DEMO_METHODS = ("grpo", "grpo_sft", "luffy", "chord", "hpt", "distill", "gro")
 from .experiments.runner import RunConfig, build_model, require_transformers, run  # noqa: F401  (build_model: re-exported)
 from .experiments.stats import final_value, moving_average
 from .experiments.tasks import N_EVAL, REGIMES, CharTokenizer, partial_reward  # noqa: F401  (CharTokenizer: re-exported)
@@ -198,7 +204,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m gro_kernels.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--regime", default="graded", help=f"one of {', '.join(REGIMES)}")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {', '.join(DEMO_METHODS)})")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (K)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--hidden", type=int, default=64)
