@@ -25,6 +25,7 @@ from verl.trainer.ppo import core_algos
 
 from ..logprobs import token_logprobs
 from ..objective import gro_objective
+from .sharded import gathered
 
 __all__ = ["register", "VERL_LOSSES", "VERL_NOT_COVERED", "gro_policy_loss"]
 
@@ -233,7 +234,8 @@ def _gro_fused_forward(self, hidden_states, vocab_weights, input_ids, temperatur
     Only the "torch" implementation is replaced; "liger" stays Liger's."""
     if self.impl_backend != "torch":
         return _ORIGINAL_FUSED_FORWARD(self, hidden_states, vocab_weights, input_ids, temperature)
-    stats = token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
+    # verl's FSDP2 policy makes an untied lm_head a unit of its own: the weight can arrive as a sharded DTensor
+    stats = token_logprobs(hidden_states, gathered(vocab_weights), input_ids.to(torch.int64), temperature=temperature,
                            return_entropy=True)
     return stats.logp, stats.entropy
 

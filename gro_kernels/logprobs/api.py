@@ -87,10 +87,30 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor shards nothing that way
+        return False
+    return isinstance(t, DTensor)
+
+
+def _check_not_sharded(name, t):
+    """A parameter a sharding engine still holds in pieces: an error saying what to do, not a wrong result."""
+    if _is_dtensor(t):
+        raise TypeError(f"{name} is a sharded DTensor (FSDP2 / tensor parallel): gather it first "
+                        "(gro_kernels.integrations.sharded.gathered averages its gradient back onto the shards), "
+                        "or pass this rank's vocabulary shard as a plain tensor with tp_group")
+    if getattr(t, "ds_id", None) is not None and t.numel() == 0:
+        raise ValueError(f"{name} is a DeepSpeed ZeRO-3 parameter that is not gathered here: compute the loss inside "
+                         "the engine's forward (which gathers what it reads) or inside deepspeed.zero.GatheredParameters")
+
+
 def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
     """Validate one (hidden, weight, bias) head; returns (hidden2d, weight, bias)."""
     _check_float(f"{prefix}hidden", hidden)
     _check_float(f"{prefix}weight", weight)
+    _check_not_sharded(f"{prefix}weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"{prefix}weight must be 2-D [vocab, hidden_dim], got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or tuple(hidden.shape[:-1]) != tuple(lead_shape):
