@@ -17,7 +17,7 @@ from .logprobs import resolve_backend, token_logprobs
 from .logprobs.api import check_inputs, stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
-from .objective.core import prepare_objective
+from .objective.core import objective_in_layout, prepare_objective, token_layout
 from .objective.inputs import check_mask, uses_ref_logp
 from .objective.options import resolve_options
 from .objective.split import needs_policy_logp, token_loss
@@ -46,6 +46,9 @@ def gro_loss(
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     log_sum_sq_probs: Optional[torch.Tensor] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    cp_group=None,
     ignore_index: int = -100,
     backend: str = "auto",
     backend_options: Optional[dict] = None,
@@ -62,7 +65,8 @@ def gro_loss(
     like ignored ones. The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
     (then `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
     (three GEMMs, gradients computed in the forward call); the others the composable path (four).
-    Every other argument goes to `gro_objective`.
+    Every other argument goes to `gro_objective`, among them the layouts other than one padded
+    batch: `sequence_ids` (packed rows), `cp_group` (context parallelism) and `positions`.
     """
     backend_options = dict(backend_options or {})
     opts = resolve_options(method, options)
@@ -82,6 +86,9 @@ def gro_loss(
     valid = targets != ignore_index
     if mask is not None:
         valid = valid & check_mask(mask, tuple(targets.shape), targets.device, against="targets")
+    if isinstance(sequence_ids, torch.Tensor) and tuple(sequence_ids.shape) == tuple(targets.shape):
+        valid = valid & (sequence_ids >= 0)  # padding between packed sequences
+    if mask is not None or sequence_ids is not None:
         targets = targets.masked_fill(~valid, ignore_index)
 
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
@@ -99,7 +106,8 @@ def gro_loss(
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                     log_sum_sq_probs=log_sum_sq_probs, **options)
+                     log_sum_sq_probs=log_sum_sq_probs, sequence_ids=sequence_ids, positions=positions,
+                     cp_group=cp_group, **options)
 
     if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
         return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
@@ -139,15 +147,20 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
     want_kl = bool(ref_head)
     kl_grad = want_kl and opts.kl_coef != 0
+    # Packed rows, a context-parallel group: the plan is formed on the whole batch, read at our tokens.
+    objective = dict(objective)
+    layout = token_layout(zeros, opts=opts, inputs=objective,
+                          **{k: objective.pop(k) for k in ("sequence_ids", "positions", "cp_group")})
     # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                   kl=zeros if want_kl else None, **objective)
-    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+                                   kl=zeros if want_kl else None, layout=layout, **objective)
+    local = (lambda t: t) if layout is None else layout.local  # noqa: E731
+    flat = lambda t: None if t is None else local(t).reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
     g_pol, g_ent, a_kl = flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef)
     pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
-    online = flat((~b.offline)[:, None].expand(B, T))
+    online = flat((~b.offline)[:, None].expand(b.mask.shape))
     # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
     given_lo = flat(b.old_logp) if objective["old_logp"] is not None else None
 
@@ -177,8 +190,8 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
         **backend_options)
     # The value and the metrics: the same objective on the detached [B,T] statistics.
     with torch.no_grad():
-        out = gro_objective(logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
-                            kl=None if kl is None else kl.reshape(B, T), **objective)
+        out = objective_in_layout(layout, logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
+                                  kl=None if kl is None else kl.reshape(B, T), **objective)
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
 
@@ -195,14 +208,15 @@ class GROLoss(nn.Module):
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
-                log_sum_sq_probs=None, ignore_index=-100, backend="auto", backend_options=None,
-                return_entropy=None) -> GROOutput:
+                log_sum_sq_probs=None, sequence_ids=None, positions=None, cp_group=None, ignore_index=-100,
+                backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
         return gro_loss(
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
             num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-            log_sum_sq_probs=log_sum_sq_probs, ignore_index=ignore_index, backend=backend,
+            log_sum_sq_probs=log_sum_sq_probs, sequence_ids=sequence_ids, positions=positions, cp_group=cp_group,
+            ignore_index=ignore_index, backend=backend,
             backend_options=backend_options, return_entropy=return_entropy, **self.options,
         )
 
