@@ -10,7 +10,7 @@ Inputs are drawn fresh from a seeded generator on the target device (never zeros
   not flat: the entropy is well below log V, as in a trained model);
 - targets uniform in [0, V); completion lengths uniform in [T/2, T] (mask);
 - rewards in {0, 1} with both values in every group (no zero-variance group), advantages
-  `(r - mean_g) / (std_g + 1e-4)` (GRO.md: Bessel std, std_eps 1e-4);
+  `(r - mean_g) / (std_g + 1e-4)` (docs/objective.md: Bessel std, std_eps 1e-4);
 - `old_logp` = the policy's own log-probs (float32, computed once, no grad) + N(0, 0.1^2) noise,
   so the PPO ratio is near 1 and some tokens clip, as in a real off-policy step;
   `ref_logp` = old_logp + another N(0, 0.1^2) (GRPO's k3 KL);
@@ -277,7 +277,7 @@ def make_inputs(case: Case, shape: Shape, device: str = "cpu", seed: int = 0) ->
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean_g) / (std_g + eps), std with Bessel's correction (GRO.md, `linear` / `group_std`)."""
+    """(r - mean_g) / (std_g + eps), std with Bessel's correction (docs/objective.md, `linear` / `group_std`)."""
     adv = torch.empty_like(rewards)
     for g in torch.unique(group_ids).tolist():
         sel = group_ids == g

@@ -49,6 +49,6 @@ if python -c "import pytest" 2>/dev/null; then
 else
   echo "== kernel_tests skipped: pytest is not installed on this machine" | tee "${PREFIX}_kernel_tests.log"
 fi
-step correctness 90 python bench/run.py --correctness --no-plots
-step benchmark 280 python bench/run.py --gpu --budget 230
+step correctness 90 python bench/run.py --correctness --no-plots --out-dir bench/results
+step benchmark 280 python bench/run.py --gpu --budget 230 --out-dir bench/results
 echo "== done in $(( $(date +%s) - t0 )) s"

@@ -1,7 +1,7 @@
 """`gro_loss`: hidden states -> the GRO loss and its gradients, without materializing the logits.
 
 The only glue between layer 2 (`token_logprobs`, the fused pass) and layer 3 (`gro_objective`).
-Token-local objectives (GRO.md section 6) take the single fused pass: three GEMMs, the gradients
+Token-local objectives (docs/objective.md, "One pass or two") take the single fused pass: three GEMMs, the gradients
 computed inside the forward call and handed back by backward. The others (weights that depend on
 the policy's own log-probs: DPO, IPO, CPL, SimPO, KTO, GSPO's sequence ratio) take the composable
 path: `token_logprobs` forward (one GEMM), the objective, `token_logprobs` backward (three).
@@ -13,16 +13,25 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .argdocs import document, options_entry
 from .logprobs import resolve_backend, token_logprobs
 from .logprobs.api import check_inputs, stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
 from .objective.core import objective_in_layout, prepare_objective, token_layout
 from .objective.inputs import check_mask, uses_ref_logp
-from .objective.options import resolve_options
+from .objective.options import OPTIONS, resolve_options
 from .objective.split import needs_policy_logp, token_loss
 
 
+_INPUTS = ("hidden", "weight", "targets", "method", "mask", "rewards", "advantages", "group_ids", "labels",
+           "baselines", "offline", "old_logp", "ref_logp", "ref_hidden", "ref_weight", "bias", "ref_bias",
+           "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs", "sequence_ids", "positions",
+           "cp_group", "ignore_index", "backend", "backend_options", "return_entropy")
+_OPTIONS_DOC = {"**options": options_entry(OPTIONS)}
+
+
+@document(_INPUTS + ("**options",), _OPTIONS_DOC)
 def gro_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -55,18 +64,29 @@ def gro_loss(
     return_entropy: Optional[bool] = None,
     **options,
 ) -> GROOutput:
-    """The GRO loss of `method` straight from the LM head, without materializing the logits.
+    """The loss of `method` straight from the LM head, without materializing the logits.
 
-    hidden [B,T,d] predicts targets [B,T] (already shifted; `ignore_index` marks padding / prompt);
-    weight [V,d] is the LM head. The reference head (ref_hidden, ref_weight, ref_bias) is frozen:
-    it supplies the exact KL when kl_estimator="full" (in the same pass) and ref_logp when the
-    method needs it and none was given. `backend_options` go to the backend (`{"chunk_elements": n}`:
-    logits per chunk). `mask` (bool or 0/1) marks the tokens that count; masked tokens are dropped
-    like ignored ones. The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
-    (then `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
-    (three GEMMs, gradients computed in the forward call); the others the composable path (four).
-    Every other argument goes to `gro_objective`, among them the layouts other than one padded
-    batch: `sequence_ids` (packed rows), `cp_group` (context parallelism) and `positions`.
+    The GRO objective (docs/objective.md) configured as `method`, with `options` overriding the
+    preset. The policy's per-token log-probs (and entropy, exact KL to the frozen reference head)
+    come from `hidden @ weight.T` one chunk of tokens at a time. Token-local configurations take
+    one fused pass: three GEMMs, the gradients computed in the forward call and handed back by
+    `backward`. The others (weights that read the policy's own log-probs: DPO, KTO, GSPO, ...)
+    take a forward-only pass first: four GEMMs. Masked and ignored tokens reach no GEMM.
+
+    {args}
+
+    Returns:
+        GROOutput: loss (0-d), logp ([B, T] float32, detached), metrics (name -> 0-d tensor),
+        per_sequence (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
+
+    Raises:
+        TypeError, ValueError: naming the argument or option (an unknown option also names the
+        closest valid ones).
+
+    Example:
+        >>> out = gro_loss(hidden, model.lm_head.weight, targets, method="grpo",
+        ...                rewards=rewards, group_ids=group_ids, kl_coef=0.0)
+        >>> out.loss.backward()
     """
     backend_options = dict(backend_options or {})
     opts = resolve_options(method, options)
@@ -127,7 +147,7 @@ def gro_loss(
 
 def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline) -> bool:
     """The single fused pass (three GEMMs) applies when gradients are wanted, the backend is a
-    chunked one, and the objective is token-local (GRO.md section 6)."""
+    chunked one, and the objective is token-local (docs/objective.md)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return False  # token_logprobs names the bad argument
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
@@ -193,11 +213,23 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
         out = objective_in_layout(layout, logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
                                   kl=None if kl is None else kl.reshape(B, T), **objective)
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
-    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
+    return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics, per_sequence=out.per_sequence,
+                     per_token=out.per_token)
 
 
+@document(("method", "**options"), _OPTIONS_DOC)
 class GROLoss(nn.Module):
-    """`gro_loss` as a module: `GROLoss(method="grpo", kl_coef=0.0)(hidden, weight, targets, rewards=..., group_ids=...)`."""
+    """`gro_loss` as an `nn.Module`: the method and its options are fixed, and checked, at construction.
+
+        loss_fn = GROLoss(method="grpo", kl_coef=0.0)
+        out = loss_fn(hidden, model.lm_head.weight, targets, rewards=rewards, group_ids=group_ids)
+        out.loss.backward()
+
+    {args}
+
+    Raises:
+        TypeError, ValueError: an unknown option (naming the closest valid ones), a bad method or value.
+    """
 
     def __init__(self, method: str = "gro", **options):
         super().__init__()
@@ -210,6 +242,13 @@ class GROLoss(nn.Module):
                 ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
                 log_sum_sq_probs=None, sequence_ids=None, positions=None, cp_group=None, ignore_index=-100,
                 backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
+        """The loss of the module's method and options on one batch (`gro_loss` with them).
+
+        {args}
+
+        Returns:
+            GROOutput: loss, logp, metrics (0-d tensors), per_sequence ([B]), per_token ([B, T]).
+        """
         return gro_loss(
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
@@ -223,3 +262,6 @@ class GROLoss(nn.Module):
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"method={self.method!r}" + (f", {opts}" if opts else "")
+
+
+GROLoss.forward = document(_INPUTS[:3] + _INPUTS[4:])(GROLoss.forward)

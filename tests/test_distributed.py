@@ -4,6 +4,7 @@ batch-wide statistics global)."""
 import dataclasses
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -72,10 +73,14 @@ def _worker(rank, port, out_dir):
         batch = global_batch()
         shard = trim(batch.select(range(rank * 10, rank * 10 + 10)))  # two whole groups per process
         for method, extra in CASES:
-            trainer = make_trainer(method, extra, WORLD)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer = make_trainer(method, extra, WORLD)
             assert trainer.wrapped is not trainer.policy  # DDP-wrapped
             metrics = trainer.train_step(shard)
-            torch.save({"params": flat(trainer), "metrics": metrics},
+            future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                      if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+            torch.save({"params": flat(trainer), "metrics": metrics, "future_warnings": future},
                        os.path.join(out_dir, f"{method}_rank{rank}.pt"))
         trainer = None  # noqa: F841
         leave_together()
@@ -96,6 +101,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         r0 = torch.load(tmp_path / f"{method}_rank0.pt")
         r1 = torch.load(tmp_path / f"{method}_rank1.pt")
         assert torch.equal(r0["params"], r1["params"]), f"{method}: replicas differ"
+        # building the trainer (DDP wrapper included) warns of nothing deprecated (broadcast_buffers, torch 2.13)
+        assert r0["future_warnings"] == [] and r1["future_warnings"] == [], r0["future_warnings"]
 
         single = make_trainer(method, extra, 1)
         before = flat(single)

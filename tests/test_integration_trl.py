@@ -480,3 +480,29 @@ def test_patch_trainer_keeps_a_user_subclass(tmp_path, model_path):
     assert type(trainer).__name__ == "GROMyTrainer" and type(trainer).__mro__[1] is _GROGRPOLoss
     with pytest.raises(TypeError, match="GRPOTrainer, DPOTrainer or KTOTrainer"):
         patch_trainer(object())
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_trainers_take_a_path_or_an_in_memory_model_with_its_reference(tmp_path, model_path, kind):
+    """The README's two lines: TRL builds the reference (and the tokenizer) from the model's path, so an
+    in-memory model without one fails inside TRL; with ref_model and processing_class it trains."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import DPOConfig, KTOConfig
+
+    from gro_kernels.integrations.trl import GRODPOTrainer, GROKTOTrainer
+
+    cls, config, data = ((GRODPOTrainer, DPOConfig, preference_dataset()) if kind == "dpo"
+                         else (GROKTOTrainer, KTOConfig, unpaired_dataset()))
+    args = config(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, bf16=False, report_to=[],
+                  save_strategy="no", logging_steps=1, max_length=16, max_steps=1)
+    assert cls(model=model_path, args=args, train_dataset=data).ref_model is not None  # from the path
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    model.config._name_or_path = ""  # as a model built from a fresh config: no path to load a reference from
+    with pytest.raises(OSError):
+        cls(model=model, args=args, train_dataset=data, processing_class=build_tokenizer())
+    trainer = cls(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=data,
+                  processing_class=build_tokenizer())
+    trainer.train()
+    assert any("rewards/chosen" in h for h in trainer.state.log_history)

@@ -1,4 +1,4 @@
-"""Bad input is a clear error naming the argument; degenerate input is finite (GRO.md section 5)."""
+"""Bad input is a clear error naming the argument; degenerate input is finite (docs/options.md, Inputs)."""
 import pytest
 import torch
 
@@ -124,6 +124,21 @@ def test_groloss_module_rejects_unknown_options_at_construction():
         GROLoss(method="ppo")
 
 
+@pytest.mark.parametrize("call_with", ["gro_loss", "GROLoss", "gro_objective"])
+def test_misspelled_option_suggests_the_right_name(call_with):
+    """kl_coeff: the error names kl_coef first, not only the list of every option."""
+    d = lm()
+    with pytest.raises(TypeError, match=r"'kl_coeff' \(did you mean 'kl_coef'"):
+        if call_with == "GROLoss":
+            GROLoss(method="grpo", kl_coeff=0.1)
+        elif call_with == "gro_loss":
+            gro_loss(d.hidden, d.weight, d.targets, method="grpo", kl_coeff=0.1)
+        else:
+            gro_objective(torch.zeros(4, 5), method="grpo", kl_coeff=0.1)
+    with pytest.raises(ValueError, match="did you mean 'grpo'"):
+        GROLoss(method="grp")
+
+
 def test_groloss_module_matches_gro_loss():
     d = lm()
     kw = dict(rewards=torch.tensor([1.0, 0, 1, 0], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]), backend="naive")
@@ -167,8 +182,8 @@ def test_fully_masked_sequence_contributes_zero_and_never_nan(method, options):
         kw.update(rewards=torch.tensor([1.0, 0.5, 0.0, 0.3], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]))
     out = gro_loss(d.hidden, d.weight, targets, method=method, **kw)
     assert torch.isfinite(out.loss)
-    w = out.metrics["weights"]
-    assert (w[1] == 0).all(), "an empty sequence has zero weight"
+    assert (out.per_token["advantages"][1] == 0).all(), "an empty sequence has zero weight"
+    assert "weights" not in out.per_sequence or out.per_sequence["weights"][1] == 0
     g_h, g_w = torch.autograd.grad(out.loss, (d.hidden, d.weight))
     assert torch.isfinite(g_h).all() and torch.isfinite(g_w).all()
     assert (g_h[1] == 0).all(), "an empty sequence gets no gradient"
@@ -192,7 +207,7 @@ def test_zero_variance_group_gives_zero_weights_and_finite_loss(method):
     out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards,
                    group_ids=torch.tensor([0, 0, 0, 0]), kl_coef=0.0, backend="naive")
     assert torch.isfinite(out.loss)
-    assert (out.metrics["weights"] == 0).all()
+    assert (out.per_token["advantages"] == 0).all()
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.loss, (d.hidden, d.weight)))
 
 

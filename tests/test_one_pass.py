@@ -1,4 +1,4 @@
-"""The single fused pass of `gro_loss` (GRO.md section 6; issue: one pass, three GEMMs).
+"""The single fused pass of `gro_loss` (docs/objective.md, "One pass or two": three GEMMs).
 
 1. For every preset, with entropy bonus, exact KL to a reference head, temperature, bias, ignored
    tokens and chunks whose boundaries fall inside sequences and groups: loss and gradients wrt
@@ -22,7 +22,7 @@ from gro_kernels.objective.split import needs_policy_logp
 
 IGNORE = -100
 B, T, D, V = 8, 6, 12, 40
-# The unification table's presets (GRO.md section 3); the loss types of issue 9 are below.
+# The unification table's presets (README, Methods); the loss types of issue 9 are below.
 METHODS = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
            "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro")
 TOKEN_LOCAL = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro"}

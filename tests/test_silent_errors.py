@@ -22,7 +22,7 @@ def test_zero_std_eps_with_a_constant_group_gives_zero_weight_not_nan():
     out = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(b.weight.grad).all()
-    w = out.metrics["weights"]
+    w = out.per_sequence["weights"]
     assert w[:2].tolist() == [0.0, 0.0]
     # group 1: (r - mean) / std with the Bessel-corrected std sqrt(2): -+1/sqrt(2)
     assert torch.allclose(w[2:].double(), torch.tensor([-1.0, 1.0], dtype=torch.float64) / math.sqrt(2), atol=1e-6)
@@ -79,9 +79,9 @@ def test_huge_rewards_keep_their_weights():
     """Rewards near 1e30 overflowed the float32 group std (to inf) and silently got weight 0.
     The weights are scale-free: rewards * 1e30 give the weights of the rewards themselves."""
     b, kw = _grpo_inputs([1.0, 3.0, 0.5, 2.0], dtype=torch.float32)
-    small = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).metrics["weights"]
+    small = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).per_sequence["weights"]
     kw["rewards"] = kw["rewards"] * 1e30
-    big = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).metrics["weights"]
+    big = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).per_sequence["weights"]
     assert torch.allclose(big, small, rtol=1e-5), (big, small)
     assert (big.abs() > 0.5).all()
 

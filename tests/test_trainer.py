@@ -28,6 +28,16 @@ def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, 
                       ref_model=ref_model)
 
 
+def test_config_names_a_misspelled_setting_and_a_loss_option_given_as_a_setting():
+    with pytest.raises(TypeError, match=r"'num_generation' \(did you mean 'num_generations'"):
+        GROConfig(num_generation=4)
+    with pytest.raises(TypeError, match=r"loss_options=\{'kl_coef'"):
+        GROConfig(kl_coef=0.1)
+    with pytest.raises(TypeError, match=r"'kl_coeff' \(did you mean 'kl_coef'"):
+        GROConfig(loss_options={"kl_coeff": 0.1}).resolved_options()
+    assert GROConfig(num_generations=4, temperature=0.7).temperature == 0.7
+
+
 def group_batch(rewards, offline=None, completions=None, groups=None):
     """Rows of one prompt ("1234>") with distinct completions and the given rewards."""
     n = len(rewards)

@@ -278,7 +278,7 @@ _EXTRA_OPTIONS = {
 
 def _preset_inputs(method, B=8, T=6, d=16, V=40, seed=0):
     """An fp32 batch (B sequences of T tokens, right padding, two reward groups or four labelled
-    pairs) with every input `method` needs, per GRO.md section 5."""
+    pairs) with every input `method` needs, per docs/options.md (Inputs)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, d, generator=g)
     weight = 0.5 * torch.randn(V, d, generator=g)

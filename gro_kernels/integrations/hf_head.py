@@ -39,14 +39,15 @@ class GROCall:
 @dataclass
 class GROHeadOutput(ModelOutput):
     """`fused_lm_head=True`: loss (mean NLL), log_probs / entropy [B, T-1] (0 where label is -100), label_mask.
-    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics (gro_loss's detached metrics), and with
-    `GROCall(entropy=True)` the detached per-token entropy [B, keep]."""
+    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics / per_sequence (gro_loss's detached 0-d
+    metrics and [B] values), and with `GROCall(entropy=True)` the detached per-token entropy [B, keep]."""
 
     loss: Optional[torch.Tensor] = None
     log_probs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     label_mask: Optional[torch.Tensor] = None
     metrics: Optional[dict] = None
+    per_sequence: Optional[dict] = None
     mean_logits: Optional[torch.Tensor] = None
     is_top1: Optional[torch.Tensor] = None
 
@@ -153,7 +154,7 @@ def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
                 extras = (logit_extras(hidden, weight, bias, targets, temperature=temperature) if gro.extras
                           else (None, None))
                 return GROHeadOutput(loss=out.loss, log_probs=out.logp, label_mask=mask, metrics=out.metrics,
-                                     mean_logits=extras[0], is_top1=extras[1], entropy=token_entropy)
+                                     per_sequence=out.per_sequence, mean_logits=extras[0], is_top1=extras[1], entropy=token_entropy)
             stats = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=entropy, backend=backend)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

@@ -19,10 +19,18 @@ and gradients against TRL's own trainers on the same batches (tests/test_integra
 from __future__ import annotations
 
 import torch
-from trl import DPOTrainer, GRPOTrainer, KTOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
-from .hf_head import GROCall, add_gro_head
+from ..objective.options import DEFAULTS
+from . import missing_dependency
+
+try:
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+
+    from .hf_head import GROCall, add_gro_head
+except ImportError as e:
+    raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (from a clone: pip install "
+                                          "'.[integrations]'; or only TRL: pip install trl==1.16.0)") from e
 
 __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
@@ -451,13 +459,13 @@ class _GRODPOLoss:
             ref_logp=_sums_as_tokens(ref_token_sums, mask), return_entropy=True, **dpo_options(self)))
         outputs = model(**model_kwargs, labels=labels, gro=call)
         loss = outputs.loss
-        self._gro_log_metrics(mode, inputs, outputs, mask, u, ref_sums, n)
+        self._gro_log_metrics(mode, inputs, outputs, mask, u, n)
         if return_outputs:  # as TRL: the logits only come from an extra forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _gro_log_metrics(self, mode, inputs, outputs, mask, u, ref_sums, n):
+    def _gro_log_metrics(self, mode, inputs, outputs, mask, u, n):
         acc = self.accelerator
         logps = (outputs.log_probs * u).sum(1)  # TRL's (LD-DPO weighted) sequence log-probs
         chosen_logps, rejected_logps = logps[:n], logps[n:]
@@ -478,8 +486,10 @@ class _GRODPOLoss:
         total_chosen = _gather_sum(acc, chosen_mask.sum())
         self._metrics[mode]["mean_token_accuracy"].append((correct / total_chosen).item() if total_chosen > 0 else 0.0)
 
-        chosen_rewards = self.beta * (chosen_logps - ref_sums[:n])
-        rejected_rewards = self.beta * (rejected_logps - ref_sums[n:])
+        # gro_loss's implicit rewards beta (S - R) per row (TRL's, LD-DPO-weighted with ld_alpha). The objective
+        # refuses beta with pair_loss='sft' alone (the loss does not read it) and uses its default there.
+        beta = dpo_options(self).get("beta", DEFAULTS["beta"])
+        chosen_rewards, rejected_rewards = (outputs.per_sequence["scores"].float() * (self.beta / beta)).split(n)
         self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
         self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
         accuracies = (chosen_rewards > rejected_rewards).float()
@@ -537,13 +547,13 @@ class _GROKTOLoss:
             labels=torch.where(desirable, 1.0, -1.0), ref_logp=_sums_as_tokens(ref_sums, mask),
             return_entropy=True, **options))
         outputs = model(**model_kwargs, labels=labels, gro=call)
-        self._gro_log_metrics(mode, batch, outputs, mask, ref_sums, desirable, kl)
+        self._gro_log_metrics(mode, batch, outputs, mask, desirable, kl)
         if return_outputs:
             with torch.no_grad():
                 return outputs.loss, model(**model_kwargs)
         return outputs.loss
 
-    def _gro_log_metrics(self, mode, batch, outputs, mask, ref_sums, desirable, kl):
+    def _gro_log_metrics(self, mode, batch, outputs, mask, desirable, kl):
         acc = self.accelerator
         self._metrics[mode]["kl"].append(kl.item())
         tokens = mask.sum()
@@ -555,7 +565,7 @@ class _GROKTOLoss:
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         logps = outputs.log_probs.sum(1)
-        rewards = self.beta * (logps - ref_sums)
+        rewards = outputs.per_sequence["scores"].float()  # gro_loss's implicit rewards beta (S - R), as TRL's
         counts = {}
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
             m = mask[rows]

@@ -21,7 +21,15 @@ from __future__ import annotations
 import math
 
 import torch
-from verl.trainer.ppo import core_algos
+
+from . import missing_dependency
+
+try:
+    from verl.trainer.ppo import core_algos
+except ImportError as e:
+    raise missing_dependency(__name__, e, "pip install --no-deps verl==0.9.1 && pip install 'gro_kernels[integrations]'"
+                                          "   (from a clone: '.[integrations]'; --no-deps: verl's own pins "
+                                          "would replace torch and transformers)") from e
 
 from ..logprobs import token_logprobs
 from ..objective import gro_objective

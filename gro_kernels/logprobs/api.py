@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from ..argdocs import document
+
 BACKENDS = ("naive", "torch", "triton")
 
 
@@ -137,6 +139,14 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
+@document(("hidden", "weight", "targets", "bias", "temperature", "ignore_index", "return_entropy", "return_sum_p2",
+           "ref_hidden", "ref_weight", "ref_bias", "backend", "**backend_options"), {
+    "ref_hidden": "[..., d_ref] float, optional. The frozen reference model's final hidden states: with "
+                  "ref_weight, the exact KL(policy || reference) per token in the same pass, the temperature "
+                  "applied to both heads. No gradient flows into the reference head.",
+    "return_entropy": "bool, default False. Also compute each token's entropy (differentiable).",
+    "**backend_options": "Options of the chunked backends: chunk_elements=n, the logits per chunk (default 4M "
+                         "on a CPU, 192M on a GPU). An option the backend does not know is an error."})
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -155,11 +165,20 @@ def token_logprobs(
 ) -> TokenStats:
     """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
 
-    Never builds the `[tokens, vocab]` logits (except `backend="naive"`, the test reference).
-    `hidden[..., d]` predicts `targets[...]` (already shifted). With `ref_hidden` and `ref_weight`
-    the exact full-vocabulary KL(policy || reference) is computed in the same pass, with the
-    temperature applied to both heads. `backend_options` go to the backend (the chunked backends
-    take `chunk_elements`, the logits per chunk); an option a backend does not know is an error.
+    The fused primitive under `gro_loss`: never builds the `[tokens, vocab]` logits (except
+    `backend="naive"`, the test reference), and is differentiable in hidden, weight and bias.
+    `hidden` may have any leading shape matching `targets` (`[B, T, d]` with `[B, T]`, or `[N, d]`).
+
+    {args}
+
+    Returns:
+        TokenStats: logp, entropy (or None), kl (the exact KL, or None without a reference head),
+        lse (log normalizer), sum_p2 (or None); each shaped like `targets`, float32 (float64 for
+        float64 input), exactly 0 at ignored positions.
+
+    Raises:
+        TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
+        where triton is not installed.
     """
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                                             temperature=temperature, ignore_index=ignore_index)

@@ -1,4 +1,4 @@
-"""Aggregation: the coefficient c[i,t] each token's term is summed with (GRO.md section 2)."""
+"""Aggregation: the coefficient c[i,t] each token's term is summed with (docs/objective.md)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,4 @@
-"""`gro_objective`: the GRO loss on per-token log-probs (GRO.md section 2).
+"""`gro_objective`: the GRO loss on per-token log-probs (docs/objective.md).
 
     loss = sum_{i,t} c[i,t] * ( -surrogate(A, l, lo) + kl_coef * k(l, lr) - entropy_coef * H )
 
@@ -13,10 +13,11 @@ import torch
 
 from . import corrections
 from .aggregation import token_coefficients
+from ..argdocs import document, options_entry
 from ..logprobs.api import stat_dtype
 from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .layout import TokenLayout
-from .options import Options, resolve_options
+from .options import OPTIONS, Options, resolve_options
 from .split import token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
@@ -24,12 +25,26 @@ from .weights import Weights, sequence_weights, token_weights
 
 @dataclass
 class GROOutput:
-    """loss: 0-d tensor to backpropagate; logp: the policy's per-token log-probs [B,T] (detached,
-    0 where masked); metrics: detached diagnostics (kl, entropy, clip fractions, weights, ...)."""
+    """What `gro_loss`, `GROLoss` and `gro_objective` return. Everything but `loss` is detached.
+
+    loss: 0-d tensor to backpropagate.
+    logp: [B,T] float32 (float64 for float64 input), the policy's per-token log-probs, 0 where not scored.
+    metrics: name -> 0-d tensor, the batch's diagnostics (`float(v)` works on every value): policy_loss,
+        kl, entropy, ratio_mean, clip_frac(_low/_high), policy_weight_mean, and for the preference
+        methods rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins as TRL logs them.
+        Which names are present depends on the method, options and inputs, never on the values.
+    per_sequence: name -> [B] tensor: weights w_i, scores s_i, anchors a_i, signs y_i (when the weights
+        are formed per sequence).
+    per_token: name -> [B,T] tensor: advantages A[i,t] (always: the weights, or the given advantages),
+        and scores / anchors / signs when the scores are per token (score='token_return').
+    docs/options.md ("What comes back") lists every name.
+    """
 
     loss: torch.Tensor
     logp: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_sequence: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _masked_mean(values, mask):
@@ -38,7 +53,7 @@ def _masked_mean(values, mask):
 
 @dataclass
 class SequencePlan:
-    """Step (a) of GRO.md section 6: everything formed before the pass over the vocabulary (detached)."""
+    """Step (a) of the split (docs/objective.md, "One pass or two"): everything formed before the pass over the vocabulary (detached)."""
 
     weights: Weights         # A[i,t] = weights.advantages
     coef: torch.Tensor       # c[i,t], the aggregation coefficients
@@ -166,11 +181,10 @@ def _to_full(layout, logp, inputs: dict):
 
 
 def _to_local(layout, out: GROOutput) -> GROOutput:
-    """The output for this rank's tokens: log-probs and per-token metrics back in its [B, T] layout."""
-    shape = (layout.S, layout.W)
-    metrics = {k: (layout.local(v) if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v)
-               for k, v in out.metrics.items()}
-    return GROOutput(loss=out.loss, logp=layout.local(out.logp), metrics=metrics)
+    """The output for this rank's tokens: log-probs and per-token values back in its [B, T] layout
+    (per-sequence values stay indexed by sequence, metrics are the whole batch's)."""
+    return GROOutput(loss=out.loss, logp=layout.local(out.logp), metrics=out.metrics,
+                     per_sequence=out.per_sequence, per_token={k: layout.local(v) for k, v in out.per_token.items()})
 
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
@@ -202,6 +216,9 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
     return opts, b, sequence_plan(method, opts, b)
 
 
+@document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
+           "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
+           "sequence_ids", "positions", "cp_group", "**options"), {"**options": options_entry(OPTIONS)})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -226,28 +243,22 @@ def gro_objective(
     cp_group=None,
     **options,
 ) -> GROOutput:
-    """The GRO objective, configured as `method` (a row of the preset table) with `options` overriding it.
+    """The GRO objective on per-token log-probs you computed (docs/objective.md), configured as
+    `method` with `options` overriding the preset. Use it when the log-probs come from elsewhere
+    (your own forward, `token_logprobs`, another trainer); `gro_loss` computes them from hidden
+    states without the logits. `entropy` and `kl` may carry gradients (as from `token_logprobs`).
+    Statistics are float32 (float64 when logp is float64). For the preference presets (DPO, IPO,
+    CPL, SimPO, KTO) `loss` reports the method's own loss value; its gradient is the GRO gradient,
+    which equals the method's.
 
-    logp, mask, entropy, kl, old_logp, ref_logp: [B,T] (entropy and kl differentiable, as from
-    `token_logprobs`). rewards, baselines, group_ids, labels (+1/-1), offline (bool): [B].
-    advantages: [B] or [B,T], replacing the weights formed from rewards. rollout_logp [B,T]: the
-    sampler's log-probs (vLLM), for `rollout_correction` and `off_policy_mask_threshold`. truncated
-    [B] bool: completions cut at the length limit, dropped with `mask_truncated_completions`.
-    log_sum_sq_probs [B,T]: log sum_v p_v^2 of the policy's next-token distribution, for WPO's
-    `use_weighting`. Statistics are float32
-    (float64 when logp is float64). For RL-free methods (DPO, IPO, CPL, SimPO, KTO) `loss` reports
-    the method's own loss value; its gradient is the GRO gradient, which equals the method's.
+    {args}
 
-    Layouts other than one padded batch (`layout.py`):
-      sequence_ids [B,T] int: the sequence each token belongs to (-1: padding), so that a row can hold
-        several sequences (packed, `[1, L]`); the per-sequence inputs above are then indexed by sequence
-        id ([S]), and seq_mean_token_sum_norm needs max_completion_length.
-      cp_group: a process group of context parallelism: each rank passes its slice of the tokens of
-        the same sequences (per-sequence inputs the same on every rank); every rank returns the loss of
-        the whole sequences, its backward reaches the parameters through its own tokens, and the
-        parameter gradients are to be summed over the group.
-      positions [B,T] int: each token's place in its sequence (a zigzag / ring-attention split, or packed
-        rows out of order); by default tokens follow their order along the row, ranks in rank order.
+    Returns:
+        GROOutput: loss (0-d), logp (detached), metrics (name -> 0-d tensor), per_sequence
+        (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
+
+    Raises:
+        TypeError, ValueError: naming the argument or option.
     """
     inputs = dict(mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages, group_ids=group_ids,
                   labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
@@ -296,9 +307,34 @@ def _objective(logp, *, method, layout=None, **kwargs) -> GROOutput:
         metrics["clip_frac"] = _masked_mean((surrogate.clipped_low | surrogate.clipped_high).to(m.dtype), on)
     if plan.policy_weight is not None:
         metrics["policy_weight_mean"] = _masked_mean(plan.policy_weight, m)
-    metrics["weights"] = w.weights.detach()
-    metrics["advantages"] = w.advantages.detach()
-    for name in ("scores", "anchors", "signs"):
-        if getattr(w, name) is not None:
-            metrics[name] = getattr(w, name).detach()
-    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics)
+    if opts.score == "implicit" and opts.separation == "label" and w.scores is not None:
+        metrics.update(_preference_metrics(w, pairwise=opts.anchor == "pair"))
+    # [B] values in per_sequence, [B,T] values in per_token: the shape says which.
+    per_sequence, per_token = {}, {"advantages": w.advantages.detach()}
+    for name in ("weights", "scores", "anchors", "signs"):
+        value = getattr(w, name)
+        if value is not None and not (name == "weights" and value is w.advantages):
+            (per_sequence if value.dim() == 1 else per_token)[name] = value.detach()
+    return GROOutput(loss=loss, logp=l.detach(), metrics=metrics, per_sequence=per_sequence, per_token=per_token)
+
+
+def _preference_metrics(w: Weights, *, pairwise: bool) -> Dict[str, torch.Tensor]:
+    """TRL's DPO / KTO reward metrics from the implicit scores s_i (beta times the sequence log-ratio
+    to the reference, or the method's reference-free score): the mean over chosen (desirable) rows,
+    over rejected (undesirable) rows, their difference, and for pairs the fraction of pairs whose
+    chosen row scores higher. A label with no row in the batch (KTO) contributes 0."""
+    s, chosen = w.scores.detach(), w.signs > 0
+    rejected = ~chosen
+
+    def mean(rows):
+        return s[rows].sum() / rows.sum().clamp(min=1)
+
+    out = {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected)}
+    if pairwise:  # anchors: the partner's score
+        margin = (s - w.anchors.detach())[chosen]
+        out["rewards/accuracies"] = (margin > 0).to(s.dtype).mean()
+        out["rewards/margins"] = margin.mean()
+    else:
+        both = bool(chosen.any()) and bool(rejected.any())
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"] if both else s.new_zeros(())
+    return out

@@ -1,9 +1,10 @@
-"""GRO options: their names, defaults, allowed values, and the preset table (GRO.md sections 2-3).
+"""GRO options: their names, defaults, allowed values, and the preset table (docs/options.md).
 
 An option's value is resolved as: DEFAULTS <- PRESETS[method] <- what the caller passed.
 """
 from __future__ import annotations
 
+import difflib
 import numbers
 
 METHODS = (
@@ -14,7 +15,7 @@ METHODS = (
 )
 
 # Options whose value is one of a fixed set of names. `surrogate`, score `token_return`/`none` and
-# separation `positive` are this package's names for table cells GRO.md describes in words
+# separation `positive` are this package's names for table cells the unification table describes in words
 # (the surrogate column, REINFORCE++'s token rewards, SFT's "all +1").
 CHOICES = {
     "score": ("reward", "implicit", "token_return", "none"),
@@ -35,7 +36,7 @@ CHOICES = {
 }
 
 DEFAULTS = {
-    # weights (GRO.md 2, "Forming the weights")
+    # weights (docs/objective.md, "How the weights are formed")
     "score": "reward",
     "anchor": "group_mean",
     "anchor_value": 0.0,
@@ -98,7 +99,7 @@ DEFAULTS = {
 }
 OPTIONS = tuple(DEFAULTS)
 
-# The unification table, one row per method (GRO.md section 3). "KL" is where a KL term goes when
+# The unification table, one row per method (docs/options.md, "Defaults by method"). "KL" is where a KL term goes when
 # kl_coef != 0: "loss" adds kl_coef * k to the loss, "reward" subtracts it from the score.
 _COLUMNS = ("score", "anchor", "separation", "weighting", "scale", "surrogate", "kl_placement", "loss_agg")
 _TABLE = {
@@ -189,13 +190,25 @@ def _number(name, value, *, low=None, low_open=False, high=None):
     return value
 
 
+def unknown_names(what: str, unknown, valid) -> str:
+    """The message for misspelled names: each with its closest valid names first, then all of them."""
+    hints = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    return f"unknown {what}(s) {', '.join(hints)}; valid {what}s are: {', '.join(sorted(valid))}"
+
+
 def resolve_options(method: str, options: dict) -> Options:
-    """DEFAULTS <- PRESETS[method] <- options, validated. Unknown names are a TypeError listing valid ones."""
+    """DEFAULTS <- PRESETS[method] <- options, validated. Unknown names are a TypeError naming the
+    closest valid ones (did you mean ...) and listing all of them."""
     if method not in PRESETS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    unknown = sorted(set(options) - set(OPTIONS))
+        close = difflib.get_close_matches(str(method), METHODS, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}{hint}")
+    unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(OPTIONS))}")
+        raise TypeError(unknown_names("option", unknown, OPTIONS))
     o = Options({**DEFAULTS, **PRESETS[method], **options})
 
     for name, allowed in CHOICES.items():

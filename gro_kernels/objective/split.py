@@ -1,4 +1,4 @@
-"""How the objective splits for one fused pass (GRO.md section 6).
+"""How the objective splits for one fused pass (docs/objective.md, "One pass or two").
 
 (a) Sequence-level quantities, formed before any pass over the vocabulary: the weights A[i,t]
     (from rewards, labels, baselines, given advantages) and the aggregation coefficients c[i,t].

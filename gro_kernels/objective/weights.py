@@ -1,4 +1,4 @@
-"""Forming the weights (GRO.md section 2, steps 1-4): score -> anchor -> separation -> weighting.
+"""Forming the weights (docs/objective.md, steps 1-4): score -> anchor -> separation -> weighting.
 
 Everything here is detached: the weights are `sg[w_i]`. Each `w_i` is `-dL/dS_i` of the method's
 loss, so `sum_i w_i grad S_i` is the method's gradient. The RL-free weightings also return the
@@ -196,8 +196,10 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
 
     kind = "pair_loss" if opts.pair_loss is not None else opts.weighting
     token_A = None
+    scores, anchor_scores = g * x, g * a
     if kind == "pair_loss":
-        token_A, unit_losses = pair_loss_weights(opts, b, y, partner)
+        token_A, unit_losses, scores = pair_loss_weights(opts, b, y, partner)
+        anchor_scores = scores[partner]
         w = token_A.sum(1) / b.lengths.clamp(min=1)   # reported: the mean weight of the row's tokens
     elif kind == "linear":
         w = coef * _divide(g * (x - a), _scale(opts, g * x, b))
@@ -225,7 +227,7 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     else:
         A = torch.where(b.offline[:, None], token_A * opts.offline_coef, token_A)
     return Weights(advantages=A, weights=w, units=units, unit_losses=unit_losses,
-                   scores=g * x, anchors=g * a, signs=y)
+                   scores=scores, anchors=anchor_scores, signs=y)
 
 
 def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
@@ -257,4 +259,4 @@ def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
         A = A / b.lengths.clamp(min=1)[:, None]
     A = torch.where(b.offline[:, None], A * opts.offline_coef, A) * m
     _check_finite(A)
-    return Weights(advantages=A, weights=A, units=m.shape[0], scores=returns * m, anchors=a, signs=y * m)
+    return Weights(advantages=A, weights=A, units=m.shape[0], scores=returns * m, anchors=a * m, signs=y * m)

@@ -90,4 +90,4 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     logp = rows["old_logp"] if rows["old_logp"] is not None else torch.zeros(mask.shape, dtype=torch.float32)
     out = gro_objective(logp, method=method, mask=mask, **rows, **opts)
     n, width = batch.targets.shape
-    return out.metrics["advantages"][start:start + n, :width].float().to(batch.targets.device)
+    return out.per_token["advantages"][start:start + n, :width].float().to(batch.targets.device)

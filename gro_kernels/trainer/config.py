@@ -1,17 +1,65 @@
-"""Trainer settings: one flat dataclass, every field documented where it is declared."""
+"""Trainer settings: one flat dataclass, every field documented in its docstring and where it is declared."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import functools
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
 from ..objective.inputs import uses_ref_logp
-from ..objective.options import resolve_options
+from ..objective.options import OPTIONS, resolve_options, unknown_names
 
 @dataclass
 class GROConfig:
+    """Settings of `GROTrainer` (docs/options.md, "GROTrainer settings").
+
+        GROConfig(method="grpo", loss_options={"kl_coef": 0.0}, num_generations=8, steps=200)
+
+    A misspelled setting names the closest ones; a loss option given as a setting says to put it
+    in `loss_options`. The method and loss options are checked when the trainer is built.
+
+    Args:
+        method: The gro_loss preset (grpo, rloo, dapo, gro, dpo, kto, sft, ...). Default "gro".
+        loss_options: Options of the objective (docs/options.md), overriding the preset. Default {}.
+        backend: gro_loss's backend: auto, naive, torch, triton. Default "auto".
+        num_generations: Completions sampled per prompt, one group per prompt. Default 8.
+        max_new_tokens: The sampling length limit. Default 64.
+        temperature: The sampling temperature, also the loss's unless loss_options sets one. Default 1.0.
+        top_k: Top-k sampling; 0 samples from the full distribution (what the importance ratios
+            assume). Default 0.
+        top_p: Nucleus sampling. Default 1.0.
+        offline_column: A prompt-dataset column of gold completion(s) mixed into each prompt's
+            group as offline rows. Default None.
+        offline_per_group: How many offline rows join each group (when available). Default 1.
+        offline_reward: The reward of an offline row; None scores it with the reward functions.
+        prompts_per_step: Prompts per optimizer step, summed over all processes. Default 8.
+        micro_batch_size: Rows per forward / backward. Default 64.
+        num_iterations: Updates per sampled batch (importance ratios against the sampling
+            log-probs when > 1). Default 1.
+        learning_rate: AdamW's learning rate. Default 1e-5.
+        weight_decay: AdamW's weight decay. Default 0.0.
+        adam_betas: AdamW's betas. Default (0.9, 0.99).
+        max_grad_norm: Gradient clipping norm; None for none. Default 1.0.
+        warmup_steps: Linear learning-rate warm-up steps, then constant. Default 0.
+        use_reference: A frozen reference copy of the model; None: when the method or the KL needs one.
+        steps: Optimizer steps. Default 100.
+        seed: The run's seed. Default 0.
+        output_dir: Where metrics and checkpoints go. Default "runs/gro".
+        metrics_file: The metrics file in output_dir (None: none). Default "metrics.jsonl".
+        save_every: Checkpoint every N steps; 0 only at the end. Default 0.
+        save_final: Checkpoint at the end. Default True.
+        save_on_interrupt: On Ctrl-C, checkpoint the last finished step (single process). Default True.
+        progress: A tqdm progress bar on rank 0. Default True.
+        run_name: The progress bar's label; None: the method.
+        mixed_precision: auto (bf16 autocast on CUDA), bf16 or no. Default "auto".
+        fsdp: Under torchrun, FSDP2 (fully_shard) instead of DDP. Default False.
+        gradient_checkpointing: Recompute each decoder layer in the backward (long context). Default False.
+        pack_sequences: Run a micro-batch's rows as one sequence without padding (checked at start).
+            Default False.
+    """
+
     # --- the objective -------------------------------------------------------------------------
     method: str = "gro"                 # any gro_loss preset: grpo, rloo, dapo, gro, dpo, kto, sft, ...
-    loss_options: Dict[str, Any] = field(default_factory=dict)  # GRO.md section 2 options (kl_coef, eps_low, ...)
+    loss_options: Dict[str, Any] = field(default_factory=dict)  # options of the objective (docs/options.md)
     backend: str = "auto"               # gro_loss backend: auto | naive | torch | triton
 
     # --- sampling (online) ---------------------------------------------------------------------
@@ -21,7 +69,7 @@ class GROConfig:
     top_k: int = 0                      # 0: full distribution (what the importance ratios assume)
     top_p: float = 1.0
 
-    # --- offline data mixed into online groups (GRO.md section 4) ------------------------------
+    # --- offline data mixed into online groups (docs/objective.md) ----------------------------
     offline_column: Optional[str] = None  # prompt-dataset column holding gold completion(s) to mix in
     offline_per_group: int = 1          # how many offline rows join each prompt's group (when available)
     offline_reward: Optional[float] = None  # reward of a gold row; None: score it with the reward functions
@@ -81,3 +129,24 @@ class GROConfig:
         d = asdict(self)
         d["adam_betas"] = list(self.adam_betas)
         return d
+
+
+def _check_names(init):
+    """A misspelled setting names the closest ones; a loss option given as a setting says where it goes."""
+    settings = tuple(f.name for f in fields(GROConfig))
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        unknown = set(kwargs) - set(settings)
+        options = sorted(unknown & set(OPTIONS) - {"temperature"})
+        if options:
+            raise TypeError(f"{', '.join(options)}: option(s) of the loss, not GROConfig settings; pass them as "
+                            f"GROConfig(loss_options={{{', '.join(repr(o) + ': ...' for o in options)}}})")
+        if unknown:
+            raise TypeError(unknown_names("GROConfig setting", unknown, settings))
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+GROConfig.__init__ = _check_names(GROConfig.__init__)

@@ -467,11 +467,8 @@ class GROTrainer:
                     (loss * scale).backward()
                 if it == 0:
                     logp_all[torch.as_tensor(idx, device=self.device)] = logp.float()
-                    for k, v in (metrics or {}).items():
-                        if isinstance(v, torch.Tensor) and v.numel() == 1:
-                            v = float(v.detach())
-                        if isinstance(v, (int, float)):
-                            sums[k] = sums.get(k, 0.0) + float(v) * len(mb)
+                    for k, v in metrics.items():  # every gro_loss metric is a 0-d tensor
+                        sums[k] = sums.get(k, 0.0) + float(v) * len(mb)
                 if it == cfg.num_iterations - 1:
                     loss_total += float(loss.detach()) * scale / W
             params = [p for p in self.model.parameters() if p.grad is not None]

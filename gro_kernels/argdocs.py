@@ -1,0 +1,91 @@
+"""The `Args:` blocks of the public functions' docstrings, written once.
+
+`gro_loss`, `GROLoss.forward`, `gro_objective` and `token_logprobs` share most arguments; each
+description lives here and `document(...)` puts the ones a function takes into its docstring,
+where `{args}` stands. docs/options.md says the same at more length. Imports nothing from the
+package, so every layer may use it.
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+
+ARGS = {
+    "hidden": "[B, T, d] float. The policy's final hidden states; hidden[:, t] predicts targets[:, t] "
+              "(shift by one before calling).",
+    "weight": "[V, d] float. The LM head weight (model.lm_head.weight).",
+    "targets": "[B, T] int. Next-token ids; ignore_index marks tokens that are not scored (prompt, padding).",
+    "logp": "[B, T] float. The policy's per-token log-probs, with their gradient (e.g. token_logprobs(...).logp).",
+    "method": "str, default 'gro'. The preset, one of METHODS (grpo, dapo, rloo, dpo, kto, sft, gro, ...).",
+    "mask": "[B, T] bool or 0/1, optional. The tokens that count, on top of ignore_index.",
+    "entropy": "[B, T] float, optional. Per-token entropies, for entropy_coef, top_entropy_quantile and the "
+               "entropy metric.",
+    "kl": "[B, T] float, optional. The exact per-token KL(policy || reference), for kl_estimator='full'.",
+    "rewards": "[B] float, optional. Each sequence's reward (reward-scored methods).",
+    "advantages": "[B] or [B, T] float, optional. Given weights (a critic's, GAE); they replace the weights "
+                  "formed from rewards. Not together with rewards.",
+    "group_ids": "[B] int, optional. Each sequence's group: its prompt, or its preference pair.",
+    "labels": "[B] +1 / -1 (or bool), optional. Chosen / desirable (+1) or rejected / undesirable (-1).",
+    "baselines": "[B] float, optional. Per-sequence baselines for anchor='baseline' (ReMax: the greedy reward).",
+    "offline": "[B] bool, optional. Rows the policy did not sample (dataset answers): plain log-likelihood "
+               "term, scaled by offline_coef.",
+    "old_logp": "[B, T] float, optional. The behaviour (sampling) policy's log-probs; without them the batch "
+                "is on-policy.",
+    "ref_logp": "[B, T] float, optional. The reference policy's log-probs, for the KL and the implicit scores.",
+    "ref_hidden": "[B, T, d_ref] float, optional. The frozen reference model's final hidden states. With "
+                  "ref_weight: the exact KL (kl_estimator='full'), and ref_logp when not given.",
+    "ref_weight": "[V, d_ref] float, optional. The reference model's LM head weight (with ref_hidden).",
+    "bias": "[V] float, optional. The LM head bias.",
+    "ref_bias": "[V] float, optional. The reference head's bias.",
+    "num_items_in_batch": "int or 0-d tensor, optional. Scored tokens in the whole accumulated batch: with "
+                          "loss_agg='token_mean' gradient accumulation gives the whole batch's gradient.",
+    "rollout_logp": "[B, T] float, optional. The sampler's (vLLM's) log-probs, for rollout_correction and "
+                    "off_policy_mask_threshold.",
+    "truncated": "[B] bool, optional. Completions cut at the length limit, for mask_truncated_completions.",
+    "log_sum_sq_probs": "[B, T] float, optional. log sum_v p_v^2 of the policy per token, for use_weighting "
+                        "(gro_loss computes it).",
+    "sequence_ids": "[B, T] int, optional. The sequence each token belongs to (-1: padding), so that a row holds "
+                    "several (packed rows, e.g. [1, L]); per-sequence inputs ([S]) are then indexed by sequence id. "
+                    "loss_agg='seq_mean_token_sum_norm' then needs max_completion_length.",
+    "positions": "[B, T] int, optional. Each token's place in its sequence, where the order along the row (and "
+                 "cp_group's rank order) is not it: a zigzag / ring-attention split.",
+    "cp_group": "process group, optional. Context parallelism: each rank passes its slice of the tokens of the "
+                "same sequences (per-sequence inputs the same on every rank); every rank returns the loss of the "
+                "whole sequences, its backward reaches the parameters through its own tokens: sum the parameter "
+                "gradients over the group (docs/options.md, Scaling out).",
+    "ignore_index": "int, default -100. The target id of tokens that are not scored.",
+    "backend": "str, default 'auto'. 'auto' (triton on CUDA tensors, else torch), 'torch' (chunked, any "
+               "device), 'triton' (fused kernels), 'naive' (materializes the logits; the test reference).",
+    "backend_options": "dict, optional. Options of the chunked backends: {'chunk_elements': n}, the logits "
+                       "per chunk.",
+    "return_entropy": "bool, optional. Compute the entropy (for the entropy metric); computed anyway when an "
+                      "option needs it.",
+    "return_sum_p2": "bool, default False. Also return sum_v p_v^2 per token (TokenStats.sum_p2).",
+    "temperature": "float > 0, default 1.0. The softmax temperature: statistics come from logits / temperature.",
+}
+
+
+def options_entry(names) -> str:
+    """The `**options` entry: every option name (docs/options.md describes each)."""
+    return ("Options of the objective, overriding the preset's values (docs/options.md describes each: "
+            "type, default per method, where it applies): " + ", ".join(sorted(names)) + ".")
+
+
+def args_block(names, extra=None, indent: str = "    ") -> str:
+    """`Args:` and one wrapped entry per name, in order; `extra` adds or replaces descriptions."""
+    table = {**ARGS, **(extra or {})}
+    lines = [indent + "Args:"]
+    for name in names:
+        text = textwrap.wrap(f"{name}: {table[name]}", width=100 - len(indent) - 4,
+                             subsequent_indent="    ", break_on_hyphens=False)
+        lines += [indent + "    " + line for line in text]
+    return "\n".join(lines)
+
+
+def document(names, extra=None):
+    """Decorator: put the Args block of `names` where the docstring says {args} (at that line's indent)."""
+    def apply(obj):
+        found = re.search(r"^( *)\{args\}$", obj.__doc__, re.M)
+        obj.__doc__ = obj.__doc__[:found.start()] + args_block(names, extra, found.group(1)) + obj.__doc__[found.end():]
+        return obj
+    return apply
