@@ -53,6 +53,15 @@ ARGS = {
                 "same sequences (per-sequence inputs the same on every rank); every rank returns the loss of the "
                 "whole sequences, its backward reaches the parameters through its own tokens: sum the parameter "
                 "gradients over the group (docs/options.md, Scaling out).",
+    "tp_group": "process group, optional. Tensor (vocabulary) parallelism: weight (and bias, and the reference "
+                "head's) is this rank's contiguous slice of the vocabulary's rows; targets are ids of the whole "
+                "vocabulary. Per chunk the row statistics are combined over the group (one MAX and one packed SUM "
+                "all-reduce); dW and db stay this rank's, dh is summed over the group.",
+    "vocab_start": "int, optional (with tp_group). The first vocabulary row this rank holds; by default from the "
+                   "group's shard sizes in rank order (shards may be uneven). The shards must tile [0, V).",
+    "sequence_parallel": "bool, default False (with tp_group). The hidden states were gathered from "
+                         "sequence-parallel slices by an op whose backward reduce-scatters (Megatron's "
+                         "gather_from_sequence_parallel_region): dh is left as this rank's partial sum for it.",
     "ignore_index": "int, default -100. The target id of tokens that are not scored.",
     "backend": "str, default 'auto'. 'auto' (triton on CUDA tensors, else torch), 'torch' (chunked, any "
                "device), 'triton' (fused kernels), 'naive' (materializes the logits; the test reference).",

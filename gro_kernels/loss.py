@@ -15,7 +15,7 @@ from torch import nn
 
 from .argdocs import document, options_entry
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_inputs, stat_dtype
+from .logprobs.api import check_inputs, stat_dtype, vocab_shard
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
 from .objective.core import objective_in_layout, prepare_objective, token_layout
@@ -27,7 +27,8 @@ from .objective.split import needs_policy_logp, token_loss
 _INPUTS = ("hidden", "weight", "targets", "method", "mask", "rewards", "advantages", "group_ids", "labels",
            "baselines", "offline", "old_logp", "ref_logp", "ref_hidden", "ref_weight", "bias", "ref_bias",
            "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs", "sequence_ids", "positions",
-           "cp_group", "ignore_index", "backend", "backend_options", "return_entropy")
+           "cp_group", "tp_group", "vocab_start", "sequence_parallel", "ignore_index", "backend", "backend_options",
+           "return_entropy")
 _OPTIONS_DOC = {"**options": options_entry(OPTIONS)}
 
 
@@ -58,6 +59,9 @@ def gro_loss(
     sequence_ids: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
     cp_group=None,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    sequence_parallel: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
     backend_options: Optional[dict] = None,
@@ -90,6 +94,8 @@ def gro_loss(
     """
     backend_options = dict(backend_options or {})
     opts = resolve_options(method, options)
+    # tensor parallelism: token_logprobs / the fused pass combine the vocabulary shards
+    vocab = dict(tp_group=tp_group, vocab_start=vocab_start, sequence_parallel=sequence_parallel)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dim() != 2:
@@ -118,7 +124,7 @@ def gro_loss(
         with torch.no_grad():
             ref_logp = token_logprobs(
                 ref_hidden, ref_weight, targets, bias=ref_bias, temperature=opts.temperature,
-                ignore_index=ignore_index, backend=backend, **backend_options,
+                ignore_index=ignore_index, backend=backend, **vocab, **backend_options,
             ).logp
     # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
     # (use_weighting is never token-local, so that pass is the composable path's own, below.)
@@ -131,11 +137,12 @@ def gro_loss(
 
     if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
         return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
-                           ignore_index=ignore_index, backend=backend, backend_options=backend_options)
+                           ignore_index=ignore_index, backend=backend, backend_options=backend_options, vocab=vocab)
 
     stats = token_logprobs(
         hidden, weight, targets, bias=bias, temperature=opts.temperature, ignore_index=ignore_index,
-        return_entropy=want_entropy, return_sum_p2=want_sum_p2, backend=backend, **ref_head, **backend_options,
+        return_entropy=want_entropy, return_sum_p2=want_sum_p2, backend=backend, **ref_head, **vocab,
+        **backend_options,
     )
     if want_sum_p2:
         objective["log_sum_sq_probs"] = stats.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
@@ -160,7 +167,7 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline
 
 
 def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, want_entropy, ignore_index,
-                backend, backend_options) -> GROOutput:
+                backend, backend_options, vocab) -> GROOutput:
     """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
     derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
     B, T = targets.shape
@@ -201,8 +208,12 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
         g = [torch.zeros_like(l) if x is None else x for x in g]
         return g[0], (g[1] if H is not None else None), (g[-1] if K is not None else None)
 
+    shard = vocab_shard(weight, **vocab)
     flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
-                             ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
+                             ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index,
+                             shard=shard)
+    if shard is not None:
+        backend_options = {**backend_options, "shard": shard}
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     (logp, entropy, kl, _), (dh, dw, db) = fused_token_loss(
         *flat_args, temperature=opts.temperature, ignore_index=ignore_index, return_entropy=want_entropy,
@@ -240,8 +251,9 @@ class GROLoss(nn.Module):
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
-                log_sum_sq_probs=None, sequence_ids=None, positions=None, cp_group=None, ignore_index=-100,
-                backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
+                log_sum_sq_probs=None, sequence_ids=None, positions=None, cp_group=None, tp_group=None,
+                vocab_start=None, sequence_parallel=False, ignore_index=-100, backend="auto", backend_options=None,
+                return_entropy=None) -> GROOutput:
         """The loss of the module's method and options on one batch (`gro_loss` with them).
 
         {args}
@@ -255,6 +267,7 @@ class GROLoss(nn.Module):
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
             num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
             log_sum_sq_probs=log_sum_sq_probs, sequence_ids=sequence_ids, positions=positions, cp_group=cp_group,
+            tp_group=tp_group, vocab_start=vocab_start, sequence_parallel=sequence_parallel,
             ignore_index=ignore_index, backend=backend,
             backend_options=backend_options, return_entropy=return_entropy, **self.options,
         )

@@ -140,7 +140,8 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
 
 
 @document(("hidden", "weight", "targets", "bias", "temperature", "ignore_index", "return_entropy", "return_sum_p2",
-           "ref_hidden", "ref_weight", "ref_bias", "backend", "**backend_options"), {
+           "ref_hidden", "ref_weight", "ref_bias", "tp_group", "vocab_start", "sequence_parallel", "backend",
+           "**backend_options"), {
     "ref_hidden": "[..., d_ref] float, optional. The frozen reference model's final hidden states: with "
                   "ref_weight, the exact KL(policy || reference) per token in the same pass, the temperature "
                   "applied to both heads. No gradient flows into the reference head.",
@@ -160,6 +161,9 @@ def token_logprobs(
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    sequence_parallel: bool = False,
     backend: str = "auto",
     **backend_options,
 ) -> TokenStats:
@@ -180,11 +184,14 @@ def token_logprobs(
         TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
         where triton is not installed.
     """
+    shard = vocab_shard(weight, tp_group, vocab_start, sequence_parallel)
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-                                            temperature=temperature, ignore_index=ignore_index)
+                                            temperature=temperature, ignore_index=ignore_index, shard=shard)
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
     fn = _backend_fn(name)
+    if shard is not None:
+        backend_options = {**backend_options, "shard": shard}
     # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
     with torch.autocast(device.type, enabled=False):
         logp, ent, kl, lse, p2 = fn(
@@ -203,9 +210,23 @@ def token_logprobs(
     )
 
 
-def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index):
+def vocab_shard(weight, tp_group, vocab_start, sequence_parallel):
+    """The `VocabShard` of `weight` over `tp_group` (a collective over the group), or None without one."""
+    if tp_group is None:
+        if vocab_start is not None or sequence_parallel:
+            raise ValueError("vocab_start and sequence_parallel describe a vocabulary shard: they need tp_group")
+        return None
+    from .vocab_parallel import VocabShard  # torch.distributed only when asked for
+    rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    return VocabShard.build(tp_group, rows, vocab_start, device, sequence_parallel)
+
+
+def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
+                 shard=None):
     """Validate the arguments of `token_logprobs` (each error names its argument) and flatten them:
-    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias)."""
+    (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias). With a
+    vocabulary `shard`, weight holds its rows and targets are ids of the whole vocabulary."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -217,7 +238,7 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
     device = targets.device
     lead = targets.shape
     h2, w, b = _check_head("", hidden, weight, bias, lead, device)
-    vocab = w.shape[0]
+    vocab = w.shape[0] if shard is None else shard.vocab
 
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together (the reference head for the exact KL)")
@@ -226,8 +247,9 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
     rh2 = rw = rb = None
     if ref_hidden is not None:
         rh2, rw, rb = _check_head("ref_", ref_hidden, ref_weight, ref_bias, lead, device)
-        if rw.shape[0] != vocab:
-            raise ValueError(f"ref_weight has vocabulary {rw.shape[0]} but weight has {vocab}")
+        if rw.shape[0] != w.shape[0]:
+            raise ValueError(f"ref_weight has {rw.shape[0]} vocabulary rows but weight has {w.shape[0]} "
+                             "(with tp_group: the same shard of the reference head)")
 
     y = targets.reshape(-1).long()
     valid = y != ignore_index

@@ -19,14 +19,20 @@ import torch
 from . import engine
 from .api import scatter_rows, stat_dtype, take_rows, valid_rows
 from .epilogues import TorchEpilogue, TritonEpilogue
+from .vocab_parallel import VocabParallelEpilogue
 
 _OPTIONS = ("chunk_elements",)
 
 
-def _epilogue(backend: str, dtype: torch.dtype):
-    if backend == "triton" and dtype != torch.float64:
-        return TritonEpilogue()
-    return TorchEpilogue()
+def _epilogue(backend: str, dtype: torch.dtype, shard=None):
+    epi = TritonEpilogue() if backend == "triton" and dtype != torch.float64 else TorchEpilogue()
+    return epi if shard is None else VocabParallelEpilogue(epi, shard)
+
+
+def _chunk(n, weight, device, chunk_elements, shard):
+    # Every rank of a tensor-parallel group cuts the same chunks (each chunk is a collective):
+    # sized by the largest shard, not this rank's.
+    return engine.chunk_tokens(n, weight.shape[0] if shard is None else shard.max_size, device, chunk_elements)
 
 
 def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
@@ -42,17 +48,17 @@ def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                temperature, return_entropy, return_sum_p2, chunk_elements, backend):
+                temperature, return_entropy, return_sum_p2, chunk_elements, backend, shard):
         n_all = targets.shape[0]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
-        ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
-        epi = _epilogue(backend, hidden.dtype)
+        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
+        epi = _epilogue(backend, hidden.dtype, shard)
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                   epilogue=epi, ct=ct, want_sum_p2=return_sum_p2)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
                               st.lse, st.entropy, st.ekl)
-        ctx.config = (temperature, chunk_elements, backend)
+        ctx.config = (temperature, chunk_elements, backend, shard)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
@@ -64,7 +70,7 @@ class _TokenStats(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
-        temperature, chunk_elements, backend = ctx.config
+        temperature, chunk_elements, backend, shard = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
@@ -77,12 +83,14 @@ class _TokenStats(torch.autograd.Function):
         coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
                                                   gather(g_kl, ekl is not None), gather(g_lse), inv_t)
         grads = engine.Grads(head, need_h, need_w, need_b)
-        ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
+        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
         engine.backward_grads(head, ref, y, st, coefs, inv_t=inv_t, grads=grads,
-                              epilogue=_epilogue(backend, hidden.dtype), ct=ct)
+                              epilogue=_epilogue(backend, hidden.dtype, shard), ct=ct)
         dh, dw, db = grads.result()
+        if shard is not None:
+            dh = shard.reduce_dh(dh)
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
-                _cast(db, bias), None, None, None, None, None, None, None, None, None, None)
+                _cast(db, bias), None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _cast(g, like):
@@ -90,25 +98,26 @@ def _cast(g, like):
 
 
 def _check_options(backend, options):
+    shard = options.pop("shard", None)  # from token_logprobs / gro_loss's tp_group, not a user option
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"backend={backend!r} takes only the option chunk_elements, got {unknown}")
     ce = options.get("chunk_elements")
     if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
         raise ValueError(f"chunk_elements must be a positive int, got {ce!r}")
-    return ce
+    return ce, shard
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
                 return_entropy, return_kl, return_sum_p2=False, backend="torch", **options):
     """See `gro_kernels.logprobs.api`. Returns (logp, entropy|None, kl|None, lse, sum_p2|None), each [N]."""
-    chunk_elements = _check_options(backend, options)
+    chunk_elements, shard = _check_options(backend, dict(options))
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
     logp, ent, kl, lse, p2 = _TokenStats.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
                                                rows, float(temperature), bool(return_entropy), bool(return_sum_p2),
-                                               chunk_elements, backend)
+                                               chunk_elements, backend, shard)
     return (logp, ent if return_entropy else None, kl if return_kl else None, lse,
             p2 if return_sum_p2 else None)
 
@@ -118,21 +127,23 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
     """One sweep: statistics, then `coefficients(positions, chunk_stats) -> (g_logp, g_entropy|None,
     g_kl|None)` per chunk, then the gradients. `positions` are the chunk's token indices in [N].
     Returns ((logp, entropy|None, kl|None, lse) each [N] detached, (dh [N,d]|None, dW|None, db|None))."""
-    chunk_elements = _check_options(backend, options)
+    chunk_elements, shard = _check_options(backend, dict(options))
     rows = valid_rows(targets, ignore_index)
     n_all = targets.shape[0]
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
         positions = torch.arange(n_all, device=targets.device) if rows is None else rows
-        ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
+        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
         need_h, need_w, need_b = need_grads
         grads = engine.Grads(head, need_h, need_w, need_b)
         st = engine.fused_pass(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype), ct=ct)
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, shard), ct=ct)
     outs = tuple(None if o is None else scatter_rows(o, rows, n_all) for o in (st.logp, st.entropy, st.kl, st.lse))
     dh, dw, db = grads.result()
+    if shard is not None:
+        dh = shard.reduce_dh(dh)
     return outs, (None if dh is None else scatter_rows(dh, rows, n_all), _cast(dw, weight), _cast(db, bias))
 
 

@@ -66,14 +66,18 @@ class TorchEpilogue:
         if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
             _, p, se, mu, mur = self._cache
             self._cache = None
+            # p / exp(lse - max u): normalized by the lse given, which is the whole vocabulary's when
+            # this chunk is one slice of it (vocab_parallel.py); on one device that lse is mu + log se
+            # bit for bit, so the factor is exactly 1 / se.
+            norm = torch.exp(mu + se.log() - lse) / se
             if beta is None:
-                dz = p.mul_((alpha / se)[:, None])
+                dz = p.mul_((alpha * norm)[:, None])
             else:
                 shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
                 t = z.mul_(beta[:, None]).add_(shift[:, None])
                 if gamma is not None:
                     t.add_(zr.mul_(gamma[:, None]))
-                dz = t.mul_(p.div_(se[:, None]))
+                dz = t.mul_(p.mul_(norm[:, None]))
         elif beta is None:  # z is the raw logits chunk (the composable backward)
             dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
         else:

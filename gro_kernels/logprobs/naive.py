@@ -20,6 +20,9 @@ def _logits(hidden, weight, bias, temperature, dtype):
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
                 temperature, ignore_index, return_entropy, return_kl, return_sum_p2=False, **options):
+    if options.pop("shard", None) is not None:
+        raise ValueError("backend='naive' does not take tp_group (it materializes one device's logits): "
+                         "use backend='torch' or 'triton'")
     reject_options("naive", options)
     dtype = stat_dtype(hidden.dtype)
     n = targets.shape[0]
