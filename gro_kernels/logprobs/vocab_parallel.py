@@ -6,10 +6,11 @@ group before anything is read from them, so everything downstream (the objective
 coefficients) sees the statistics of the whole vocabulary, the same on every rank:
 
     one MAX all-reduce of each row's lse_r (and the reference head's), then one packed SUM all-reduce
-    of  e_r = exp(lse_r - M),  e_r [logp_r + a_r] on the rank holding the target,  e_r H_r,  e_r a_r,
+    of  e_r = exp(lse_r - M),  e_r [logp_r + a_r] on the rank holding the target,  e_r a_r,  e_r H_r,
         e_r KL_r,  er_r = exp(lseref_r - Mr),  e_r ar_r,  e_r^2 sum_p2_r         (a_r = lse_r - M)
 
-(only the vectors asked for). With S = sum e_r and w_r = e_r / S (the probability mass on slice r):
+(only the vectors asked for: 2 floats per row for log-probs, 4 with the entropy, 6 with the exact KL,
+7 with both, one more for sum p^2; the MAX 1 float per row, 2 with a reference head). With S = sum e_r and w_r = e_r / S (the probability mass on slice r):
 lse = M + log S, logp = u_y - lse, and, written with w_r so that no two large numbers cancel,
     H = sum_r w_r H_r - sum_r w_r log w_r                      (the entropy of a mixture of slices)
     KL(p || q) = sum_r w_r (KL_r + log w_r - log v_r),  v_r = er_r / sum er   (the reference's mass)
@@ -87,7 +88,9 @@ class VocabShard:
             return torch.where(w > 0, w * x, torch.zeros_like(x))
 
         e, a = rel(lse, top[0])
-        parts = [e, torch.where(own, local.logp + a, torch.zeros_like(a)), times(e, a)]
+        parts = [e, torch.where(own, local.logp + a, torch.zeros_like(a))]
+        if want_h or has_ref:  # sum_r w_r log w_r, a term of both
+            parts.append(times(e, a))
         if want_h:
             parts.append(times(e, local.entropy))
         if has_ref:
@@ -98,10 +101,12 @@ class VocabShard:
         sums = torch.stack(parts)
         dist.all_reduce(sums, group=self.group)
         total, log_total = sums[0], sums[0].log()
-        mean_log_w = sums[2] / total - log_total                 # sum_r w_r log w_r
         into.lse.copy_(top[0] + log_total)
         into.logp.copy_(sums[1] - log_total)
-        k = 3
+        k = 2
+        if want_h or has_ref:
+            mean_log_w = sums[2] / total - log_total             # sum_r w_r log w_r
+            k = 3
         if want_h:
             into.entropy.copy_(sums[k] / total - mean_log_w)
             k += 1
