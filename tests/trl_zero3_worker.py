@@ -80,6 +80,10 @@ def main(untied_path, tied_path, out):
     results["errors"] = errors
     if int(os.environ["RANK"]) == 0:
         torch.save(results, os.path.join(out, "results.pt"))
+    import torch.distributed as dist
+    trainer = None  # noqa: F841 (the engines go before their process group)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
