@@ -35,8 +35,11 @@ ARGS = {
     "ref_hidden": "[B, T, d_ref] float, optional. The frozen reference model's final hidden states. With "
                   "ref_weight: the exact KL (kl_estimator='full'), and ref_logp when not given.",
     "ref_weight": "[V, d_ref] float, optional. The reference model's LM head weight (with ref_hidden).",
-    "bias": "[V] float, optional. The LM head bias.",
-    "ref_bias": "[V] float, optional. The reference head's bias.",
+    "bias": "[V] float, optional. The LM head bias. A -inf entry masks that vocabulary row (padding): every "
+            "statistic and gradient is that of the head without the row (its gradients exactly 0; a target in "
+            "it has logp -inf, and a loss on it is a ValueError). NaN or +inf is a ValueError.",
+    "ref_bias": "[V] float, optional. The reference head's bias; -inf only on rows `bias` masks too (else "
+                "the exact KL is infinite: a ValueError naming ref_bias).",
     "num_items_in_batch": "int or 0-d tensor, optional. Scored tokens in the whole accumulated batch: with "
                           "loss_agg='token_mean' gradient accumulation gives the whole batch's gradient.",
     "rollout_logp": "[B, T] float, optional. The sampler's (vLLM's) log-probs, for rollout_correction and "

@@ -129,11 +129,12 @@ def gro_loss(
     # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
     # (use_weighting is never token-local, so that pass is the composable path's own, below.)
     want_sum_p2 = log_sum_sq_probs is None and opts.use_weighting
+    # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
                      log_sum_sq_probs=log_sum_sq_probs, sequence_ids=sequence_ids, positions=positions,
-                     cp_group=cp_group, **options)
+                     cp_group=cp_group, **{k: v for k, v in options.items() if k != "temperature"})
 
     if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
         return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, want_entropy=want_entropy,
@@ -178,9 +179,10 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
     objective = dict(objective)
     layout = token_layout(zeros, opts=opts, inputs=objective,
                           **{k: objective.pop(k) for k in ("sequence_ids", "positions", "cp_group")})
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
+    # The plan is formed before the pass (token-local): zeros give the shapes, and the plan itself
+    # gets no logp, H or KL at all (reading them raises: see split.NotYetComputed).
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                   kl=zeros if want_kl else None, layout=layout, **objective)
+                                   kl=zeros if want_kl else None, layout=layout, before_pass=True, **objective)
     local = (lambda t: t) if layout is None else layout.local  # noqa: E731
     flat = lambda t: None if t is None else local(t).reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)

@@ -8,6 +8,7 @@ vocabulary (V = 41 for token_logprobs, 40 for the presets: never an even split):
 - gro_loss, every preset (the fused one pass and the two-pass presets), with an entropy bonus, the
   exact KL and a temperature (tests/test_one_pass.py's batch and options): loss, log-probs, dh, this
   rank's rows of dW and db; token_logprobs + gro_objective (the composable path) for a one-pass preset;
+- a padded vocabulary (-inf bias on its last rows: with 4 ranks the last slice is all padding);
 - the triton backend's kernels (float32; Triton's interpreter), shards given by vocab_start in reverse rank order, and
   sequence_parallel=True with hidden gathered by an all-gather whose backward reduce-scatters.
 """
@@ -59,9 +60,14 @@ def logprobs_run(rows, group=None, **kw):
     return (st.logp, st.entropy, st.kl, st.lse, st.sum_p2, *torch.autograd.grad(loss, (h, w, b)))
 
 
-def preset_run(method, rows, group=None, backend="torch", dtype=torch.float64, **kw):
-    """gro_loss of `method` on rows [start, end) of the head: (loss, logp, dh, dW rows, db rows)."""
+def preset_run(method, rows, group=None, backend="torch", dtype=torch.float64, padded_from=None, **kw):
+    """gro_loss of `method` on rows [start, end) of the head: (loss, logp, dh, dW rows, db rows).
+    `padded_from`: the rows from there on are padding (-inf bias), never a target."""
     hidden, weight, bias, targets, inputs = batch("kto" if method == "apo_zero_unpaired" else method, dtype=dtype)
+    if padded_from is not None:
+        bias = bias.clone()
+        bias[padded_from:] = float("-inf")
+        targets = torch.where(targets >= 0, targets % padded_from, targets)
     s, e = rows
     opts = options(method)
     if opts.get("kl_estimator") == "full":
@@ -114,6 +120,9 @@ def _worker(rank, port, out_dir):
             for method in METHODS:
                 result[(k, method)] = worst(preset_run(method, rows40, group), preset_run(method, (0, 40)), rows40)
             result[(k, "composable")] = worst(composable_run(rows40, group), composable_run((0, 40)), rows40)
+            # a padded vocabulary: the last rows masked by a -inf bias; with 4 ranks the last slice is all padding
+            result[(k, "padded")] = worst(preset_run("grpo", rows40, group, padded_from=29),
+                                          preset_run("grpo", (0, 40), padded_from=29), rows40)
         # shards in reverse rank order (vocab_start given); the triton kernels; sequence parallelism
         if rank < 2:
             group, rows = groups[2], bounds([23, 17], 1 - rank, 40)
@@ -151,7 +160,7 @@ def test_vocabulary_parallel_equals_one_process(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        expected = sum(1 for k in SHARDS if rank < k) * (len(METHODS) + 2) + (3 if rank < 2 else 0)
+        expected = sum(1 for k in SHARDS if rank < k) * (len(METHODS) + 3) + (3 if rank < 2 else 0)
         assert len(result) == expected
         bad = {k: v for k, v in result.items() if not v < (1e-5 if k == "triton" else 1e-12)}
         assert not bad, bad

@@ -297,7 +297,7 @@ def _preset_inputs(method, B=8, T=6, d=16, V=40, seed=0):
         kw["group_ids"] = torch.tensor([5, 9, 5, 2, 9, 2, 0, 0])
         kw["labels"] = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1])
     if method == "kto":
-        kw["labels"] = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+        kw.update(labels=torch.tensor([1, -1, 1, 1, -1, -1, 1, -1]), anchor_value=0.2)
     if method == "gro":
         kw["offline"] = torch.tensor([False, False, True, False, False, False, False, True])
     if method in _RATIO_METHODS:
@@ -316,7 +316,7 @@ def test_every_preset_same_loss_and_gradients_as_torch_backend(method):
     for backend in ("torch", "triton"):
         h = hidden.to(DEVICE).clone().requires_grad_()
         w = weight.to(DEVICE).clone().requires_grad_()
-        args = {k: v.to(DEVICE) for k, v in kw.items()}
+        args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         out = loss_mod.gro_loss(h, w, targets.to(DEVICE), method=method, backend=backend, **args,
                                 **_EXTRA_OPTIONS.get(method, {}))
         dh, dw = torch.autograd.grad(out.loss, (h, w))

@@ -96,8 +96,10 @@ def grpo_options(trainer) -> dict:
         method="gro", surrogate=surrogate, loss_agg=kind["loss_agg"],
         # TRL's vespo reads the level only in its KL correction (refused with "sequence"): its phi is per sequence
         importance_sampling="token" if surrogate == "vespo" else trainer.importance_sampling_level,
-        kl_coef=trainer.beta, kl_estimator="k3", kl_placement="loss",
+        kl_coef=trainer.beta,
     )
+    if trainer.beta != 0.0:  # TRL's k3 KL in the loss (the objective refuses KL options with kl_coef 0)
+        options.update(kl_estimator="k3", kl_placement="loss")
     # The objective refuses options its surrogate does not read: give each only where it is read.
     if surrogate in ("ratio_clip", "cispo"):  # CISPO reads epsilon_high alone (its bound)
         options["eps_high"] = trainer.epsilon_high

@@ -52,13 +52,16 @@ def _row_stats_kernel(z_ptr, zr_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr, 
         e = tl.exp(u - m_safe)
         if WANT_ENT or HAS_REF:
             shift = tl.where(m == neg_inf, 0.0, m - m_safe)
-            sd = scale * (sd + shift * s) + e * tl.where(inside, u - m_safe, 0.0)
+            # u = -inf (past the row's end, or a vocabulary row masked by a -inf bias): e = 0 and
+            # 0 * (u - m) must count as 0, not NaN.
+            sd = scale * (sd + shift * s) + e * tl.where(u == neg_inf, 0.0, u - m_safe)
         if HAS_REF:
             ur = tl.load(zr_row + idx, mask=inside, other=neg_inf).to(tl.float32) * inv_t
             mr_new = tl.maximum(mr, ur)
             mr_safe = tl.where(mr_new == neg_inf, 0.0, mr_new)
             shift_r = tl.where(mr == neg_inf, 0.0, mr - mr_safe)
-            sdr = scale * (sdr + shift_r * s) + e * tl.where(inside, ur - mr_safe, 0.0)
+            # ur = -inf only where u = -inf too (api.py refuses the rest): again 0, not 0 * -inf.
+            sdr = scale * (sdr + shift_r * s) + e * tl.where(ur == neg_inf, 0.0, ur - mr_safe)
             sr = sr * tl.exp(mr - mr_safe) + tl.exp(ur - mr_safe)
             mr = mr_new
         if WANT_P2:
@@ -121,7 +124,8 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, lse_ptr, gl_ptr, alpha_ptr
         if HAS_REF:
             ur = tl.load(zr_row + idx, mask=inside, other=0.0).to(tl.float32) * inv_t
             t = t + gamma * ur
-        d = p * t + tl.where(idx == target, gl, 0.0)
+        # p = 0 (a -inf bias row): dz is exactly 0 there, whatever t (inf, or NaN from 0 * -inf) is.
+        d = tl.where(p == 0.0, 0.0, p * t) + tl.where(idx == target, gl, 0.0)
         tl.store(dz_row + idx, d.to(dz_ptr.dtype.element_ty), mask=inside)
 
 

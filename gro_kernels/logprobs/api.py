@@ -250,6 +250,7 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
         if rw.shape[0] != w.shape[0]:
             raise ValueError(f"ref_weight has {rw.shape[0]} vocabulary rows but weight has {w.shape[0]} "
                              "(with tp_group: the same shard of the reference head)")
+    _check_masked_rows(b, rb, whole=shard is None)
 
     y = targets.reshape(-1).long()
     valid = y != ignore_index
@@ -263,6 +264,31 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
             )
 
     return h2, w, y, b, rh2, rw, rb
+
+
+def _check_masked_rows(bias, ref_bias, whole: bool = True) -> None:
+    """A -inf bias masks a vocabulary row (padding): probability 0, and the statistics are those of
+    the head without that row. NaN or +inf in a bias is an error; so is a reference that masks a
+    row the policy keeps, since KL(policy || reference) is then +inf for every token. `whole=False`:
+    the bias is one tensor-parallel slice, which may be all padding."""
+    masks = []
+    for name, t in (("bias", bias), ("ref_bias", ref_bias)):
+        if t is None:
+            continue
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if bool(bad.any()) or (whole and bool(torch.isneginf(t).all())):
+            rows = torch.nonzero(bad)[:5, 0].tolist()
+            raise ValueError(f"{name} must be finite, or -inf on the vocabulary rows it masks (not on all of "
+                             f"them); got NaN/+inf at rows {rows}" if rows else f"{name} is -inf on every row")
+        masks.append(torch.isneginf(t))
+    if ref_bias is not None and bool(masks[-1].any()):
+        kept = ~masks[0] if bias is not None else torch.ones_like(masks[-1])
+        rows = torch.nonzero(masks[-1] & kept)[:5, 0].tolist()
+        if rows:
+            raise ValueError(
+                f"ref_bias is -inf at vocabulary rows {rows} where bias is not: the reference gives those tokens "
+                "probability 0 while the policy does not, so the exact KL(policy || reference) is infinite. "
+                "Mask the same rows in both heads (-inf in bias too).")
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -24,9 +24,16 @@ from .vocab_parallel import VocabParallelEpilogue
 _OPTIONS = ("chunk_elements",)
 
 
-def _epilogue(backend: str, dtype: torch.dtype, shard=None):
-    epi = TritonEpilogue() if backend == "triton" and dtype != torch.float64 else TorchEpilogue()
-    return epi if shard is None else VocabParallelEpilogue(epi, shard)
+def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None, shard=None):
+    if backend == "triton" and dtype != torch.float64:
+        epi = TritonEpilogue()  # its kernels guard -inf bias rows at no extra pass
+    else:
+        masked = any(b is not None and bool(torch.isneginf(b).any()) for b in (bias, ref_bias))
+        epi = TorchEpilogue(masked_rows=masked)
+    if shard is None:
+        return epi
+    # a slice of padding rows only (the last rank's of a padded vocabulary): nothing of the policy there
+    return VocabParallelEpilogue(epi, shard, padding=bias is not None and bool(torch.isneginf(bias).all()))
 
 
 def _chunk(n, weight, device, chunk_elements, shard):
@@ -53,7 +60,7 @@ class _TokenStats(torch.autograd.Function):
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
         y = take_rows(targets, rows)
         ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
-        epi = _epilogue(backend, hidden.dtype, shard)
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
         st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                   epilogue=epi, ct=ct, want_sum_p2=return_sum_p2)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
@@ -69,6 +76,13 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
+        # backward() called inside torch.autocast would recast the recompute and gradient GEMMs to
+        # 16 bits: autocast off here as in the forward (api.token_logprobs).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _TokenStats._backward(ctx, g_logp, g_ent, g_kl, g_lse)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent, g_kl, g_lse):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
         temperature, chunk_elements, backend, shard = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -85,7 +99,7 @@ class _TokenStats(torch.autograd.Function):
         grads = engine.Grads(head, need_h, need_w, need_b)
         ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
         engine.backward_grads(head, ref, y, st, coefs, inv_t=inv_t, grads=grads,
-                              epilogue=_epilogue(backend, hidden.dtype, shard), ct=ct)
+                              epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), ct=ct)
         dh, dw, db = grads.result()
         if shard is not None:
             dh = shard.reduce_dh(dh)
@@ -139,7 +153,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         grads = engine.Grads(head, need_h, need_w, need_b)
         st = engine.fused_pass(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, shard), ct=ct)
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), ct=ct)
     outs = tuple(None if o is None else scatter_rows(o, rows, n_all) for o in (st.logp, st.entropy, st.kl, st.lse))
     dh, dw, db = grads.result()
     if shard is not None:

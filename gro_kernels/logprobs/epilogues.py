@@ -18,12 +18,22 @@ def _rowdot(a, b):
     return torch.linalg.vecdot(a, b)
 
 
+def _zero_masked(t):
+    """-inf (a vocabulary row masked by its bias) -> 0, in place, once its exp (0) is taken: the
+    entropy, the KL and the gradient multiply these logits by p = 0, and 0 * -inf would be NaN."""
+    return t.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=0.0)
+
+
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
     keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
-    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for)."""
+    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for).
 
-    def __init__(self):
+    masked_rows: a bias has -inf rows (masked vocabulary). Their logits are then zeroed once their
+    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for."""
+
+    def __init__(self, masked_rows: bool = False):
+        self.masked_rows = masked_rows
         self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
 
     def stats(self, z, zr, y, inv_t, st, s):
@@ -35,6 +45,8 @@ class TorchEpilogue:
             d.mul_(inv_t)
         need_rel = st.entropy is not None or zr is not None
         p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
+        if need_rel and self.masked_rows:
+            _zero_masked(d)                          # -inf bias rows: p = 0 there, and 0 * d must be 0
         se = p.sum(1)
         log_se = se.log()
         mu = m[:, 0] * inv_t                         # max u
@@ -51,8 +63,10 @@ class TorchEpilogue:
             if inv_t != 1.0:
                 dr.mul_(inv_t)
             mur = mr[:, 0] * inv_t
-            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
             log_se_r = dr.exp().sum(1).log()
+            if self.masked_rows:                     # rows the reference masks, the policy masks too (api.py)
+                _zero_masked(dr)
+            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
             st.ekl[s:e] = ekl_rel + (mu - mur)
             # Clamp tiny negative round-off: KL is non-negative by definition.
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
@@ -82,6 +96,10 @@ class TorchEpilogue:
             dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
         else:
             p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
+            if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
+                _zero_masked(z)
+                if gamma is not None:
+                    _zero_masked(zr)
             t = z.mul_((beta * inv_t)[:, None]).add_(alpha[:, None])   # alpha + beta u
             if gamma is not None:
                 t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur

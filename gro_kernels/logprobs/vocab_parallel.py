@@ -70,11 +70,13 @@ class VocabShard:
         own = (y >= self.start) & (y < self.start + self.size)
         return torch.where(own, y - self.start, torch.zeros_like(y)), own
 
-    def combine(self, local: Stats, own: torch.Tensor, into: Stats) -> None:
-        """`into` (the chunk's rows of the result) from this rank's statistics of its slice (module docstring)."""
+    def combine(self, local: Stats, own: torch.Tensor, into: Stats, lref: Optional[torch.Tensor] = None) -> None:
+        """`into` (the chunk's rows of the result) from this rank's statistics of its slice (module
+        docstring); `lref`: the reference's lse over the slice, when it cannot be read off the KL."""
         lse = local.lse
         has_ref, want_h, want_p2 = local.kl is not None, local.entropy is not None, local.sum_p2 is not None
-        lref = local.kl + lse - local.ekl if has_ref else None   # the reference's lse over this slice
+        if has_ref and lref is None:
+            lref = local.kl + lse - local.ekl   # KL_r = E_p[u - ur] - lse_r + lse_ref_r
         top = torch.stack([lse, lref]) if has_ref else lse[None].clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
 
@@ -128,21 +130,34 @@ class VocabShard:
 
 class VocabParallelEpilogue:
     """An epilogue (`epilogues.py`) on this rank's slice of the vocabulary: the statistics of the
-    slice, combined across the group (`VocabShard.combine`); the logits gradient of the slice."""
+    slice, combined across the group (`VocabShard.combine`); the logits gradient of the slice.
 
-    def __init__(self, inner, shard: VocabShard):
-        self.inner, self.shard = inner, shard
+    `padding`: the slice is all padding (a -inf bias on every row of it, as the last rank of a
+    padded vocabulary may hold): the policy puts no mass there, so the slice adds nothing but the
+    reference's normalizer, and its logits gradient is 0."""
+
+    def __init__(self, inner, shard: VocabShard, padding: bool = False):
+        self.inner, self.shard, self.padding = inner, shard, padding
 
     def stats(self, z, zr, y, inv_t, st, s):
         e = s + z.shape[0]
         y_local, own = self.shard.localize(y)
         local = Stats.zeros(e - s, dtype=st.lse.dtype, device=z.device, entropy=st.entropy is not None,
                             ref=zr is not None, sum_p2=st.sum_p2 is not None)
+        if self.padding:
+            local.lse.fill_(float("-inf"))
+            local.logp.fill_(float("-inf"))
+            lref = None if zr is None else torch.logsumexp(zr * inv_t, 1)  # the reference still has mass here
+            self.shard.combine(local, own, st.rows(slice(s, e)), lref=lref)
+            return None
         state = self.inner.stats(z, zr, y_local, inv_t, local, 0)
         self.shard.combine(local, own, st.rows(slice(s, e)))
         return state
 
     def grad(self, z, zr, y, inv_t, lse, gl, *args, **kwargs):
+        if self.padding:
+            out_dtype = kwargs.get("out_dtype", args[-1] if args else z.dtype)
+            return z.zero_() if out_dtype in (z.dtype, torch.float64) else z.new_zeros(z.shape, dtype=out_dtype)
         y_local, own = self.shard.localize(y)
         return self.inner.grad(z, zr, y_local, inv_t, lse, torch.where(own, gl, torch.zeros_like(gl)),
                                *args, **kwargs)

@@ -6,7 +6,7 @@ The objective never knows which backend produced `logp`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 import torch
@@ -18,7 +18,7 @@ from ..logprobs.api import stat_dtype
 from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .layout import TokenLayout
 from .options import OPTIONS, Options, resolve_options
-from .split import token_loss
+from .split import NotYetComputed, token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
 
@@ -68,7 +68,7 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
     """The per-token policy weight g, entropy coefficient e and KL-Cov coefficient a (corrections.py).
     Offline rows were not sampled: no mismatch correction, off-policy mask, VESPO weight or covariance
     selection applies to them (the top-entropy selection does)."""
-    m, l, lo = b.mask, b.logp.detach(), b.old_logp
+    m, lo = b.mask, b.old_logp
     online = (~b.offline[:, None]).to(m.dtype)
     on_mask = m * online
     g, e, a = None, None, None
@@ -86,7 +86,7 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
             g = times(g, is_weight)
     if opts.off_policy_mask_threshold is not None:
         behaviour = b.rollout_logp if b.rollout_logp is not None else lo
-        g = times(g, online_only(corrections.off_policy_mask(opts, A, l, behaviour, on_mask)))
+        g = times(g, online_only(corrections.off_policy_mask(opts, A, b.logp.detach(), behaviour, on_mask)))
     keep = m
     if opts.top_entropy_quantile < 1:
         keep = corrections.top_entropy_mask(opts, b.entropy, m)
@@ -94,11 +94,11 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
     if opts.entropy_agg == "token_mean":  # TRL: the mean entropy of the (selected) tokens, whatever c is
         e = keep / keep.sum().clamp(min=1)
     if opts.surrogate == "vespo":
-        g = times(g, online_only(corrections.vespo_weight(opts, A, l, lo, on_mask, is_weight)))
+        g = times(g, online_only(corrections.vespo_weight(opts, A, b.logp.detach(), lo, on_mask, is_weight)))
     elif opts.surrogate == "clip_cov":
-        g = times(g, corrections.clip_cov_keep(opts, A, l, lo, on_mask))
+        g = times(g, corrections.clip_cov_keep(opts, A, b.logp.detach(), lo, on_mask))
     elif opts.surrogate == "kl_cov":
-        a = corrections.kl_cov_coef(opts, A, l, on_mask)
+        a = corrections.kl_cov_coef(opts, A, b.logp.detach(), on_mask)
     return g, e, a
 
 
@@ -189,9 +189,13 @@ def _to_local(layout, out: GROOutput) -> GROOutput:
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, layout=None, **options):
+                      log_sum_sq_probs=None, layout=None, before_pass=False, **options):
     """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan). With a
-    `layout` (`token_layout`), the batch and the plan are those of the whole [S, W] batch."""
+    `layout` (`token_layout`), the batch and the plan are those of the whole [S, W] batch.
+
+    before_pass=True (the one pass of gro_loss): logp, entropy and kl are placeholders for shapes only;
+    the plan gets `NotYetComputed` in their place (and in place of sg[l] as the behaviour log-prob),
+    so reading them raises, and any non-finite plan output is an error too."""
     if layout is not None:
         logp, full = _to_full(layout, logp, dict(mask=mask, entropy=entropy, kl=kl, advantages=advantages,
                                                   old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
@@ -212,13 +216,39 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
         log_sum_sq_probs=log_sum_sq_probs,
     )
-    check_requirements(method, opts, b)
-    return opts, b, sequence_plan(method, opts, b)
+    check_requirements(method, opts, b, given=options)
+    if not before_pass:
+        return opts, b, sequence_plan(method, opts, b)
+    b = _before_pass(b, given_old_logp=old_logp is not None)
+    plan = sequence_plan(method, opts, b)
+    _check_plan(plan)
+    return opts, b, plan
+
+
+def _before_pass(b: Batch, *, given_old_logp: bool) -> Batch:
+    """The batch as the one pass's plan may see it: no statistic of the policy. Given old_logp stays;
+    its offline rows (sg[l] there) become NaN, which `_check_plan` catches if the plan reads them."""
+    if given_old_logp:
+        old = torch.where(b.offline[:, None], torch.full_like(b.old_logp, float("nan")), b.old_logp)
+    else:
+        old = NotYetComputed("on-policy behaviour log-probs sg[logp]")
+    return replace(b, logp=NotYetComputed("log-probs"), old_logp=old,
+                   entropy=None if b.entropy is None else NotYetComputed("entropies"),
+                   kl=None if b.kl is None else NotYetComputed("exact KL"))
+
+
+def _check_plan(plan: SequencePlan) -> None:
+    parts = dict(advantages=plan.weights.advantages, coef=plan.coef, policy_weight=plan.policy_weight,
+                 entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef)
+    bad = [name for name, t in parts.items() if t is not None and not torch.isfinite(t).all()]
+    if bad:
+        NotYetComputed(f"behaviour log-probs of offline rows (non-finite plan outputs {bad})")._refuse()
 
 
 @document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
            "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
-           "sequence_ids", "positions", "cp_group", "**options"), {"**options": options_entry(OPTIONS)})
+           "sequence_ids", "positions", "cp_group", "**options"),
+          {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -258,8 +288,13 @@ def gro_objective(
         (name -> [B]), per_token (name -> [B, T]); docs/options.md lists every name.
 
     Raises:
-        TypeError, ValueError: naming the argument or option.
+        TypeError, ValueError: naming the argument or option; an option the configuration does not
+        read is one (docs/options.md), `temperature` too: it applies where the log-probs are computed
+        (gro_loss, token_logprobs), and gro_objective gets them computed.
     """
+    if "temperature" in options:
+        raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
+                         "computed (gro_loss, token_logprobs); gro_objective gets them computed")
     inputs = dict(mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages, group_ids=group_ids,
                   labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                   num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,

@@ -166,6 +166,13 @@ _TOKEN_ROLLOUT_MODES = ("token_truncate", "token_mask", "icepop")
 # The surrogates that read the clip range: eps_low / eps_high given for another one is an error.
 _EPS_READERS = {"eps_low": ("ratio_clip", "clip_cov", "geo_mean"), "eps_high": ("ratio_clip", "clip_cov", "geo_mean", "cispo")}
 
+# The options that shape the weights formed from rewards, labels or implicit scores (docs/objective.md, steps
+# 1-4). Given `advantages` replace those weights, so these options are then not read (an error when
+# given); `offline_coef` still scales given advantages of offline rows.
+WEIGHT_OPTIONS = ("score", "anchor", "anchor_value", "separation", "weighting", "scale", "std_eps", "beta", "margin",
+                  "label_smoothing", "pos_coef", "neg_coef", "length_normalize", "pair_loss", "loss_weights",
+                  "discopop_tau", "use_weighting", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef")
+
 # How the implicit score X_i uses the reference: True = D_i (ref_logp required), False = S_i
 # (reference-free, ref_logp is not used for the score). Methods not listed use D_i when ref_logp is given.
 IMPLICIT_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "apo_zero_unpaired": True, "cpl": False, "simpo": False}
@@ -232,6 +239,7 @@ def resolve_options(method: str, options: dict) -> Options:
     _check_values(o)
     _check_policy_options(o, options)
     _check_pair_options(o, options)
+    _check_weight_options(o, options)
 
     # Combinations that have no meaning.
     if o["weighting"] in ("sigmoid", "squared") and (o["anchor"] != "pair" or o["separation"] != "label"):
@@ -370,3 +378,47 @@ def _check_pair_options(o: Options, given: dict) -> None:
                              f"{_F_DIVERGENCE_PAIR_LOSSES} only (TRL), got pair_loss={kinds!r}")
     if "f_alpha_divergence_coef" in given and o["f_divergence_type"] != "alpha_divergence":
         raise ValueError("option f_alpha_divergence_coef applies to f_divergence_type='alpha_divergence' only")
+
+
+def _check_weight_options(o: Options, given: dict) -> None:
+    """Options given that the configured weights or loss never read: an error naming each, so that
+    no option is accepted and ignored (tests/test_options_read.py audits every option)."""
+    weighting, separation, pair = o["weighting"], o["separation"], o["pair_loss"]
+
+    def unread(name, why):
+        # score / anchor / scale "none" say the step is absent: always accepted
+        if name in given and not (name in ("score", "anchor", "scale") and given[name] == "none"):
+            raise ValueError(f"option {name} is not read by this configuration: {why}")
+
+    if o["scale"] not in ("group_std", "batch_std"):
+        unread("std_eps", f"it is added to the std of scale='group_std' or 'batch_std', got scale={o['scale']!r}")
+    if not (o["score"] == "implicit" or weighting in ("sigmoid", "squared", "sigmoid_bell") or pair is not None):
+        unread("beta", f"it scales implicit scores and the sigmoid / squared weightings, got score={o['score']!r}, "
+                       f"weighting={weighting!r}")
+    if o["anchor"] != "constant":
+        unread("anchor_value", f"it is the level of anchor='constant', got anchor={o['anchor']!r}")
+    if weighting != "sigmoid" or pair is not None:
+        unread("margin", f"it is the pairwise sigmoid's margin (weighting='sigmoid'), got weighting={weighting!r}")
+        if pair is None:
+            unread("label_smoothing", f"it smooths the pairwise sigmoid (weighting='sigmoid') or a pair_loss that "
+                                      f"reads it, got weighting={weighting!r}")
+    if weighting != "linear":
+        unread("scale", f"it divides the linear weighting's score - anchor, got weighting={weighting!r}")
+    if weighting == "constant" and separation != "anchor":
+        for name in ("score", "anchor"):
+            unread(name, f"weighting='constant' reads only the sign, which separation={separation!r} sets")
+    if weighting == "linear" and o["pos_coef"] == o["neg_coef"]:
+        unread("separation", "the linear weighting's sign is that of score - anchor; separation only picks "
+                             "pos_coef or neg_coef, which are equal here")
+    if separation == "positive":
+        unread("neg_coef", "separation='positive' makes every sign +1 (pos_coef applies)")
+        unread("off_policy_mask_threshold", "the mask drops tokens of negative weight, and separation='positive' "
+                                            "gives none")
+    if o["kl_coef"] == 0:
+        unread("kl_placement", "it places the KL term, and kl_coef is 0")
+    elif o["kl_placement"] == "reward" and o["score"] not in ("reward", "token_return"):
+        raise ValueError(f"option kl_placement='reward' subtracts the KL from the rewards, but score={o['score']!r} "
+                         "reads no reward: use kl_placement='loss'")
+    if o["loss_agg"] != "seq_mean_token_sum_norm":
+        unread("max_completion_length", f"it is the normalizer of loss_agg='seq_mean_token_sum_norm', got "
+                                        f"loss_agg={o['loss_agg']!r}")

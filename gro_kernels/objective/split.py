@@ -9,7 +9,9 @@
 
 A configuration is token-local when (a) does not depend on the policy's own log-probs. Otherwise
 (implicit scores of DPO/IPO/CPL/SimPO/KTO, GSPO's sequence ratio, a reward-placed KL without
-`old_logp`) it needs a forward-only pass first: `needs_policy_logp` says which.
+`old_logp` or with the exact KL) it needs a forward-only pass first: `needs_policy_logp` says which.
+The one pass forms (a) with `NotYetComputed` in place of the policy's statistics, so a configuration
+that `needs_policy_logp` wrongly calls token-local fails loudly instead of reading placeholders.
 """
 from __future__ import annotations
 
@@ -50,8 +52,39 @@ def needs_policy_logp(opts: Options, *, has_old_logp: bool, has_advantages: bool
     if opts.score == "implicit":
         return True   # X_i = S_i or D_i
     reward_kl = opts.kl_coef != 0 and opts.kl_placement == "reward" and opts.score in ("reward", "token_return")
-    # The reward KL reads lo, which is sg[l] on-policy and on offline rows.
+    if reward_kl and opts.kl_estimator == "full":
+        return True  # the exact KL in the reward is the policy's own, over the whole vocabulary
+    # A sampled reward KL reads lo, which is sg[l] on-policy and on offline rows.
     return reward_kl and (not has_old_logp or has_offline)
+
+
+class NotYetComputed:
+    """Stands in for a per-token statistic of the policy (log-prob, entropy, exact KL, or sg[l] as
+    the on-policy behaviour log-prob) while the one pass forms its sequence plan: they exist only
+    once the pass has run. Any use raises, so a configuration whose plan reads one (it is not
+    token-local, and `needs_policy_logp` missed it) is an error, never a gradient from placeholders."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _refuse(self, *args, **kwargs):
+        raise RuntimeError(
+            f"gro_loss's one pass formed its sequence plan from the policy's {self.name}, which exists only "
+            "after the pass: this configuration is not token-local and objective/split.needs_policy_logp "
+            "must say so (please report it; backend='naive' computes it correctly meanwhile)")
+
+    def __getattr__(self, attr):
+        self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        pending = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, cls)]
+        pending[0]._refuse()
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
+    __pow__ = __rpow__ = __matmul__ = __rmatmul__ = __neg__ = __abs__ = __getitem__ = __iter__ = _refuse
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = __bool__ = __float__ = __len__ = _refuse
+    __hash__ = None
 
 
 @dataclass

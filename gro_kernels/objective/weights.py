@@ -216,6 +216,11 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
         w = y * coef * opts.beta * torch.sigmoid(u) * torch.sigmoid(-u)
         unit_losses = torch.where(b.lengths > 0, coef * (1 - torch.sigmoid(u)), 0.0)
 
+    if partner is not None and unit_losses is not None:
+        # A pair of two empty completions has nothing to compare: it reports loss 0 (not the
+        # method's constant, log 2 for DPO), as an empty KTO sequence does.
+        empty_pair = ((b.lengths + b.lengths[partner]) == 0)[y > 0]
+        unit_losses = torch.where(empty_pair, 0.0, unit_losses)
     if opts.length_normalize:
         w = w / b.lengths.clamp(min=1)
     w = torch.where(b.lengths > 0, w, 0.0)  # an empty sequence has nothing to push
@@ -234,9 +239,10 @@ def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
     """REINFORCE++: token rewards (terminal reward, minus kl_coef * k per token), returns G[i,t],
     normalized over all valid tokens of the batch."""
     m = b.mask
-    last = (m * torch.arange(1, m.shape[1] + 1, device=m.device, dtype=m.dtype)).argmax(1)
     token_r = torch.zeros_like(m)
-    token_r[torch.arange(m.shape[0], device=m.device), last] = b.rewards
+    if m.shape[1] > 0:  # no token at all (targets [B, 0]): no reward to place
+        last = (m * torch.arange(1, m.shape[1] + 1, device=m.device, dtype=m.dtype)).argmax(1)
+        token_r[torch.arange(m.shape[0], device=m.device), last] = b.rewards
     token_r = token_r * m
     if token_kl is not None:
         token_r = token_r - opts.kl_coef * token_kl * m

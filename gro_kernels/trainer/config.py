@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
 from ..objective.inputs import uses_ref_logp
@@ -130,6 +130,54 @@ class GROConfig:
         d["adam_betas"] = list(self.adam_betas)
         return d
 
+    def check_for(self, *, online: bool, world_size: int) -> None:
+        """Settings the trainer would ignore, or fail on only at the first step: a ValueError naming the
+        setting, at construction. `online`: reward functions given (sampling), else pure offline."""
+        opts = self.resolved_options()
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+        if not online:
+            read_offline = ("max_new_tokens",) if opts.loss_agg == "seq_mean_token_sum_norm" else ()
+            for name in ("num_generations", "max_new_tokens", "top_k", "top_p", "offline_column", "offline_per_group",
+                         "offline_reward"):
+                if name in changed and name not in read_offline:
+                    raise ValueError(f"GROConfig.{name} is read only when sampling (reward functions given); this "
+                                     "trainer trains offline from the dataset's rows")
+        elif self.offline_column is None:
+            for name in ("offline_per_group", "offline_reward"):
+                if name in changed:
+                    raise ValueError(f"GROConfig.{name} applies to the gold rows of offline_column, which is not set")
+        if online and opts.separation == "label":
+            raise ValueError(f"GROConfig.method={self.method!r} learns from labelled rows (pairs or desirable / "
+                             "undesirable completions): train it offline, from a dataset of {prompt, chosen, rejected} "
+                             "(or {prompt, completion, label}) rows and no reward functions; with reward functions "
+                             "use a reward-scored method (grpo, rloo, dapo, gro, ...)")
+        if online and self.num_generations == 1 and self.offline_column is None and (
+                opts.anchor in ("group_mean", "leave_one_out") or opts.scale == "group_std"):
+            raise ValueError(f"GROConfig.num_generations=1 makes every group one sample: method={self.method!r} compares "
+                             f"each sample with its group (anchor={opts.anchor!r}), so every weight would be 0")
+        if opts.rollout_correction is not None:
+            raise ValueError("loss_options['rollout_correction'] corrects for a sampler other than the trained model "
+                             "(e.g. vLLM) from its log-probs; GROTrainer samples with the model itself and has none")
+        if opts.mask_truncated_completions and not online:
+            raise ValueError("loss_options['mask_truncated_completions'] drops sampled completions cut at "
+                             "max_new_tokens; offline rows are never truncated")
+        if opts.off_policy_mask_threshold is not None and self.num_iterations == 1:
+            raise ValueError("loss_options['off_policy_mask_threshold'] masks rows that drifted from the policy that "
+                             "sampled them; with num_iterations=1 every update is on-policy and nothing is masked "
+                             "(set num_iterations > 1)")
+        if "kl_estimator" in self.loss_options and opts.kl_coef == 0 and not self.needs_reference():
+            raise ValueError("loss_options['kl_estimator'] is not read: kl_coef is 0 and there is no reference model "
+                             "(use_reference=True reports the KL)")
+        selects = ("top_entropy_quantile" if opts.top_entropy_quantile < 1 else
+                   f"method={self.method!r}" if opts.surrogate in ("clip_cov", "kl_cov") else None)
+        if selects:
+            rows = self.prompts_per_step // world_size * (
+                (self.num_generations + (self.offline_per_group if self.offline_column else 0)) if online else 2)
+            if world_size > 1 or self.micro_batch_size < rows:
+                raise ValueError(f"{selects} selects tokens over the whole batch, and the trainer would split it "
+                                 f"(micro_batch_size={self.micro_batch_size} < {rows} rows per step, or "
+                                 f"{world_size} processes): use one process and micro_batch_size >= {rows}")
 
 def _check_names(init):
     """A misspelled setting names the closest ones; a loss option given as a setting says where it goes."""

@@ -37,6 +37,7 @@ class Batch:
     old_logp: Optional[torch.Tensor] = None   # [N, C] float32, filled by the trainer
     ref_logp: Optional[torch.Tensor] = None   # [N, C] float32, filled by the trainer
     advantages: Optional[torch.Tensor] = None  # [N, C] float32 A[i,t] formed on the whole batch, by the trainer
+    truncated: Optional[torch.Tensor] = None  # [N] bool: completion cut at max_new_tokens (no EOS), by the trainer
     prompts: List[str] = field(default_factory=list)
     completions: List[str] = field(default_factory=list)
 

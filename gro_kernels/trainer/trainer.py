@@ -32,7 +32,8 @@ from torch import nn
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
 from . import distributed as gdist
-from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
+from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
+                            needs_behaviour_logp, options_beside_advantages)
 from .config import GROConfig
 from .heads import check_head, fold_scale, logit_scale
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
@@ -201,6 +202,7 @@ class GROTrainer:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
                              f"processes ({self.dist.world_size})")
         self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
+        cfg.check_for(online=self.online, world_size=self.dist.world_size)
 
         self.eos_ids = self._eos_ids(eos_token_id)
         self.pad_id = self._pad_id(pad_token_id)
@@ -238,6 +240,7 @@ class GROTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
         self._updating = False
+        self._z0 = None  # KTO's reference point of the current step (method='kto' without anchor_value)
         self.history: List[dict] = []
 
     # -- token ids --------------------------------------------------------------------------------
@@ -393,10 +396,32 @@ class GROTrainer:
         """The objective's options as given to `gro_loss` (the sampling temperature unless overridden)."""
         return {"temperature": self.config.temperature, **self.config.loss_options}
 
-    def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
+    def _estimates_kto_z0(self) -> bool:
+        """method='kto' without a fixed anchor_value: z0 is estimated per step, as TRL does."""
+        return self.config.method == "kto" and "anchor_value" not in self.config.loss_options
+
+    def _kto_z0(self, batch: Batch) -> float:
+        """KTO's reference point for this step's batch, before its updates (batch_weights.py)."""
+        pairs = mismatched_pairs(batch)
+        return kto_reference_point(self.logprobs(self.model, pairs), self.logprobs(self.ref_model, pairs))
+
+    def _loss_kwargs(self, mb: Batch, tokens_global: int, scale: float) -> dict:
+        """gro_loss's arguments for micro-batch `mb`, whose loss the update multiplies by `scale`."""
         cfg, opts = self.config, self.options
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
-        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
+        options = self._loss_options()
+        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py), with the options that shape them
+            options = options_beside_advantages(options, opts)
+        if opts.entropy_agg == "token_mean" and opts.entropy_coef != 0:
+            # TRL's bonus: the entropy's mean over the tokens of the batch (all micro-batches and processes).
+            if opts.loss_agg == "token_mean":  # the loss's own c = m / tokens_global is that mean
+                options.pop("entropy_agg")
+            else:  # the call's token mean, rescaled to its share of the batch's
+                tokens = float(self._counted(mb).sum())
+                options["entropy_coef"] = opts.entropy_coef * tokens * self.dist.world_size / (max(tokens_global, 1) * scale)
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **options)
+        if self._z0 is not None:
+            kw["anchor_value"] = self._z0
+        if mb.advantages is not None:
             kw["advantages"] = mb.advantages
         else:
             if opts.score in ("reward", "token_return"):
@@ -407,6 +432,8 @@ class GROTrainer:
                 kw["baselines"] = mb.baselines
         if mb.offline.any():
             kw["offline"] = mb.offline
+        if mb.truncated is not None:
+            kw["truncated"] = mb.truncated
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
@@ -423,11 +450,27 @@ class GROTrainer:
             kw["max_completion_length"] = cfg.max_new_tokens
         return kw
 
+    def _truncated(self, batch: Batch) -> torch.Tensor:
+        """[N] bool: sampled completions cut at max_new_tokens, i.e. not ending in an EOS (TRL's
+        mask_truncated_completions); offline rows end in EOS."""
+        lengths = (batch.targets != IGNORE_INDEX).sum(1)
+        last = batch.targets.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+        ends = torch.isin(last, torch.as_tensor(self.eos_ids, device=last.device))
+        return (lengths == 0) | ~ends
+
+    @staticmethod
+    def _counted(batch: Batch) -> torch.Tensor:
+        """[N, C] bool: the tokens the loss counts (truncated completions dropped when asked)."""
+        counted = batch.targets != IGNORE_INDEX
+        return counted if batch.truncated is None else counted & ~batch.truncated[:, None]
+
     def train_step(self, batch: Batch) -> Dict[str, float]:
         """`num_iterations` optimizer steps on `batch` (this process's rows of the global batch)."""
         cfg, W = self.config, self.dist.world_size
         batch = batch.to(self.device)
-        counts = torch.tensor([len(batch), batch.num_tokens()], dtype=torch.float64, device=self.device)
+        if self.options.mask_truncated_completions:
+            batch.truncated = self._truncated(batch)
+        counts = torch.tensor([len(batch), float(self._counted(batch).sum())], dtype=torch.float64, device=self.device)
         gdist.all_reduce(counts)
         rows_global, tokens_global = int(counts[0]), int(counts[1])
         token_mean = self.options.loss_agg == "token_mean"
@@ -436,6 +479,7 @@ class GROTrainer:
             batch.old_logp = self.logprobs(self.model, batch)
         if self.ref_model is not None and not (self.options.kl_estimator == "full" and self.options.kl_coef != 0):
             batch.ref_logp = self.logprobs(self.ref_model, batch)
+        self._z0 = self._kto_z0(batch) if self._estimates_kto_z0() else None
         if forms_weights_from_rewards(self.options):
             behaviour = batch.old_logp
             if behaviour is None and needs_behaviour_logp(self.options):
@@ -454,8 +498,8 @@ class GROTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for j, idx in enumerate(micro):
                 mb = batch.select(idx)
-                kw = self._loss_kwargs(mb, tokens_global)
                 scale = W if token_mean else W * len(mb) / rows_global
+                kw = self._loss_kwargs(mb, tokens_global, scale)
                 last = j == len(micro) - 1
                 sync = contextlib.nullcontext() if (not ddp or last) else self.wrapped.no_sync()
                 if self.fsdp:  # reduce-scatter after the last micro-batch; keep lm_head gathered until then
@@ -480,7 +524,10 @@ class GROTrainer:
             self.scheduler.step()
         self.step += 1
         self._updating = False
-        return self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+        metrics = self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+        if self._z0 is not None:
+            metrics["kto_z0"] = self._z0
+        return metrics
 
     def _metrics(self, batch, mask, logp, sums, loss_total, grad_norm) -> Dict[str, float]:
         """Global (all-process) step metrics."""
