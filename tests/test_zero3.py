@@ -5,19 +5,13 @@ gro_kernels' loss runs inside the model's forward, where the engine gathers the 
 parameter read in a module's forward is gathered for it and for its backward), so ZeRO-3 needs
 nothing of its own. Read anywhere else, the weight is ZeRO-3's empty placeholder: refused with an
 error that says what to do. The workers run in tests/trl_zero3_worker.py."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from gro_kernels.trainer.distributed import free_port  # noqa: E402
-
-from trl_fixtures import save_tiny_model  # noqa: E402
+from trl_fixtures import save_tiny_model, torchrun  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -25,18 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 def test_zero3_grpo_and_dpo_match_trl_tied_and_untied(tmp_path):
     untied = save_tiny_model(tmp_path / "untied")
     tied = save_tiny_model(tmp_path / "tied", tie=True)
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_zero3_worker.py")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), worker, untied, tied, str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group: a timeout ends the workers too
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    torchrun("trl_zero3_worker.py", untied, tied, tmp_path, timeout=300, DS_ACCELERATOR="cpu")
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     for tie in ("untied", "tied"):
         for kind, trl_name, gro_name, keys in (
