@@ -80,18 +80,19 @@ class TorchEpilogue:
         if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
             _, p, se, mu, mur = self._cache
             self._cache = None
-            # p / exp(lse - max u): normalized by the lse given, which is the whole vocabulary's when
-            # this chunk is one slice of it (vocab_parallel.py); on one device that lse is mu + log se
-            # bit for bit, so the factor is exactly 1 / se.
-            norm = torch.exp(mu + se.log() - lse) / se
+            # Normalized by the lse given, which is the whole vocabulary's when this chunk is one slice
+            # of it (vocab_parallel.py): p / se times `share`, this slice's part of the probability
+            # mass. On one device the given lse is mu + log se bit for bit, so `share` is exactly 1
+            # and the result is the same to the last bit as without it.
+            share = torch.exp(mu + se.log() - lse)
             if beta is None:
-                dz = p.mul_((alpha * norm)[:, None])
+                dz = p.mul_((alpha * share / se)[:, None])
             else:
                 shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
-                t = z.mul_(beta[:, None]).add_(shift[:, None])
+                t = z.mul_((beta * share)[:, None]).add_((shift * share)[:, None])
                 if gamma is not None:
-                    t.add_(zr.mul_(gamma[:, None]))
-                dz = t.mul_(p.mul_(norm[:, None]))
+                    t.add_(zr.mul_((gamma * share)[:, None]))
+                dz = t.mul_(p.div_(se[:, None]))
         elif beta is None:  # z is the raw logits chunk (the composable backward)
             dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
         else:
