@@ -122,7 +122,7 @@ class Plan:
 
 
 ALL_IMPLS = [
-    "plain", "torch_compile", "liger", "cce", "cce_compile",
+    "plain", "torch_compile", "liger", "cce", "cce_compile", "torch_lce",
     "gro_torch", "gro_triton", "gro_loss_torch", "gro_loss_triton",
 ]
 CASE_IMPLS = {
@@ -135,7 +135,7 @@ CASE_IMPLS = {
     "dpo": ["plain", "torch_compile", "liger", "cce", "gro_torch", "gro_triton", "gro_loss_torch",
             "gro_loss_triton"],
     "logprob_entropy": ["matmul3", "plain", "torch_compile", "liger", "cce", "gro_torch", "gro_triton"],
-    "sft": ["plain", "torch_compile", "liger", "cce", "cce_compile", "gro_torch", "gro_triton",
+    "sft": ["plain", "torch_compile", "liger", "cce", "cce_compile", "torch_lce", "gro_torch", "gro_triton",
             "gro_loss_torch", "gro_loss_triton"],
 }
 
@@ -162,7 +162,7 @@ def quick_plans() -> List[Plan]:
              skip={i: CPU_COMPILE_NOTE.format(case="grpo", impl=i) for i in ("torch_compile", "cce_compile")}),
         Plan("dpo", one, ["plain", "liger", "gro_torch", "gro_loss_torch"],
              skip={"torch_compile": CPU_COMPILE_NOTE.format(case="dpo", impl="torch_compile")}),
-        Plan("sft", one, ["plain", "liger", "cce", "cce_compile", "gro_torch", "gro_loss_torch"],
+        Plan("sft", one, ["plain", "liger", "cce", "cce_compile", "torch_lce", "gro_torch", "gro_loss_torch"],
              skip={"torch_compile": CPU_COMPILE_NOTE.format(case="sft", impl="torch_compile")}),
     ]
 

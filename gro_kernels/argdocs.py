@@ -73,7 +73,29 @@ ARGS = {
     "return_entropy": "bool, optional. Compute the entropy (for the entropy metric); computed anyway when an "
                       "option needs it.",
     "return_sum_p2": "bool, default False. Also return sum_v p_v^2 per token (TokenStats.sum_p2).",
-    "temperature": "float > 0, default 1.0. The softmax temperature: statistics come from logits / temperature.",
+    "temperature": "float > 0, or a [B] (per sequence) / [B, T] (per token) tensor, default 1.0. The softmax "
+                   "temperature: statistics come from softcap(logits) / temperature (a constant: no gradient).",
+    "softcap": "float > 0, optional. The logit soft cap c: logits become c * tanh(z / c) before the temperature "
+               "(Gemma 2/3's final_logit_softcapping), on both heads; a -inf logit stays -inf.",
+    "top_k": "int, or a [B] / [B, T] tensor, optional. The sampler's top-k (0 or -1: off): log-probs, entropy and "
+             "KL are those of the renormalized truncated distribution (docs/head.md). The kept set is a constant of "
+             "the gradient; a target outside it joins its row's kept set. The reference is never truncated.",
+    "top_p": "float in (0, 1], or a [B] / [B, T] tensor, optional. The sampler's top-p (1: off), as top_k.",
+    "min_p": "float in [0, 1], or a [B] / [B, T] tensor, optional. The sampler's min-p (0: off), as top_k.",
+    "head_precision": "str, default 'native'. The head's GEMMs: 'native' (16-bit GEMMs with fp32 output), "
+                      "'fp32' (every GEMM, the gradient GEMMs too, on fp32 copies of 16-bit hidden states and "
+                      "weight, TF32 off: vLLM's fp32 head; the weight upcast in vocabulary slices past a 1 GiB "
+                      "budget), 'tf32' (the same on TF32 tensor cores; CUDA sm_80+ only, else a ValueError).",
+    "class_weight": "[V] float >= 0, optional. The SFT preset's class weights (torch's cross-entropy `weight`): "
+                    "each target's log-likelihood times its class weight, the mean over the targets' weights.",
+    "return_mean_logp": "bool, default False. Also return (1/V) sum_v w_v log q_v per token (TokenStats.mean_logp, "
+                        "label smoothing's term; w = class_weight, else 1); not with top_k / top_p / min_p.",
+    "lse": "[B, T] float, optional. The head's log normalizer per token (TokenStats.lse, differentiable), for "
+           "z_loss_coef.",
+    "mean_logp": "[B, T] float, optional. (1/V) sum_v w_v log p_v per token (token_logprobs(return_mean_logp=True), "
+                 "differentiable), for the SFT preset's label_smoothing.",
+    "target_weight": "[B, T] float >= 0, optional. Each target's class weight (class_weight[targets]), for the "
+                     "SFT preset's weighted cross-entropy.",
 }
 
 

@@ -25,7 +25,8 @@ WORLD = 2
 # (method, extra config): token_mean + offline rows + several updates + micro-batches (no_sync);
 # a per-sequence mean with a reference model and KL.
 CASES = [
-    ("gro", dict(num_iterations=2, micro_batch_size=5)),
+    # (with the sampler's truncation and temperature, an fp32 head: the loss's and old log-probs' distribution)
+    ("gro", dict(num_iterations=2, micro_batch_size=5, temperature=0.9, top_k=6, top_p=0.95, head_precision="fp32")),
     ("grpo", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.1})),
     # batch statistics (mean and std of the token returns) over both processes' rows
     ("reinforce_pp", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.05})),

@@ -160,3 +160,47 @@ def test_fused_logprob_entropy_equals_verl():
     assert calls
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_path_takes_per_sequence_temperature_and_the_head_options():
+    """verl's own fused kernel takes one scalar temperature; ours takes a [B] (or [B, T]) tensor, and the head
+    options given to register (soft cap, fp32 head, the rollout's truncation). References: verl's own kernel
+    row by row for the temperatures; the naive backend for the options."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    from gro_kernels.integrations.verl import unregister_fused_kernels
+    from gro_kernels import token_logprobs
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 7, 16, generator=g)
+    weight = 0.5 * torch.randn(50, 16, generator=g)
+    ids = torch.randint(0, 50, (2, 7), generator=g)
+    temps = torch.tensor([0.6, 1.3])
+
+    def run(temperature, rows=slice(None)):
+        h, w = hidden[rows].clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = FusedLinearForPPO(chunk_size=4)(h, w, ids[rows], temperature=temperature)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad
+
+    theirs = [run(float(t), slice(i, i + 1)) for i, t in enumerate(temps)]
+    register(fused_kernels=True)
+    try:
+        ours = run(temps)
+    finally:
+        unregister_fused_kernels()
+    for k in range(3):
+        torch.testing.assert_close(ours[k], torch.cat([t[k] for t in theirs]).float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[3], sum(t[3] for t in theirs).float(), rtol=1e-4, atol=1e-5)
+
+    options = dict(softcap=2.0, head_precision="fp32", top_p=0.8)
+    register(fused_kernels=True, **options)
+    try:
+        ours = run(temps)
+    finally:
+        unregister_fused_kernels()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    st = token_logprobs(h, w, ids, temperature=temps, return_entropy=True, backend="naive", **options)
+    (st.logp.sum() + 0.1 * st.entropy.sum()).backward()
+    for a, b in zip(ours, (st.logp, st.entropy, h.grad, w.grad)):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fused_kernels=True"):
+        register(softcap=2.0)

@@ -182,6 +182,10 @@ class MatmulFlops(TorchDispatchMode):
         name = func.overloadpacket.__name__.rstrip("_")
         if name in self.OPS:
             self.seen.add(str(func))
+            if name in ("mv", "addmv", "dot"):  # matrix (or vector) times vector: 2 m k
+                a = [t for t in args if isinstance(t, torch.Tensor)][-2]
+                self.flops += 2 * a.numel()
+                return func(*args, **kwargs)
             mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
             a, b = mats[-2], mats[-1]   # addmm(bias, a, b), mm(a, b), bmm(a, b)
             batch_size = a.shape[0] if a.dim() == 3 else 1

@@ -33,6 +33,7 @@ AUDIT_VALUES = {
     "kl_estimator": ["k2", "k1"], "kl_placement": ["reward", "loss"], "use_bias_correction_kl": [True],
     "entropy_coef": [0.05], "entropy_agg": ["token_mean", "loss"],
     "loss_agg": ["seq_mean_token_sum", "token_mean"], "max_completion_length": [17], "temperature": [0.7],
+    "z_loss_coef": [0.05], "reduction": ["sum", "mean"],
 }
 
 # (name, method, options every call of it carries, given advantages instead of rewards / labels)

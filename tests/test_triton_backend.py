@@ -25,6 +25,7 @@ import functools  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from gro_kernels.logprobs import chunked, naive, token_logprobs  # noqa: E402
+from gro_kernels.logprobs.transform import Transform  # noqa: E402
 
 # The backends as modules with token_stats, as `run` expects.
 triton_op = SimpleNamespace(token_stats=functools.partial(chunked.token_stats, backend="triton"))
@@ -66,9 +67,10 @@ def run(module, x, coefs, dtype, *, temperature=1.0, entropy=True, use_lse=False
     h, w, b = cast(x["hidden"], True), cast(x["weight"], True), cast(x["bias"], True)
     rh, rw, rb = cast(x["ref_hidden"]), cast(x["ref_weight"]), cast(x["ref_bias"])
     has_ref = rh is not None
-    logp, ent, kl, lse, _ = module.token_stats(
-        h, w, x["targets"].to(DEVICE), b, rh, rw, rb, temperature=temperature, ignore_index=IGNORE,
-        return_entropy=entropy, return_kl=has_ref, **options)
+    out = module.token_stats(
+        h, w, x["targets"].to(DEVICE), b, rh, rw, rb, transform=Transform(inv_t=1.0 / temperature),
+        head_precision="native", ignore_index=IGNORE, return_entropy=entropy, return_kl=has_ref, **options)
+    logp, ent, kl, lse = (out[k] for k in ("logp", "entropy", "kl", "lse"))
     a, bb, c, e = coefs.to(DEVICE)
     loss = (a * logp.double()).sum()
     if entropy:
@@ -228,8 +230,9 @@ def test_frozen_weight_or_hidden():
     for frozen in ("weight", "hidden"):
         h = x["hidden"].float().requires_grad_(frozen != "hidden")
         w = x["weight"].float().requires_grad_(frozen != "weight")
-        logp, _, _, _, _ = triton_op.token_stats(h, w, x["targets"], None, None, None, None, temperature=1.0,
-                                              ignore_index=IGNORE, return_entropy=False, return_kl=False, **SMALL)
+        logp = triton_op.token_stats(h, w, x["targets"], None, None, None, None, transform=Transform(),
+                                     head_precision="native", ignore_index=IGNORE, return_entropy=False,
+                                     return_kl=False, **SMALL)["logp"]
         logp.sum().backward()
         hh = x["hidden"].clone().requires_grad_()
         ww = x["weight"].clone().requires_grad_()

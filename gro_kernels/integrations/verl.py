@@ -240,16 +240,22 @@ def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, 
 
 def _gro_fused_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
     """verl's FusedLinearForPPO.forward on gro_kernels: (log_probs, entropy) shaped like input_ids, float32.
-    Only the "torch" implementation is replaced; "liger" stays Liger's."""
+    Only the "torch" implementation is replaced; "liger" stays Liger's. `temperature` may also be a tensor
+    shaped like input_ids (per token) or like its first dim (per sequence); the head options given to
+    `register` (soft cap, precision, truncation) apply."""
     if self.impl_backend != "torch":
+        if _HEAD_OPTIONS or isinstance(temperature, torch.Tensor):
+            raise ValueError(f"verl's fused kernel impl_backend={self.impl_backend!r} is not gro_kernels': the head "
+                             f"options {sorted(_HEAD_OPTIONS) or ['a tensor temperature']} need impl_backend='torch'")
         return _ORIGINAL_FUSED_FORWARD(self, hidden_states, vocab_weights, input_ids, temperature)
     # verl's FSDP2 policy makes an untied lm_head a unit of its own: the weight can arrive as a sharded DTensor
     stats = token_logprobs(hidden_states, gathered(vocab_weights), input_ids.to(torch.int64), temperature=temperature,
-                           return_entropy=True)
+                           return_entropy=True, **_HEAD_OPTIONS)
     return stats.logp, stats.entropy
 
 
 _ORIGINAL_FUSED_FORWARD = None
+_HEAD_OPTIONS: dict = {}
 _ORIGINAL_LINEAR_CE = None
 # verl's fused kernel (`verl.utils.kernel.linear_cross_entropy`) is read from its module at call time by
 # the FSDP backend's model patches (impl_backend "triton"), and bound at import by the Megatron backend's
@@ -266,22 +272,46 @@ def gro_linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction=
     with a group, the hidden-state gradient is this rank's partial sum over its slice
     (`sequence_parallel=True`): verl's Megatron backend gathers the hidden states from
     sequence-parallel slices (it enables sequence parallelism whenever the tensor-parallel size is
-    above 1), and that gather's backward reduce-scatters them."""
+    above 1), and that gather's backward reduce-scatters them. `temperature`: a float, or a tensor
+    shaped like labels (per token); the head options given to `register` apply (top_p refused with
+    a group: docs/options.md)."""
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean' (verl's), got {reduction!r}")
     tp = {} if dist_process_group is None else dict(tp_group=dist_process_group, sequence_parallel=True)
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        if tuple(temperature.shape) != tuple(labels.shape):
+            raise ValueError(f"temperature as a tensor must be shaped like labels {tuple(labels.shape)}, got "
+                             f"{tuple(temperature.shape)}")
+        temperature = temperature.reshape(-1)
+    else:
+        temperature = float(temperature)
     stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), gathered(weight), labels.reshape(-1).to(torch.int64),
-                           temperature=float(temperature), return_entropy=True, **tp)
+                           temperature=temperature, return_entropy=True, **tp, **_HEAD_OPTIONS)
     logp = stats.logp if reduction == "none" else (stats.logp.sum() if reduction == "sum" else stats.logp.mean())
     return logp, stats.entropy
 
 
-def register(*, fused_kernels: bool = False) -> list:
+def register(*, fused_kernels: bool = False, softcap=None, head_precision: str = "native", top_k=None, top_p=None,
+             min_p=None) -> list:
     """Register `gro_<name>` for every verl loss in VERL_LOSSES (verl's `register_policy_loss`); with
     `fused_kernels=True`, also route verl's fused log-prob + entropy through `token_logprobs`: the FSDP
     backend's `FusedLinearForPPO` (`use_fused_kernels=True`, `impl_backend="torch"`) and verl's fused
     kernel `linear_cross_entropy` (the FSDP backend's `impl_backend="triton"`, and the Megatron
-    backend's fused forward with its tensor-parallel group: `gro_linear_cross_entropy`). Returns the names."""
+    backend's fused forward with its tensor-parallel group: `gro_linear_cross_entropy`). Returns the names.
+
+    The fused path's head options (verl's own fused kernel has none of them; it sees neither the model's
+    config nor the rollout's sampling settings, so they are given here, for every model it runs):
+        softcap: the model's final_logit_softcapping (Gemma 2/3; verl's kernel leaves the cap out).
+        head_precision: "native" | "fp32" | "tf32" (gro_loss's): "fp32" to match a rollout engine's fp32 head.
+        top_k, top_p, min_p: the rollout's truncation (actor_rollout_ref.rollout.top_k / top_p / min_p), so
+            that the actor's log-probs are those of the distribution vLLM sampled from (its processed_logprobs).
+            With Megatron's tensor-parallel group, top_k and min_p combine across the vocabulary shards;
+            top_p is refused there (docs/options.md).
+    """
+    options = {k: v for k, v in dict(softcap=softcap, head_precision=head_precision, top_k=top_k, top_p=top_p,
+                                     min_p=min_p).items() if v is not None and v != "native"}
+    if options and not fused_kernels:
+        raise ValueError(f"the head options {sorted(options)} apply to verl's fused kernel: pass fused_kernels=True")
     names = []
     for name in VERL_LOSSES:
         core_algos.register_policy_loss(f"gro_{name}")(gro_policy_loss(name))
@@ -296,6 +326,8 @@ def register(*, fused_kernels: bool = False) -> list:
         if _ORIGINAL_LINEAR_CE is None:
             _ORIGINAL_LINEAR_CE = kernel_module.linear_cross_entropy
         _set_linear_ce(gro_linear_cross_entropy)
+        _HEAD_OPTIONS.clear()
+        _HEAD_OPTIONS.update(options)
     return names
 
 
@@ -312,6 +344,7 @@ def _set_linear_ce(fn) -> None:
 def unregister_fused_kernels() -> None:
     """Give verl back its own FusedLinearForPPO.forward and linear_cross_entropy."""
     global _ORIGINAL_FUSED_FORWARD, _ORIGINAL_LINEAR_CE
+    _HEAD_OPTIONS.clear()
     if _ORIGINAL_FUSED_FORWARD is not None:
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
         FusedLinearForPPO.forward = _ORIGINAL_FUSED_FORWARD

@@ -38,14 +38,26 @@ def _resources(kernel) -> dict:
         return {"regs": None, "stack": None}
 
 
+# The head's options (soft cap, kept-set threshold) on top of each variant; the mean log-prob (SFT's label
+# smoothing, never with truncation) with and without class weights.
+_HEAD = [dict(HAS_CAP=cap, HAS_TAU=tau) for cap, tau in itertools.product((False, True), (False, True))]
+
+
 def _variants():
     """(kernel name, z dtype, dz dtype, constexpr flags) for every variant a launch can make."""
-    for want_ent, has_ref, want_p2 in itertools.product((False, True), (False, True), (False, True)):
-        yield "row_stats", "fp32", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref, WANT_P2=want_p2)
-    for dz, has_beta, has_ref in itertools.product(("fp32", "bf16", "fp16"), (False, True), (False, True)):
+    for want_ent, has_ref, want_p2, head in itertools.product((False, True), (False, True), (False, True), _HEAD):
+        yield "row_stats", "fp32", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref, WANT_P2=want_p2, WANT_MEAN=False,
+                                              HAS_CW=False, **head)
+    for has_cw, cap in itertools.product((False, True), (False, True)):
+        yield "row_stats", "fp32", None, dict(WANT_ENT=True, HAS_REF=False, WANT_P2=False, WANT_MEAN=True,
+                                              HAS_CW=has_cw, HAS_CAP=cap, HAS_TAU=False)
+    for dz, has_beta, has_ref, head in itertools.product(("fp32", "bf16", "fp16"), (False, True), (False, True), _HEAD):
         if has_ref and not has_beta:
             continue  # a KL coefficient always brings beta
-        yield "logits_grad", "fp32", dz, dict(HAS_BETA=has_beta, HAS_REF=has_ref)
+        yield "logits_grad", "fp32", dz, dict(HAS_BETA=has_beta, HAS_REF=has_ref, HAS_ETA=False, HAS_CW=False, **head)
+    for dz, has_cw in itertools.product(("fp32", "bf16"), (False, True)):
+        yield "logits_grad", "fp32", dz, dict(HAS_BETA=True, HAS_REF=False, HAS_ETA=True, HAS_CW=has_cw,
+                                              HAS_CAP=True, HAS_TAU=False)
 
 
 def _signature(fn, constexprs, dz_dtype, vocab):
@@ -57,7 +69,7 @@ def _signature(fn, constexprs, dz_dtype, vocab):
         elif arg.endswith("_ptr"):
             signature[arg] = {"y_ptr": "*i64", "dz_ptr": f"*{dz_dtype}"}.get(arg, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg == "inv_t":
+        elif arg == "cap":
             signature[arg] = "fp32"
         else:  # V and the row strides
             signature[arg] = "i32" if arg == "V" else "i64"

@@ -3,22 +3,33 @@
 Per chunk of `ct` tokens (the non-ignored rows only):
 
     z   = h_c @ W^T + b            the vendor GEMM (cuBLAS / MKL), fp32 out: never rounded to 16 bits
+    tau = kept_threshold(z)        only when truncated (top_k / top_p / min_p): torch ops on the chunk
     stats(z)                       one read: lse, target logit, entropy, with a reference chunk the exact KL
     dz  = grad(z; coefficients)    one read-write, in place (16-bit for 16-bit inputs, fp32 math)
     dh_c = dz @ W,  dW += dz^T @ h_c,  db += sum dz     the vendor GEMM, dW/db accumulated in fp32
 
-with u = z / T. The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never
-knows which. Three ways through it:
+with u = softcap(z) / T per row and p the softmax of u over the row's kept set (`transform.py`).
+The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never knows which.
+Three ways through it:
 
     forward_stats     the statistics only (1 GEMM per chunk): `token_logprobs` forward, forward-only passes
     backward_grads    recompute z, dz from upstream per-token gradients (3 GEMMs): `token_logprobs` backward
     fused_pass        statistics, then the per-token coefficients from a callback (the objective's
                       token-local loss), then dz and the gradients, in one sweep (3 GEMMs in all)
 
-Math (u = z/T, p = softmax(u), ur the reference head's scaled logits):
-    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref
-    d/du of gl*logp + gH*H + gK*KL + gs*lse  =  gl*onehot + p*(alpha + beta*u + gamma*ur)
-    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur],  beta = gK - gH,  gamma = -gK;  dz = du / T.
+Math (p = the kept-set softmax of u, ur the reference head's transformed logits, w the class
+weights (1 without), W = sum_v w_v):
+    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref,
+    M = (1/V) sum_v w_v (u_v - lse)   (the mean log-prob over the vocabulary, label smoothing's term)
+    d/du of gl*logp + gH*H + gK*KL + gs*lse + gM*M  =  gl*onehot + p*(alpha + beta*u + gamma*ur) + eta*w
+    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur] - gM*W/V,  beta = gK - gH,  gamma = -gK,  eta = gM/V;
+    dz = du / T * (1 - tanh^2(z / c))   (the last factor with a soft cap c), 0 outside the kept set
+    but for the onehot and eta terms' own tokens (the target is always kept; eta only without truncation).
+
+Head precision: "native" keeps today's GEMMs (16-bit inputs: fp32-output GEMMs where the device has
+them, else fp32 GEMMs on upcast weights; dz in the weight's dtype for the gradient GEMMs); "fp32"
+and "tf32" run all three on fp32 copies (the weight whole when it fits FP32_COPY_ELEMENTS, else
+cast a vocabulary slice at a time per use) with dz in fp32; `transform.gemm_precision` sets TF32.
 """
 from __future__ import annotations
 
@@ -26,6 +37,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .transform import Transform, kept_threshold
 
 # Workspace per chunk, in fp32 logits. At most four chunk-sized buffers are alive at once (z, the
 # torch epilogue's p, the reference chunk, one transient), so the workspace is bounded whatever N.
@@ -38,6 +51,11 @@ CPU_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_TOKENS = 16
 # The fp32 dW update of 16-bit inputs goes through temporaries of at most this many elements.
 DW_SLICE_ELEMENTS = 1 << 26
+# A 16-bit weight that takes fp32 GEMMs (head_precision fp32 / tf32, or a device without fp32-output
+# 16-bit GEMMs) is upcast whole when it has at most this many elements (1 GiB of fp32: a 32k x 8k
+# head), else one vocabulary slice of at most DW_SLICE_ELEMENTS at a time, per GEMM (a Qwen-size
+# 151936 x 4096 head is never held whole in fp32 beside the gradients).
+FP32_COPY_ELEMENTS = 1 << 28
 
 
 def chunk_tokens(n: int, vocab: int, device: torch.device, chunk_elements: Optional[int] = None) -> int:
@@ -92,24 +110,57 @@ class Head:
     w: torch.Tensor
     b: Optional[torch.Tensor]
     stat: torch.dtype          # float32 (float64 for float64 inputs)
+    precision: str = "native"  # native | fp32 | tf32 (transform.HEAD_PRECISIONS)
 
     def __post_init__(self):
-        self.native = self.w.dtype == self.stat or _mm_fp32_out_supported(self.w.device, self.w.dtype)
-        # No fp32-output GEMM for 16-bit inputs here (CPU, old torch): upcast once per call, never
-        # round the logits to 16 bits.
-        self.w_stat = self.w if self.native else self.w.to(self.stat)
+        upcast = self.w.dtype != self.stat and (
+            self.precision != "native" or not _mm_fp32_out_supported(self.w.device, self.w.dtype))
+        # native: the weight's own dtype (or a 16-bit GEMM with fp32 output) runs the GEMMs
+        self.native = not upcast
+        # fp32 / tf32: dz and the gradient GEMMs in fp32 too; native: dz in the weight's dtype
+        self.dz_dtype = self.stat if self.precision != "native" else self.w.dtype
+        self.w_stat = self.w if not upcast else (
+            self.w.to(self.stat) if self.w.numel() <= FP32_COPY_ELEMENTS else None)
         self.b_stat = None if self.b is None else self.b.to(self.stat)
+
+    def w_slices(self):
+        """(start, W[start:start+k] in the statistics dtype) covering the vocabulary: the weight itself
+        or its fp32 copy, or fp32 casts of vocabulary slices made one at a time (bounded memory)."""
+        if self.w_stat is not None:
+            yield 0, self.w_stat
+            return
+        vocab, d = self.w.shape
+        step = max(1, DW_SLICE_ELEMENTS // max(d, 1))
+        for a in range(0, vocab, step):
+            yield a, self.w[a:a + step].to(self.stat)
 
     def logits(self, s: int, e: int) -> torch.Tensor:
         """z = h[s:e] @ W^T + b, in the statistics dtype."""
         hc = self.h[s:e]
-        if self.w_stat.dtype == self.stat:
+        if not self.native:
+            hc = hc.to(self.stat)
+            if self.w_stat is None:  # a vocabulary slice of the fp32 weight at a time
+                z = torch.empty(hc.shape[0], self.w.shape[0], dtype=self.stat, device=hc.device)
+                for a, ws in self.w_slices():
+                    z[:, a:a + ws.shape[0]] = hc @ ws.T
+                return z if self.b_stat is None else z.add_(self.b_stat)
+        if self.w_stat is not None and self.w_stat.dtype == self.stat:
             hc = hc.to(self.stat)
             if self.b_stat is None:
                 return hc @ self.w_stat.T
             return torch.addmm(self.b_stat, hc, self.w_stat.T)
         z = torch.mm(hc, self.w.T, out_dtype=torch.float32)
         return z if self.b_stat is None else z.add_(self.b_stat)
+
+    def dz_times_w(self, dz: torch.Tensor) -> torch.Tensor:
+        """dz @ W in the statistics dtype (dz in the statistics dtype), slice by slice when sliced."""
+        if self.w_stat is not None:
+            return dz @ self.w_stat
+        out = None
+        for a, ws in self.w_slices():
+            part = dz[:, a:a + ws.shape[0]]
+            out = part @ ws if out is None else out.addmm_(part, ws)
+        return out
 
 
 class Grads:
@@ -143,7 +194,7 @@ class Grads:
             if dz.dtype == head.w.dtype:
                 torch.mm(dz, head.w, out=self.dh[s:e])
             else:
-                self.dh[s:e] = (dz @ head.w_stat).to(self.dh.dtype)
+                self.dh[s:e] = head.dz_times_w(dz.to(head.stat)).to(self.dh.dtype)
         if self.dw is not None:
             self._add_dw(dz, head.h[s:e].to(self.dw.dtype))
         if self.dw_parts is not None:
@@ -200,14 +251,18 @@ class Stats:
     kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
     ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
     sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
+    mean_logp: Optional[torch.Tensor] = None  # (1/V) sum_v w_v log p_v (label smoothing's term)
+    top1: Optional[torch.Tensor] = None     # 1.0 where the target's logit is the row's largest, no gradient
 
     @classmethod
-    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False) -> "Stats":
+    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False,
+              mean_logp: bool = False) -> "Stats":
         """Room for n rows: the vectors asked for, the others None."""
         def vec(want=True):
             return torch.zeros(n, dtype=dtype, device=device) if want else None
 
-        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2))
+        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2),
+                   mean_logp=vec(mean_logp), top1=vec())
 
     def rows(self, sl: slice) -> "Stats":
         """A view of rows `sl` (the chunk's part)."""
@@ -215,29 +270,54 @@ class Stats:
             return None if t is None else t[sl]
 
         return Stats(logp=self.logp[sl], lse=self.lse[sl], entropy=part(self.entropy), kl=part(self.kl),
-                     ekl=part(self.ekl), sum_p2=part(self.sum_p2))
+                     ekl=part(self.ekl), sum_p2=part(self.sum_p2), mean_logp=part(self.mean_logp),
+                     top1=part(self.top1))
 
 
-def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-                  epilogue, ct: int, want_sum_p2: bool = False) -> Stats:
+def _chunk_transform(tf: Transform, z: torch.Tensor, s: int, e: int, epilogue) -> Transform:
+    """The chunk's transform; a truncated one gets its rows' kept-set thresholds (from z, before the
+    epilogue transforms it in place) written into tf.tau for the backward. An epilogue over one slice
+    of the vocabulary (`vocab_parallel.py`) finds them over the whole vocabulary itself."""
+    tc = tf.rows(slice(s, e))
+    if tf.truncates:
+        tc.tau.copy_(getattr(epilogue, "kept_threshold", kept_threshold)(z, tc))
+    return tc
+
+
+def vocab_size(head: Head, epilogue) -> int:
+    """V of the mean log-prob: the whole vocabulary's when the epilogue covers a slice of it."""
+    return getattr(epilogue, "vocab", None) or head.w.shape[0]
+
+
+def with_thresholds(tf: Transform, n: int, dtype, device) -> Transform:
+    """tf with room for n kept-set thresholds when it truncates (filled by the forward sweep)."""
+    if tf.truncates and tf.tau is None:
+        tf.tau = torch.full((n,), -float("inf"), dtype=dtype, device=device)
+    return tf
+
+
+def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
+                  epilogue, ct: int, want_sum_p2: bool = False, want_mean_logp: bool = False,
+                  class_weight: Optional[torch.Tensor] = None) -> Stats:
     """Statistics of every row, one GEMM (two with a reference head) per chunk."""
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     sum_p2=want_sum_p2)
+                     sum_p2=want_sum_p2, mean_logp=want_mean_logp)
+    with_thresholds(tf, n, head.stat, y.device)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+        epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e, epilogue), st, s, class_weight)
     return st
 
 
-def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
-    """(gl, alpha, beta, gamma) of the module docstring, each scaled by 1/T (dz is wrt the raw z)."""
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, tf: Transform, gm=None, class_weight=None, vocab=None):
+    """(gl, alpha, beta, gamma, eta) of the module docstring, each scaled by 1/T (dz is wrt the raw z)."""
     zeros = torch.zeros_like(st.lse)
     gl = zeros if gl is None else gl.to(st.lse.dtype)
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
-    beta = gamma = None
+    beta = gamma = eta = None
     if gh is not None:
         alpha = alpha + gh * (st.lse - st.entropy)   # E_p[u]
         beta = -gh
@@ -245,47 +325,60 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
         alpha = alpha - gk * st.ekl
         beta = gk if beta is None else beta + gk
         gamma = -gk
-    scale = (lambda t: None if t is None else t * inv_t)
-    return scale(gl), scale(alpha), scale(beta), scale(gamma)
+    if gm is not None:
+        total = float(vocab) if class_weight is None else class_weight.sum(dtype=st.lse.dtype)
+        alpha = alpha - gm * (total / vocab)
+        eta = gm / vocab
+    return tuple(tf.scale(t) for t in (gl, alpha, beta, gamma, eta))
 
 
-def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs, *, inv_t: float,
-                   grads: Grads, epilogue, ct: int) -> None:
+def _part(t, sl):
+    return None if t is None else t[sl]
+
+
+def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, coefs, *, tf: Transform, lse: torch.Tensor,
+                   grads: Grads, epilogue, ct: int, class_weight=None) -> None:
     """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
-    gl, alpha, beta, gamma = coefs
+    gl, alpha, beta, gamma, eta = coefs
     n = y.shape[0]
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if gamma is None else ref.logits(s, e)
         sl = slice(s, e)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, st.lse[sl], gl[sl], alpha[sl],
-                           None if beta is None else beta[sl], None if gamma is None else gamma[sl],
-                           out_dtype=head.w.dtype)
+        dz = epilogue.grad(z, zr, y[sl], tf.rows(sl), lse[sl], gl[sl], alpha[sl], _part(beta, sl),
+                           _part(gamma, sl), out_dtype=head.dz_dtype, eta=_part(eta, sl), class_weight=class_weight)
         grads.add(dz, s, e)
 
 
 CoefficientFn = Callable[[int, int, Stats], tuple]
 
 
-def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int) -> Stats:
+def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
+               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int, want_mean_logp: bool = False,
+               class_weight=None) -> Stats:
     """Statistics, coefficients and gradients in one sweep: 3 GEMMs per chunk (plus the reference's).
 
     `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
-    per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
+    per-token gradients (g_logp, g_entropy or None, g_kl or None, g_lse or None, g_mean_logp or None)
+    of the loss for those rows.
     """
     n = y.shape[0]
-    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None)
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
+                     mean_logp=want_mean_logp)
+    with_thresholds(tf, n, head.stat, y.device)
+    vocab = vocab_size(head, epilogue)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+        tc = _chunk_transform(tf, z, s, e, epilogue)
+        epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True)
         sl = slice(s, e)
         chunk = st.rows(sl)
-        gl, gh, gk = coefficients(s, e, chunk)
-        c_gl, alpha, beta, gamma = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype)
+        gl, gh, gk, gs, gm = coefficients(s, e, chunk)
+        c_gl, alpha, beta, gamma, eta = coefficients_from_upstream(chunk, gl, gh, gk, gs, tc, gm, class_weight, vocab)
+        dz = epilogue.grad(z, zr, y[sl], tc, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.dz_dtype,
+                           eta=eta, class_weight=class_weight)
         grads.add(dz, s, e)
     return st

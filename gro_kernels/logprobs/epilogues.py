@@ -1,8 +1,11 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / entropy / kl / ekl / sum_p2 at rows s.. from z [ct, V]
-    grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype) -> dz [ct, V] (may reuse z's memory)
+    stats(z, zr, y, tf, st, s, class_weight, for_grad)   fill st.logp / lse / entropy / kl / ekl / sum_p2 /
+        mean_logp / top1 at rows s.. from z [ct, V] (tf: the chunk's `transform.Transform`; for_grad:
+        `grad` follows on the same chunk, the fused pass)
+    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta, class_weight) -> dz [ct, V]
+        (may reuse z's memory)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
 or the CPU under TRITON_INTERPRET=1).
@@ -11,11 +14,20 @@ from __future__ import annotations
 
 import torch
 
+from .transform import kept_mask, softcap_
+
 
 def _rowdot(a, b):
     """Per-row dot product. (einsum "nv,nv->n" lowers to a batched GEMM of 1x1 outputs: 8-10x
     slower on the CPU, measured at [128, 32768].)"""
     return torch.linalg.vecdot(a, b)
+
+
+def _scale_(t, inv_t):
+    """t * (1 / T) per row, in place."""
+    if isinstance(inv_t, torch.Tensor):
+        return t.mul_(inv_t.to(t.dtype)[:, None])
+    return t.mul_(inv_t) if inv_t != 1.0 else t
 
 
 def _zero_masked(t):
@@ -27,24 +39,31 @@ def _zero_masked(t):
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
     keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
-    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for).
+    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for). A soft cap
+    adds one buffer (its derivative, kept for `grad`), truncation a bool mask of the kept set.
 
     masked_rows: a bias has -inf rows (masked vocabulary). Their logits are then zeroed once their
-    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for."""
+    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for (the soft
+    cap keeps them -inf: `transform.softcap_`)."""
 
     def __init__(self, masked_rows: bool = False):
         self.masked_rows = masked_rows
-        self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
+        self._cache = None  # (z, p, row sums, max u, max ur, soft cap derivative) of the last stats call
 
-    def stats(self, z, zr, y, inv_t, st, s):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
+        inv_t = tf.inv_t
+        keep = kept_mask(z, y, tf.tau)               # on the raw logits (None: not truncated)
+        # z <- c tanh(z / c); g = its derivative, kept for `grad` when it follows on this chunk
+        g = None if tf.cap is None else softcap_(z, tf.cap, derivative=for_grad)
         zy = z.gather(1, y[:, None])[:, 0]
-        m = z.amax(1, keepdim=True)
-        d = z.sub_(m)                                # in place: z is d = u - max u from here on
-        if inv_t != 1.0:
-            d.mul_(inv_t)
-        need_rel = st.entropy is not None or zr is not None
+        m = z.amax(1, keepdim=True)                  # the largest logit is always kept
+        st.top1[s:e] = (zy >= m[:, 0]).to(st.top1.dtype)
+        d = _scale_(z.sub_(m), inv_t)                # in place: z is d = u - max u from here on
+        need_rel = st.entropy is not None or zr is not None or st.mean_logp is not None
         p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
+        if keep is not None:
+            p.mul_(keep)
         if need_rel and self.masked_rows:
             _zero_masked(d)                          # -inf bias rows: p = 0 there, and 0 * d must be 0
         se = p.sum(1)
@@ -53,15 +72,22 @@ class TorchEpilogue:
         lse = mu + log_se
         st.lse[s:e] = lse
         st.logp[s:e] = zy * inv_t - lse
-        pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
+        pd = _rowdot(p, d) / se if (st.entropy is not None or zr is not None) else None   # E_p[u - max u]
         if st.entropy is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
             st.entropy[s:e] = log_se - pd
+        if st.mean_logp is not None:  # (1/V) sum_v w_v (u_v - lse) = (sum w d - W log se) / V
+            vocab = d.shape[1]
+            if class_weight is None:
+                sw, total = d.sum(1), float(vocab)
+            else:
+                sw, total = d @ class_weight.to(d.dtype), class_weight.sum(dtype=d.dtype)
+            st.mean_logp[s:e] = (sw - total * log_se) / vocab
         mur = None
         if zr is not None:
+            if tf.cap is not None:
+                softcap_(zr, tf.cap, derivative=False)
             mr = zr.amax(1, keepdim=True)
-            dr = zr.sub_(mr)                         # in place: zr is ur - max ur from here on
-            if inv_t != 1.0:
-                dr.mul_(inv_t)
+            dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
             mur = mr[:, 0] * inv_t
             log_se_r = dr.exp().sum(1).log()
             if self.masked_rows:                     # rows the reference masks, the policy masks too (api.py)
@@ -72,19 +98,24 @@ class TorchEpilogue:
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        self._cache = (z, p, se, mu, mur)
+        self._cache = (z, p, se, mu, mur, g)
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
-        # dz = gl onehot + p (alpha + beta u + gamma ur); the coefficients are already scaled by 1/T.
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None):
+        # dz = (gl onehot + p (alpha + beta u + gamma ur) + eta w) * g; the coefficients are already scaled by 1/T.
+        inv_t = tf.inv_t
         cached = self._cache is not None and self._cache[0] is z
-        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
-            _, p, se, mu, mur = self._cache
+        keep = None
+        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
+            _, p, se, mu, mur, g = self._cache
             self._cache = None
             # Normalized by the lse given, which is the whole vocabulary's when this chunk is one slice
             # of it (vocab_parallel.py): p / se times `share`, this slice's part of the probability
             # mass. On one device the given lse is mu + log se bit for bit, so `share` is exactly 1
             # and the result is the same to the last bit as without it.
             share = torch.exp(mu + se.log() - lse)
+            # a slice may keep none of its tokens (truncation over the whole vocabulary): p = 0 and
+            # share = 0 there, and 0 / 0 must not make the row NaN (on one device se >= 1: the max is kept)
+            se = torch.where(se > 0, se, torch.ones_like(se))
             if beta is None:
                 dz = p.mul_((alpha * share / se)[:, None])
             else:
@@ -93,20 +124,35 @@ class TorchEpilogue:
                 if gamma is not None:
                     t.add_(zr.mul_((gamma * share)[:, None]))
                 dz = t.mul_(p.div_(se[:, None]))
-        elif beta is None:  # z is the raw logits chunk (the composable backward)
-            dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
-        else:
-            p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
-            if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
-                _zero_masked(z)
+        else:  # z is the raw logits chunk (the composable backward)
+            keep = kept_mask(z, y, tf.tau)
+            g = None if tf.cap is None else softcap_(z, tf.cap)
+            if gamma is not None and tf.cap is not None:
+                softcap_(zr, tf.cap, derivative=False)
+            if beta is None:
+                dz = _scale_(z, inv_t).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
+            else:
+                p = _scale_(z.clone(), inv_t).sub_(lse[:, None]).exp_()
+                if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
+                    _zero_masked(z)
+                    if gamma is not None:
+                        _zero_masked(zr)
+                t = z.mul_(beta[:, None] * _col(inv_t)).add_(alpha[:, None])    # alpha + beta u
                 if gamma is not None:
-                    _zero_masked(zr)
-            t = z.mul_((beta * inv_t)[:, None]).add_(alpha[:, None])   # alpha + beta u
-            if gamma is not None:
-                t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur
-            dz = t.mul_(p)
+                    t.add_(zr.mul_(gamma[:, None] * _col(inv_t)))             # + gamma ur
+                dz = t.mul_(p)
+            if keep is not None:
+                dz.mul_(keep)
+        if eta is not None:  # the mean log-prob's own term: eta w_v (w = class weights, else 1)
+            dz.add_(eta[:, None] if class_weight is None else eta[:, None] * class_weight.to(dz.dtype)[None, :])
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
+        if g is not None:
+            dz.mul_(g)                                                 # the soft cap's chain rule
         return dz if dz.dtype == out_dtype or out_dtype == torch.float64 else dz.to(out_dtype)
+
+
+def _col(inv_t):
+    return inv_t[:, None] if isinstance(inv_t, torch.Tensor) else inv_t
 
 
 class TritonEpilogue:
@@ -116,15 +162,17 @@ class TritonEpilogue:
         from ..kernels import epilogue as kernels  # imported here: triton is optional for the torch path
         self.k = kernels
 
-    def stats(self, z, zr, y, inv_t, st, s):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
 
         def part(t):
             return None if t is None else t[s:e]
 
-        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
-                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
+        self.k.launch_row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
+                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2), top1=part(st.top1),
+                                mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
-        return self.k.launch_logits_grad(z, zr, y, inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
-                                         out_dtype=out_dtype)
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None):
+        return self.k.launch_logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
+                                         out_dtype=out_dtype, cap=tf.cap, tau=tf.tau, eta=eta,
+                                         class_weight=class_weight)

@@ -62,6 +62,7 @@ class SequencePlan:
     policy_weight: Optional[torch.Tensor] = None
     entropy_weight: Optional[torch.Tensor] = None
     abs_kl_coef: Optional[torch.Tensor] = None
+    lse_coef: Optional[torch.Tensor] = None     # the z-loss's c_z where it differs from c (SFT class weights)
 
 
 def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
@@ -121,14 +122,24 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
             w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
     c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
                            num_items=b.num_items)
+    lse_coef = None
+    if b.target_weight is not None:
+        # SFT's class weights, as torch's cross-entropy: each target's log-likelihood times its class weight,
+        # the mean over the targets' weights (not their count); label smoothing's term and the z-loss unweighted
+        # (the z-loss keeps the mean over tokens, Liger's convention).
+        w = replace(w, advantages=w.advantages * b.target_weight)
+        if opts.loss_agg == "token_mean" and b.num_items is None:
+            lse_coef = c
+            c = m / (m * b.target_weight).sum().clamp(min=torch.finfo(m.dtype).tiny)
     g, e, a = _token_weights(opts, b, w.advantages, c)
     return SequencePlan(weights=w, coef=c, kl_in_loss=kl_used and opts.kl_placement == "loss",
-                        policy_weight=g, entropy_weight=e, abs_kl_coef=a)
+                        policy_weight=g, entropy_weight=e, abs_kl_coef=a, lse_coef=lse_coef)
 
 
 # ---- layouts other than one padded batch (layout.py) --------------------------------------------------
 # The objective's per-token arguments (shaped like logp; advantages also [B]) and per-sequence ones.
-_PER_TOKEN = ("mask", "entropy", "kl", "old_logp", "ref_logp", "rollout_logp", "log_sum_sq_probs", "advantages")
+_PER_TOKEN = ("mask", "entropy", "kl", "advantages", "old_logp", "ref_logp", "rollout_logp", "log_sum_sq_probs", "lse",
+              "mean_logp", "target_weight")
 _PER_SEQUENCE = ("rewards", "advantages", "group_ids", "labels", "baselines", "offline", "truncated")
 
 
@@ -183,13 +194,15 @@ def _to_full(layout, logp, inputs: dict):
 def _to_local(layout, out: GROOutput) -> GROOutput:
     """The output for this rank's tokens: log-probs and per-token values back in its [B, T] layout
     (per-sequence values stay indexed by sequence, metrics are the whole batch's)."""
-    return GROOutput(loss=out.loss, logp=layout.local(out.logp), metrics=out.metrics,
+    loss = out.loss if out.loss.dim() == 0 else layout.local(out.loss)   # reduction="none": per token
+    return GROOutput(loss=loss, logp=layout.local(out.logp), metrics=out.metrics,
                      per_sequence=out.per_sequence, per_token={k: layout.local(v) for k, v in out.per_token.items()})
 
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, layout=None, before_pass=False, **options):
+                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, layout=None,
+                      before_pass=False, **options):
     """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan). With a
     `layout` (`token_layout`), the batch and the plan are those of the whole [S, W] batch.
 
@@ -197,12 +210,11 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
     the plan gets `NotYetComputed` in their place (and in place of sg[l] as the behaviour log-prob),
     so reading them raises, and any non-finite plan output is an error too."""
     if layout is not None:
-        logp, full = _to_full(layout, logp, dict(mask=mask, entropy=entropy, kl=kl, advantages=advantages,
-                                                  old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                                                  log_sum_sq_probs=log_sum_sq_probs))
-        mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs = (
-            full[k] for k in ("mask", "entropy", "kl", "advantages", "old_logp", "ref_logp", "rollout_logp",
-                              "log_sum_sq_probs"))
+        values = (mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs, lse, mean_logp,
+                  target_weight)
+        logp, full = _to_full(layout, logp, dict(zip(_PER_TOKEN, values)))
+        (mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs, lse, mean_logp,
+         target_weight) = (full[k] for k in _PER_TOKEN)
     opts = resolve_options(method, options)
     if (truncated is not None) != opts.mask_truncated_completions:
         raise ValueError("mask_truncated_completions=True and truncated [B] (bool) go together: "
@@ -214,7 +226,7 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
-        log_sum_sq_probs=log_sum_sq_probs,
+        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight,
     )
     check_requirements(method, opts, b, given=options)
     if not before_pass:
@@ -234,7 +246,9 @@ def _before_pass(b: Batch, *, given_old_logp: bool) -> Batch:
         old = NotYetComputed("on-policy behaviour log-probs sg[logp]")
     return replace(b, logp=NotYetComputed("log-probs"), old_logp=old,
                    entropy=None if b.entropy is None else NotYetComputed("entropies"),
-                   kl=None if b.kl is None else NotYetComputed("exact KL"))
+                   kl=None if b.kl is None else NotYetComputed("exact KL"),
+                   lse=None if b.lse is None else NotYetComputed("log normalizers"),
+                   mean_logp=None if b.mean_logp is None else NotYetComputed("mean log-probs over the vocabulary"))
 
 
 def _check_plan(plan: SequencePlan) -> None:
@@ -247,7 +261,7 @@ def _check_plan(plan: SequencePlan) -> None:
 
 @document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
            "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
-           "sequence_ids", "positions", "cp_group", "**options"),
+           "lse", "mean_logp", "target_weight", "sequence_ids", "positions", "cp_group", "**options"),
           {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
 def gro_objective(
     logp: torch.Tensor,
@@ -268,6 +282,9 @@ def gro_objective(
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     log_sum_sq_probs: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    mean_logp: Optional[torch.Tensor] = None,
+    target_weight: Optional[torch.Tensor] = None,
     sequence_ids: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
     cp_group=None,
@@ -298,7 +315,7 @@ def gro_objective(
     inputs = dict(mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages, group_ids=group_ids,
                   labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                   num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                  log_sum_sq_probs=log_sum_sq_probs)
+                  log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight)
     layout = token_layout(logp, opts=resolve_options(method, options), sequence_ids=sequence_ids,
                           positions=positions, cp_group=cp_group, inputs=inputs)
     return objective_in_layout(layout, logp, method=method, **inputs, **options)
@@ -318,8 +335,9 @@ def _objective(logp, *, method, layout=None, **kwargs) -> GROOutput:
     terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,
                        advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,
                        kl_in_loss=plan.kl_in_loss, policy_weight=plan.policy_weight,
-                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef)
-    loss = terms.loss
+                       entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef,
+                       lse=b.lse, mean_logp=b.mean_logp, lse_coef=plan.lse_coef)
+    loss = terms.loss if opts.reduction != "none" else terms.per_token
     w, surrogate = plan.weights, terms.surrogate
     policy = terms.policy
     if w.unit_losses is not None and opts.loss_agg == "seq_mean_token_sum":

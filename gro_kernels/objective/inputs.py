@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..logprobs.api import stat_dtype  # float32 statistics, float64 when given float64
-from .options import IMPLICIT_REFERENCE, WEIGHT_OPTIONS, Options
+from .options import IMPLICIT_REFERENCE, WEIGHT_OPTIONS, Options, ce_smoothing_reader
 
 
 @dataclass
@@ -35,6 +35,9 @@ class Batch:
     num_items: Optional[float] = None
     rollout_logp: Optional[torch.Tensor] = None  # [B,T] detached: the sampler's log-probs (NaN = unscored)
     log_sum_sq_probs: Optional[torch.Tensor] = None  # [B,T] detached: log sum_v p_v^2 of the policy (WPO)
+    lse: Optional[torch.Tensor] = None          # [B,T] differentiable: the head's log normalizer (z-loss)
+    mean_logp: Optional[torch.Tensor] = None    # [B,T] differentiable: (1/V) sum_v w_v log p_v (SFT label smoothing)
+    target_weight: Optional[torch.Tensor] = None  # [B,T] detached: the class weight of each target (SFT)
 
 
 def _tensor(name, t, device, against="logp"):
@@ -145,7 +148,8 @@ def _num_items(n):
 
 
 def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
-                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None) -> Batch:
+                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None,
+                  lse=None, mean_logp=None, target_weight=None) -> Batch:
     """Validate every input against logp [B,T] and return them cast to the statistics dtype."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
@@ -195,6 +199,10 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
         num_items=_num_items(num_items_in_batch),
         rollout_logp=_per_token("rollout_logp", rollout_logp, (B, T), valid, dtype, device, detach=True),
         log_sum_sq_probs=_per_token("log_sum_sq_probs", log_sum_sq_probs, (B, T), valid, dtype, device, detach=True),
+        lse=_per_token("lse", lse, (B, T), valid, dtype, device, detach=False, finite=True),
+        mean_logp=_per_token("mean_logp", mean_logp, (B, T), valid, dtype, device, detach=False, finite=True),
+        target_weight=_per_token("target_weight", target_weight, (B, T), valid, dtype, device, detach=True,
+                                 finite=True),
     )
 
 
@@ -249,6 +257,20 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -
         raise ValueError("use_weighting=True (WPO) and log_sum_sq_probs [B, T] (log sum_v p_v^2 of the policy) go "
                          f"together: got use_weighting={opts.use_weighting}, log_sum_sq_probs "
                          f"{'given' if b.log_sum_sq_probs is not None else 'not given'}")
+    if opts.z_loss_coef != 0 and b.lse is None:
+        raise ValueError(f"z_loss_coef={opts.z_loss_coef} needs lse [B, T] (the head's log normalizer; gro_loss "
+                         "computes it in its pass)")
+    ce_smoothing = opts.label_smoothing != 0 and ce_smoothing_reader(opts)
+    if ce_smoothing and b.mean_logp is None:
+        raise ValueError(f"{who} with label_smoothing={opts.label_smoothing} needs mean_logp [B, T] ((1/V) sum_v w_v "
+                         "log p_v, label smoothing's term; gro_loss computes it in its pass)")
+    if b.mean_logp is not None and not ce_smoothing:
+        raise ValueError("mean_logp was given but nothing uses it: it is SFT's label_smoothing term")
+    if b.target_weight is not None:
+        if not ce_smoothing_reader(opts):
+            raise ValueError(f"target_weight (class weights) applies to the SFT preset (method='sft'), got {who}")
+        if (b.target_weight < 0).any():
+            raise ValueError("target_weight must be >= 0 (class weights)")
     if b.rollout_logp is not None and opts.rollout_correction is None and opts.off_policy_mask_threshold is None:
         raise ValueError("rollout_logp was given but nothing uses it: set rollout_correction and/or off_policy_mask_threshold")
     if "kl_estimator" in given and opts.kl_coef == 0 and b.ref_logp is None and b.kl is None:

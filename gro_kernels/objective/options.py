@@ -32,7 +32,8 @@ CHOICES = {
     "rollout_correction": (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask",
                            "icepop", "seq_mask_tis"),
     "kl_placement": ("loss", "reward"),
-    "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
+    "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_sum"),
+    "reduction": (None, "mean", "sum", "none"),
 }
 
 DEFAULTS = {
@@ -94,7 +95,11 @@ DEFAULTS = {
     # aggregation
     "loss_agg": "token_mean",
     "max_completion_length": None,
-    # read by gro_loss (applied inside token_logprobs); accepted here so presets can carry it
+    "reduction": None,                 # SFT: torch's F.cross_entropy reduction (mean | sum | none); None = mean
+    # z-loss (PaLM, Liger's lse_square_scale): z_loss_coef * sum c lse^2, lse the head's log normalizer
+    "z_loss_coef": 0.0,
+    # read by gro_loss (applied inside token_logprobs); accepted here so presets can carry it. A float,
+    # or a positive tensor [B] / [B, T] (per sequence / per token)
     "temperature": 1.0,
 }
 OPTIONS = tuple(DEFAULTS)
@@ -221,13 +226,16 @@ def resolve_options(method: str, options: dict) -> Options:
     for name, allowed in CHOICES.items():
         if o[name] not in allowed:
             raise ValueError(f"option {name} must be one of {allowed}, got {o[name]!r}")
-    for name in ("eps_low", "eps_high", "kl_coef", "entropy_coef", "std_eps", "pos_coef", "neg_coef", "offline_coef"):
+    for name in ("eps_low", "eps_high", "kl_coef", "entropy_coef", "std_eps", "pos_coef", "neg_coef", "offline_coef",
+                 "z_loss_coef"):
         o[name] = _number(name, o[name], low=0.0)
     for name in ("anchor_value", "margin"):
         o[name] = _number(name, o[name])
     o["beta"] = _number("beta", o["beta"], low=0.0, low_open=True)
-    o["temperature"] = _number("temperature", o["temperature"], low=0.0, low_open=True)
-    o["label_smoothing"] = _number("label_smoothing", o["label_smoothing"], low=0.0, high=0.5)
+    o["temperature"] = _temperature(o["temperature"])
+    # SFT's label smoothing is the cross-entropy's (torch: in [0, 1]); the pair losses' is in [0, 0.5]
+    o["label_smoothing"] = _number("label_smoothing", o["label_smoothing"], low=0.0,
+                                   high=1.0 if ce_smoothing_reader(o) else 0.5)
     if o["delta"] is not None:
         o["delta"] = _number("delta", o["delta"], low=1.0, low_open=True)
     mcl = o["max_completion_length"]
@@ -239,6 +247,7 @@ def resolve_options(method: str, options: dict) -> Options:
     _check_values(o)
     _check_policy_options(o, options)
     _check_pair_options(o, options)
+    _check_sft_options(o, options)
     _check_weight_options(o, options)
 
     # Combinations that have no meaning.
@@ -255,6 +264,36 @@ def resolve_options(method: str, options: dict) -> Options:
                 "anchor in ('batch_mean', 'constant', 'none') and scale in ('batch_std', 'none')"
             )
     return o
+
+
+def _temperature(value):
+    """A positive number, or a tensor (checked for shape and values where the head reads it)."""
+    import torch  # noqa: PLC0415 - options are plain values otherwise
+
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError("option temperature is a constant of the sampler: pass a tensor without requires_grad")
+        return value
+    return _number("temperature", value, low=0.0, low_open=True)
+
+
+def ce_smoothing_reader(o) -> bool:
+    """Whether label_smoothing is the cross-entropy's (the SFT preset: no score, every token +1, the
+    log-likelihood surrogate) rather than a preference loss's."""
+    return o["score"] == "none" and o["separation"] == "positive" and o["surrogate"] == "logp"
+
+
+def _check_sft_options(o: Options, given: dict) -> None:
+    """reduction belongs to the SFT preset; it picks its aggregation (mean: token_mean, sum / none:
+    token_sum, none also returns the per-token loss)."""
+    sft = ce_smoothing_reader(o)
+    if o["reduction"] is not None:
+        if not sft:
+            raise ValueError(f"option reduction (torch's cross-entropy reduction) applies to the SFT preset "
+                             f"(method='sft'), got score={o['score']!r}, surrogate={o['surrogate']!r}")
+        if "loss_agg" in given:
+            raise ValueError("options reduction and loss_agg both set the aggregation: give one")
+        o["loss_agg"] = "token_mean" if o["reduction"] == "mean" else "token_sum"
 
 
 def _optional(o, name, **bounds):
@@ -399,9 +438,9 @@ def _check_weight_options(o: Options, given: dict) -> None:
         unread("anchor_value", f"it is the level of anchor='constant', got anchor={o['anchor']!r}")
     if weighting != "sigmoid" or pair is not None:
         unread("margin", f"it is the pairwise sigmoid's margin (weighting='sigmoid'), got weighting={weighting!r}")
-        if pair is None:
-            unread("label_smoothing", f"it smooths the pairwise sigmoid (weighting='sigmoid') or a pair_loss that "
-                                      f"reads it, got weighting={weighting!r}")
+        if pair is None and not ce_smoothing_reader(o):
+            unread("label_smoothing", f"it smooths the pairwise sigmoid (weighting='sigmoid'), a pair_loss that "
+                                      f"reads it, or the SFT preset's cross-entropy, got weighting={weighting!r}")
     if weighting != "linear":
         unread("scale", f"it divides the linear weighting's score - anchor, got weighting={weighting!r}")
     if weighting == "constant" and separation != "anchor":

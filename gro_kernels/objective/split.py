@@ -93,11 +93,14 @@ class TokenTerms:
     policy: torch.Tensor                     # 0-d: the policy term's part of it
     surrogate: Surrogate
     kl: Optional[torch.Tensor]               # the per-token KL estimate (or None)
+    per_token: Optional[torch.Tensor] = None  # the loss before the sum, shaped like logp
 
 
 def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantages, coef, online,
-               mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None) -> TokenTerms:
-    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] ) - entropy_coef * sum e * H.
+               mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None,
+               lse=None, mean_logp=None, lse_coef=None) -> TokenTerms:
+    """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] ) - entropy_coef * sum e * H
+    + z_loss_coef * sum c_z lse^2.
 
     Every argument is shaped like `logp` ([B,T], or one chunk of tokens as [1, n]); `online` is
     broadcastable to it (False on offline rows, which use the plain A l surrogate). `mask` is used
@@ -114,14 +117,20 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
       abs_kl_coef    a [B,T]: KL-Cov's penalty coefficient (ppo_kl_coef on the selected tokens, else 0).
     `[* r]`: with use_bias_correction_kl the KL term is multiplied by the importance ratio r (with its
     gradient; DeepSeek-V3.2).
+      lse, lse_coef  the head's log normalizer and its z-loss coefficient c_z (None: c);
+      mean_logp      (1/V) sum_v w_v log p_v: SFT's label smoothing eps makes its surrogate
+                     (1 - eps) A l + eps mean_logp (torch's cross-entropy with label_smoothing).
     """
     surrogate = policy_surrogate(opts, logp, old_logp, advantages, mask, online)
     value = surrogate.value
+    if mean_logp is not None:
+        value = (1 - opts.label_smoothing) * value + opts.label_smoothing * mean_logp
     if abs_kl_coef is not None:
         value = value - abs_kl_coef * (logp - old_logp).abs()
     if policy_weight is not None:
         value = policy_weight * value
-    policy = -(coef * value).sum()
+    per_token = -(coef * value)
+    policy = per_token.sum()
     loss = policy
     has_kl = kl is not None if opts.kl_estimator == "full" else ref_logp is not None
     k = kl_estimate(opts.kl_estimator, logp, ref_logp, kl) if has_kl else None
@@ -132,8 +141,13 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
             if ratio is None:
                 ratio = torch.where(online, torch.exp(logp - old_logp), torch.ones_like(logp))
             k_loss = k * ratio
-        loss = loss + opts.kl_coef * (coef * k_loss).sum()
+        term = opts.kl_coef * (coef * k_loss)
+        loss, per_token = loss + term.sum(), per_token + term
     if entropy is not None and opts.entropy_coef != 0:
         e = coef if entropy_weight is None else entropy_weight
-        loss = loss - opts.entropy_coef * (e * entropy).sum()
-    return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k)
+        term = opts.entropy_coef * (e * entropy)
+        loss, per_token = loss - term.sum(), per_token - term
+    if lse is not None and opts.z_loss_coef != 0:
+        term = opts.z_loss_coef * ((coef if lse_coef is None else lse_coef) * lse * lse)
+        loss, per_token = loss + term.sum(), per_token + term
+    return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k, per_token=per_token)

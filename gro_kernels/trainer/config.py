@@ -5,6 +5,7 @@ import functools
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
+from ..logprobs.transform import HEAD_PRECISIONS
 from ..objective.inputs import uses_ref_logp
 from ..objective.options import OPTIONS, resolve_options, unknown_names
 
@@ -24,9 +25,14 @@ class GROConfig:
         num_generations: Completions sampled per prompt, one group per prompt. Default 8.
         max_new_tokens: The sampling length limit. Default 64.
         temperature: The sampling temperature, also the loss's unless loss_options sets one. Default 1.0.
-        top_k: Top-k sampling; 0 samples from the full distribution (what the importance ratios
-            assume). Default 0.
-        top_p: Nucleus sampling. Default 1.0.
+        top_k: Top-k sampling (0: off). The loss's and the old log-probs are those of the truncated
+            distribution the samples were drawn from (docs/head.md); the reference's stay the full one.
+            Default 0.
+        top_p: Nucleus sampling (1.0: off), in the loss likewise. Default 1.0.
+        min_p: Min-p sampling (0.0: off), in the loss likewise; not with top_p < 1 (transformers'
+            generate applies top_p first, the loss's kept set min_p first). Default 0.0.
+        head_precision: The LM head's GEMMs in the loss and the log-prob passes: native, fp32 (vLLM's
+            fp32 head) or tf32 (CUDA). Default "native".
         offline_column: A prompt-dataset column of gold completion(s) mixed into each prompt's
             group as offline rows. Default None.
         offline_per_group: How many offline rows join each group (when available). Default 1.
@@ -66,8 +72,12 @@ class GROConfig:
     num_generations: int = 8            # K completions per prompt (one group per prompt)
     max_new_tokens: int = 64
     temperature: float = 1.0            # sampling temperature; also the loss's temperature unless overridden
-    top_k: int = 0                      # 0: full distribution (what the importance ratios assume)
+    # The sampler's truncation (0 / 1.0 / 0.0: off). The loss's log-probs (and old log-probs) are those of
+    # the truncated distribution the samples were drawn from; the reference's stay the full distribution.
+    top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0                  # not with top_p < 1 (generate applies them in the other order)
+    head_precision: str = "native"      # the LM head's GEMMs: native | fp32 | tf32 (gro_loss's head_precision)
 
     # --- offline data mixed into online groups (docs/objective.md) ----------------------------
     offline_column: Optional[str] = None  # prompt-dataset column holding gold completion(s) to mix in
@@ -111,6 +121,17 @@ class GROConfig:
             raise ValueError("micro_batch_size and prompts_per_step must be >= 1")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if self.head_precision not in HEAD_PRECISIONS:
+            raise ValueError(f"head_precision must be one of {HEAD_PRECISIONS}, got {self.head_precision!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0: off), got {self.min_p!r}")
+        if self.min_p > 0 and self.top_p < 1:
+            raise ValueError("min_p with top_p < 1: transformers' generate applies top_p before min_p, the loss's "
+                             "kept set (vLLM's order) min_p first, so the two would differ; use one of them")
         self.adam_betas = tuple(self.adam_betas)
 
     # Resolved settings (the objective's own option table decides, so the two never disagree) ---
@@ -125,6 +146,17 @@ class GROConfig:
         opts = self.resolved_options()
         return uses_ref_logp(self.method, opts) or (opts.kl_coef != 0 and opts.kl_estimator == "full")
 
+    def sampler(self) -> dict:
+        """The sampler's truncation as gro_loss / token_logprobs arguments (only what is on)."""
+        out = {}
+        if self.top_k > 0:
+            out["top_k"] = self.top_k
+        if self.top_p < 1:
+            out["top_p"] = self.top_p
+        if self.min_p > 0:
+            out["min_p"] = self.min_p
+        return out
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["adam_betas"] = list(self.adam_betas)
@@ -138,8 +170,8 @@ class GROConfig:
         changed = [name for name, value in defaults.items() if getattr(self, name) != value]
         if not online:
             read_offline = ("max_new_tokens",) if opts.loss_agg == "seq_mean_token_sum_norm" else ()
-            for name in ("num_generations", "max_new_tokens", "top_k", "top_p", "offline_column", "offline_per_group",
-                         "offline_reward"):
+            for name in ("num_generations", "max_new_tokens", "top_k", "top_p", "min_p", "offline_column",
+                         "offline_per_group", "offline_reward"):
                 if name in changed and name not in read_offline:
                     raise ValueError(f"GROConfig.{name} is read only when sampling (reward functions given); this "
                                      "trainer trains offline from the dataset's rows")

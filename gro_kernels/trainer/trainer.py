@@ -35,7 +35,8 @@ from . import distributed as gdist
 from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
                             needs_behaviour_logp, options_beside_advantages)
 from .config import GROConfig
-from .heads import check_head, fold_scale, logit_scale
+from ..logprobs.transform import check_precision
+from .heads import check_head, fold_scale, logit_scale, logit_softcap
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
 from .packing import PackedTokens, check_packing, packed_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
@@ -135,7 +136,8 @@ class PolicyLoss(nn.Module):
             packed = PackedTokens(scored)
             targets, loss_kwargs = packed.take(targets), packed.loss_inputs(loss_kwargs)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
-        out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
+        out = gro_loss(hidden, weight, targets, bias=bias, softcap=logit_softcap(self.model), return_entropy=True,
+                       **loss_kwargs)
         logp = out.logp.detach() if scored is None else packed.put(out.logp.detach())
         return out.loss, logp, out.metrics
 
@@ -203,6 +205,7 @@ class GROTrainer:
                              f"processes ({self.dist.world_size})")
         self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
         cfg.check_for(online=self.online, world_size=self.dist.world_size)
+        check_precision(cfg.head_precision, self.device, next(model.parameters()).dtype)  # tf32 needs CUDA
 
         self.eos_ids = self._eos_ids(eos_token_id)
         self.pad_id = self._pad_id(pad_token_id)
@@ -310,7 +313,7 @@ class GROTrainer:
         pids = [encode_prompt(self.tokenizer, p) for p in prompts]
         comps = generate(self.model, pids, num_generations=K, max_new_tokens=cfg.max_new_tokens,
                          pad_id=self.pad_id, eos_ids=self.eos_ids, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p)
+                         top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
         texts = [self._decode(c) for c in comps]
         rep = [r for r in rows for _ in range(K)]
         rewards = score(self.reward_funcs, [r["prompt"] for r in rep], texts, self._columns(rep), self.reward_weights)
@@ -369,21 +372,30 @@ class GROTrainer:
 
     @torch.no_grad()
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
-        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
+        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch):
+        the policy's of the sampler's (truncated) distribution, the reference's of its full one."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
-        temp = float(self.options.temperature)
+        head = self._head_options(model)
         with self.gathered() if model is self.model else contextlib.nullcontext():
-            self._logprobs_into(out, model, batch, temp)
+            self._logprobs_into(out, model, batch, head)
         return out
 
-    def _logprobs_into(self, out, model, batch: Batch, temp: float) -> None:
+    def _head_options(self, model) -> dict:
+        """token_logprobs' head arguments for `model`: its soft cap, the configured precision and temperature,
+        and for the policy the sampler's truncation."""
+        cfg = self.config
+        head = dict(temperature=float(self.options.temperature), softcap=logit_softcap(model),
+                    head_precision=cfg.head_precision)
+        return {**head, **cfg.sampler()} if model is self.model else head
+
+    def _logprobs_into(self, out, model, batch: Batch, head: dict) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
             scored = self._scored(mb)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
                                     self.autocast_dtype, scored=scored)
             targets = mb.targets if scored is None else PackedTokens(scored).take(mb.targets)
-            lp = token_logprobs(h, w, targets, bias=b, temperature=temp, backend=self.config.backend).logp
+            lp = token_logprobs(h, w, targets, bias=b, backend=self.config.backend, **head).logp
             lp = lp if scored is None else PackedTokens(scored).put(lp)
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
 
@@ -418,7 +430,8 @@ class GROTrainer:
             else:  # the call's token mean, rescaled to its share of the batch's
                 tokens = float(self._counted(mb).sum())
                 options["entropy_coef"] = opts.entropy_coef * tokens * self.dist.world_size / (max(tokens_global, 1) * scale)
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **options)
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, head_precision=cfg.head_precision,
+                  **cfg.sampler(), **options)
         if self._z0 is not None:
             kw["anchor_value"] = self._z0
         if mb.advantages is not None:
@@ -437,6 +450,9 @@ class GROTrainer:
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
+            if logit_softcap(self.ref_model) != logit_softcap(self.model):
+                raise ValueError("kl_estimator='full' soft-caps both heads with the policy's cap: the reference "
+                                 f"model's final_logit_softcapping ({logit_softcap(self.ref_model)}) differs")
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
                                            mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
