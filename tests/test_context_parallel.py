@@ -10,7 +10,13 @@ Context parallel (gloo, 3 processes, groups of 2 and 3): each rank holds a slice
 same rows, contiguous (Ulysses) or zigzag (ring attention: chunks r and 2cp-1-r, with `positions`),
 of the padded batch and of the packed row; every rank's loss is the one process's loss, its hidden
 gradient the one process's at its tokens, and the weight and bias gradients summed over the group
-are the one process's."""
+are the one process's. The token accuracy (a metric over every rank's tokens) too.
+
+The head options in both layouts (HEAD_CASES): a per-token temperature [B, T] follows the tokens (taken
+with them); a per-sequence one [B] is indexed by sequence id in the packed row, like the other
+per-sequence inputs; the soft cap and top_k / min_p act per token; SFT's label smoothing, class weights
+and z-loss read per-token statistics that move with the tokens, and reduction="none" returns each
+rank's own tokens' losses."""
 import os
 
 import pytest
@@ -31,6 +37,7 @@ def config(method, extra=None):
     """(hidden, weight, bias, targets, per-token and per-sequence inputs, options) of the padded batch."""
     hidden, weight, bias, targets, kw = batch("kto" if method == "apo_zero_unpaired" else method)
     opts = {**options(method), **(extra or {})}
+    kw.update({k: opts.pop(k) for k in list(opts) if isinstance(opts[k], torch.Tensor)})  # taken with the tokens
     if method == "dr_grpo":  # packed rows have no padded width: the normalizer is given
         opts.setdefault("max_completion_length", T)
     if opts.get("kl_estimator") != "full":
@@ -46,7 +53,14 @@ def config(method, extra=None):
 EXTRA = [("dpo", dict(pair_loss="sigmoid", ld_alpha=0.5)), ("dpo", dict(pair_loss="sigmoid", use_weighting=True)),
          ("grpo", dict(top_entropy_quantile=0.5)), ("dapo", dict(rollout_correction="sequence_truncate")),
          ("dapo", dict(off_policy_mask_threshold=0.01)), ("simpo", dict(margin=0.2))]
-CASES = [(m, {}) for m in METHODS] + EXTRA
+# The head options (docs/head.md) and SFT's cross-entropy options
+HEAD_CASES = [("grpo", dict(temperature=torch.linspace(0.7, 1.3, B * T, dtype=torch.float64).reshape(B, T),
+                            softcap=2.5, top_k=3, min_p=0.05)),
+              ("dpo", dict(temperature=torch.linspace(0.8, 1.2, B, dtype=torch.float64), softcap=2.0, top_k=5)),
+              ("sft", dict(label_smoothing=0.1, z_loss_coef=1e-3,
+                           class_weight=torch.linspace(0.5, 1.5, 40, dtype=torch.float64))),
+              ("sft", dict(reduction="none", label_smoothing=0.2, z_loss_coef=1e-2))]
+CASES = [(m, {}) for m in METHODS] + EXTRA + HEAD_CASES
 CP_CASES = [c for c in CASES if c[0] != "clip_cov"]  # refused with cp_group (it draws tokens at random)
 
 
@@ -77,7 +91,14 @@ def reference(method, extra):
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     torch.manual_seed(0)  # clip_cov draws its tokens from the default generator
     out = gro_loss(h, w, targets, method=method, bias=b, backend="torch", **kw, **opts)
-    return (out.loss.detach(), out.logp, *torch.autograd.grad(out.loss, (h, w, b)))
+    return _outputs(out, (h, w, b))
+
+
+def _outputs(out, params):
+    """(loss, logp, d_hidden, d_weight, d_bias, token accuracy); reduction="none": the per-token losses' sum
+    is differentiated."""
+    total = out.loss if out.loss.dim() == 0 else out.loss.sum()
+    return (out.loss.detach(), out.logp, *torch.autograd.grad(total, params), out.metrics["token_accuracy"])
 
 
 def run(method, extra, tokens, *, packed, **layout):
@@ -96,13 +117,13 @@ def run(method, extra, tokens, *, packed, **layout):
     h, w, b = pick(hidden).clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
     torch.manual_seed(0)
     out = gro_loss(h, w, y, method=method, bias=b, backend="torch", **kw, **opts, **layout)
-    return (out.loss.detach(), out.logp, *torch.autograd.grad(out.loss, (h, w, b)))
+    return _outputs(out, (h, w, b))
 
 
 def errors(got, want, tokens, *, packed, summed):
     """Largest differences: (loss, logp, d_hidden at the tokens, d_weight, d_bias), the last two summed
     over the group by `summed`; and whether padding tokens got exactly 0."""
-    loss, logp, dh, dw, db = got
+    loss, logp, dh, dw, db, accuracy = got
     if packed:
         rows, cols, ids = (t[tokens] for t in packed_places())
         real = ids >= 0
@@ -112,7 +133,9 @@ def errors(got, want, tokens, *, packed, summed):
     else:
         zero, at, mine = True, (lambda v: v[:, tokens]), (lambda v: v)
     dw, db = summed(dw), summed(db)
-    diffs = [(loss - want[0]).abs(), (mine(logp) - at(want[1])).abs().max(), (mine(dh) - at(want[2])).abs().max(),
+    if loss.dim():  # reduction="none": each token's loss, as the log-probs
+        loss, want = mine(loss), (at(want[0]),) + tuple(want[1:])
+    diffs = [(accuracy - want[5]).abs(), (loss - want[0]).abs().max(), (mine(logp) - at(want[1])).abs().max(), (mine(dh) - at(want[2])).abs().max(),
              (dw - want[3]).abs().max(), (db - want[4]).abs().max()]
     return max(float(d) for d in diffs), zero
 
