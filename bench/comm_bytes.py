@@ -5,7 +5,7 @@
 torch.distributed's all_reduce / all_gather are wrapped to record the size of the buffer each call
 hands over (the statistics are float32); the figures per token scale to any N, and README's Scaling
 out section multiplies them out for N=8192, V=151936, d=4096. One GRPO call with an entropy bonus,
-with and without the exact KL to a sharded reference head (tensor parallel), and GRPO with old and
+with and without the exact KL to a sharded reference head, and with top_k / min_p (tensor parallel), and GRPO with old and
 reference log-probs and an entropy bonus (context parallel, the tokens split between the ranks).
 """
 import os
@@ -57,6 +57,8 @@ def _worker(rank, port):
         "TP, GRPO + entropy bonus": dict(kl_coef=0.0, entropy_coef=0.01),
         "TP, GRPO + entropy bonus + exact KL (sharded reference head)": dict(
             kl_coef=0.05, kl_estimator="full", entropy_coef=0.01, ref_hidden=hidden + 0.1, ref_weight=weight[rows] + 0.1),
+        "TP, GRPO + entropy bonus, the sampler's top_k=20 and min_p=0.05": dict(
+            kl_coef=0.0, entropy_coef=0.01, top_k=20, min_p=0.05),
     }
     report = []
     for name, extra in runs.items():
