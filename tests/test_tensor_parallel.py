@@ -128,7 +128,8 @@ def head_options():
     N = logprobs_case()[6].shape[0]
     temperature = torch.linspace(0.6, 1.4, N, dtype=torch.float64)
     top_k = torch.tensor([0, 1, 2, 5, 9, 40])[torch.arange(N) % 6]
-    return [dict(temperature=temperature, softcap=2.5, top_k=top_k, head_precision="fp32"),
+    # chunks of 1-2 tokens: some hold only rows whose top_k is off
+    return [dict(temperature=temperature, softcap=2.5, top_k=top_k, head_precision="fp32", chunk_elements=30),
             dict(temperature=0.8, top_k=7, min_p=0.1), dict(softcap=3.0, min_p=0.3)]
 
 

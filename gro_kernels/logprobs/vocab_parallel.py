@@ -100,9 +100,9 @@ class VocabShard:
         the smallest logit of the slice whose u clears it."""
         n, width = z.shape
         bound = torch.full((n,), -math.inf, dtype=z.dtype, device=z.device)
-        if tf.top_k is not None:
+        kmax = 0 if tf.top_k is None else int(tf.top_k.max())   # the same on every rank: they hold the same tokens
+        if kmax > 0:   # (0: this chunk's rows have top_k off)
             k = tf.top_k
-            kmax = int(k.max())   # the same on every rank: the ranks hold the same tokens
             cand = z.topk(min(kmax, width), dim=1).values
             if cand.shape[1] < kmax:  # a slice narrower than k: pad with logits that never count
                 cand = torch.cat([cand, cand.new_full((n, kmax - cand.shape[1]), -math.inf)], 1)
@@ -115,6 +115,8 @@ class VocabShard:
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
             floor = transform(top[:, None], tf)[:, 0] + torch.log(tf.min_p.to(z.dtype))   # log(0) = -inf: off
             bound = torch.maximum(bound, floor)
+        if bool(torch.isneginf(bound).all()):   # nothing truncated in this chunk
+            return bound
         tau = torch.full_like(bound, math.inf)
         step = max(1, width // CANDIDATE_FRACTION)   # bounded transients, as transform.kept_threshold
         for a in range(0, width, step):
@@ -241,7 +243,8 @@ class VocabParallelEpilogue:
             state = self.inner.stats(z, zr, y_local, tf, local, 0, cw, for_grad)
             if empty is not None:
                 local.lse.masked_fill_(empty, float("-inf"))
-        self._chunk = (z, y_local, own, empty)   # for `grad` on the same chunk, which may find z transformed in place
+        # for `grad` on the same chunk (the fused pass), which may find z transformed in place
+        self._chunk = (z, y_local, own, empty) if for_grad else None
         weights = None
         if local.mean_logp is not None:
             weights = ((cw.sum(dtype=z.dtype), class_weight.sum(dtype=z.dtype)) if class_weight is not None
