@@ -62,6 +62,26 @@ ARGS = {
     "truncated": "[B] bool, optional. Completions cut at the length limit, for mask_truncated_completions.",
     "log_sum_sq_probs": "[B, T] float, optional. log sum_v p_v^2 of the policy per token, for use_weighting "
                         "(gro_loss computes it).",
+    "sequence_ids": "[B, T] int, optional. The sequence each token belongs to (-1: padding), so that a row holds "
+                    "several (packed rows, e.g. [1, L]); per-sequence inputs ([S]) are then indexed by sequence id. "
+                    "loss_agg='seq_mean_token_sum_norm' then needs max_completion_length. A 1-D temperature / "
+                    "top_k / top_p / min_p tensor is then per sequence id too.",
+    "positions": "[B, T] int, optional. Each token's place in its sequence, where the order along the row (and "
+                 "cp_group's rank order) is not it: a zigzag / ring-attention split.",
+    "cp_group": "process group, optional. Context parallelism: each rank passes its slice of the tokens of the "
+                "same sequences (per-sequence inputs the same on every rank); every rank returns the loss of the "
+                "whole sequences, its backward reaches the parameters through its own tokens: sum the parameter "
+                "gradients over the group (docs/options.md, Scaling out).",
+    "tp_group": "process group, optional. Tensor (vocabulary) parallelism: weight (and bias, and the reference "
+                "head's) is this rank's contiguous slice of the vocabulary's rows; targets are ids of the whole "
+                "vocabulary. Per chunk the row statistics are combined over the group (one MAX and one packed SUM "
+                "all-reduce); dW and db stay this rank's, dh is summed over the group. The head options pass "
+                "through, top_k / min_p are found over the whole vocabulary, top_p is refused (docs/options.md).",
+    "vocab_start": "int, optional (with tp_group). The first vocabulary row this rank holds; by default from the "
+                   "group's shard sizes in rank order (shards may be uneven). The shards must tile [0, V).",
+    "sequence_parallel": "bool, default False (with tp_group). The hidden states were gathered from "
+                         "sequence-parallel slices by an op whose backward reduce-scatters (Megatron's "
+                         "gather_from_sequence_parallel_region): dh is left as this rank's partial sum for it.",
     "ignore_index": "int, default -100. The target id of tokens that are not scored.",
     "backend": "str, default 'auto'. 'auto' (triton on CUDA tensors, else torch), 'torch' (chunked, any "
                "device), 'triton' (fused kernels), 'naive' (materializes the logits; the test reference).",
@@ -77,14 +97,16 @@ ARGS = {
     "top_k": "int, or a [B] / [B, T] tensor, optional. The sampler's top-k (0 or -1: off): log-probs, entropy and "
              "KL are those of the renormalized truncated distribution (docs/head.md). The kept set is a constant of "
              "the gradient; a target outside it joins its row's kept set. The reference is never truncated.",
-    "top_p": "float in (0, 1], or a [B] / [B, T] tensor, optional. The sampler's top-p (1: off), as top_k.",
+    "top_p": "float in (0, 1], or a [B] / [B, T] tensor, optional. The sampler's top-p (1: off), as top_k; not "
+             "with tp_group.",
     "min_p": "float in [0, 1], or a [B] / [B, T] tensor, optional. The sampler's min-p (0: off), as top_k.",
     "head_precision": "str, default 'native'. The head's GEMMs: 'native' (16-bit GEMMs with fp32 output), "
                       "'fp32' (every GEMM, the gradient GEMMs too, on fp32 copies of 16-bit hidden states and "
                       "weight, TF32 off: vLLM's fp32 head; the weight upcast in vocabulary slices past a 1 GiB "
                       "budget), 'tf32' (the same on TF32 tensor cores; CUDA sm_80+ only, else a ValueError).",
     "class_weight": "[V] float >= 0, optional. The SFT preset's class weights (torch's cross-entropy `weight`): "
-                    "each target's log-likelihood times its class weight, the mean over the targets' weights.",
+                    "each target's log-likelihood times its class weight, the mean over the targets' weights. "
+                    "Indexed by ids of the whole vocabulary (with tp_group, every rank passes all V).",
     "return_mean_logp": "bool, default False. Also return (1/V) sum_v w_v log q_v per token (TokenStats.mean_logp, "
                         "label smoothing's term; w = class_weight, else 1); not with top_k / top_p / min_p.",
     "lse": "[B, T] float, optional. The head's log normalizer per token (TokenStats.lse, differentiable), for "

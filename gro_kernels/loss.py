@@ -15,11 +15,12 @@ from torch import nn
 
 from .argdocs import document, options_entry
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_class_weight, check_inputs, check_mean_logp, check_teacher, stat_dtype, teacher_divergence
+from .logprobs.api import (check_class_weight, check_inputs, check_mean_logp, check_teacher,
+                            refuse_teacher_with_tp_group, stat_dtype, teacher_divergence, vocab_shard)
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .logprobs.transform import HEAD_PRECISIONS, check_head_options
 from .objective import GROOutput, gro_objective
-from .objective.core import prepare_objective
+from .objective.core import objective_in_layout, prepare_objective, token_layout
 from .objective.inputs import check_mask, uses_ref_logp
 from .objective.options import OPTIONS, ce_smoothing_reader, resolve_options
 from .objective.split import needs_policy_logp, token_loss
@@ -27,8 +28,10 @@ from .objective.split import needs_policy_logp, token_loss
 
 _INPUTS = ("hidden", "weight", "targets", "method", "mask", "rewards", "advantages", "group_ids", "labels",
            "baselines", "offline", "old_logp", "ref_logp", "ref_hidden", "ref_weight", "bias", "ref_bias",
-           "teacher_hidden", "teacher_weight", "teacher_bias", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs", "head_precision", "softcap",
-           "top_k", "top_p", "min_p", "class_weight", "ignore_index", "backend", "backend_options", "return_entropy")
+           "teacher_hidden", "teacher_weight", "teacher_bias", "num_items_in_batch", "rollout_logp", "truncated",
+           "log_sum_sq_probs", "head_precision", "softcap", "top_k", "top_p", "min_p", "class_weight", "sequence_ids",
+           "positions", "cp_group", "tp_group", "vocab_start", "sequence_parallel", "ignore_index", "backend",
+           "backend_options", "return_entropy")
 # the head's arguments (docs/head.md): GROLoss takes them with the options at construction
 HEAD_ARGS = ("head_precision", "softcap", "top_k", "top_p", "min_p")
 _OPTIONS_DOC = {"**options": options_entry(OPTIONS)}
@@ -67,6 +70,12 @@ def gro_loss(
     top_p=None,
     min_p=None,
     class_weight: Optional[torch.Tensor] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    cp_group=None,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    sequence_parallel: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
     backend_options: Optional[dict] = None,
@@ -116,8 +125,14 @@ def gro_loss(
     full_kl = opts.kl_estimator == "full"
     if full_kl and opts.kl_coef != 0 and not has_ref_head:
         raise ValueError("kl_estimator='full' needs the reference head: pass ref_hidden and ref_weight")
-    head = dict(temperature=opts.temperature, softcap=softcap, head_precision=head_precision)
-    sampler = dict(top_k=top_k, top_p=top_p, min_p=min_p)
+    # packed rows: a per-sequence head tensor is indexed by sequence id, as the other per-sequence inputs
+    head = dict(temperature=_by_sequence("temperature", opts.temperature, sequence_ids), softcap=softcap,
+                head_precision=head_precision)
+    sampler = {k: _by_sequence(k, v, sequence_ids) for k, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p))}
+    # tensor parallelism: token_logprobs / the fused pass combine the vocabulary shards (a collective)
+    vocab = dict(tp_group=tp_group, vocab_start=vocab_start, sequence_parallel=sequence_parallel)
+    refuse_teacher_with_tp_group(teacher_hidden, teacher_weight, tp_group)   # before the shard's collective
+    shard = vocab_shard(weight, **vocab, bias=bias)
     teacher = None
     if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
         if opts.distill_coef == 0:
@@ -134,6 +149,9 @@ def gro_loss(
     valid = targets != ignore_index
     if mask is not None:
         valid = valid & check_mask(mask, tuple(targets.shape), targets.device, against="targets")
+    if isinstance(sequence_ids, torch.Tensor) and tuple(sequence_ids.shape) == tuple(targets.shape):
+        valid = valid & (sequence_ids >= 0)  # padding between packed sequences
+    if mask is not None or sequence_ids is not None:
         targets = targets.masked_fill(~valid, ignore_index)
 
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
@@ -143,33 +161,35 @@ def gro_loss(
         with torch.no_grad():  # the reference's full (never truncated) distribution
             ref_logp = token_logprobs(
                 ref_hidden, ref_weight, targets, bias=ref_bias, ignore_index=ignore_index, backend=backend,
-                **head, **backend_options,
+                **head, **vocab, **backend_options,
             ).logp
     # WPO's weights read log sum_v p_v^2 of the policy: the statistics pass gives it (no gradient).
     # (use_weighting is never token-local, so that pass is the composable path's own, below.)
     want_sum_p2 = log_sum_sq_probs is None and opts.use_weighting
     # SFT's label smoothing reads the mean log-prob over the vocabulary; its class weights the targets'.
     want_mean_logp = opts.label_smoothing != 0 and ce_smoothing_reader(opts)
-    cw = check_class_weight(class_weight, weight.shape[0] if isinstance(weight, torch.Tensor) else 0, targets.device)
+    # class weights are indexed by ids of the whole vocabulary (with tp_group too: every rank passes all V)
+    vocab_size = shard.vocab if shard is not None else weight.shape[0] if isinstance(weight, torch.Tensor) else 0
+    cw = check_class_weight(class_weight, vocab_size, targets.device)
     target_weight = None if cw is None else cw[targets.clamp(min=0)] * valid
     # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                     log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight,
-                     **{k: v for k, v in options.items() if k != "temperature"})
+                     log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight, sequence_ids=sequence_ids,
+                     positions=positions, cp_group=cp_group, **{k: v for k, v in options.items() if k != "temperature"})
     stat_options = dict(want_entropy=want_entropy, want_mean_logp=want_mean_logp, class_weight=cw,
                         ignore_index=ignore_index, backend=backend, backend_options=backend_options)
 
     two_heads = bool(ref_head) and opts.kl_coef != 0 and teacher is not None
     if not two_heads and _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
         return _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective, head={**head, **sampler},
-                           **stat_options)
+                           shard=shard, **stat_options)
 
     stats = token_logprobs(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, return_entropy=want_entropy,
         return_sum_p2=want_sum_p2, return_mean_logp=want_mean_logp, class_weight=cw if want_mean_logp else None,
-        backend=backend, **head, **sampler, **ref_head, **(teacher or {}), **backend_options,
+        backend=backend, **head, **sampler, **ref_head, **(teacher or {}), **vocab, **backend_options,
     )
     if stats.distill is not None:
         objective["distill"] = stats.distill
@@ -180,14 +200,33 @@ def gro_loss(
         entropy = entropy.detach()  # metrics only
     out = gro_objective(stats.logp, entropy=entropy, kl=stats.kl, lse=stats.lse if opts.z_loss_coef != 0 else None,
                         mean_logp=stats.mean_logp, **objective)
-    _token_accuracy(out, stats.is_top1, valid)
+    _token_accuracy(out, stats.is_top1, valid, cp_group)
     return out
 
 
-def _token_accuracy(out: GROOutput, is_top1, valid) -> None:
-    """metrics["token_accuracy"]: the fraction of scored targets that are their row's top-1 (Liger's)."""
-    if is_top1 is not None:
-        out.metrics["token_accuracy"] = ((is_top1 & valid).sum() / valid.sum().clamp(min=1)).to(out.logp.dtype)
+def _by_sequence(name, value, sequence_ids):
+    """A 1-D head tensor (temperature, top_k, top_p, min_p) of packed rows: one entry per sequence id,
+    spread to the tokens [B, T] (padding tokens take sequence 0's: they are not scored)."""
+    if not (isinstance(value, torch.Tensor) and value.dim() == 1 and isinstance(sequence_ids, torch.Tensor)):
+        return value
+    seq = sequence_ids.long()
+    top = int(seq.max()) + 1 if seq.numel() else 0
+    if value.shape[0] < top or value.device != seq.device:
+        raise ValueError(f"{name} per sequence with sequence_ids is indexed by sequence id: it needs at least {top} "
+                         f"entries on {seq.device}, got shape {tuple(value.shape)} on {value.device}")
+    return value[seq.clamp(min=0)]
+
+
+def _token_accuracy(out: GROOutput, is_top1, valid, cp_group=None) -> None:
+    """metrics["token_accuracy"]: the fraction of scored targets that are their row's top-1 (Liger's);
+    over every rank's tokens with cp_group, like the other metrics."""
+    if is_top1 is None:
+        return
+    counts = torch.stack([(is_top1 & valid).sum(), valid.sum()]).to(out.logp.dtype)
+    if cp_group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(counts, group=cp_group)
+    out.metrics["token_accuracy"] = counts[0] / counts[1].clamp(min=1)
 
 
 def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline) -> bool:
@@ -204,7 +243,7 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline
                                  has_offline=has_offline)
 
 
-def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective, *, head, want_entropy,
+def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective, *, head, shard, want_entropy,
                 want_mean_logp, class_weight, ignore_index, backend, backend_options) -> GROOutput:
     """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
     derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs. The engine's
@@ -214,18 +253,25 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objectiv
     want_kl = bool(ref_head) and teacher is None
     kl_grad = want_kl and opts.kl_coef != 0
     want_lse = opts.z_loss_coef != 0
+    # Packed rows, a context-parallel group: the plan is formed on the whole batch, read at our tokens.
+    objective = dict(objective)
+    cp_group = objective["cp_group"]
+    layout = token_layout(zeros, opts=opts, inputs=objective,
+                          **{k: objective.pop(k) for k in ("sequence_ids", "positions", "cp_group")})
     # The plan is formed before the pass (token-local): zeros give the shapes, and the plan itself
     # gets no logp, H, KL, lse or mean log-prob at all (reading them raises: see split.NotYetComputed).
     _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None, kl=zeros if want_kl else None,
                                    lse=zeros if want_lse else None, mean_logp=zeros if want_mean_logp else None,
-                                   distill=None if teacher is None else zeros, before_pass=True, **objective)
-    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+                                   distill=None if teacher is None else zeros, layout=layout,
+                                   before_pass=True, **objective)
+    local = (lambda t: t) if layout is None else layout.local  # noqa: E731
+    flat = lambda t: None if t is None else local(t).reshape(-1)  # noqa: E731
     A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
     # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
     g_pol, g_ent, a_kl, c_lse = (flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef),
                                  flat(plan.lse_coef))
     pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
-    online = flat((~b.offline)[:, None].expand(B, T))
+    online = flat((~b.offline)[:, None].expand(b.mask.shape))
     # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
     given_lo = flat(b.old_logp) if objective["old_logp"] is not None else None
 
@@ -258,14 +304,16 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objectiv
 
     second = {} if teacher is not None else ref_head
     *args, tf = check_inputs(hidden, weight, targets, bias, second.get("ref_hidden"), second.get("ref_weight"),
-                             second.get("ref_bias"), ignore_index=ignore_index, **head)
+                             second.get("ref_bias"), ignore_index=ignore_index, shard=shard, **head)
     div = {}
     if teacher is not None:  # the teacher head in the second head's place
         args = args[:4] + list(check_teacher(teacher["teacher_hidden"], teacher["teacher_weight"],
                                              teacher["teacher_bias"], targets, weight.shape[0], bias, tf))
         div = dict(divergence=teacher_divergence(opts.divergence, opts.jsd_beta, True))
     if want_mean_logp:
-        check_mean_logp(tf, bias)
+        check_mean_logp(tf, bias, shard)
+    if shard is not None:
+        backend_options = {**backend_options, "shard": shard}
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     stats, (dh, dw, db) = fused_token_loss(
         *args, transform=tf, head_precision=head["head_precision"], ignore_index=ignore_index,
@@ -274,10 +322,11 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objectiv
     # The value and the metrics: the same objective on the detached [B,T] statistics.
     bt = lambda t: None if t is None else t.reshape(B, T)  # noqa: E731
     with torch.no_grad():
-        second_stat = dict(distill=bt(stats["kl"])) if teacher is not None else dict(kl=bt(stats["kl"]))
-        out = gro_objective(bt(stats["logp"]), entropy=bt(stats["entropy"]), lse=bt(stats["lse"]) if want_lse else None,
-                            mean_logp=bt(stats["mean_logp"]), **second_stat, **objective)
-    _token_accuracy(out, bt(stats["is_top1"]), objective["mask"])
+        second_stat = dict(distill=bt(stats["kl"]), kl=None) if teacher is not None else dict(kl=bt(stats["kl"]))
+        out = objective_in_layout(layout, bt(stats["logp"]), entropy=bt(stats["entropy"]),
+                                  lse=bt(stats["lse"]) if want_lse else None, mean_logp=bt(stats["mean_logp"]),
+                                  **second_stat, **objective)
+    _token_accuracy(out, bt(stats["is_top1"]), objective["mask"], cp_group)
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics, per_sequence=out.per_sequence,
                      per_token=out.per_token)
@@ -313,8 +362,10 @@ class GROLoss(nn.Module):
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
                 ref_weight=None, bias=None, ref_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
-                num_items_in_batch=None, rollout_logp=None, truncated=None, log_sum_sq_probs=None, class_weight=None, temperature=None, top_k=None, top_p=None, min_p=None,
-                ignore_index=-100, backend="auto", backend_options=None, return_entropy=None) -> GROOutput:
+                num_items_in_batch=None, rollout_logp=None, truncated=None, log_sum_sq_probs=None, class_weight=None,
+                temperature=None, top_k=None, top_p=None, min_p=None, sequence_ids=None, positions=None, cp_group=None,
+                tp_group=None, vocab_start=None, sequence_parallel=False, ignore_index=-100, backend="auto",
+                backend_options=None, return_entropy=None) -> GROOutput:
         """The loss of the module's method and options on one batch (`gro_loss` with them).
 
         {args}
@@ -334,7 +385,9 @@ class GROLoss(nn.Module):
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
             num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-            log_sum_sq_probs=log_sum_sq_probs, class_weight=class_weight, ignore_index=ignore_index, backend=backend,
+            log_sum_sq_probs=log_sum_sq_probs, class_weight=class_weight, sequence_ids=sequence_ids,
+            positions=positions, cp_group=cp_group, tp_group=tp_group, vocab_start=vocab_start,
+            sequence_parallel=sequence_parallel, ignore_index=ignore_index, backend=backend,
             backend_options=backend_options, return_entropy=return_entropy, **head, **options,
         )
 
@@ -350,5 +403,7 @@ _PER_CALL = {
     "top_p": "float or a [B] / [B, T] tensor, optional. Replaces the module's top_p for this call.",
     "min_p": "float or a [B] / [B, T] tensor, optional. Replaces the module's min_p for this call.",
 }
-GROLoss.forward = document(_INPUTS[:3] + _INPUTS[4:_INPUTS.index("log_sum_sq_probs") + 1] + ("class_weight", "temperature", "top_k", "top_p", "min_p")
-                           + _INPUTS[-4:], _PER_CALL)(GROLoss.forward)
+_LAYOUT = ("sequence_ids", "positions", "cp_group", "tp_group", "vocab_start", "sequence_parallel")
+GROLoss.forward = document(_INPUTS[:3] + _INPUTS[4:_INPUTS.index("log_sum_sq_probs") + 1]
+                           + ("class_weight", "temperature", "top_k", "top_p", "min_p") + _LAYOUT + _INPUTS[-4:],
+                           _PER_CALL)(GROLoss.forward)

@@ -504,22 +504,8 @@ def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path, config):
 def test_grpo_ddp_two_processes_match_trl(tmp_path, model_path, loss_type):
     """DDP on 2 CPU processes (gloo): TRL's normalizers divide by the process count; the patched trainer
     lands on TRL's parameters and logs the same (globally reduced) metrics."""
-    import os
-    import subprocess
-    import sys
-    from gro_kernels.trainer.distributed import free_port
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_ddp_worker.py")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), worker, model_path, str(tmp_path), loss_type]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group: a timeout ends the workers too
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    from trl_fixtures import torchrun
+    torchrun("trl_ddp_worker.py", model_path, tmp_path, loss_type)
     results = torch.load(tmp_path / "results.pt")
     ref, ours = ((results[k]["params"], results[k]["log"]) for k in ("GRPOTrainer", "GROGRPOTrainer"))
     assert_same_training(ref, ours, ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"))

@@ -204,3 +204,32 @@ def test_fused_path_takes_per_sequence_temperature_and_the_head_options():
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="fused_kernels=True"):
         register(softcap=2.0)
+
+
+def test_fused_kernel_takes_the_head_options_and_a_per_token_temperature():
+    """verl's fused kernel `linear_cross_entropy` (the FSDP backend's impl "triton" patches and the Megatron
+    backend's fused forward) routed to gro_linear_cross_entropy applies register's head options and a
+    temperature tensor shaped like the labels. Reference: the naive backend."""
+    from verl.utils.kernel import linear_cross_entropy as kernel_module
+    from gro_kernels.integrations.verl import unregister_fused_kernels
+    from gro_kernels import token_logprobs
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 7, 16, generator=g)
+    weight = 0.5 * torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    temps = torch.linspace(0.6, 1.4, 14).reshape(2, 7)
+    options = dict(softcap=2.0, head_precision="fp32", top_k=5, min_p=0.05)
+    register(fused_kernels=True, **options)
+    try:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = kernel_module.linear_cross_entropy(h, w, labels, temps, "none", None)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        with pytest.raises(ValueError, match="shaped like labels"):
+            kernel_module.linear_cross_entropy(h, w, labels, temps[0], "none", None)
+    finally:
+        unregister_fused_kernels()
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    st = token_logprobs(hr, wr, labels, temperature=temps, return_entropy=True, backend="naive", **options)
+    (st.logp.sum() + 0.1 * st.entropy.sum()).backward()
+    for a, b in zip((logp, ent, h.grad, w.grad), (st.logp.reshape(-1), st.entropy.reshape(-1), hr.grad, wr.grad)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)

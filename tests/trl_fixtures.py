@@ -1,5 +1,7 @@
 """A tiny Llama and a character tokenizer, built locally (no Hub access), saved where TRL can load them."""
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -57,3 +59,21 @@ def assert_grads_close(a, b, rtol=2e-4, atol=1e-6):
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def torchrun(worker, *args, nproc=2, timeout=240, **env):
+    """Run tests/<worker> with `args` under torch.distributed.run on `nproc` CPU processes (offline, one
+    thread each); a failure shows the end of its output, a timeout ends the workers too."""
+    from gro_kernels.trainer.distributed import free_port
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), worker)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), path, *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: a timeout ends the workers too
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]

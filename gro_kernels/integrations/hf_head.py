@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from ..logprobs import token_logprobs
 from ..logprobs.transform import softcap as soft_cap
 from ..loss import gro_loss
+from .sharded import gathered
 
 
 @dataclass
@@ -99,16 +100,9 @@ def logit_extras(hidden, weight, bias, targets, *, temperature: float, softcap=N
 
 
 def _head_weights(model):
+    """(weight, bias) of the output projection, whole (`sharded.gathered`: FSDP2 / ZeRO-3)."""
     head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    try:  # FSDP2 shards parameters as DTensors; gather the head once (differentiable)
-        from torch.distributed.tensor import DTensor
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-    except ImportError:
-        pass
-    return weight, bias
+    return gathered(head.weight), gathered(getattr(head, "bias", None), "lm_head.bias")
 
 
 def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,

@@ -189,10 +189,6 @@ def _check_trainer(trainer, table, who):
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError(f"{who}: router_aux_loss_coef={trainer.args.router_aux_loss_coef!r} (the MoE load-balancing "
                          "loss) is not supported by gro_kernels' fused head; set it to 0.0")
-    if getattr(trainer, "is_deepspeed_enabled", False) and \
-            trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError(f"{who}: DeepSpeed ZeRO-3 is not supported (the head's backward recomputes from the "
-                         "gathered weight); use ZeRO-2 or FSDP2")
 
 
 def _unwrapped(trainer, model):

@@ -107,10 +107,30 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor shards nothing that way
+        return False
+    return isinstance(t, DTensor)
+
+
+def _check_not_sharded(name, t):
+    """A parameter a sharding engine still holds in pieces: an error saying what to do, not a wrong result."""
+    if _is_dtensor(t):
+        raise TypeError(f"{name} is a sharded DTensor (FSDP2 / tensor parallel): gather it first "
+                        "(gro_kernels.integrations.sharded.gathered averages its gradient back onto the shards), "
+                        "or pass this rank's vocabulary shard as a plain tensor with tp_group")
+    if getattr(t, "ds_id", None) is not None and t.numel() == 0:
+        raise ValueError(f"{name} is a DeepSpeed ZeRO-3 parameter that is not gathered here: compute the loss inside "
+                         "the engine's forward (which gathers what it reads) or inside deepspeed.zero.GatheredParameters")
+
+
 def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
     """Validate one (hidden, weight, bias) head; returns (hidden2d, weight, bias)."""
     _check_float(f"{prefix}hidden", hidden)
     _check_float(f"{prefix}weight", weight)
+    _check_not_sharded(f"{prefix}weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"{prefix}weight must be 2-D [vocab, hidden_dim], got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or tuple(hidden.shape[:-1]) != tuple(lead_shape):
@@ -140,7 +160,8 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
 @document(("hidden", "weight", "targets", "bias", "temperature", "softcap", "top_k", "top_p", "min_p", "head_precision",
            "ignore_index", "return_entropy", "return_sum_p2", "return_mean_logp", "class_weight",
            "ref_hidden", "ref_weight", "ref_bias", "teacher_hidden", "teacher_weight", "teacher_bias",
-           "divergence", "jsd_beta", "backend", "**backend_options"), {
+           "divergence", "jsd_beta", "tp_group", "vocab_start", "sequence_parallel", "backend",
+           "**backend_options"), {
     "temperature": "float > 0, or a tensor shaped like targets (per token) or like its first dim (per "
                    "sequence), default 1.0. Applied to log-probs, entropy and both heads of the KL alike; a "
                    "constant (no gradient flows to it).",
@@ -177,6 +198,9 @@ def token_logprobs(
     teacher_bias: Optional[torch.Tensor] = None,
     divergence: str = "reverse_kl",
     jsd_beta: float = 0.5,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    sequence_parallel: bool = False,
     backend: str = "auto",
     **backend_options,
 ) -> TokenStats:
@@ -201,13 +225,15 @@ def token_logprobs(
         TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
         where triton is not installed.
     """
+    refuse_teacher_with_tp_group(teacher_hidden, teacher_weight, tp_group)
+    shard = vocab_shard(weight, tp_group, vocab_start, sequence_parallel, bias)
     h2, w, y, b, rh2, rw, rb, tf = check_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature=temperature,
         ignore_index=ignore_index, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
-        head_precision=head_precision)
-    cw = check_class_weight(class_weight, w.shape[0], targets.device)
+        head_precision=head_precision, shard=shard)
+    cw = check_class_weight(class_weight, w.shape[0] if shard is None else shard.vocab, targets.device)
     if return_mean_logp:
-        check_mean_logp(tf, b)
+        check_mean_logp(tf, b, shard)
     if cw is not None and not return_mean_logp:
         raise ValueError("class_weight weights the mean log-prob over the vocabulary: pass return_mean_logp=True")
     teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0], b, tf)
@@ -215,6 +241,8 @@ def token_logprobs(
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
     fn = _backend_fn(name)
+    if shard is not None:
+        backend_options = {**backend_options, "shard": shard}
     # The promised fp32 math holds inside autocast too: no GEMM here is recast to 16 bits.
     with torch.autocast(device.type, enabled=False):
         out = fn(
@@ -283,13 +311,36 @@ def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, 
 
 
 
-def check_mean_logp(tf, bias) -> None:
+def refuse_teacher_with_tp_group(teacher_hidden, teacher_weight, tp_group) -> None:
+    """A teacher head with tp_group is refused before any collective (every rank raises alike): its
+    divergence is not combined across vocabulary shards."""
+    if tp_group is not None and (teacher_hidden is not None or teacher_weight is not None):
+        raise ValueError("teacher_hidden / teacher_weight (a teacher head) do not take tp_group: the divergence to "
+                         "the teacher is computed over both heads' whole vocabulary on one device; gather the heads "
+                         "and drop tp_group (cp_group and sequence_ids do take a teacher)")
+
+
+def vocab_shard(weight, tp_group, vocab_start, sequence_parallel, bias=None):
+    """The `VocabShard` of `weight` over `tp_group` (a collective over the group), or None without one."""
+    if tp_group is None:
+        if vocab_start is not None or sequence_parallel:
+            raise ValueError("vocab_start and sequence_parallel describe a vocabulary shard: they need tp_group")
+        return None
+    from .vocab_parallel import VocabShard  # torch.distributed only when asked for
+    rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    masked = isinstance(bias, torch.Tensor) and bool(torch.isneginf(bias).any())
+    return VocabShard.build(tp_group, rows, vocab_start, device, sequence_parallel, masked)
+
+
+def check_mean_logp(tf, bias, shard=None) -> None:
     """The mean log-prob over the whole vocabulary (label smoothing's term) is -inf where a row has
-    probability 0: refused with truncation and with a bias that masks rows."""
+    probability 0: refused with truncation and with a bias that masks rows (on any rank of a `shard`'s
+    group, so that every rank refuses alike)."""
     if tf.truncates:
         raise ValueError("the mean log-prob over the vocabulary (label smoothing's term, return_mean_logp) is -inf "
                          "for a truncated distribution (top_k / top_p / min_p): use one or the other")
-    if bias is not None and bool(torch.isneginf(bias).any()):
+    if (shard.masked if shard is not None else bias is not None and bool(torch.isneginf(bias).any())):
         raise ValueError("the mean log-prob over the vocabulary (label smoothing's term, return_mean_logp) is -inf "
                          "when bias masks vocabulary rows with -inf: label smoothing puts mass on every row")
 
@@ -312,10 +363,11 @@ def check_class_weight(class_weight, vocab, device):
 
 
 def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
-                 softcap=None, top_k=None, top_p=None, min_p=None, head_precision="native"):
+                 softcap=None, top_k=None, top_p=None, min_p=None, head_precision="native", shard=None):
     """Validate the arguments of `token_logprobs` (each error names its argument) and flatten them:
     (hidden [N,d], weight, targets [N] int64, bias, ref_hidden [N,dr], ref_weight, ref_bias,
-    the head's Transform of the N tokens)."""
+    the head's Transform of the N tokens). With a vocabulary `shard`, weight holds its rows and
+    targets are ids of the whole vocabulary."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -325,7 +377,7 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
     device = targets.device
     lead = targets.shape
     h2, w, b = _check_head("", hidden, weight, bias, lead, device)
-    vocab = w.shape[0]
+    vocab = w.shape[0] if shard is None else shard.vocab
 
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together (the reference head for the exact KL)")
@@ -334,9 +386,10 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
     rh2 = rw = rb = None
     if ref_hidden is not None:
         rh2, rw, rb = _check_head("ref_", ref_hidden, ref_weight, ref_bias, lead, device)
-        if rw.shape[0] != vocab:
-            raise ValueError(f"ref_weight has vocabulary {rw.shape[0]} but weight has {vocab}")
-    _check_masked_rows(b, rb)
+        if rw.shape[0] != w.shape[0]:
+            raise ValueError(f"ref_weight has {rw.shape[0]} vocabulary rows but weight has {w.shape[0]} "
+                             "(with tp_group: the same shard of the reference head)")
+    _check_masked_rows(b, rb, whole=shard is None)
 
     y = targets.reshape(-1).long()
     valid = y != ignore_index
@@ -352,19 +405,25 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
     tf = check_head_options(temperature=temperature, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p,
                             head_precision=head_precision, lead=tuple(lead), device=device, dtype=h2.dtype,
                             vocab=vocab)
+    if shard is not None and tf.top_p is not None:
+        # top_k and min_p combine across the group (vocab_parallel.py); top_p's boundary is a running sum
+        # over the whole vocabulary's sorted probabilities, which no per-rank candidate list bounds.
+        raise ValueError("top_p with tp_group is not supported: the nucleus is found over the whole vocabulary's "
+                         "sorted probabilities; pass top_k / min_p, or gather the head and drop tp_group")
     return h2, w, y, b, rh2, rw, rb, tf
 
 
-def _check_masked_rows(bias, ref_bias) -> None:
+def _check_masked_rows(bias, ref_bias, whole: bool = True) -> None:
     """A -inf bias masks a vocabulary row (padding): probability 0, and the statistics are those of
     the head without that row. NaN or +inf in a bias is an error; so is a reference that masks a
-    row the policy keeps, since KL(policy || reference) is then +inf for every token."""
+    row the policy keeps, since KL(policy || reference) is then +inf for every token. `whole=False`:
+    the bias is one tensor-parallel slice, which may be all padding."""
     masks = []
     for name, t in (("bias", bias), ("ref_bias", ref_bias)):
         if t is None:
             continue
         bad = torch.isnan(t) | torch.isposinf(t)
-        if bool(bad.any()) or bool(torch.isneginf(t).all()):
+        if bool(bad.any()) or (whole and bool(torch.isneginf(t).all())):
             rows = torch.nonzero(bad)[:5, 0].tolist()
             raise ValueError(f"{name} must be finite, or -inf on the vocabulary rows it masks (not on all of "
                              f"them); got NaN/+inf at rows {rows}" if rows else f"{name} is -inf on every row")

@@ -20,15 +20,27 @@ from . import engine
 from .api import scatter_rows, stat_dtype, take_rows, valid_rows
 from .epilogues import TorchEpilogue, TritonEpilogue
 from .transform import Transform, gemm_precision
+from .vocab_parallel import VocabParallelEpilogue
 
 _OPTIONS = ("chunk_elements",)
 
 
-def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None):
+def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None, shard=None):
     if backend == "triton" and dtype != torch.float64:
-        return TritonEpilogue()  # its kernels guard -inf bias rows at no extra pass
-    masked = any(b is not None and bool(torch.isneginf(b).any()) for b in (bias, ref_bias))
-    return TorchEpilogue(masked_rows=masked)
+        epi = TritonEpilogue()  # its kernels guard -inf bias rows at no extra pass
+    else:
+        masked = any(b is not None and bool(torch.isneginf(b).any()) for b in (bias, ref_bias))
+        epi = TorchEpilogue(masked_rows=masked)
+    if shard is None:
+        return epi
+    # a slice of padding rows only (the last rank's of a padded vocabulary): nothing of the policy there
+    return VocabParallelEpilogue(epi, shard, padding=bias is not None and bool(torch.isneginf(bias).all()))
+
+
+def _chunk(n, weight, device, chunk_elements, shard):
+    # Every rank of a tensor-parallel group cuts the same chunks (each chunk is a collective):
+    # sized by the largest shard, not this rank's.
+    return engine.chunk_tokens(n, weight.shape[0] if shard is None else shard.max_size, device, chunk_elements)
 
 
 def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision):
@@ -49,12 +61,13 @@ def _compact(tf: Transform, rows) -> Transform:
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, tf, precision,
-                return_entropy, return_sum_p2, return_mean_logp, class_weight, chunk_elements, backend, div):
+                return_entropy, return_sum_p2, return_mean_logp, class_weight, chunk_elements, backend, div,
+                shard):
         n_all = targets.shape[0]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
-        ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
-        epi = _epilogue(backend, hidden.dtype, bias, ref_bias)
+        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
         tf = _compact(tf, rows)
         with gemm_precision(precision, hidden.device):
             st = engine.forward_stats(head, ref, y, tf=tf, want_entropy=return_entropy, epilogue=epi, ct=ct,
@@ -64,7 +77,7 @@ class _TokenStats(torch.autograd.Function):
                               st.lse, st.entropy, st.ekl, st.lse_r, st.e_pm)
         # the backward's transform: 1/T per row, the soft cap, the kept-set thresholds found here
         ctx.tf = Transform(inv_t=tf.inv_t, cap=tf.cap, tau=tf.tau)
-        ctx.config = (precision, class_weight, chunk_elements, backend, div)
+        ctx.config = (precision, class_weight, chunk_elements, backend, div, shard)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2, st.mean_logp, st.top1)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
@@ -84,7 +97,7 @@ class _TokenStats(torch.autograd.Function):
     def _backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean):
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl, lse_r,
          e_pm) = ctx.saved_tensors
-        precision, class_weight, chunk_elements, backend, div = ctx.config
+        precision, class_weight, chunk_elements, backend, div, shard = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
@@ -94,18 +107,20 @@ class _TokenStats(torch.autograd.Function):
             return None if (g is None or g.numel() == 0 or not present) else take_rows(g, rows).to(lse.dtype)
 
         tf = ctx.tf
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
         coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
                                                   gather(g_kl, ref_hidden is not None), gather(g_lse), tf,
-                                                  gather(g_mean), class_weight, weight.shape[0], div)
+                                                  gather(g_mean), class_weight, engine.vocab_size(head, epi), div)
         grads = engine.Grads(head, need_h, need_w, need_b)
-        ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
+        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
         with gemm_precision(precision, hidden.device):
-            engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads,
-                                  epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias), ct=ct,
+            engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads, epilogue=epi, ct=ct,
                                   class_weight=class_weight)
         dh, dw, db = grads.result()
+        if shard is not None:
+            dh = shard.reduce_dh(dh)
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
-                _cast(db, bias)) + (None,) * 14
+                _cast(db, bias)) + (None,) * 15
 
 
 def _cast(g, like):
@@ -121,13 +136,14 @@ def _check_divergence(backend, dtype, divergence) -> None:
 
 
 def _check_options(backend, options):
+    shard = options.pop("shard", None)  # from token_logprobs / gro_loss's tp_group, not a user option
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"backend={backend!r} takes only the option chunk_elements, got {unknown}")
     ce = options.get("chunk_elements")
     if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
         raise ValueError(f"chunk_elements must be a positive int, got {ce!r}")
-    return ce
+    return ce, shard
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform, head_precision,
@@ -136,7 +152,9 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
     """See `gro_kernels.logprobs.api`. Returns the dict of statistics, each [N] or None. The engine holds
     one second head per sweep: with both a reference and a teacher head the teacher's divergence takes a
     second sweep (its own recomputation in the backward)."""
-    chunk_elements = _check_options(backend, options)
+    chunk_elements, shard = _check_options(backend, dict(options))
+    if teacher is not None and shard is not None:
+        raise ValueError("teacher_hidden (a teacher head) is single-device: it does not take tp_group")
     _check_divergence(backend, hidden.dtype, divergence if teacher is not None else None)
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
@@ -145,15 +163,16 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
     distill = None
     if teacher is not None and ref_hidden is None:  # the teacher is the one second head
         logp, ent, distill, lse, p2, mean, top1 = _TokenStats.apply(
-            hidden, weight, bias, *teacher, targets, rows, transform, head_precision, *flags, divergence)
+            hidden, weight, bias, *teacher, targets, rows, transform, head_precision, *flags, divergence, shard)
         kl = None
     else:
         logp, ent, kl, lse, p2, mean, top1 = _TokenStats.apply(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, transform, head_precision, *flags,
-            engine.REVERSE_KL)
+            engine.REVERSE_KL, shard)
         if teacher is not None:
             distill = _TokenStats.apply(hidden, weight, bias, *teacher, targets, rows, transform, head_precision,
-                                        False, False, False, class_weight, chunk_elements, backend, divergence)[2]
+                                        False, False, False, class_weight, chunk_elements, backend, divergence,
+                                        shard)[2]
     return dict(logp=logp, entropy=ent if return_entropy else None, kl=kl if return_kl else None, lse=lse,
                 sum_p2=p2 if return_sum_p2 else None, mean_logp=mean if return_mean_logp else None,
                 is_top1=top1 != 0, distill=distill)
@@ -167,7 +186,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
     chunk's token indices in [N]. The second head (ref_*) is a reference or a teacher: `divergence`
     (engine.Divergence) is what its "kl" is. Returns (dict of statistics each [N] detached or None,
     (dh [N,d]|None, dW|None, db|None))."""
-    chunk_elements = _check_options(backend, options)
+    chunk_elements, shard = _check_options(backend, dict(options))
     _check_divergence(backend, hidden.dtype, divergence)
     rows = valid_rows(targets, ignore_index)
     n_all = targets.shape[0]
@@ -176,17 +195,20 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, head_precision)
         y = take_rows(targets, rows)
         positions = torch.arange(n_all, device=targets.device) if rows is None else rows
-        ct = engine.chunk_tokens(y.shape[0], weight.shape[0], hidden.device, chunk_elements)
+        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
         need_h, need_w, need_b = need_grads
         grads = engine.Grads(head, need_h, need_w, need_b)
         st = engine.fused_pass(head, ref, y, tf=_compact(transform, rows), want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias), ct=ct,
-                               want_mean_logp=want_mean_logp, class_weight=class_weight, div=divergence)
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), ct=ct,
+                               want_mean_logp=want_mean_logp, class_weight=class_weight,
+                               div=divergence)
     outs = {k: None if getattr(st, k) is None else scatter_rows(getattr(st, k), rows, n_all)
             for k in ("logp", "entropy", "kl", "lse", "mean_logp")}
     outs["is_top1"] = scatter_rows(st.top1, rows, n_all) != 0
     dh, dw, db = grads.result()
+    if shard is not None:
+        dh = shard.reduce_dh(dh)
     return outs, (None if dh is None else scatter_rows(dh, rows, n_all), _cast(dw, weight), _cast(db, bias))
 
 

@@ -317,13 +317,19 @@ class Stats:
                      top1=part(self.top1), lse_r=part(self.lse_r), e_pm=part(self.e_pm))
 
 
-def _chunk_transform(tf: Transform, z: torch.Tensor, s: int, e: int) -> Transform:
+def _chunk_transform(tf: Transform, z: torch.Tensor, s: int, e: int, epilogue) -> Transform:
     """The chunk's transform; a truncated one gets its rows' kept-set thresholds (from z, before the
-    epilogue transforms it in place) written into tf.tau for the backward."""
+    epilogue transforms it in place) written into tf.tau for the backward. An epilogue over one slice
+    of the vocabulary (`vocab_parallel.py`) finds them over the whole vocabulary itself."""
     tc = tf.rows(slice(s, e))
     if tf.truncates:
-        tc.tau.copy_(kept_threshold(z, tc))
+        tc.tau.copy_(getattr(epilogue, "kept_threshold", kept_threshold)(z, tc))
     return tc
+
+
+def vocab_size(head: Head, epilogue) -> int:
+    """V of the mean log-prob: the whole vocabulary's when the epilogue covers a slice of it."""
+    return getattr(epilogue, "vocab", None) or head.w.shape[0]
 
 
 def with_thresholds(tf: Transform, n: int, dtype, device) -> Transform:
@@ -345,7 +351,7 @@ def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Trans
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e), st, s, class_weight, div=div)
+        epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e, epilogue), st, s, class_weight, div=div)
     return st
 
 
@@ -424,12 +430,12 @@ def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transfor
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
                      mean_logp=want_mean_logp, div=div)
     with_thresholds(tf, n, head.stat, y.device)
-    vocab = head.w.shape[0]
+    vocab = vocab_size(head, epilogue)
     for s in range(0, n, ct):
         e = min(s + ct, n)
         z = head.logits(s, e)
         zr = None if ref is None else ref.logits(s, e)
-        tc = _chunk_transform(tf, z, s, e)
+        tc = _chunk_transform(tf, z, s, e, epilogue)
         epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True, div=div)
         sl = slice(s, e)
         chunk = st.rows(sl)

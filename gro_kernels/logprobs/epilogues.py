@@ -141,16 +141,25 @@ class TorchEpilogue:
         if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
             _, p, se, mu, mur, g, aux = self._cache
             self._cache = None
+            # Normalized by the lse given, which is the whole vocabulary's when this chunk is one slice
+            # of it (vocab_parallel.py): p / se times `share`, this slice's part of the probability
+            # mass. On one device the given lse is mu + log se bit for bit, so `share` is exactly 1
+            # and the result is the same to the last bit as without it. (A teacher's forward_kl / jsd
+            # term, `extra`, is single-device only: vocab_parallel refuses it.)
+            share = torch.exp(mu + se.log() - lse)
+            # a slice may keep none of its tokens (truncation over the whole vocabulary): p = 0 and
+            # share = 0 there, and 0 / 0 must not make the row NaN (on one device se >= 1: the max is kept)
+            se = torch.where(se > 0, se, torch.ones_like(se))
             if beta is None and extra is None:
-                dz = p.mul_((alpha / se)[:, None])
+                dz = p.mul_((alpha * share / se)[:, None])
             else:
                 if beta is None:
-                    t = z.zero_().add_(alpha[:, None])
+                    t = z.zero_().add_((alpha * share)[:, None])
                 else:
                     shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
-                    t = z.mul_(beta[:, None]).add_(shift[:, None])
+                    t = z.mul_((beta * share)[:, None]).add_((shift * share)[:, None])
                 if gamma is not None:
-                    t.add_(zr.mul_(gamma[:, None]))
+                    t.add_(zr.mul_((gamma * share)[:, None]))
                 if extra is not None and extra.div.kind == "jsd":   # + delta (log p - log m), times p below
                     t.add_(aux.mul_(extra.delta[:, None]))
                 dz = t.mul_(p.div_(se[:, None]))

@@ -59,6 +59,9 @@ def divergence_to(logprobs, teacher_logprobs, div):
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform: head.Transform,
                 head_precision, ignore_index, return_entropy, return_kl, return_sum_p2=False,
                 return_mean_logp=False, class_weight=None, teacher=None, divergence=None, **options):
+    if options.pop("shard", None) is not None:
+        raise ValueError("backend='naive' does not take tp_group (it materializes one device's logits): "
+                         "use backend='torch' or 'triton'")
     reject_options("naive", options)
     tf = transform
     dtype = stat_dtype(hidden.dtype)

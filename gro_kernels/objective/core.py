@@ -14,8 +14,10 @@ import torch
 from . import corrections
 from .aggregation import token_coefficients
 from .offline import scale_offline, sft_plan
-from .inputs import Batch, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from ..argdocs import document, options_entry
+from ..logprobs.api import stat_dtype
+from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
+from .layout import TokenLayout
 from .options import OPTIONS, Options, resolve_options
 from .split import NotYetComputed, token_loss
 from .surrogates import kl_estimate
@@ -146,15 +148,85 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
                         policy_weight=g, entropy_weight=e, abs_kl_coef=a, lse_coef=lse_coef)
 
 
+# ---- layouts other than one padded batch (layout.py) --------------------------------------------------
+# The objective's per-token arguments (shaped like logp; advantages also [B]) and per-sequence ones.
+_PER_TOKEN = ("mask", "entropy", "kl", "advantages", "old_logp", "ref_logp", "rollout_logp", "log_sum_sq_probs", "lse",
+              "mean_logp", "target_weight", "distill")
+_PER_SEQUENCE = ("rewards", "advantages", "group_ids", "labels", "baselines", "offline", "truncated")
+
+
+def token_layout(logp, *, opts: Options, sequence_ids, positions, cp_group, inputs: dict):
+    """The `TokenLayout` of a call with packed rows or a context-parallel group (None for one padded batch)."""
+    if sequence_ids is None and positions is None and cp_group is None:
+        return None
+    if not isinstance(logp, torch.Tensor) or not logp.is_floating_point() or logp.dim() != 2:
+        raise ValueError("logp must be a floating-point tensor [B, T] (with sequence_ids, positions or cp_group)")
+    if sequence_ids is not None and opts.loss_agg == "seq_mean_token_sum_norm" and opts.max_completion_length is None:
+        raise ValueError("loss_agg='seq_mean_token_sum_norm' with sequence_ids needs max_completion_length: "
+                         "packed rows have no padded width to divide by")
+    if cp_group is not None and opts.surrogate == "clip_cov":
+        raise ValueError("surrogate='clip_cov' draws the tokens it drops at random, so the ranks of cp_group would "
+                         "draw different ones: it does not take cp_group")
+    count = None
+    if sequence_ids is not None:  # packed rows: the per-sequence inputs say how many sequences there are
+        for name in _PER_SEQUENCE:
+            t = inputs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                count = t.shape[0]
+                break
+    return TokenLayout.build(tuple(logp.shape), logp.device, sequence_ids=sequence_ids, positions=positions,
+                             cp_group=cp_group, num_sequences=count)
+
+
+def _to_full(layout, logp, inputs: dict):
+    """logp and the per-token inputs of this rank's tokens as the whole [S, W] batch (one gather)."""
+    dtype = stat_dtype(logp.dtype)
+    names, tensors = ["logp"], [logp.to(dtype)]
+    for name in _PER_TOKEN:
+        t = inputs.get(name)
+        if t is None or (name == "advantages" and isinstance(t, torch.Tensor) and t.dim() == 1):
+            continue
+        if name == "mask":
+            t = check_mask(t, layout.shape, logp.device)
+        elif not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if tuple(t.shape) != layout.shape:
+            raise ValueError(f"{name} must have shape {layout.shape} (like logp), got {tuple(t.shape)}")
+        names.append(name)
+        tensors.append(t.to(dtype))
+    if inputs.get("mask") is None:  # every token of a sequence counts: the places that hold none do not
+        names.append("mask")
+        tensors.append(torch.ones(layout.shape, dtype=dtype, device=logp.device))
+    full = dict(zip(names, layout.full(*tensors)))
+    full["mask"] = full["mask"] > 0.5
+    return full.pop("logp"), {**inputs, **full}
+
+
+def _to_local(layout, out: GROOutput) -> GROOutput:
+    """The output for this rank's tokens: log-probs and per-token values back in its [B, T] layout
+    (per-sequence values stay indexed by sequence, metrics are the whole batch's)."""
+    loss = out.loss if out.loss.dim() == 0 else layout.local(out.loss)   # reduction="none": per token
+    return GROOutput(loss=loss, logp=layout.local(out.logp), metrics=out.metrics,
+                     per_sequence=out.per_sequence, per_token={k: layout.local(v) for k, v in out.per_token.items()})
+
+
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
                       log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, distill=None,
-                      before_pass=False, **options):
-    """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan).
+                      layout=None, before_pass=False, **options):
+    """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan). With a
+    `layout` (`token_layout`), the batch and the plan are those of the whole [S, W] batch.
 
     before_pass=True (the one pass of gro_loss): logp, entropy, kl and distill are placeholders for shapes only;
     the plan gets `NotYetComputed` in their place (and in place of sg[l] as the behaviour log-prob),
     so reading them raises, and any non-finite plan output is an error too."""
+    if layout is not None:
+        values = (mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs, lse, mean_logp,
+                  target_weight, distill)
+        logp, full = _to_full(layout, logp, dict(zip(_PER_TOKEN, values)))
+        (mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs, lse, mean_logp,
+         target_weight, distill) = (full[k] for k in _PER_TOKEN)
     opts = resolve_options(method, options)
     if (truncated is not None) != opts.mask_truncated_completions:
         raise ValueError("mask_truncated_completions=True and truncated [B] (bool) go together: "
@@ -202,7 +274,7 @@ def _check_plan(plan: SequencePlan) -> None:
 
 @document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
            "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
-           "lse", "mean_logp", "target_weight", "distill", "**options"),
+           "lse", "mean_logp", "target_weight", "distill", "sequence_ids", "positions", "cp_group", "**options"),
           {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
 def gro_objective(
     logp: torch.Tensor,
@@ -227,6 +299,9 @@ def gro_objective(
     mean_logp: Optional[torch.Tensor] = None,
     target_weight: Optional[torch.Tensor] = None,
     distill: Optional[torch.Tensor] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    cp_group=None,
     **options,
 ) -> GROOutput:
     """The GRO objective on per-token log-probs you computed (docs/objective.md), configured as
@@ -251,12 +326,25 @@ def gro_objective(
     if "temperature" in options:
         raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
                          "computed (gro_loss, token_logprobs); gro_objective gets them computed")
-    opts, b, plan = prepare_objective(
-        logp, method=method, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
-        group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
-        ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight, distill=distill,
-        **options)
+    inputs = dict(mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages, group_ids=group_ids,
+                  labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
+                  num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
+                  log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight,
+                  distill=distill)
+    layout = token_layout(logp, opts=resolve_options(method, options), sequence_ids=sequence_ids,
+                          positions=positions, cp_group=cp_group, inputs=inputs)
+    return objective_in_layout(layout, logp, method=method, **inputs, **options)
+
+
+def objective_in_layout(layout, logp, **kwargs) -> GROOutput:
+    """`gro_objective` of this rank's tokens of a `layout` (`token_layout`; None: one padded batch)."""
+    out = _objective(logp, layout=layout, **kwargs)
+    return out if layout is None else _to_local(layout, out)
+
+
+def _objective(logp, *, method, layout=None, **kwargs) -> GROOutput:
+    """The objective on one padded batch (on the whole batch of a `layout`)."""
+    opts, b, plan = prepare_objective(logp, method=method, layout=layout, **kwargs)
     l, m = b.logp, b.mask
     online = ~b.offline[:, None]
     terms = token_loss(opts, logp=l, old_logp=b.old_logp, ref_logp=b.ref_logp, entropy=b.entropy, kl=b.kl,

@@ -40,7 +40,7 @@ from .config import GROConfig
 from ..logprobs.transform import check_precision
 from .heads import check_head, fold_scale, logit_scale, logit_softcap
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
-from .packing import check_packing, packed_final_hidden
+from .packing import PackedTokens, check_packing, packed_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
 
@@ -97,17 +97,17 @@ def enable_checkpointing(model) -> None:
 
 
 def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None,
-                  pack: bool = False):
+                  scored: Optional[torch.Tensor] = None):
     """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head.
-    `pack`: run the rows as one sequence without padding (`packing.py`)."""
+    With `scored` ([N, C] bool, the tokens the loss reads) the rows run as one sequence without
+    padding and hidden is `[1, K, d]`, the states that predict the scored tokens (`packing.py`)."""
     ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx:
-        if pack:
-            hidden = packed_final_hidden(final_hidden, model, input_ids, attention_mask, position_ids)
+        if scored is not None:
+            hidden = packed_hidden(final_hidden, model, input_ids, attention_mask, position_ids, prompt_len, scored)
         else:
-            hidden = final_hidden(model, input_ids, attention_mask, position_ids)
-    hidden = hidden[:, prompt_len - 1:-1]
+            hidden = final_hidden(model, input_ids, attention_mask, position_ids)[:, prompt_len - 1:-1]
     weight, bias = lm_head(model)
     hidden, bias = fold_scale(hidden, bias, logit_scale(model))  # Granite's logits_scaling, Cohere's logit_scale
     if hidden.dtype != weight.dtype:  # bf16 autocast: project in bf16 (the kernels accumulate in fp32)
@@ -131,12 +131,17 @@ class PolicyLoss(nn.Module):
         self.pack = pack
 
     def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
+        scored = targets != IGNORE_INDEX if self.pack else None
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
-                                             self.autocast_dtype, pack=self.pack)
+                                             self.autocast_dtype, scored=scored)
+        if scored is not None:  # the packed row of scored tokens goes to the loss as it is (sequence_ids)
+            packed = PackedTokens(scored)
+            targets, loss_kwargs = packed.take(targets), packed.loss_inputs(loss_kwargs)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
         out = gro_loss(hidden, weight, targets, bias=bias, softcap=logit_softcap(self.model), return_entropy=True,
                        **loss_kwargs)
-        return out.loss, out.logp.detach(), out.metrics
+        logp = out.logp.detach() if scored is None else packed.put(out.logp.detach())
+        return out.loss, logp, out.metrics
 
 
 def no_reward(prompts, completions, **_):
@@ -411,10 +416,17 @@ class GROTrainer:
     def _logprobs_into(self, out, model, batch: Batch, head: dict) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
+            scored = self._scored(mb)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                    self.autocast_dtype, pack=self.config.pack_sequences)
-            lp = token_logprobs(h, w, mb.targets, bias=b, backend=self.config.backend, **head).logp
+                                    self.autocast_dtype, scored=scored)
+            targets = mb.targets if scored is None else PackedTokens(scored).take(mb.targets)
+            lp = token_logprobs(h, w, targets, bias=b, backend=self.config.backend, **head).logp
+            lp = lp if scored is None else PackedTokens(scored).put(lp)
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
+
+    def _scored(self, mb: Batch):
+        """With `pack_sequences`, the tokens the loss reads (the packed row holds their states only)."""
+        return mb.targets != IGNORE_INDEX if self.config.pack_sequences else None
 
     # -- the update -------------------------------------------------------------------------------
     def _loss_options(self) -> dict:
@@ -471,7 +483,7 @@ class GROTrainer:
                                  f"model's final_logit_softcapping ({logit_softcap(self.ref_model)}) differs")
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
+                                           mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
