@@ -20,7 +20,8 @@ def tiny_model(seed=0):
     return build_model(len(TOK), seed, hidden=32, layers=1)
 
 
-def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, ref_model=None, **cfg):
+def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, ref_model=None, teacher_model=None,
+                **cfg):
     base = dict(steps=1, prompts_per_step=2, learning_rate=1e-3,
                 output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False, backend="torch")
     if reward_funcs:  # the sampling settings (refused offline, where they would be ignored)
@@ -28,7 +29,7 @@ def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, 
     base.update(cfg)
     dataset = dataset if dataset is not None else make_prompts(16, 4, seed=1)
     return GROTrainer(model, TOK, reward_funcs=list(reward_funcs), train_dataset=dataset, config=GROConfig(**base),
-                      ref_model=ref_model)
+                      ref_model=ref_model, teacher_model=teacher_model)
 
 
 def test_config_names_a_misspelled_setting_and_a_loss_option_given_as_a_setting():

@@ -254,7 +254,8 @@ class GROTrainer:
         if cfg.gradient_checkpointing:  # keep only each layer's input; the loss keeps only the final states
             enable_checkpointing(self.model)
         if cfg.pack_sequences:
-            for m in [self.model] + ([self.ref_model] if ref_model is not None else []):
+            probed = [self.ref_model] if ref_model is not None else []
+            for m in [self.model] + probed + ([self.teacher_model] if teacher_model is not None else []):
                 check_packing(m, final_hidden)
         self.policy = PolicyLoss(self.model, self.autocast_dtype, pack=cfg.pack_sequences)
         self.wrapped = (gdist.wrap_fsdp(self.policy, self.model) if cfg.fsdp
@@ -490,7 +491,7 @@ class GROTrainer:
         if self.teacher_model is not None:
             with torch.no_grad():
                 th, tw, tb = policy_inputs(self.teacher_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
+                                           mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
             kw.update(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb)
         if opts.loss_agg == "token_mean":
             kw["num_items_in_batch"] = tokens_global
