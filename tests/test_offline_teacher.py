@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gro_kernels.logprobs import token_logprobs
 from gro_kernels.loss import GROLoss, gro_loss
 from gro_kernels.objective import gro_objective
 from gro_kernels.objective.offline import sft_token_counts
@@ -438,12 +439,81 @@ def test_teacher_with_masked_vocabulary_rows_is_the_head_without_them(divergence
                  teacher_weight=data.teacher_weight, teacher_bias=data.teacher_bias, backend=backend)
 
 
-@pytest.mark.parametrize("head", [{"softcap": 30.0}, {"top_k": 5}, {"top_p": 0.9}])
-def test_teacher_with_a_soft_cap_or_truncation_is_refused(head):
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("head", [{"softcap": 30.0}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}])
+def test_teacher_with_a_soft_cap_or_truncation_is_refused(head, backend):
     """The policy's soft cap and the sampler's kept set are the policy's: the teacher's divergence is over its
-    own full distribution, so a teacher with either is refused, naming the argument."""
+    own full distribution, so a teacher with either is refused, naming both (the one pass, the composable path
+    and token_logprobs)."""
     data, _ = _data()
     name = next(iter(head))
-    with pytest.raises(ValueError, match=name if name != "top_p" else "top_k / top_p / min_p"):
-        gro_loss(data.hidden, data.weight, data.targets, method="distill", teacher_hidden=data.teacher_hidden,
-                 teacher_weight=data.teacher_weight, backend="torch", **head)
+    fragment = "softcap" if name == "softcap" else "top_k / top_p / min_p"
+    teacher = dict(teacher_hidden=data.teacher_hidden, teacher_weight=data.teacher_weight)
+    for extra in ({}, {"top_entropy_quantile": 0.5}):   # the one pass (torch), the composable path
+        with pytest.raises(ValueError, match=fragment) as err:
+            gro_loss(data.hidden, data.weight, data.targets, method="distill", backend=backend, **teacher, **head,
+                     **extra)
+        assert "teacher" in str(err.value)
+    with pytest.raises(ValueError, match=fragment):
+        token_logprobs(data.hidden.detach(), data.weight.detach(), data.targets, backend=backend, **teacher, **head)
+
+
+def _tempered_divergence(data, temperature, kind, beta):
+    """The per-token divergence with both heads' logits divided by the temperature ([B, T] per token), as TRL's
+    GKD divides the student's and the teacher's: written here from the logits."""
+    T = temperature[..., None]
+    lp = torch.log_softmax((data.hidden @ data.weight.T) / T, -1)
+    lq = torch.log_softmax((data.teacher_hidden @ data.teacher_weight.T + data.teacher_bias) / T, -1)
+    return divergence(SimpleNamespace(logprobs=lp, teacher_logprobs=lq, m=(data.targets != IGNORE).double()),
+                      kind, beta)
+
+
+@pytest.mark.parametrize("backend, extra", [("naive", {}), ("torch", {}), ("torch", {"top_entropy_quantile": 1.0 - 1e-9})])
+@pytest.mark.parametrize("kind, beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("per", ["token", "sequence"])
+def test_teacher_takes_the_policy_temperature(per, kind, beta, backend, extra):
+    """A temperature (a float, a [B] or a [B, T] tensor) divides both heads' logits, the teacher's too: loss and
+    gradients equal the formula written from the logits (the one pass; top_entropy_quantile just below 1
+    moves torch to the composable path without dropping a token)."""
+    data, _ = _data()
+    B, T = data.targets.shape
+    temp = torch.linspace(0.6, 1.5, B * T, dtype=torch.float64).reshape(B, T) if per == "token" else \
+        torch.linspace(0.7, 1.4, B, dtype=torch.float64)
+    per_token = temp if per == "token" else temp[:, None].expand(B, T)
+    m = (data.targets != IGNORE).double()
+    expected = token_mean(_tempered_divergence(data, per_token, kind, beta), m)
+    opts = dict(divergence=kind, **({"jsd_beta": beta} if kind == "jsd" else {}), **extra)
+    out = gro_loss(data.hidden, data.weight, data.targets, method="distill", teacher_hidden=data.teacher_hidden,
+                   teacher_weight=data.teacher_weight, teacher_bias=data.teacher_bias, temperature=temp,
+                   backend=backend, **opts)
+    assert_loss_and_gradients(out.loss, expected, (data.hidden, data.weight))
+    # and not the teacher at temperature 1 (the test would tell the difference)
+    untempered = token_mean(_tempered_divergence(data, torch.ones_like(per_token), kind, beta), m)
+    assert abs(float(untempered.detach()) - float(expected.detach())) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_teacher_head_precision_fp32_on_bf16_heads(kind):
+    """head_precision='fp32' on bf16 heads with a teacher: the loss equals the float64 formula on the same bf16
+    values to fp32 accuracy (both heads' logits in fp32), and the gradients are the exact ones rounded once to
+    bf16; 'native' (dz rounded to bf16 before the gradient GEMMs) is further from them."""
+    data, _ = _data()
+    bf = lambda t: t.detach().to(torch.bfloat16)   # noqa: E731
+    h, w, th, tw, tb = (bf(t) for t in (data.hidden, data.weight, data.teacher_hidden, data.teacher_weight,
+                                        data.teacher_bias))
+    exact = SimpleNamespace(hidden=h.double().requires_grad_(), weight=w.double().requires_grad_(),
+                            teacher_hidden=th.double(), teacher_weight=tw.double(), teacher_bias=tb.double(),
+                            targets=data.targets)
+    m = (data.targets != IGNORE).double()
+    want = token_mean(_tempered_divergence(exact, torch.ones_like(m), kind, 0.5), m)
+    want_grads = grads(want, (exact.hidden, exact.weight))
+    errs = {}
+    for precision in ("fp32", "native"):
+        hp, wp = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = gro_loss(hp, wp, data.targets, method="distill", teacher_hidden=th, teacher_weight=tw, teacher_bias=tb,
+                       divergence=kind, backend="torch", head_precision=precision)
+        got = grads(out.loss, (hp, wp))
+        assert abs(float(out.loss.detach()) - float(want.detach())) < 1e-5 * abs(float(want.detach()))
+        errs[precision] = max(float(((g.double() - r).abs() - r.abs() * 2 ** -8).max()) for g, r in zip(got, want_grads))
+    assert errs["fp32"] <= 1e-7, errs     # within half a bf16 ulp of the exact gradient: rounded once
+    assert errs["native"] > errs["fp32"], errs
