@@ -22,7 +22,7 @@ from .logprobs.transform import HEAD_PRECISIONS, check_head_options
 from .objective import GROOutput, gro_objective
 from .objective.core import objective_in_layout, prepare_objective, token_layout
 from .objective.inputs import check_mask, uses_ref_logp
-from .objective.options import OPTIONS, ce_smoothing_reader, resolve_options
+from .objective.options import COMPUTED_WITH_LOGP, OPTIONS, ce_smoothing_reader, resolve_options
 from .objective.split import needs_policy_logp, token_loss
 
 
@@ -172,12 +172,14 @@ def gro_loss(
     vocab_size = shard.vocab if shard is not None else weight.shape[0] if isinstance(weight, torch.Tensor) else 0
     cw = check_class_weight(class_weight, vocab_size, targets.device)
     target_weight = None if cw is None else cw[targets.clamp(min=0)] * valid
-    # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
+    # The temperature and the teacher's divergence are applied here, to the log-probs and divergence the
+    # objective gets (gro_objective refuses them).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
                      log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight, sequence_ids=sequence_ids,
-                     positions=positions, cp_group=cp_group, **{k: v for k, v in options.items() if k != "temperature"})
+                     positions=positions, cp_group=cp_group,
+                     **{k: v for k, v in options.items() if k not in COMPUTED_WITH_LOGP})
     stat_options = dict(want_entropy=want_entropy, want_mean_logp=want_mean_logp, class_weight=cw,
                         ignore_index=ignore_index, backend=backend, backend_options=backend_options)
 

@@ -419,7 +419,7 @@ def test_issue19_token_local_presets_in_the_fused_pass(config):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         o = {**options(method), **extra}
         st = token_logprobs(h, w, targets, bias=b, temperature=o.pop("temperature"), return_entropy=True, backend="naive",
-                            divergence=o.get("divergence", "reverse_kl"), jsd_beta=o.get("jsd_beta", 0.5), **inputs)
+                            divergence=o.pop("divergence", "reverse_kl"), jsd_beta=o.pop("jsd_beta", 0.5), **inputs)
         out = gro_objective(st.logp, mask=targets != IGNORE, entropy=st.entropy, distill=st.distill, method=method,
                             **kw, **o)
         want = (out.loss, *torch.autograd.grad(out.loss, (h, w, b)))

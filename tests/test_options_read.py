@@ -139,6 +139,15 @@ def test_temperature_is_refused_by_gro_objective():
         gro_objective(logp, method="sft", temperature=0.7)
 
 
+@pytest.mark.parametrize("option", [{"divergence": "forward_kl"}, {"divergence": "jsd", "jsd_beta": 0.3}])
+def test_the_teacher_divergence_is_refused_by_gro_objective(option):
+    # gro_objective gets the per-token divergence (`distill`) computed by token_logprobs: which divergence it
+    # is was chosen there, and naming another here changed nothing (loss bit-identical before the refusal).
+    logp, distill = torch.full((2, 3), -1.0, **F64), torch.full((2, 3), 0.2, **F64)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        gro_objective(logp, method="distill", distill=distill, **option)
+
+
 # Issue 15 item 3: each of these was accepted and ignored (loss and gradient bit-identical).
 ISSUE_CASES = [("rloo", {}, True, "kl_coef", 0.3), ("ipo", {}, False, "label_smoothing", 0.1),
                ("kto", {"anchor_value": 0.1}, False, "label_smoothing", 0.1), ("dapo", {}, False, "label_smoothing", 0.1),

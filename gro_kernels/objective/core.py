@@ -18,7 +18,7 @@ from ..argdocs import document, options_entry
 from ..logprobs.api import stat_dtype
 from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .layout import TokenLayout
-from .options import OPTIONS, Options, resolve_options
+from .options import COMPUTED_WITH_LOGP, OPTIONS, Options, resolve_options
 from .split import NotYetComputed, token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
@@ -275,7 +275,7 @@ def _check_plan(plan: SequencePlan) -> None:
 @document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
            "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
            "lse", "mean_logp", "target_weight", "distill", "sequence_ids", "positions", "cp_group", "**options"),
-          {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
+          {"**options": options_entry(o for o in OPTIONS if o not in COMPUTED_WITH_LOGP)})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -320,12 +320,15 @@ def gro_objective(
 
     Raises:
         TypeError, ValueError: naming the argument or option; an option the configuration does not
-        read is one (docs/options.md), `temperature` too: it applies where the log-probs are computed
-        (gro_loss, token_logprobs), and gro_objective gets them computed.
+        read is one (docs/options.md), and so are `temperature`, `divergence` and `jsd_beta`: they apply
+        where the log-probs and the divergence to a teacher are computed (gro_loss, token_logprobs), and
+        gro_objective gets them computed (`logp`, `distill`).
     """
-    if "temperature" in options:
-        raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
-                         "computed (gro_loss, token_logprobs); gro_objective gets them computed")
+    for name in COMPUTED_WITH_LOGP:
+        if name in options:
+            raise ValueError(f"option {name} is not read by gro_objective: it applies where the log-probs and the "
+                             "divergence to a teacher are computed (gro_loss, token_logprobs(temperature=..., "
+                             "divergence=..., jsd_beta=...)); gro_objective gets them computed (logp, distill)")
     inputs = dict(mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages, group_ids=group_ids,
                   labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                   num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,

@@ -43,6 +43,10 @@ CHOICES = {
     "divergence": ("reverse_kl", "forward_kl", "jsd"),
 }
 
+# Options applied where the log-probs and the teacher's divergence are computed (gro_loss, token_logprobs):
+# gro_objective receives those computed and refuses these.
+COMPUTED_WITH_LOGP = ("temperature", "divergence", "jsd_beta")
+
 DEFAULTS = {
     # weights (docs/objective.md, "How the weights are formed")
     "score": "reward",
