@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_inputs, stat_dtype
+from .logprobs.api import check_inputs
+from .logprobs.rows import stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .objective import GROOutput, gro_objective
-from .objective.core import prepare_objective
+from .objective.chunk import ChunkCoefficients
 from .objective.inputs import check_mask, uses_ref_logp
 from .objective.options import resolve_options
 from .objective.split import needs_policy_logp, token_loss
@@ -133,41 +134,11 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline
 
 def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, want_entropy, ignore_index,
                 backend, backend_options) -> GROOutput:
-    """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
-    derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
+    """Loss and gradients in one sweep: the sequence plan first (`ChunkCoefficients`), then per chunk
+    of tokens the token-local loss's derivatives, then dz and the gradient GEMMs (the engine)."""
     B, T = targets.shape
-    zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
-    want_kl = bool(ref_head)
-    kl_grad = want_kl and opts.kl_coef != 0
-    # The plan never reads logp here (token-local): zeros stand in for it, and for H and KL.
-    _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                   kl=zeros if want_kl else None, **objective)
-    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
-    # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
-    g_pol, g_ent, a_kl = flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef)
-    pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
-    online = flat((~b.offline)[:, None].expand(B, T))
-    # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
-    given_lo = flat(b.old_logp) if objective["old_logp"] is not None else None
-
-    def coefficients(pos, cs):
-        with torch.enable_grad():
-            leaves = [cs.logp.detach().requires_grad_()]
-            H = cs.entropy.detach().requires_grad_() if opts.entropy_coef != 0 else None
-            K = cs.kl.detach().requires_grad_() if kl_grad else None
-            leaves += [t for t in (H, K) if t is not None]
-            l = leaves[0]
-            lo = l.detach() if given_lo is None else torch.where(online[pos], given_lo[pos], l.detach())
-            terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=pick(lr, pos),
-                               entropy=None if H is None else H[None], kl=None if K is None else K[None],
-                               advantages=A[pos][None], coef=c[pos][None], online=online[pos][None], mask=None,
-                               kl_in_loss=plan.kl_in_loss, policy_weight=pick(g_pol, pos),
-                               entropy_weight=pick(g_ent, pos), abs_kl_coef=pick(a_kl, pos))
-            g = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
-        g = [torch.zeros_like(l) if x is None else x for x in g]
-        return g[0], (g[1] if H is not None else None), (g[-1] if K is not None else None)
-
+    coefficients = ChunkCoefficients(opts, objective, shape=(B, T), dtype=stat_dtype(hidden.dtype),
+                                     device=targets.device, want_entropy=want_entropy, want_kl=bool(ref_head))
     flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
                              ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)

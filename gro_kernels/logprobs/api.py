@@ -1,8 +1,8 @@
 """`token_logprobs`: per-token log-prob, entropy and exact KL from hidden states.
 
 This file checks the arguments, flattens them to `[N, d]` / `[N]`, picks a backend and
-reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
-`chunked.py` for both `torch` and `triton`); each exposes `token_stats(...)` with identical semantics:
+reshapes the results. The math lives in the backends (`naive.py`; `chunked.py` for both `torch`
+and `triton`); each exposes `token_stats(...)` with identical semantics:
 
     token_stats(hidden[N,d], weight[V,d], targets[N] int64, bias[V]|None,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
@@ -16,13 +16,14 @@ flows into ref_hidden / ref_weight / ref_bias.
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from . import chunked, naive
 
 BACKENDS = ("naive", "torch", "triton")
 
@@ -75,8 +76,7 @@ def _triton_available() -> bool:
 
 def _backend_fn(name: str):
     if name == "naive":
-        return importlib.import_module("gro_kernels.logprobs.naive").token_stats
-    chunked = importlib.import_module("gro_kernels.logprobs.chunked")
+        return naive.token_stats
     return functools.partial(chunked.token_stats, backend=name)
 
 
@@ -202,31 +202,3 @@ def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias
             )
 
     return h2, w, y, b, rh2, rw, rb
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are float32, or float64 when the inputs are float64 (the test reference)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def valid_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """Indices of the tokens that count, or None when all do (then nothing is copied)."""
-    valid = targets != ignore_index
-    return None if bool(valid.all()) else valid.nonzero()[:, 0]
-
-
-def take_rows(t: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The rows of `t` that count (backends compute only those)."""
-    return t if t is None or rows is None else t.index_select(0, rows)
-
-
-def scatter_rows(v: Optional[torch.Tensor], rows: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-    """`v` back at `rows` of an n-row tensor, exactly 0 at the ignored rows."""
-    if v is None or rows is None:
-        return v
-    return v.new_zeros((n,) + tuple(v.shape[1:])).index_copy_(0, rows, v)
-
-
-def reject_options(backend: str, options: dict) -> None:
-    if options:
-        raise TypeError(f"backend={backend!r} takes no backend options, got {sorted(options)}")

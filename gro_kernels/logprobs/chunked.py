@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import engine
-from .api import scatter_rows, stat_dtype, take_rows, valid_rows
+from .rows import scatter_rows, stat_dtype, take_rows, valid_rows
 from .epilogues import TorchEpilogue, TritonEpilogue
 
 _OPTIONS = ("chunk_elements",)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import reject_options, scatter_rows, stat_dtype, take_rows, valid_rows
+from .rows import scatter_rows, stat_dtype, take_rows, valid_rows
 
 
 def _logits(hidden, weight, bias, temperature, dtype):
@@ -18,9 +18,14 @@ def _logits(hidden, weight, bias, temperature, dtype):
     return z / temperature
 
 
+def _reject_options(options: dict) -> None:
+    if options:
+        raise TypeError(f"backend='naive' takes no backend options, got {sorted(options)}")
+
+
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
                 temperature, ignore_index, return_entropy, return_kl, return_sum_p2=False, **options):
-    reject_options("naive", options)
+    _reject_options(options)
     dtype = stat_dtype(hidden.dtype)
     n = targets.shape[0]
     rows = valid_rows(targets, ignore_index)
