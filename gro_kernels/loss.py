@@ -59,9 +59,10 @@ def gro_loss(
     weight [V,d] is the LM head. The reference head (ref_hidden, ref_weight, ref_bias) is frozen:
     it supplies the exact KL when kl_estimator="full" (in the same pass) and ref_logp when the
     method needs it and none was given. `backend_options` go to the backend (`{"chunk_elements": n}`:
-    logits per chunk). `mask` (bool or 0/1) marks the tokens that count; masked tokens are dropped
-    like ignored ones. The entropy is computed when `entropy_coef != 0` or `return_entropy=True`
-    (then `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
+    fp32 logits per chunk; `{"group_elements": n}`: logits-gradient entries per gradient GEMM).
+    `mask` (bool or 0/1) marks the tokens that count; masked tokens are dropped like ignored ones.
+    The entropy is computed when `entropy_coef != 0` or `return_entropy=True` (then
+    `metrics["entropy"]` holds its mean). Token-local objectives take the single fused pass
     (three GEMMs, gradients computed in the forward call); the others the composable path (four).
     Every other argument goes to `gro_objective`.
     """
@@ -142,7 +143,7 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
     flat_args = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
                              ref_head.get("ref_bias"), temperature=opts.temperature, ignore_index=ignore_index)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    (logp, entropy, kl, _), (dh, dw, db) = fused_token_loss(
+    (logp, entropy, kl, _), grads = fused_token_loss(
         *flat_args, temperature=opts.temperature, ignore_index=ignore_index, return_entropy=want_entropy,
         coefficients=coefficients, need_grads=need, backend=resolve_backend(backend, targets.device),
         **backend_options)
@@ -150,7 +151,7 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, wan
     with torch.no_grad():
         out = gro_objective(logp.reshape(B, T), entropy=None if entropy is None else entropy.reshape(B, T),
                             kl=None if kl is None else kl.reshape(B, T), **objective)
-    loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
+    loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, grads)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics)
 
 

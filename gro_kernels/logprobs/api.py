@@ -139,7 +139,9 @@ def token_logprobs(
     `hidden[..., d]` predicts `targets[...]` (already shifted). With `ref_hidden` and `ref_weight`
     the exact full-vocabulary KL(policy || reference) is computed in the same pass, with the
     temperature applied to both heads. `backend_options` go to the backend (the chunked backends
-    take `chunk_elements`, the logits per chunk); an option a backend does not know is an error.
+    take `chunk_elements`, the fp32 logits per chunk, and `group_elements`, the logits-gradient
+    entries held per group of chunks before its gradient GEMMs); an option a backend does not know
+    is an error.
     """
     h2, w, y, b, rh2, rw, rb = check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                                             temperature=temperature, ignore_index=ignore_index)

@@ -1,16 +1,27 @@
 """The chunked engine every fast backend runs on: vendor GEMMs for the FLOPs, an epilogue for the rest.
 
-Per chunk of `ct` tokens (the non-ignored rows only):
+The rows (the compacted tokens that count) are cut into chunks of `ct` tokens and the chunks into
+groups (`Layout`). Per group of chunks:
 
-    z   = h_c @ W^T + b            the vendor GEMM (cuBLAS / MKL), fp32 out: never rounded to 16 bits
-    stats(z)                       one read: lse, target logit, entropy, with a reference chunk the exact KL
-    dz  = grad(z; coefficients)    one read-write, in place (16-bit for 16-bit inputs, fp32 math)
-    dh_c = dz @ W,  dW += dz^T @ h_c,  db += sum dz     the vendor GEMM, dW/db accumulated in fp32
+    for each chunk c of the group:
+        z     = h_c @ W^T + b          GEMM 1, fp32 out (never rounded to 16 bits); the only fp32 chunk alive
+        stats(z)                       one read: lse, target logit, entropy, with a reference chunk the exact KL
+        coefficients(c)                the per-token gradients of the loss for these rows (the caller's)
+        dz[c] = grad(z; coefficients)  one read of z, one write into the group's own dz buffer
+    dh[group] = dz @ W                 GEMM 2, M = the group's tokens: fp32 accumulation and output, cast once
+    dW (+)= dz^T @ h[group]            GEMM 3, K = the group's tokens: fp32 accumulation inside the GEMM
+    db (+)= sum_rows dz
 
-with u = z / T. The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never
-knows which. Three ways through it:
+dz is in the gradient GEMMs' operand dtype: the head's 16-bit dtype on CUDA (fp32 math, one
+rounding), the statistics dtype elsewhere. A 16-bit head's dW is written once when the whole batch
+is one group; with several groups it is summed across them in fp32, in vocabulary slices, inside
+each GEMM (cuBLAS beta = 1). fp16 has a 5-bit exponent: its dz carries a power-of-two scale per row
+(`fp16_row_scale`), undone exactly on the fp32 outputs of GEMMs 2 and 3.
 
-    forward_stats     the statistics only (1 GEMM per chunk): `token_logprobs` forward, forward-only passes
+The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never knows which.
+Three ways through it:
+
+    forward_stats     the statistics only (GEMM 1): `token_logprobs` forward, forward-only passes
     backward_grads    recompute z, dz from upstream per-token gradients (3 GEMMs): `token_logprobs` backward
     fused_pass        statistics, then the per-token coefficients from a callback (the objective's
                       token-local loss), then dz and the gradients, in one sweep (3 GEMMs in all)
@@ -22,34 +33,85 @@ Math (u = z/T, p = softmax(u), ur the reference head's scaled logits):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
-# Workspace per chunk, in fp32 logits. At most four chunk-sized buffers are alive at once (z, the
-# torch epilogue's p, the reference chunk, one transient), so the workspace is bounded whatever N.
-# GPU: 768 MiB, big enough that the GEMMs run at full speed and the per-chunk fp32 dW update is
-# amortized, small enough that with the fp32 dW sum of a bf16 Qwen-size head (2.3 GiB) the extra
-# memory stays under 2 GiB beyond the gradients (bench/README.md). CPU: 4M logits (16 MiB):
-# cache-sized chunks win there (N=2048, d=512, V=32768 on 2 quiet cores: 0.82x plain PyTorch).
-GPU_CHUNK_ELEMENTS = 3 << 26
+# The fp32 logits chunk (GEMM 1's output, the epilogue's input). GPU: 512 MiB, 768 tokens of a
+# 151936-token vocabulary: GEMM 1 at full speed (M = 768), small next to the dz buffer. CPU: 4M
+# logits (16 MiB): cache-sized chunks win there (N=2048, d=512, V=32768 on 2 quiet cores: 0.82x
+# plain PyTorch); on the CPU a group is one chunk, its dz written in place over z.
+GPU_CHUNK_ELEMENTS = 1 << 27
 CPU_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_TOKENS = 16
-# The fp32 dW update of 16-bit inputs goes through temporaries of at most this many elements.
+# The fp32 outputs of 16-bit dW GEMMs go through vocabulary slices of at most this many elements.
 DW_SLICE_ELEMENTS = 1 << 26
+# fp16 dz: each row's coefficients are scaled into [2^6, 2^7). Entries down to 2^-30 of them stay
+# representable (the summed loss of the smallest is ~V * 2^-31, < fp16's rounding), and dz may
+# reach 2^9 times them (the entropy's factor is at most log V + 1) before fp16's 65504.
+FP16_COEF_EXPONENT = 7
+# fp16 dh and dW rows are kept scaled into [2^14, 2^15) until the upstream gradient (a loss scale)
+# is known (`GradsOut`): one fp16 rounding of the final value.
+FP16_OUT_EXPONENT = 15
 
 
 def chunk_tokens(n: int, vocab: int, device: torch.device, chunk_elements: Optional[int] = None) -> int:
     """Tokens per chunk: `chunk_elements` logits (a chunk holds at least one token's whole row).
-    By default the device's budget above, at least 16 tokens, whole 64-row tiles from 128 up."""
+    By default the device's budget above, at least 16 tokens; whole 64-row tiles from 128 up and
+    256-row tiles from 512 up (GEMM 1's M without a ragged tile)."""
     if chunk_elements is not None:
         return max(1, min(n, chunk_elements // max(vocab, 1)))
     budget = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
     ct = max(MIN_CHUNK_TOKENS, budget // max(vocab, 1))
-    if ct >= 128:
+    if ct >= 512:
+        ct -= ct % 256
+    elif ct >= 128:
         ct -= ct % 64
     return max(1, min(n, ct))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """n rows cut into chunks of `chunk` tokens, the chunks into groups of `group` tokens (whole chunks)."""
+
+    n: int
+    chunk: int
+    group: int
+
+    def groups(self) -> Iterator[Tuple[int, int]]:
+        for g0 in range(0, self.n, self.group):
+            yield g0, min(g0 + self.group, self.n)
+
+    def chunks(self, g0: int, g1: int) -> Iterator[Tuple[int, int]]:
+        for s in range(g0, g1, self.chunk):
+            yield s, min(s + self.chunk, g1)
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.n // self.group) if self.n else 0
+
+
+def layout(n: int, vocab: int, dim: int, device: torch.device, dz_dtype: torch.dtype, *,
+           chunk_elements: Optional[int] = None, group_elements: Optional[int] = None) -> Layout:
+    """Chunks (`chunk_tokens`) and groups. A group's dz is held until its gradient GEMMs, so the
+    group is sized by memory: `group_elements` dz entries when given; by default on a GPU every
+    token (one group: dW written once, no fp32 sum) while their dz costs at most an fp32 [V, d]
+    (4 V d bytes: N <= 2d for a 16-bit head), else d tokens per group (a 16-bit dz of 2 V d bytes
+    plus the fp32 dW sum, whose cost beyond the 16-bit gradient it becomes is another 2 V d), so
+    the workspace beyond one chunk stays at most 4 V d bytes for any N. On a CPU: one chunk."""
+    ct = chunk_tokens(n, vocab, device, chunk_elements)
+    itemsize = torch.empty((), dtype=dz_dtype).element_size()
+    if group_elements is not None:
+        g = group_elements // max(vocab, 1)
+    elif device.type != "cuda":
+        g = ct
+    elif n * vocab * itemsize <= 4 * vocab * dim:
+        g = n
+    else:
+        g = dim
+    g = n if g >= n else max(ct, g - g % ct)
+    return Layout(n=n, chunk=ct, group=max(g, 1))
 
 
 def _mm_fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -84,6 +146,12 @@ def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     return _ACCUMULATE_PROBE[key]
 
 
+def _mm_stat(a: torch.Tensor, b: torch.Tensor, stat: torch.dtype) -> torch.Tensor:
+    """a @ b accumulated and returned in the statistics dtype (16-bit inputs: out_dtype=float32,
+    so no K-split is ever added up in 16 bits)."""
+    return a @ b if a.dtype == stat else torch.mm(a, b, out_dtype=stat)
+
+
 @dataclass
 class Head:
     """One linear head on the compacted rows: h [n, d], W [V, d], b [V] or None."""
@@ -95,98 +163,184 @@ class Head:
 
     def __post_init__(self):
         self.native = self.w.dtype == self.stat or _mm_fp32_out_supported(self.w.device, self.w.dtype)
-        # No fp32-output GEMM for 16-bit inputs here (CPU, old torch): upcast once per call, never
-        # round the logits to 16 bits.
-        self.w_stat = self.w if self.native else self.w.to(self.stat)
+        # dz and the gradient GEMMs' operands: the head's dtype where 16-bit GEMMs give fp32 outputs
+        # (CUDA); without them (CPU, old torch) everything is upcast once per call, never rounded.
+        self.dz_dtype = self.w.dtype if self.native else self.stat
+        self.w_grad = self.w if self.native else self.w.to(self.stat)
         self.b_stat = None if self.b is None else self.b.to(self.stat)
 
     def logits(self, s: int, e: int) -> torch.Tensor:
         """z = h[s:e] @ W^T + b, in the statistics dtype."""
         hc = self.h[s:e]
-        if self.w_stat.dtype == self.stat:
+        if self.w_grad.dtype == self.stat:
             hc = hc.to(self.stat)
             if self.b_stat is None:
-                return hc @ self.w_stat.T
-            return torch.addmm(self.b_stat, hc, self.w_stat.T)
+                return hc @ self.w_grad.T
+            return torch.addmm(self.b_stat, hc, self.w_grad.T)
         z = torch.mm(hc, self.w.T, out_dtype=torch.float32)
         return z if self.b_stat is None else z.add_(self.b_stat)
 
 
+def fp16_row_scale(size: torch.Tensor) -> torch.Tensor:
+    """Powers of two s with size * s in [2^6, 2^7) (`FP16_COEF_EXPONENT`); rows without a gradient
+    get 2^64, so that they never set a group's common scale (the smallest s of its rows)."""
+    _, exponent = torch.frexp(size)
+    s = torch.exp2((FP16_COEF_EXPONENT - exponent).clamp(max=64).to(size.dtype))
+    return torch.where(size > 0, s, 2.0 ** 64)
+
+
+def _to_fp16_rows(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = t * r in fp16, r a power of two per row putting the row's largest entry in
+    [2^14, 2^15) (all of fp16's precision, 2x headroom); returns 1 / r, the rows' inverse scales."""
+    _, exponent = torch.frexp(t.abs().amax(1))
+    r = torch.exp2((FP16_OUT_EXPONENT - exponent).clamp(max=100).to(t.dtype))
+    torch.mul(t, r[:, None], out=out)
+    return 1.0 / r
+
+
+@dataclass
+class GradsOut:
+    """dh, dW, db as the engine leaves them. fp16 dh and dW carry an inverse scale per row
+    (`inv_dh`, `inv_dw`): the gradient is value * inv, applied by `finish` together with the
+    upstream gradient, so that fp16 rounds the final value once, after any loss scale. db stays
+    in the statistics dtype (the caller casts it)."""
+
+    dh: Optional[torch.Tensor]
+    dw: Optional[torch.Tensor]
+    db: Optional[torch.Tensor]
+    inv_dh: Optional[torch.Tensor] = None
+    inv_dw: Optional[torch.Tensor] = None
+
+    def finish(self, g: Optional[torch.Tensor] = None):
+        """(dh, dW, db) times the upstream gradient g (a 0-d tensor, or None for 1), in place."""
+        def apply(t, inv):
+            if t is None or (inv is None and g is None):
+                return t
+            if inv is None:
+                return t.mul_(g)   # a 0-d g stays fp32 (g.to(fp16) would be inf at GradScaler's 65536)
+            k = inv if g is None else inv * g.to(inv.dtype)
+            return t.mul_(k[:, None])   # fp32 product, one rounding to fp16
+
+        return apply(self.dh, self.inv_dh), apply(self.dw, self.inv_dw), apply(self.db, None)
+
+
 class Grads:
-    """dh rows written per chunk; dW and db accumulated across chunks in fp32 (or float64).
+    """dh, dW, db from each group's dz: GEMMs 2 and 3 with fp32 accumulation, and the sums across
+    groups. For 16-bit weights dW is cast to their dtype a vocabulary slice at a time (and with
+    several groups its fp32 sum is held in slices, freed as they are cast), so the fp32 dW and
+    the returned gradient never both exist whole. fp16 results keep per-row scales (`GradsOut`)."""
 
-    For 16-bit weights the fp32 dW sum is held in vocabulary slices (at most DW_SLICE_ELEMENTS
-    each), so that `result` casts it to the weight's dtype a slice at a time and frees the fp32
-    slices as it goes: the sum and the returned gradient never both exist whole."""
-
-    def __init__(self, head: Head, need_dh: bool, need_dw: bool, need_db: bool):
+    def __init__(self, head: Head, need_dh: bool, need_dw: bool, need_db: bool, lay: Layout):
         n, d = head.h.shape
         vocab = head.w.shape[0]
         dev, stat = head.h.device, head.stat
-        self.head = head
+        self.head, self.n_groups = head, lay.n_groups
+        self.scaled = head.dz_dtype == torch.float16
         self.dh = torch.empty(n, d, dtype=head.h.dtype, device=dev) if need_dh else None
-        self.dw = self.dw_parts = None
-        if need_dw and head.w.dtype == stat:
-            # The first chunk writes dW (beta = 0) rather than adding to a zero-filled buffer.
-            self.dw = torch.empty(vocab, d, dtype=stat, device=dev)
-        elif need_dw:
-            step = max(1, DW_SLICE_ELEMENTS // max(d, 1))
-            self.dw_parts = [(a, torch.zeros(min(step, vocab - a), d, dtype=stat, device=dev))
-                             for a in range(0, vocab, step)]
-        self._dw_written = False
+        self.inv_dh = torch.empty(n, dtype=stat, device=dev) if (need_dh and self.scaled) else None
+        self.need_dw = need_dw
+        self.dw = None                # the gradient itself (fp32/fp64 weights, or one group)
+        self.dw_parts = None          # [fp32 sum of each vocabulary slice] across groups
+        self.inv_dw = None
         self.db = torch.zeros(vocab, dtype=stat, device=dev) if (need_db and head.b is not None) else None
+        step = max(1, DW_SLICE_ELEMENTS // max(d, 1))
+        self.slices = [(a, min(a + step, vocab)) for a in range(0, vocab, step)]
+        self._groups_done = 0
 
-    def add(self, dz: torch.Tensor, s: int, e: int) -> None:
-        """The gradients of chunk rows s..e from its logits gradient dz [e - s, V]."""
-        head = self.head
+    def add(self, dz: torch.Tensor, g0: int, g1: int, scale: Optional[torch.Tensor] = None) -> None:
+        """The gradients of rows g0..g1 from their dz [g1 - g0, V]; `scale`: fp16 dz rows were
+        multiplied by these powers of two (`fp16_row_scale`)."""
+        head, stat = self.head, self.head.stat
+        h = head.h[g0:g1] if head.native else head.h[g0:g1].to(stat)
+        inv_rows = inv_group = None
+        if scale is not None:
+            # dW sums over rows: one common scale S (the smallest), the rows' own folded into h as
+            # S / s <= 1 (exact powers of two; a row so much smaller than the group's largest that
+            # it underflows adds nothing fp16 could show).
+            common = scale.min()
+            h = h * (common / scale).to(h.dtype)[:, None]
+            inv_rows, inv_group = 1.0 / scale, 1.0 / common
         if self.dh is not None:
-            if dz.dtype == head.w.dtype:
-                torch.mm(dz, head.w, out=self.dh[s:e])
-            else:
-                self.dh[s:e] = (dz @ head.w_stat).to(self.dh.dtype)
-        if self.dw is not None:
-            self._add_dw(dz, head.h[s:e].to(self.dw.dtype))
-        if self.dw_parts is not None:
-            self._add_dw_parts(dz, head.h[s:e])
+            self._add_dh(dz, g0, g1, inv_rows)
+        if self.need_dw:
+            self._add_dw(dz, h, inv_group)
         if self.db is not None:
-            self.db += dz.sum(0, dtype=self.db.dtype)
+            if scale is None:
+                self.db += dz.sum(0, dtype=stat)
+            else:
+                self.db += _mm_stat((common / scale).to(dz.dtype)[None, :], dz, stat)[0] * inv_group
+        self._groups_done += 1
 
-    def _add_dw(self, dz, hc):
-        first, self._dw_written = not self._dw_written, True
-        if dz.dtype != self.dw.dtype:
-            dz = dz.to(self.dw.dtype)  # a 16-bit dz of fp32 weights (not made by the epilogues)
-        if first:
-            torch.mm(dz.T, hc, out=self.dw)
+    def _add_dh(self, dz, g0, g1, inv_rows):
+        out = self.dh[g0:g1]
+        w = self.head.w_grad
+        if dz.dtype == out.dtype == self.head.stat:
+            torch.mm(dz, w, out=out)
+            return
+        t = _mm_stat(dz, w, self.head.stat)        # K = V: accumulated in fp32, never in 16 bits
+        if inv_rows is None:
+            out.copy_(t)
         else:
-            self.dw.addmm_(dz.T, hc)  # accumulates inside the GEMM
+            self.inv_dh[g0:g1] = _to_fp16_rows(t, out) * inv_rows
 
-    def _add_dw_parts(self, dz, hc):
-        native, in_gemm = self.head.native, _gemm_accumulates_fp32(dz.device, dz.dtype)
-        hc_stat = None if native else hc.to(self.head.stat)
-        for a, part in self.dw_parts:
-            dza = dz[:, a:a + part.shape[0]]
-            if native and in_gemm:
-                # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1).
-                torch.addmm(part, dza.T, hc, out_dtype=torch.float32, out=part)
-            elif native:
-                # The same without that overload: an fp32-output GEMM, then the add.
-                part += torch.mm(dza.T, hc, out_dtype=torch.float32)
-            else:  # no fp32-output GEMM for 16-bit inputs here (CPU): upcast
-                part.addmm_(dza.T.to(part.dtype), hc_stat)
+    def _add_dw(self, dz, h, inv_group):
+        head, stat = self.head, self.head.stat
+        first = self._groups_done == 0
+        if head.w.dtype == stat:  # fp32 (fp64) weights: the gradient is its own sum
+            if first:
+                self.dw = torch.mm(dz.T, h)
+            else:
+                self.dw.addmm_(dz.T, h)  # accumulates inside the GEMM
+            return
+        if self.n_groups == 1:  # one group: each slice's fp32 GEMM output cast once
+            self.dw = torch.empty(head.w.shape, dtype=head.w.dtype, device=dz.device)
+            if inv_group is not None:
+                self.inv_dw = torch.empty(head.w.shape[0], dtype=stat, device=dz.device)
+            for a, b in self.slices:
+                t = _mm_stat(dz[:, a:b].T, h, stat)
+                if inv_group is None:
+                    self.dw[a:b].copy_(t)
+                else:
+                    self.inv_dw[a:b] = _to_fp16_rows(t, self.dw[a:b]) * inv_group
+            return
+        in_gemm = inv_group is None and head.native and _gemm_accumulates_fp32(dz.device, dz.dtype)
+        if first:
+            self.dw_parts = []
+        for i, (a, b) in enumerate(self.slices):
+            dza = dz[:, a:b].T
+            if first:
+                part = _mm_stat(dza, h, stat)
+                self.dw_parts.append(part if inv_group is None else part.mul_(inv_group))
+            elif in_gemm:  # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1)
+                part = self.dw_parts[i]
+                torch.addmm(part, dza, h, out_dtype=stat, out=part)
+            elif dz.dtype == stat:  # upcast operands (no fp32-output GEMM here): accumulates inside the GEMM
+                self.dw_parts[i].addmm_(dza, h)
+            else:  # an fp32-output GEMM, then the add (with the fp16 scale undone)
+                t = _mm_stat(dza, h, stat)
+                self.dw_parts[i].add_(t if inv_group is None else t.mul_(inv_group))
 
-    def result(self):
-        """(dh, dW, db): dW in the weight's dtype for 16-bit weights, else the statistics dtype
-        (zero when no chunk ran)."""
-        dw = self.dw
-        if dw is not None and not self._dw_written:
-            dw.zero_()
-        if self.dw_parts is not None:
+    def result(self) -> GradsOut:
+        """The gradients (dW zero when no row counted); see `GradsOut`."""
+        head = self.head
+        dw, inv_dw = self.dw, self.inv_dw
+        if self.need_dw and self._groups_done == 0:
+            dtype = head.stat if head.w.dtype == head.stat else head.w.dtype
+            dw, inv_dw = torch.zeros(head.w.shape, dtype=dtype, device=head.w.device), None
+        elif self.dw_parts is not None:
             parts, self.dw_parts = self.dw_parts, None
-            cast = []
+            cast, invs = [], []
             while parts:  # cast a slice, drop its fp32 sum
-                cast.append(parts.pop(0)[1].to(self.head.w.dtype))
+                part = parts.pop(0)
+                if self.scaled:
+                    cast.append(torch.empty(part.shape, dtype=head.w.dtype, device=part.device))
+                    invs.append(_to_fp16_rows(part, cast[-1]))
+                else:
+                    cast.append(part.to(head.w.dtype))
+                del part
             dw = torch.cat(cast) if len(cast) > 1 else cast[0]
-        return self.dh, dw, self.db
+            inv_dw = (torch.cat(invs) if len(invs) > 1 else invs[0]) if invs else None
+        return GradsOut(self.dh, dw if self.need_dw else None, self.db, self.inv_dh, inv_dw)
 
 
 @dataclass
@@ -218,22 +372,33 @@ class Stats:
                      ekl=part(self.ekl), sum_p2=part(self.sum_p2))
 
 
-def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-                  epilogue, ct: int, want_sum_p2: bool = False) -> Stats:
-    """Statistics of every row, one GEMM (two with a reference head) per chunk."""
-    n = y.shape[0]
-    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     sum_p2=want_sum_p2)
-    for s in range(0, n, ct):
-        e = min(s + ct, n)
-        z = head.logits(s, e)
-        zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
-    return st
+@dataclass
+class Coefs:
+    """The per-token coefficients of dz = gl onehot + p (alpha + beta u + gamma ur), already scaled
+    by 1/T; `size` = max |upstream gradient| / T per token (what sets an fp16 row's scale)."""
+
+    gl: torch.Tensor
+    alpha: torch.Tensor
+    beta: Optional[torch.Tensor] = None
+    gamma: Optional[torch.Tensor] = None
+    size: Optional[torch.Tensor] = None
+
+    def rows(self, s: int, e: int) -> "Coefs":
+        def part(t):
+            return None if t is None else t[s:e]
+
+        return Coefs(*(part(t) for t in (self.gl, self.alpha, self.beta, self.gamma, self.size)))
+
+    def times(self, k: torch.Tensor) -> "Coefs":
+        """Every coefficient multiplied by k per row (dz scales with them)."""
+        def mul(t):
+            return None if t is None else t * k
+
+        return replace(self, gl=mul(self.gl), alpha=mul(self.alpha), beta=mul(self.beta), gamma=mul(self.gamma))
 
 
-def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
-    """(gl, alpha, beta, gamma) of the module docstring, each scaled by 1/T (dz is wrt the raw z)."""
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t, *, with_size: bool = False) -> Coefs:
+    """The `Coefs` of the module docstring's math for upstream per-token gradients (None = 0)."""
     zeros = torch.zeros_like(st.lse)
     gl = zeros if gl is None else gl.to(st.lse.dtype)
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
@@ -245,47 +410,102 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t):
         alpha = alpha - gk * st.ekl
         beta = gk if beta is None else beta + gk
         gamma = -gk
-    scale = (lambda t: None if t is None else t * inv_t)
-    return scale(gl), scale(alpha), scale(beta), scale(gamma)
+    size = None
+    if with_size:
+        size = gl.abs()
+        for g in (gh, gk, gs):
+            if g is not None:
+                size = torch.maximum(size, g.abs())
+        size = size * inv_t
+
+    def scale(t):
+        return None if t is None else t * inv_t
+
+    return Coefs(scale(gl), scale(alpha), scale(beta), scale(gamma), size)
 
 
-def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs, *, inv_t: float,
-                   grads: Grads, epilogue, ct: int) -> None:
-    """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
-    gl, alpha, beta, gamma = coefs
+def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
+                  epilogue, lay: Layout, want_sum_p2: bool = False) -> Stats:
+    """Statistics of every row, GEMM 1 (and the reference's) per chunk."""
     n = y.shape[0]
-    for s in range(0, n, ct):
-        e = min(s + ct, n)
-        z = head.logits(s, e)
-        zr = None if gamma is None else ref.logits(s, e)
-        sl = slice(s, e)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, st.lse[sl], gl[sl], alpha[sl],
-                           None if beta is None else beta[sl], None if gamma is None else gamma[sl],
-                           out_dtype=head.w.dtype)
-        grads.add(dz, s, e)
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
+                     sum_p2=want_sum_p2)
+    for s, e in lay.chunks(0, n):
+        _chunk_stats(head, ref, y, s, e, inv_t, st, epilogue)
+    return st
+
+
+def _chunk_stats(head, ref, y, s, e, inv_t, st, epilogue):
+    # A function, so that z dies at its return: the next chunk's z is never allocated beside it.
+    z = head.logits(s, e)
+    zr = None if ref is None else ref.logits(s, e)
+    epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+
+
+ChunkCoefs = Callable[[int, int, Stats], Coefs]
+
+
+def _sweep(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, chunk_coefs: ChunkCoefs, *,
+           inv_t: float, grads: Grads, epilogue, lay: Layout, stats: bool) -> None:
+    """The loop of the module docstring: per group, each chunk's z (its statistics when `stats`),
+    coefficients and dz into the group's buffer; then the group's gradient GEMMs."""
+    n, vocab = y.shape[0], head.w.shape[0]
+    rows = min(lay.group, n)
+    # The torch epilogue may leave dz in z's own memory (torch ops run in order) when a group is one
+    # chunk of the statistics dtype; otherwise every group's dz has a buffer of its own.
+    in_place = epilogue.in_place and lay.group == lay.chunk and head.dz_dtype == head.stat
+    dz_buf = None if in_place else torch.empty(rows, vocab, dtype=head.dz_dtype, device=y.device)
+    scale_buf = torch.empty(rows, dtype=head.stat, device=y.device) if grads.scaled else None
+    for g0, g1 in lay.groups():
+        dz = None
+        for s, e in lay.chunks(g0, g1):
+            out = None if dz_buf is None else dz_buf[s - g0:e - g0]
+            sc = None if scale_buf is None else scale_buf[s - g0:e - g0]
+            dz = _chunk_grad(head, ref, y, st, chunk_coefs, s, e, inv_t, epilogue, stats, out, sc)
+        if dz_buf is not None:
+            dz = dz_buf[:g1 - g0]
+        grads.add(dz, g0, g1, None if scale_buf is None else scale_buf[:g1 - g0])
+        del dz
+
+
+def _chunk_grad(head, ref, y, st, chunk_coefs, s, e, inv_t, epilogue, stats, out, scale_out):
+    # A function, so that z, zr and the epilogue's state die at its return (only dz lives on).
+    z = head.logits(s, e)
+    zr = None if ref is None else ref.logits(s, e)
+    state = epilogue.stats(z, zr, y[s:e], inv_t, st, s) if stats else None
+    chunk = st.rows(slice(s, e))
+    coefs = chunk_coefs(s, e, chunk)
+    if scale_out is not None:
+        scale_out.copy_(fp16_row_scale(coefs.size))
+        coefs = coefs.times(scale_out)
+    if coefs.gamma is None:
+        zr = None  # the reference chunk matters only through gamma
+    return epilogue.grad(z, zr, state, y[s:e], inv_t, chunk.lse, coefs, out)
+
+
+def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs: Coefs, *, inv_t: float,
+                   grads: Grads, epilogue, lay: Layout) -> None:
+    """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
+    _sweep(head, ref if coefs.gamma is not None else None, y, st, lambda s, e, _: coefs.rows(s, e),
+           inv_t=inv_t, grads=grads, epilogue=epilogue, lay=lay, stats=False)
 
 
 CoefficientFn = Callable[[int, int, Stats], tuple]
 
 
 def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-               coefficients: CoefficientFn, grads: Grads, epilogue, ct: int) -> Stats:
-    """Statistics, coefficients and gradients in one sweep: 3 GEMMs per chunk (plus the reference's).
+               coefficients: CoefficientFn, grads: Grads, epilogue, lay: Layout) -> Stats:
+    """Statistics, coefficients and gradients in one sweep: 3 GEMMs per token (plus the reference's).
 
     `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
     per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
     """
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None)
-    for s in range(0, n, ct):
-        e = min(s + ct, n)
-        z = head.logits(s, e)
-        zr = None if ref is None else ref.logits(s, e)
-        epilogue.stats(z, zr, y[s:e], inv_t, st, s)
-        sl = slice(s, e)
-        chunk = st.rows(sl)
+
+    def chunk_coefs(s, e, chunk):
         gl, gh, gk = coefficients(s, e, chunk)
-        c_gl, alpha, beta, gamma = coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t)
-        dz = epilogue.grad(z, zr, y[sl], inv_t, chunk.lse, c_gl, alpha, beta, gamma, out_dtype=head.w.dtype)
-        grads.add(dz, s, e)
+        return coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t, with_size=grads.scaled)
+
+    _sweep(head, ref, y, st, chunk_coefs, inv_t=inv_t, grads=grads, epilogue=epilogue, lay=lay, stats=True)
     return st

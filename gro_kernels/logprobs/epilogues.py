@@ -1,11 +1,14 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s)   fill st.logp / lse / entropy / kl / ekl / sum_p2 at rows s.. from z [ct, V]
-    grad(z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype) -> dz [ct, V] (may reuse z's memory)
+    stats(z, zr, y, inv_t, st, s) -> state    fill st.logp / lse / entropy / kl / ekl / sum_p2 at rows s..
+                                              from z [ct, V]; `state` is what `grad` may reuse (or None)
+    grad(z, zr, state, y, inv_t, lse, coefs, out) -> dz [ct, V]
+                                              into `out` (a buffer of its own, in dz's dtype); with
+                                              out=None only where `in_place`: in z's memory
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
-`TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
-or the CPU under TRITON_INTERPRET=1).
+`TritonEpilogue` launches the Triton kernels of `gro_kernels.kernels` (the GPU path, or the CPU
+under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -20,11 +23,11 @@ def _rowdot(a, b):
 
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
-    keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
-    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for)."""
+    returns exp(d) with its row sums, so that the fused pass's `grad` on the same chunk does not
+    recompute them (one exp per logit in all, one chunk-sized buffer when neither entropy nor KL
+    is asked for). Torch ops run in order, so dz may be left in z's memory (`in_place`)."""
 
-    def __init__(self):
-        self._cache = None  # (z, p, row sums, max u, max ur) of the last stats call
+    in_place = True
 
     def stats(self, z, zr, y, inv_t, st, s):
         e = s + z.shape[0]
@@ -58,14 +61,13 @@ class TorchEpilogue:
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        self._cache = (z, p, se, mu, mur)
+        return p, se, mu, mur
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
+    def grad(self, z, zr, state, y, inv_t, lse, coefs, out):
         # dz = gl onehot + p (alpha + beta u + gamma ur); the coefficients are already scaled by 1/T.
-        cached = self._cache is not None and self._cache[0] is z
-        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized
-            _, p, se, mu, mur = self._cache
-            self._cache = None
+        gl, alpha, beta, gamma = coefs.gl, coefs.alpha, coefs.beta, coefs.gamma
+        if state is not None:  # after `stats`: z holds d = u - max u, zr holds ur - max ur, p = exp(d)
+            p, se, mu, mur = state
             if beta is None:
                 dz = p.mul_((alpha / se)[:, None])
             else:
@@ -83,15 +85,19 @@ class TorchEpilogue:
                 t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur
             dz = t.mul_(p)
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
-        return dz if dz.dtype == out_dtype or out_dtype == torch.float64 else dz.to(out_dtype)
+        return dz if out is None else out.copy_(dz)
 
 
 class TritonEpilogue:
-    """The two fused Triton kernels (row statistics; logits gradient written in place)."""
+    """The Triton kernels: row statistics (`kernels/row_stats.py`), the logits gradient into its
+    own buffer (`kernels/logits_grad.py`)."""
+
+    in_place = False
 
     def __init__(self):
-        from ..kernels import epilogue as kernels  # imported here: triton is optional for the torch path
-        self.k = kernels
+        # imported here: triton is optional for the torch path
+        from ..kernels import logits_grad, row_stats
+        self.row_stats, self.logits_grad = row_stats.row_stats, logits_grad.logits_grad
 
     def stats(self, z, zr, y, inv_t, st, s):
         e = s + z.shape[0]
@@ -99,9 +105,10 @@ class TritonEpilogue:
         def part(t):
             return None if t is None else t[s:e]
 
-        self.k.launch_row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
-                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
+        self.row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
+                       kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
+        return None
 
-    def grad(self, z, zr, y, inv_t, lse, gl, alpha, beta, gamma, out_dtype):
-        return self.k.launch_logits_grad(z, zr, y, inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
-                                         out_dtype=out_dtype)
+    def grad(self, z, zr, state, y, inv_t, lse, coefs, out):
+        return self.logits_grad(z, zr, y, inv_t, lse=lse, gl=coefs.gl, alpha=coefs.alpha, beta=coefs.beta,
+                                gamma=coefs.gamma, out=out)
