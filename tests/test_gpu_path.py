@@ -189,6 +189,55 @@ def test_each_chunk_dies_before_the_next_is_computed(monkeypatch, backend, dtype
     assert len(chunks) == MEM_N // MEM_CT
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_memory_stays_bounded_for_any_n(monkeypatch, dtype):
+    # The GPU's default groups (engine.layout with a CUDA device) on CPU tensors: every token's dz
+    # while it costs at most 4 V d bytes, else groups of d tokens (with the fp32 dW sum for 16-bit
+    # weights). The workspace beyond the gradients is then at most 4 V d bytes plus one fp32 chunk
+    # (or, after the last chunk, one fp32 slice of dW's GEMM output if that is bigger), from
+    # N = d/2 (one group) to N = 16 d (16 groups).
+    d, vocab, ct = 8, 4096, 4
+    real = engine.layout
+    monkeypatch.setattr(engine, "layout", lambda n, v, dim, device, dz_dtype, **kw:
+                        real(n, v, dim, torch.device("cuda"), dz_dtype, **kw))
+    native_16bit_path(monkeypatch)
+    bound = 4 * vocab * d + max(ct * vocab, min(vocab * d, engine.DW_SLICE_ELEMENTS)) * 4 + 16384
+    extras = []
+    for n in (d // 2, 2 * d, 16 * d):
+        g = torch.Generator().manual_seed(n)
+        h = torch.randn(n // 4, 4, d, generator=g).to(dtype).requires_grad_()
+        w = (0.3 * torch.randn(vocab, d, generator=g)).to(dtype).requires_grad_()
+        y = torch.randint(0, vocab, (n // 4, 4), generator=g)
+        kw = dict(rewards=torch.rand(n // 4, generator=g), group_ids=torch.arange(n // 4) // 2)
+
+        def step():
+            with GemmAudit(emulate_cuda=True):
+                gro_loss(h, w, y, method="dapo", backend="torch", backend_options=dict(chunk_elements=ct * vocab),
+                         **kw).loss.backward()
+
+        step()
+        h.grad = w.grad = None   # (outside the profile: a free of what existed before would lower its sum)
+        peak = peak_bytes(step)
+        grads = (h.numel() + w.numel()) * h.element_size()
+        extras.append(peak - grads - 256 * n)   # [n] vectors of statistics and coefficients: 256 B a token
+    assert max(extras) <= bound, (extras, bound)
+    assert extras[-1] <= extras[1] + 4096, extras   # 16 groups need no more than 4
+
+
+def peak_bytes(fn) -> int:
+    """The most bytes alive at once through the CPU allocator while fn() runs (its profile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = most = 0
+    for _, b in events:
+        live += b
+        most = max(most, live)
+    return most
+
+
 # ---- 3. autotuning restores nothing ------------------------------------------------------------
 
 def test_kernels_write_only_their_outputs_so_autotuning_restores_nothing():

@@ -18,6 +18,12 @@ is one group; with several groups it is summed across them in fp32, in vocabular
 each GEMM (cuBLAS beta = 1). fp16 has a 5-bit exponent: its dz carries a power-of-two scale per row
 (`fp16_row_scale`), undone exactly on the fp32 outputs of GEMMs 2 and 3.
 
+Workspace beyond the inputs and gradients: one fp32 logits chunk (and a reference head's), the
+group's dz buffer, and for a 16-bit head the fp32 dW sum (several groups) or, after the last
+chunk, one fp32 vocabulary slice of dW's GEMM output (one group); the torch epilogue adds
+exp(z - max) and one transient of the chunk's size. With the default groups (`layout`) the dz
+buffer and the dW sum's cost beyond the gradient it becomes stay within 4 V d bytes for any N.
+
 The epilogue (`epilogues.py`) is torch ops or two Triton kernels; the engine never knows which.
 Three ways through it:
 
