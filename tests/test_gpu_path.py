@@ -27,13 +27,14 @@ from gro_kernels.logprobs import engine
 from helpers_gemm import GemmAudit, native_16bit_path
 
 triton = pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    from gro_kernels.kernels import launch
-    if not launch.interpreting():
-        pytest.skip("no CUDA GPU and TRITON_INTERPRET is off", allow_module_level=True)
-
+from gro_kernels.kernels import launch  # noqa: E402
 from gro_kernels.kernels import logits_grad as lg  # noqa: E402
 from gro_kernels.kernels import row_stats as rs  # noqa: E402
+
+if not launch.interpreting():
+    # Everything here runs on CPU tensors; on a GPU machine the kernels are checked for real by
+    # tests/test_triton_backend.py and bench/gpu_suite.sh.
+    pytest.skip("these CPU proofs run the Triton kernels under TRITON_INTERPRET=1", allow_module_level=True)
 
 N, D, V = 24, 16, 600          # V = 600: two vocabulary splits under the interpreter (512 + 88)
 CHUNK = dict(chunk_elements=5 * V)   # 5 tokens per chunk, 5 chunks
