@@ -28,6 +28,7 @@ class Gemm:
     m: int
     k: int
     n: int
+    fp32_reduction: bool = False   # torch told cuBLAS to add split-K pieces in fp32 (16-bit inputs)
 
     @property
     def flops(self) -> int:
@@ -85,8 +86,11 @@ class GemmAudit(TorchDispatchMode):
             mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
             a, b = mats[-2], mats[-1]   # addmm(c, a, b), mm(a, b), bmm(a, b)
             batch = a.shape[0] if a.dim() == 3 else 1
+            flags = torch.backends.cuda.matmul
+            allowed = {torch.bfloat16: flags.allow_bf16_reduced_precision_reduction,
+                       torch.float16: flags.allow_fp16_reduced_precision_reduction}.get(a.dtype, False)
             self.gemms.append(Gemm(name, a.dtype, b.dtype, result.dtype, batch * a.shape[-2], a.shape[-1],
-                                   b.shape[-1]))
+                                   b.shape[-1], fp32_reduction=not allowed))
         return result
 
     @property

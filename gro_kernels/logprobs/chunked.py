@@ -10,7 +10,7 @@
 `backend="torch"` uses the torch-ops epilogue (any device); `backend="triton"` the two Triton
 kernels (CUDA; the CPU under TRITON_INTERPRET=1). float64 inputs (the test reference precision)
 always take the torch epilogue, which keeps float64 end to end. Backend options (`engine.layout`):
-`chunk_elements`, the fp32 logits per chunk (default: 512 MiB on a GPU, 16 MiB on a CPU);
+`chunk_elements`, the fp32 logits per chunk (default: 768 MiB on a GPU, 16 MiB on a CPU);
 `group_elements`, the logits-gradient entries held per group of chunks before its gradient GEMMs
 (default on a GPU: every token's while that costs at most 4 V d bytes, else d tokens; a CPU: one chunk).
 """

@@ -14,13 +14,14 @@ groups (`Layout`). Per group of chunks:
 
 dz is in the gradient GEMMs' operand dtype: the head's 16-bit dtype on CUDA (fp32 math, one
 rounding), the statistics dtype elsewhere. A 16-bit head's dW is written once when the whole batch
-is one group; with several groups it is summed across them in fp32, in vocabulary slices, inside
-each GEMM (cuBLAS beta = 1). fp16 has a 5-bit exponent: its dz carries a power-of-two scale per row
+is one group (one GEMM whose split-K pieces, if any, are added in fp32: `fp32_reductions`); with
+several groups it is summed across them in fp32, in vocabulary slices, inside each GEMM (cuBLAS
+beta = 1). dh's GEMM (K = V, the one cuBLAS is likely to split) returns fp32 and is cast once. fp16 has a 5-bit exponent: its dz carries a power-of-two scale per row
 (`fp16_row_scale`), undone exactly on the fp32 outputs of GEMMs 2 and 3.
 
 Workspace beyond the inputs and gradients: one fp32 logits chunk (and a reference head's), the
-group's dz buffer, and for a 16-bit head the fp32 dW sum (several groups) or, after the last
-chunk, one fp32 vocabulary slice of dW's GEMM output (one group); the torch epilogue adds
+group's dz buffer, and for a 16-bit head the fp32 dW sum (several groups) or, for fp16 after the
+last chunk, one fp32 vocabulary slice of dW's GEMM output (one group); the torch epilogue adds
 exp(z - max) and one transient of the chunk's size. With the default groups (`layout`) the dz
 buffer and the dW sum's cost beyond the gradient it becomes stay within 4 V d bytes for any N.
 
@@ -39,16 +40,18 @@ Math (u = z/T, p = softmax(u), ur the reference head's scaled logits):
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
-# The fp32 logits chunk (GEMM 1's output, the epilogue's input). GPU: 512 MiB, 768 tokens of a
-# 151936-token vocabulary: GEMM 1 at full speed (M = 768), small next to the dz buffer. CPU: 4M
+# The fp32 logits chunk (GEMM 1's output, the epilogue's input). GPU: 768 MiB, 1280 tokens of a
+# 151936-token vocabulary: GEMM 1 at full speed (M = 1280, 45 waves), and few chunks, since each
+# chunk also costs ~70 small launches of the objective's coefficients (bench/README.md). CPU: 4M
 # logits (16 MiB): cache-sized chunks win there (N=2048, d=512, V=32768 on 2 quiet cores: 0.82x
 # plain PyTorch); on the CPU a group is one chunk, its dz written in place over z.
-GPU_CHUNK_ELEMENTS = 1 << 27
+GPU_CHUNK_ELEMENTS = 3 << 26
 CPU_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_TOKENS = 16
 # The fp32 outputs of 16-bit dW GEMMs go through vocabulary slices of at most this many elements.
@@ -150,6 +153,19 @@ def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
             ok = False
         _ACCUMULATE_PROBE[key] = ok
     return _ACCUMULATE_PROBE[key]
+
+
+@contextmanager
+def fp32_reductions():
+    """16-bit GEMMs whose split-K pieces (if cuBLAS splits K) are added in fp32, not in 16 bits.
+    Each tile accumulates in fp32 anyway; torch's default lets cuBLAS reduce the pieces in bf16/fp16."""
+    m = torch.backends.cuda.matmul
+    saved = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
+    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
 def _mm_stat(a: torch.Tensor, b: torch.Tensor, stat: torch.dtype) -> torch.Tensor:
@@ -298,7 +314,13 @@ class Grads:
             else:
                 self.dw.addmm_(dz.T, h)  # accumulates inside the GEMM
             return
-        if self.n_groups == 1:  # one group: each slice's fp32 GEMM output cast once
+        if self.n_groups == 1 and head.native and inv_group is None:
+            # One group of a bf16 head: dW written once by one GEMM, its fp32 sums (over K = the
+            # group's tokens, split or not) rounded once to bf16: no fp32 copy of dW, no cast pass.
+            with fp32_reductions():
+                self.dw = torch.mm(dz.T, h)
+            return
+        if self.n_groups == 1:  # fp16 (kept scaled per row) or no 16-bit GEMM here: fp32 slices, cast once
             self.dw = torch.empty(head.w.shape, dtype=head.w.dtype, device=dz.device)
             if inv_group is not None:
                 self.inv_dw = torch.empty(head.w.shape[0], dtype=stat, device=dz.device)
