@@ -1,30 +1,42 @@
 PYTHON ?= python3
 STAMP := .installed
+DEMO_STAMP := .installed-demo
 
-.PHONY: install test demo experiments bench-quick gpu-suite clean
+.PHONY: install install-demo test demo experiments bench-quick gpu-suite clean
 
-# Install once per pyproject change. torch first: the CPU build (2.13.0) on a machine without
-# torch, so that `torch>=2.4` is already satisfied and pip never pulls the multi-GB CUDA build;
-# a machine that already has torch (a GPU image) keeps its own. The integrations extra (TRL 1.16
-# and verl's import needs) leaves torch alone; verl itself goes in with --no-deps (its own pins
-# would replace torch and transformers). OpenRLHF (its loss code only, a peer of
-# tests/test_loss_types_peers.py; a cp311-only wheel) is optional: where it does not install,
-# its four peer tests skip.
+# torch first: the CPU build (2.13.0) on a machine without torch, so that `torch>=2.4` is already
+# satisfied and pip never pulls the multi-GB CUDA build; a machine that already has torch (a GPU
+# image) keeps its own.
+CPU_TORCH = $(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+
+# What `make test` needs: the package with the test, train and integrations extras. The integrations
+# extra (TRL 1.16 and verl's import needs) leaves torch alone; verl itself goes in with --no-deps (its
+# own pins would replace torch and transformers). OpenRLHF (its loss code only, a peer of
+# tests/test_loss_types_peers.py; a cp311-only wheel) is optional: where it does not install, its
+# four peer tests skip. Installed once per pyproject change.
 install: $(STAMP)
 $(STAMP): pyproject.toml
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+	$(CPU_TORCH)
 	$(PYTHON) -m pip install -e ".[test,train,integrations]"
 	$(PYTHON) -m pip install --no-deps "verl==0.9.1"
 	$(PYTHON) -m pip install --no-deps "openrlhf==0.11.2" || echo "openrlhf not installable here: its peer tests skip"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+# What the demo and the experiments need, and nothing else: the package with the train extra
+# (transformers, matplotlib). A full `make install` covers it.
+install-demo: $(DEMO_STAMP)
+$(DEMO_STAMP): pyproject.toml
+	$(CPU_TORCH)
+	$(PYTHON) -m pip install -e ".[train]"
+	touch $(DEMO_STAMP)
 
 test: $(STAMP)  ## the whole suite; without a GPU the Triton kernels run under TRITON_INTERPRET=1
 	$(PYTHON) -m pytest -q tests
 
-demo: $(STAMP)  ## tiny Llama, offline answers of mixed quality: GRO against five baselines that see the same data
+demo: $(DEMO_STAMP)  ## tiny Llama, offline answers of mixed quality: GRO against five baselines that see the same data
 	$(PYTHON) -m gro_kernels.demo
 
-experiments: $(STAMP)  ## every regime, 5 seeds, tuned knobs: docs/experiments/results.json and plots
+experiments: $(DEMO_STAMP)  ## every regime, 5 seeds, tuned knobs: docs/experiments/results.json and plots
 	$(PYTHON) -m gro_kernels.experiments --regime all --seeds 5 --json docs/experiments/results.json
 
 bench-quick: $(STAMP)
@@ -35,4 +47,4 @@ gpu-suite:  ## on a GPU machine: kernel tests, correctness sweep at real sizes, 
 	bash bench/gpu_suite.sh
 
 clean:
-	rm -f $(STAMP)
+	rm -f $(STAMP) $(DEMO_STAMP)

@@ -10,7 +10,7 @@ Inputs are drawn fresh from a seeded generator on the target device (never zeros
   not flat: the entropy is well below log V, as in a trained model);
 - targets uniform in [0, V); completion lengths uniform in [T/2, T] (mask);
 - rewards in {0, 1} with both values in every group (no zero-variance group), advantages
-  `(r - mean_g) / (std_g + 1e-4)` (GRO.md: Bessel std, std_eps 1e-4);
+  `(r - mean_g) / (std_g + 1e-4)` (docs/objective.md: Bessel std, std_eps 1e-4);
 - `old_logp` = the policy's own log-probs (float32, computed once, no grad) + N(0, 0.1^2) noise,
   so the PPO ratio is near 1 and some tokens clip, as in a real off-policy step;
   `ref_logp` = old_logp + another N(0, 0.1^2) (GRPO's k3 KL);
@@ -122,7 +122,7 @@ class Plan:
 
 
 ALL_IMPLS = [
-    "plain", "torch_compile", "liger", "cce", "cce_compile",
+    "plain", "torch_compile", "liger", "cce", "cce_compile", "torch_lce",
     "gro_torch", "gro_triton", "gro_loss_torch", "gro_loss_triton",
 ]
 CASE_IMPLS = {
@@ -135,7 +135,7 @@ CASE_IMPLS = {
     "dpo": ["plain", "torch_compile", "liger", "cce", "gro_torch", "gro_triton", "gro_loss_torch",
             "gro_loss_triton"],
     "logprob_entropy": ["matmul3", "plain", "torch_compile", "liger", "cce", "gro_torch", "gro_triton"],
-    "sft": ["plain", "torch_compile", "liger", "cce", "cce_compile", "gro_torch", "gro_triton",
+    "sft": ["plain", "torch_compile", "liger", "cce", "cce_compile", "torch_lce", "gro_torch", "gro_triton",
             "gro_loss_torch", "gro_loss_triton"],
 }
 
@@ -162,7 +162,7 @@ def quick_plans() -> List[Plan]:
              skip={i: CPU_COMPILE_NOTE.format(case="grpo", impl=i) for i in ("torch_compile", "cce_compile")}),
         Plan("dpo", one, ["plain", "liger", "gro_torch", "gro_loss_torch"],
              skip={"torch_compile": CPU_COMPILE_NOTE.format(case="dpo", impl="torch_compile")}),
-        Plan("sft", one, ["plain", "liger", "cce", "cce_compile", "gro_torch", "gro_loss_torch"],
+        Plan("sft", one, ["plain", "liger", "cce", "cce_compile", "torch_lce", "gro_torch", "gro_loss_torch"],
              skip={"torch_compile": CPU_COMPILE_NOTE.format(case="sft", impl="torch_compile")}),
     ]
 
@@ -282,7 +282,7 @@ def make_inputs(case: Case, shape: Shape, device: str = "cpu", seed: int = 0) ->
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean_g) / (std_g + eps), std with Bessel's correction (GRO.md, `linear` / `group_std`)."""
+    """(r - mean_g) / (std_g + eps), std with Bessel's correction (docs/objective.md, `linear` / `group_std`)."""
     adv = torch.empty_like(rewards)
     for g in torch.unique(group_ids).tolist():
         sel = group_ids == g

@@ -141,9 +141,11 @@ def race(device, dry, budget):
             first, worst, differ = None, 0.0, 0
             for _ in range(repeats):
                 dz = torch.empty(n, vocab, dtype=dt, device=device)
+                inv = torch.full((n,), inv_t, device=device)
                 logits_grad._logits_grad_kernel[(n * n_splits,)](
-                    z, zr, dz, y, lse.float(), gl, alpha, beta, gamma, vocab, n_splits, z.stride(0), zr.stride(0),
-                    dz.stride(0), inv_t, HAS_BETA=True, HAS_REF=True, SPLIT_V=sv, FAST=fast,
+                    z, zr, dz, y, inv, inv, inv, lse.float(), gl, alpha, beta, gamma, gl, vocab, n_splits,
+                    z.stride(0), zr.stride(0), dz.stride(0), 1.0, HAS_BETA=True, HAS_REF=True, HAS_CAP=False,
+                    HAS_TAU=False, HAS_ETA=False, HAS_CW=False, SPLIT_V=sv, FAST=fast,
                     BLOCK_V=cfg.kwargs["BLOCK_V"] if not dry else launch.INTERPRETER_BLOCK_V, num_warps=cfg.num_warps)
                 if first is None:
                     first = dz.clone()
@@ -162,11 +164,13 @@ def race(device, dry, budget):
         if time.perf_counter() - t0 > budget:
             break
         part = torch.empty(n, n_splits, row_stats.NF, device=device)
+        inv = torch.full((n,), inv_t, device=device)
         row_stats._row_partials_kernel[(n * n_splits,)](
-            z, zr, part, vocab, n_splits, z.stride(0), zr.stride(0), inv_t, WANT_REL=True, HAS_REF=True,
-            WANT_P2=True, SPLIT_V=sv, FAST=fast,
-            BLOCK_V=cfg.kwargs["BLOCK_V"] if not dry else launch.INTERPRETER_BLOCK_V, num_warps=cfg.num_warps)
-        outs = {k: torch.empty(n, device=device) for k in ("lse", "logp", "ent", "kl", "ekl", "sum_p2")}
+            z, zr, y, inv, inv, inv, part, vocab, n_splits, z.stride(0), zr.stride(0), 1.0, WANT_REL=True,
+            HAS_REF=True, WANT_P2=True, HAS_CAP=False, HAS_TAU=False, WANT_MEAN=False, HAS_CW=False, SPLIT_V=sv,
+            FAST=fast, BLOCK_V=cfg.kwargs["BLOCK_V"] if not dry else launch.INTERPRETER_BLOCK_V,
+            num_warps=cfg.num_warps)
+        outs = {k: torch.empty(n, device=device) for k in ("lse", "logp", "top1", "ent", "kl", "ekl", "sum_p2")}
         row_stats.finish_row_stats(part, z, y, inv_t, **outs)
         err = float((outs["lse"].double() - lse).abs().max())
         results["row_partials"].append({"config": _name(cfg), "lse_max_abs_error": err, "ok": err < 1e-4})
@@ -216,7 +220,7 @@ def components(device, dry, budget):
     timed("z_gemm_bf16_out", lambda: hc @ w.T, chunks)
     z = (hc.float() @ w.float().T).contiguous()
     y = inp["targets"].reshape(-1)[rows][:ct].clamp_min(0)
-    vec = {k: torch.empty(ct, device=device) for k in ("lse", "logp", "ent")}
+    vec = {k: torch.empty(ct, device=device) for k in ("lse", "logp", "top1", "ent")}
     timed("row_stats_kernels", lambda: row_stats.row_stats(z, None, y, 1.0, **vec), chunks)
     coef = torch.randn(3, ct, device=device) * 1e-3
     dz_chunk = torch.empty(ct, vocab, dtype=dt, device=device)

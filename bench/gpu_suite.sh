@@ -11,8 +11,9 @@
 #   probe        does addmm(out_dtype=float32, out=) accumulate here (dW in the GEMM)?      30 s
 #   race         every autotune config of both kernels, 30 repeats, bf16 and fp16: dz vs an
 #                fp32 reference and vs its first repeat                                     60 s
-#   compile      compile_check of the installed Triton (first config of every variant)      40 s
-#   tests        the Triton kernel tests on CUDA                                            75 s
+#   compile      compile_check of the installed Triton (first config of every variant, the
+#                head options' included, one process per core)                              60 s
+#   tests        the Triton kernel tests on CUDA (the head options' too)                    90 s
 #   components   z GEMM (fp32 vs bf16 out), the two epilogue kernels, dh and dW GEMMs,
 #                everything else, at N=8192 d=4096 V=151936 bf16                             60 s
 #   correctness  bf16 kernels vs a float32 reference at real sizes                          60 s
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --only) shift; ONLY="${1:-}" ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -119,7 +120,7 @@ kernel_tests() {
   if [ "$DRY" = 1 ]; then  # one case, to exercise the step
     "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py -k fp32_matches_textbook
   else
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_triton_head_options.py
   fi
 }
 
@@ -132,16 +133,18 @@ if [ "$DRY" = 1 ]; then
            --impls gro_torch --name dry_run_correctness --no-plots --out-dir "$DEST")
 else
   PROBE=("$PY" bench/gpu_probe.py --out "$DEST")
-  BENCH=("$PY" bench/run.py --gpu --budget 150 --out-dir "$DEST")
-  CORRECT=("$PY" bench/run.py --correctness --no-plots --out-dir "$DEST")
+  # the tables go to bench/results (to commit) and, by run.py, to $OUT too
+  BENCH=("$PY" bench/run.py --gpu --budget 150 --out-dir bench/results)
+  CORRECT=("$PY" bench/run.py --correctness --no-plots --out-dir bench/results)
 fi
 
 wanted env && env_report 2>&1 | tee "${PREFIX}_env.log"
 step wheels 60 install_wheels
 step probe 30 "${PROBE[@]}" probe --budget 20
 step race 60 "${PROBE[@]}" race --budget 45
-step compile 40 env -u TRITON_INTERPRET "$PY" -m gro_kernels.kernels.compile_check --quick --json "$DEST/compile_check.json"
-step tests 75 kernel_tests
+step compile 60 env -u TRITON_INTERPRET "$PY" -m gro_kernels.kernels.compile_check --quick --jobs "$(nproc)" \
+  --json "$DEST/compile_check.json"
+step tests 90 kernel_tests
 step components 60 "${PROBE[@]}" components --budget 45
 step correctness 60 "${CORRECT[@]}"
 step benchmark 200 "${BENCH[@]}"

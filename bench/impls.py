@@ -18,6 +18,8 @@ Rows:
 - `gro_torch`, `gro_triton`: `gro_kernels.logprobs.token_logprobs` (backend "torch" / "triton")
   then the loss below: the primitive alone, with the benchmark's own loss math.
 - `gro_loss_torch`, `gro_loss_triton`: the package's full `gro_kernels.loss.gro_loss(method=...)`.
+- `torch_lce` (SFT only): PyTorch core's `torch.nn.functional.linear_cross_entropy` (torch >= 2.13)
+  with `options=LinearCrossEntropyOptions()`, its chunked path (the logits never whole).
 - `matmul3`: the three bare matmuls of any fwd+bwd, `logits = H @ W^T`, `dH = G @ W`,
   `dW = G^T @ H`, on all N rows: the floor of the rows that compute every token (`gro_torch`,
   `gro_triton`, plain). `matmul3_rows`: the same on the rows `gro_loss` computes (the mask's,
@@ -253,6 +255,23 @@ def build_cce_compile(case, inp, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# PyTorch core's fused linear cross-entropy
+
+
+def build_torch_lce(case, inp, device):
+    if case.name != "sft":
+        raise Skip("torch.nn.functional.linear_cross_entropy is a cross-entropy: the SFT case only")
+    lce = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if lce is None or options is None:
+        raise Skip(f"torch {torch.__version__} has no F.linear_cross_entropy with chunking options (torch >= 2.13)")
+    d = inp["hidden"].shape[-1]
+    return Step(lambda: lce(inp["hidden"].reshape(-1, d), inp["weight"], inp["targets"].reshape(-1),
+                            ignore_index=IGNORE_INDEX, options=options()),
+                note="F.linear_cross_entropy(options=LinearCrossEntropyOptions()): its chunked path")
+
+
+# ----------------------------------------------------------------------------------------------
 # gro_kernels
 
 
@@ -379,6 +398,7 @@ BUILDERS: Dict[str, Callable] = {
     "liger": build_liger,
     "cce": build_cce,
     "cce_compile": build_cce_compile,
+    "torch_lce": build_torch_lce,
     "gro_torch": build_gro_torch,
     "gro_triton": build_gro_triton,
     "gro_loss_torch": build_gro_loss_torch,

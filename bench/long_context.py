@@ -189,7 +189,8 @@ def main():
     ap.add_argument("--limit-gib", type=float, default=24.0, help="the budget a series must stay under")
     ap.add_argument("--run-limit-gib", type=float, default=14.0, help="the most a point may take on this machine")
     ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "long_context_cpu.json"))
+    ap.add_argument("--out", default=os.path.join("bench-results", "long_context_cpu.json"),
+                    help="results JSON (and its .png beside it); bench/results/ holds the committed figures")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]))), flush=True)
@@ -228,7 +229,7 @@ def main():
                 model="Qwen2-shaped, d=128, 2 layers, 4 heads (2 kv), float32, sdpa, gradient checkpointing",
                 limit_gib=args.limit_gib, run_limit_gib=args.run_limit_gib,
                 date=time.strftime("%Y-%m-%d"))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, meta, args.out.replace(".json", ".png"))

@@ -214,7 +214,7 @@ def markdown(meta: dict, records: List[dict]) -> str:
     return "\n".join(lines)
 
 
-_ORDER = ["matmul3", "matmul3_rows", "plain", "torch_compile", "liger", "cce", "cce_compile", "gro_torch",
+_ORDER = ["matmul3", "matmul3_rows", "plain", "torch_compile", "liger", "cce", "cce_compile", "torch_lce", "gro_torch",
           "gro_triton", "gro_loss_torch", "gro_loss_triton"]
 
 

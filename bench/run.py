@@ -2,15 +2,17 @@
 """Benchmark command line: fused RLHF losses vs plain PyTorch, torch.compile, Liger-Kernel, CCE.
 
     python bench/run.py --quick                      # CPU set, a few minutes on 2 cores
-    python bench/run.py --foundation                 # DAPO, N=2048 d=512 V=32768 fp32, plain vs gro torch
+    python bench/run.py --foundation                 # DAPO, GRPO + entropy, DPO at N=2048 d=512 V=32768 fp32 (CPU)
     python bench/run.py --case dapo --tokens 2048 --hidden 512 --vocab 32768 --impls plain,gro_torch --device cpu
     python bench/run.py --gpu                        # the full GPU table (bf16, peers' shapes)
     python bench/run.py --correctness                # GPU: bf16 kernels vs a float32 reference at real sizes
 
 Each group of measurements (one case, its shapes, its implementations) runs in a fresh worker
 process (`--isolate impl`: one per implementation), so a crash, an OOM or a compiled cache stays
-there. Results go to bench/results/ (and to $OUT when set) as <date>_<device>_<suite>.json / .md /
-_time.png / _memory.png; the Markdown table is printed at the end.
+there. Results go to ./bench-results/ (`--out-dir`; also to $OUT when set) as
+<date>_<device>_<suite>.json / .md / _time.png / _memory.png; the Markdown table is printed at the
+end. The figures the README quotes live in bench/results/: write there (`--out-dir bench/results`)
+only to update them.
 """
 from __future__ import annotations
 
@@ -164,11 +166,13 @@ class Worker:
         return records
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite = p.add_mutually_exclusive_group()
     suite.add_argument("--quick", action="store_true", help="small CPU set (float32), a few minutes on 2 cores")
-    suite.add_argument("--foundation", action="store_true", help="the foundation issue's CPU DAPO target")
+    suite.add_argument("--foundation", action="store_true",
+                       help="CPU, float32, N=2048 d=512 V=32768: DAPO, GRPO + entropy bonus and DPO, gro_kernels "
+                            "against plain PyTorch, with the time and memory goals (DAPO <= 0.9x plain's time)")
     suite.add_argument("--gpu", action="store_true", help="the full GPU table (bf16)")
     suite.add_argument("--correctness", action="store_true", help="GPU correctness sweep (bf16 vs fp32 reference)")
     suite.add_argument("--render", metavar="JSON", help="rewrite the .md and plots of a results JSON file")
@@ -191,10 +195,16 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0, help="overall seconds; later groups are skipped past it")
     p.add_argument("--worker-timeout", type=float, default=900)
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--out-dir", default="bench-results",
+                   help="folder for the results (default: ./bench-results; bench/results holds the figures the "
+                        "README quotes: write there only to update them)")
     p.add_argument("--name", default="", help="suite name in the output file names")
     p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     if args.worker:
         from bench.measure import run_worker

@@ -83,8 +83,9 @@ class GemmAudit(TorchDispatchMode):
         else:
             result = func(*args, **kwargs)
         if name in _GEMMS:
-            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
-            a, b = mats[-2], mats[-1]   # addmm(c, a, b), mm(a, b), bmm(a, b)
+            a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]   # addmm(c, a, b), mm(a, b), bmm(a, b)
+            # mv(a, x), addmv(c, a, x), dot(x, y): a vector is a one-column (or one-row) matrix
+            a, b = (a if a.dim() >= 2 else a[None]), (b if b.dim() >= 2 else b[:, None])
             batch = a.shape[0] if a.dim() == 3 else 1
             flags = torch.backends.cuda.matmul
             allowed = {torch.bfloat16: flags.allow_bf16_reduced_precision_reduction,

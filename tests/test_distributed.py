@@ -4,6 +4,7 @@ batch-wide statistics global)."""
 import dataclasses
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ WORLD = 2
 # (method, extra config): token_mean + offline rows + several updates + micro-batches (no_sync);
 # a per-sequence mean with a reference model and KL.
 CASES = [
-    ("gro", dict(num_iterations=2, micro_batch_size=5)),
+    # (with the sampler's truncation and temperature, an fp32 head: the loss's and old log-probs' distribution)
+    ("gro", dict(num_iterations=2, micro_batch_size=5, temperature=0.9, top_k=6, top_p=0.95, head_precision="fp32")),
     ("grpo", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.1})),
     # batch statistics (mean and std of the token returns) over both processes' rows
     ("reinforce_pp", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.05})),
@@ -72,10 +74,14 @@ def _worker(rank, port, out_dir):
         batch = global_batch()
         shard = trim(batch.select(range(rank * 10, rank * 10 + 10)))  # two whole groups per process
         for method, extra in CASES:
-            trainer = make_trainer(method, extra, WORLD)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer = make_trainer(method, extra, WORLD)
             assert trainer.wrapped is not trainer.policy  # DDP-wrapped
             metrics = trainer.train_step(shard)
-            torch.save({"params": flat(trainer), "metrics": metrics},
+            future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                      if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+            torch.save({"params": flat(trainer), "metrics": metrics, "future_warnings": future},
                        os.path.join(out_dir, f"{method}_rank{rank}.pt"))
         trainer = None  # noqa: F841
         leave_together()
@@ -96,6 +102,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         r0 = torch.load(tmp_path / f"{method}_rank0.pt")
         r1 = torch.load(tmp_path / f"{method}_rank1.pt")
         assert torch.equal(r0["params"], r1["params"]), f"{method}: replicas differ"
+        # building the trainer (DDP wrapper included) warns of nothing deprecated (broadcast_buffers, torch 2.13)
+        assert r0["future_warnings"] == [] and r1["future_warnings"] == [], r0["future_warnings"]
 
         single = make_trainer(method, extra, 1)
         before = flat(single)

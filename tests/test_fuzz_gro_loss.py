@@ -2,7 +2,9 @@
 options and chunk sizes, the chunked torch backend agrees with the naive backend (which builds
 the logits and lets autograd differentiate) on the loss, the log-probs and the gradients of the
 hidden states, the head weight and the bias; and nothing is NaN. Deterministic (derandomized) so
-CI sees the same examples every run; 400 examples in about 20 s on 2 cores."""
+CI sees the same examples every run; 400 examples in about 20 s on 2 cores. The cases include the
+exact KL placed in the reward with old_logp given, and vocabulary rows masked with a -inf bias
+(issue 15 items 1 and 2: each made the torch backend disagree with naive, or gave NaN)."""
 import pytest
 import torch
 
@@ -23,8 +25,10 @@ IGNORE = -100
 
 
 @st.composite
-def cases(draw):
-    method = draw(st.sampled_from(METHODS))
+def cases(draw, reference_head=False):
+    """A random configuration; `reference_head`: a reward-scored method with the exact KL of a
+    reference head (in the loss or the reward, old_logp given) and often masked vocabulary rows."""
+    method = draw(st.sampled_from(REWARD if reference_head else METHODS))
     pairs = method in PAIRWISE
     B = 2 * draw(st.integers(1, 3)) if pairs else draw(st.integers(2, 6))
     case = dict(
@@ -34,16 +38,19 @@ def cases(draw):
         group_elements=draw(st.sampled_from([None, 1, 40, 2**21])),   # dz of several chunks per gradient GEMM
         mask_kind=draw(st.sampled_from(["none", "bool", "float01"])),
         bias=draw(st.booleans()),
+        # vocabulary rows masked with a -inf bias (in the reference head too); issue 15 item 2
+        masked_rows=draw(st.sampled_from([0, 1, 3] if reference_head else [0, 0, 1, 3])),
         options={},
     )
     o = case["options"]
     if draw(st.booleans()):
         o["temperature"] = draw(st.sampled_from([0.5, 1.0, 1.7]))
     if method in REWARD:
-        o["kl_coef"] = draw(st.sampled_from([0.0, 0.05]))
-        o["kl_estimator"] = draw(st.sampled_from(["k1", "k2", "k3", "full"]))
-        if o["kl_estimator"] == "full" and o["kl_coef"] and method in ("reinforce", "rloo", "remax", "reinforce_pp"):
-            o["kl_placement"] = "loss"  # an exact KL in the reward is formed from the policy's own head
+        o["kl_coef"] = draw(st.sampled_from([0.05, 0.5] if reference_head else [0.0, 0.05]))
+        if o["kl_coef"]:  # (the objective refuses KL options it does not read)
+            o["kl_estimator"] = "full" if reference_head else draw(st.sampled_from(["k1", "k2", "k3", "full"]))
+            # the reward KL with the given old_logp below, the exact one included (issue 15 item 1)
+            o["kl_placement"] = draw(st.sampled_from(["loss", "reward"]))
         if method != "reinforce_pp" and draw(st.booleans()):
             o["loss_agg"] = draw(st.sampled_from(LOSS_AGG))
         o["entropy_coef"] = draw(st.sampled_from([0.0, 0.01]))
@@ -53,7 +60,7 @@ def cases(draw):
             o["importance_sampling"] = draw(st.sampled_from(["token", "sequence"]))
             if draw(st.booleans()):
                 o["delta"] = 1.5
-        if method not in ("reinforce_pp",):
+        if method not in ("reinforce", "rloo", "remax", "dr_grpo"):  # the methods with a std scale
             o["std_eps"] = draw(st.sampled_from([0.0, 1e-4]))
         case["offline"] = draw(st.booleans())
         case["equal_rewards"] = draw(st.booleans())  # constant groups: weight exactly 0, never NaN
@@ -63,6 +70,7 @@ def cases(draw):
             o["label_smoothing"] = draw(st.sampled_from([0.0, 0.1]))
     elif method == "kto":
         o["beta"] = draw(st.sampled_from([0.1, 0.5]))
+        o["anchor_value"] = draw(st.sampled_from([0.0, 0.3]))   # z0
     return case
 
 
@@ -72,8 +80,15 @@ def _inputs(c):
     f64 = dict(dtype=torch.float64)
     hidden = torch.randn(B, T, d, generator=g, **f64)
     weight = torch.randn(V, d, generator=g, **f64)
-    bias = 0.3 * torch.randn(V, generator=g, **f64) if c["bias"] else None
-    targets = torch.randint(0, V, (B, T), generator=g)
+    bias = 0.3 * torch.randn(V, generator=g, **f64) if c["bias"] or c["masked_rows"] else None
+    ref_bias = None
+    kept = torch.arange(V)
+    if c["masked_rows"] and V > c["masked_rows"] + 1:
+        rows = torch.randperm(V, generator=g)
+        masked, kept = rows[:c["masked_rows"]], rows[c["masked_rows"]:]
+        ref_bias = bias + 0.1 * torch.randn(V, generator=g, **f64)
+        bias[masked], ref_bias[masked] = float("-inf"), float("-inf")
+    targets = kept[torch.randint(0, len(kept), (B, T), generator=g)]   # never a masked row
     targets[torch.rand(B, T, generator=g) < 0.2] = IGNORE
     if B > 2:
         targets[-1] = IGNORE  # a fully ignored row
@@ -101,7 +116,7 @@ def _inputs(c):
         kw["old_logp"] = -torch.rand(B, T, generator=g, **f64) * 3  # behaviour log-probs, ratios far from 1
     if method in ("dpo", "ipo", "kto") or o.get("kl_coef"):
         if o.get("kl_estimator") == "full":
-            kw.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
+            kw.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
         else:
             kw["ref_logp"] = -torch.rand(B, T, generator=g, **f64) * 3
     return hidden, weight, bias, targets, kw
@@ -120,6 +135,18 @@ def _run(c, backend, backend_options):
 @settings(max_examples=400, deadline=None, derandomize=True, print_blob=True)
 @given(cases())
 def test_torch_backend_matches_naive(c):
+    _check_against_naive(c)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, print_blob=True)
+@given(cases(reference_head=True))
+def test_reference_heads_match_naive(c):
+    # The draws above reach an exact KL placed in the reward with old_logp too rarely to be sure of
+    # it (that one pass read the KL as zeros: issue 15 item 1): here every case has a reference head.
+    _check_against_naive(c)
+
+
+def _check_against_naive(c):
     want, want_grads = _run(c, "naive", None)
     options = {k: c[k] for k in ("chunk_elements", "group_elements") if c[k] is not None}
     got, got_grads = _run(c, "torch", options)

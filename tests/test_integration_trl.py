@@ -27,6 +27,11 @@ def tied_model_path(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_tied"), tie=True)
 
 
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_gemma2"), softcap=3.0)
+
+
 def reward_len(completions, **kwargs):
     return [len(c) / 8 for c in completions]
 
@@ -224,6 +229,69 @@ def test_grpo_tied_embeddings(tmp_path, tied_model_path):
     # the lm_head weight is the input embedding: its gradient has both contributions, as in TRL
     compare_grpo(tmp_path, tied_model_path, dict(off_policy=True), gas=2, loss_type="dapo", beta=0.04,
                  use_bias_correction_kl=False)
+
+
+@pytest.mark.parametrize("loss_type,config", [("dapo", dict(beta=0.04, temperature=0.7)),
+                                               ("grpo", dict(entropy_coef=0.05, cast_lm_head_to_fp32=True))])
+def test_grpo_gemma_softcap_equal_trl(tmp_path, gemma_path, loss_type, config):
+    # Gemma 2's final_logit_softcapping: applied by TRL's head and by ours (refused on main)
+    compare_grpo(tmp_path, gemma_path, dict(off_policy=True), loss_type=loss_type, **config)
+
+
+def test_grpo_sampler_logprobs(tmp_path, model_path):
+    """sampler_logprobs=True: the policy's log-probs (TRL's per-token step and the loss's) are those of the
+    distribution generate samples from (TRL's top_k / top_p after its temperature, transformers' own
+    warpers here); TRL's loss math on them is the patched loss; the reference's stay untruncated."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from gro_kernels.integrations.hf_head import add_gro_head
+
+    args = grpo_config(tmp_path, temperature=0.8, top_k=5, top_p=0.8, beta=0.04, use_bias_correction_kl=False,
+                       loss_type="dapo")
+
+    def build():
+        trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, args=args, train_dataset=prompts_dataset(),
+                              processing_class=build_tokenizer())
+        perturb(trainer.model, scale=0.5)   # a peaked policy, so that top_p cuts
+        return trainer
+
+    trainer = build()
+    batch = grpo_batch(trainer, off_policy=True, beta=0.04)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    K = batch["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids, attention_mask=am).logits[:, -K - 1:-1].double() / 0.8
+    flat = logits.reshape(-1, logits.shape[-1])
+    kept = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(5)(None, flat.clone())).reshape(logits.shape)
+    y = batch["completion_ids"][..., None]
+    kept = kept.scatter(-1, y, logits.gather(-1, y))  # a target outside the kept set joins it
+    want = torch.log_softmax(kept, -1).gather(-1, y)[..., 0]
+    assert (torch.isinf(kept).sum(-1) > 0).all() and (torch.isfinite(kept).sum(-1) > 1).any()
+    # the reference: TRL's own _compute_loss, its per-token step on our head with the truncation given by hand
+    add_gro_head(trainer.model, temperature=0.8, sampler=dict(top_k=5, top_p=0.8))
+    m = batch["completion_mask"].bool()
+    got = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, K)[0]
+    torch.testing.assert_close(got[m].double(), want[m], rtol=0, atol=1e-5)
+    ref = loss_grads_metrics(trainer, batch)
+    # ours: a fresh trainer (the same weights), TRL's settings read by patch_trainer
+    trainer = build()
+    patch_trainer(trainer, sampler_logprobs=True)
+    got = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, K)[0]
+    torch.testing.assert_close(got[m].double(), want[m], rtol=0, atol=1e-5)
+    ours = loss_grads_metrics(trainer, batch)
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=1e-6)
+    assert_grads_close(ours[1], ref[1])
+
+
+@pytest.mark.parametrize("config,match", [(dict(repetition_penalty=1.1), "repetition_penalty"),
+                                          (dict(generation_kwargs={"typical_p": 0.9}), "typical_p"),
+                                          (dict(top_p=0.9, min_p=0.1), "min_p and top_p")])
+def test_grpo_sampler_logprobs_refuses_what_it_cannot_follow(tmp_path, model_path, config, match):
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward_len, args=grpo_config(tmp_path, **config),
+                          train_dataset=prompts_dataset(), processing_class=build_tokenizer())
+    with pytest.raises(ValueError, match=match):
+        patch_trainer(trainer, sampler_logprobs=True)
 
 
 def test_grpo_every_loss_type_of_the_map_is_tested():
@@ -436,22 +504,8 @@ def test_dpo_train_end_to_end_matches_trl(tmp_path, model_path, config):
 def test_grpo_ddp_two_processes_match_trl(tmp_path, model_path, loss_type):
     """DDP on 2 CPU processes (gloo): TRL's normalizers divide by the process count; the patched trainer
     lands on TRL's parameters and logs the same (globally reduced) metrics."""
-    import os
-    import subprocess
-    import sys
-    from gro_kernels.trainer.distributed import free_port
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_ddp_worker.py")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), worker, model_path, str(tmp_path), loss_type]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group: a timeout ends the workers too
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    from trl_fixtures import torchrun
+    torchrun("trl_ddp_worker.py", model_path, tmp_path, loss_type)
     results = torch.load(tmp_path / "results.pt")
     ref, ours = ((results[k]["params"], results[k]["log"]) for k in ("GRPOTrainer", "GROGRPOTrainer"))
     assert_same_training(ref, ours, ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm"))
@@ -480,3 +534,34 @@ def test_patch_trainer_keeps_a_user_subclass(tmp_path, model_path):
     assert type(trainer).__name__ == "GROMyTrainer" and type(trainer).__mro__[1] is _GROGRPOLoss
     with pytest.raises(TypeError, match="GRPOTrainer, DPOTrainer or KTOTrainer"):
         patch_trainer(object())
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_trainers_take_a_path_or_an_in_memory_model_with_its_reference(tmp_path, model_path, kind):
+    """The README's two lines: TRL builds the reference (and the tokenizer) from the model's path, so an
+    in-memory model without one fails inside TRL; with ref_model and processing_class it trains."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import DPOConfig, KTOConfig
+
+    from gro_kernels.integrations.trl import GRODPOTrainer, GROKTOTrainer
+
+    cls, config, data = ((GRODPOTrainer, DPOConfig, preference_dataset()) if kind == "dpo"
+                         else (GROKTOTrainer, KTOConfig, unpaired_dataset()))
+    args = config(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, bf16=False, report_to=[],
+                  save_strategy="no", logging_steps=1, max_length=16, max_steps=1)
+    assert cls(model=model_path, args=args, train_dataset=data).ref_model is not None  # from the path
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    model.config._name_or_path = ""  # as a model built from a fresh config: no path to load a reference from
+    with pytest.raises(OSError):
+        cls(model=model, args=args, train_dataset=data, processing_class=build_tokenizer())
+    trainer = cls(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=data,
+                  processing_class=build_tokenizer())
+    trainer.train()
+    assert any("rewards/chosen" in h for h in trainer.state.log_history)
+
+
+def test_dpo_gemma_softcap_equal_trl(tmp_path, gemma_path):
+    # DPO on a soft-capped Gemma 2: TRL's head and ours both apply final_logit_softcapping (refused on main)
+    compare_preference(dpo_trainer(tmp_path, gemma_path, loss_type=["sigmoid"], beta=0.3))

@@ -160,3 +160,76 @@ def test_fused_logprob_entropy_equals_verl():
     assert calls
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_path_takes_per_sequence_temperature_and_the_head_options():
+    """verl's own fused kernel takes one scalar temperature; ours takes a [B] (or [B, T]) tensor, and the head
+    options given to register (soft cap, fp32 head, the rollout's truncation). References: verl's own kernel
+    row by row for the temperatures; the naive backend for the options."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    from gro_kernels.integrations.verl import unregister_fused_kernels
+    from gro_kernels import token_logprobs
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 7, 16, generator=g)
+    weight = 0.5 * torch.randn(50, 16, generator=g)
+    ids = torch.randint(0, 50, (2, 7), generator=g)
+    temps = torch.tensor([0.6, 1.3])
+
+    def run(temperature, rows=slice(None)):
+        h, w = hidden[rows].clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = FusedLinearForPPO(chunk_size=4)(h, w, ids[rows], temperature=temperature)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad
+
+    theirs = [run(float(t), slice(i, i + 1)) for i, t in enumerate(temps)]
+    register(fused_kernels=True)
+    try:
+        ours = run(temps)
+    finally:
+        unregister_fused_kernels()
+    for k in range(3):
+        torch.testing.assert_close(ours[k], torch.cat([t[k] for t in theirs]).float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[3], sum(t[3] for t in theirs).float(), rtol=1e-4, atol=1e-5)
+
+    options = dict(softcap=2.0, head_precision="fp32", top_p=0.8)
+    register(fused_kernels=True, **options)
+    try:
+        ours = run(temps)
+    finally:
+        unregister_fused_kernels()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    st = token_logprobs(h, w, ids, temperature=temps, return_entropy=True, backend="naive", **options)
+    (st.logp.sum() + 0.1 * st.entropy.sum()).backward()
+    for a, b in zip(ours, (st.logp, st.entropy, h.grad, w.grad)):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fused_kernels=True"):
+        register(softcap=2.0)
+
+
+def test_fused_kernel_takes_the_head_options_and_a_per_token_temperature():
+    """verl's fused kernel `linear_cross_entropy` (the FSDP backend's impl "triton" patches and the Megatron
+    backend's fused forward) routed to gro_linear_cross_entropy applies register's head options and a
+    temperature tensor shaped like the labels. Reference: the naive backend."""
+    from verl.utils.kernel import linear_cross_entropy as kernel_module
+    from gro_kernels.integrations.verl import unregister_fused_kernels
+    from gro_kernels import token_logprobs
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 7, 16, generator=g)
+    weight = 0.5 * torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    temps = torch.linspace(0.6, 1.4, 14).reshape(2, 7)
+    options = dict(softcap=2.0, head_precision="fp32", top_k=5, min_p=0.05)
+    register(fused_kernels=True, **options)
+    try:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = kernel_module.linear_cross_entropy(h, w, labels, temps, "none", None)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        with pytest.raises(ValueError, match="shaped like labels"):
+            kernel_module.linear_cross_entropy(h, w, labels, temps[0], "none", None)
+    finally:
+        unregister_fused_kernels()
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    st = token_logprobs(hr, wr, labels, temperature=temps, return_entropy=True, backend="naive", **options)
+    (st.logp.sum() + 0.1 * st.entropy.sum()).backward()
+    for a, b in zip((logp, ent, h.grad, w.grad), (st.logp.reshape(-1), st.entropy.reshape(-1), hr.grad, wr.grad)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)

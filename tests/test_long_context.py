@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from gro_kernels.trainer import trainer as trainer_module  # noqa: E402
 from gro_kernels.trainer.packing import check_packing  # noqa: E402
 
 from test_trainer import group_batch, tiny_model, trainer_for  # noqa: E402
@@ -22,19 +23,43 @@ def grads(trainer):
     return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("switch", [dict(pack_sequences=True), dict(gradient_checkpointing=True),
-                                    dict(pack_sequences=True, gradient_checkpointing=True)])
-def test_packing_and_checkpointing_change_nothing(tmp_path, switch):
+SWITCHES = [dict(pack_sequences=True), dict(gradient_checkpointing=True),
+            dict(pack_sequences=True, gradient_checkpointing=True)]
+# per-sequence means with a KL to the reference's log-probs; REINFORCE++'s per-token advantages;
+# Dr. GRPO's fixed normalizer with the exact KL from the reference head (packed too)
+LOSSES = [("grpo", {"kl_coef": 0.04}), ("reinforce_pp", {"kl_coef": 0.05}),
+          ("dr_grpo", {"kl_coef": 0.05, "kl_estimator": "full"})]
+
+
+@pytest.mark.parametrize("switch,loss", [(SWITCHES[0], loss) for loss in LOSSES] + [(s, LOSSES[0]) for s in SWITCHES[1:]])
+def test_packing_and_checkpointing_change_nothing(tmp_path, switch, loss):
     batch = uneven_batch()
-    kw = dict(method="grpo", micro_batch_size=4, learning_rate=0.0, max_grad_norm=None,
-              loss_options={"kl_coef": 0.04})
+    method, options = loss
+    kw = dict(method=method, micro_batch_size=4, learning_rate=0.0, max_grad_norm=None, loss_options=options)
     plain = trainer_for(tiny_model(), tmp_path, **kw)
     other = trainer_for(tiny_model(), tmp_path, **kw, **switch)
+    seen = []
+    real = trainer_module.gro_loss
+
+    def spy(hidden, weight, targets, **loss_kwargs):
+        seen.append((tuple(hidden.shape), loss_kwargs.get("sequence_ids")))
+        return real(hidden, weight, targets, **loss_kwargs)
+
     torch.testing.assert_close(other.logprobs(other.model, batch), plain.logprobs(plain.model, batch),
                                rtol=0, atol=1e-5)
-    m_plain, m_other = plain.train_step(batch), other.train_step(batch)
+    m_plain = plain.train_step(batch)
+    trainer_module.gro_loss = spy
+    try:
+        m_other = other.train_step(batch)
+    finally:
+        trainer_module.gro_loss = real
     torch.testing.assert_close(grads(other), grads(plain), rtol=1e-4, atol=1e-6)
-    assert abs(m_plain["loss"] - m_other["loss"]) <= 1e-5 and abs(m_plain["kl"] - m_other["kl"]) <= 1e-6
+    assert abs(m_plain["loss"] - m_other["loss"]) <= 1e-5
+    if "kl" in m_plain:
+        assert abs(m_plain["kl"] - m_other["kl"]) <= 1e-6
+    if switch.get("pack_sequences"):  # the loss reads the packed row of the scored tokens' states, [1, K, d]
+        scored = [int((batch.targets[i:i + 4] != -100).sum()) for i in range(0, len(batch), 4)]
+        assert [(shape[:2], ids.shape) for shape, ids in seen] == [((1, k), (1, k)) for k in scored]
 
 
 def test_packing_probe_refuses_a_model_that_mixes_packed_rows():

@@ -1,4 +1,4 @@
-"""Bad input is a clear error naming the argument; degenerate input is finite (GRO.md section 5)."""
+"""Bad input is a clear error naming the argument; degenerate input is finite (docs/options.md, Inputs)."""
 import pytest
 import torch
 
@@ -124,6 +124,21 @@ def test_groloss_module_rejects_unknown_options_at_construction():
         GROLoss(method="ppo")
 
 
+@pytest.mark.parametrize("call_with", ["gro_loss", "GROLoss", "gro_objective"])
+def test_misspelled_option_suggests_the_right_name(call_with):
+    """kl_coeff: the error names kl_coef first, not only the list of every option."""
+    d = lm()
+    with pytest.raises(TypeError, match=r"'kl_coeff' \(did you mean 'kl_coef'"):
+        if call_with == "GROLoss":
+            GROLoss(method="grpo", kl_coeff=0.1)
+        elif call_with == "gro_loss":
+            gro_loss(d.hidden, d.weight, d.targets, method="grpo", kl_coeff=0.1)
+        else:
+            gro_objective(torch.zeros(4, 5), method="grpo", kl_coeff=0.1)
+    with pytest.raises(ValueError, match="did you mean 'grpo'"):
+        GROLoss(method="grp")
+
+
 def test_groloss_module_matches_gro_loss():
     d = lm()
     kw = dict(rewards=torch.tensor([1.0, 0, 1, 0], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]), backend="naive")
@@ -162,13 +177,13 @@ def test_fully_masked_sequence_contributes_zero_and_never_nan(method, options):
     if method in ("dpo", "cpl", "simpo"):
         kw.update(group_ids=torch.tensor([0, 0, 1, 1]), labels=torch.tensor([1, -1, -1, 1]))
     elif method == "kto":
-        kw.update(labels=torch.tensor([1, -1, -1, 1]))
+        kw.update(labels=torch.tensor([1, -1, -1, 1]), anchor_value=0.1)
     elif method != "sft":
         kw.update(rewards=torch.tensor([1.0, 0.5, 0.0, 0.3], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]))
     out = gro_loss(d.hidden, d.weight, targets, method=method, **kw)
     assert torch.isfinite(out.loss)
-    w = out.metrics["weights"]
-    assert (w[1] == 0).all(), "an empty sequence has zero weight"
+    assert (out.per_token["advantages"][1] == 0).all(), "an empty sequence has zero weight"
+    assert "weights" not in out.per_sequence or out.per_sequence["weights"][1] == 0
     g_h, g_w = torch.autograd.grad(out.loss, (d.hidden, d.weight))
     assert torch.isfinite(g_h).all() and torch.isfinite(g_w).all()
     assert (g_h[1] == 0).all(), "an empty sequence gets no gradient"
@@ -192,7 +207,7 @@ def test_zero_variance_group_gives_zero_weights_and_finite_loss(method):
     out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards,
                    group_ids=torch.tensor([0, 0, 0, 0]), kl_coef=0.0, backend="naive")
     assert torch.isfinite(out.loss)
-    assert (out.metrics["weights"] == 0).all()
+    assert (out.per_token["advantages"] == 0).all()
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.loss, (d.hidden, d.weight)))
 
 
@@ -226,3 +241,39 @@ def test_entropy_is_computed_only_when_needed():
     p = torch.softmax(h @ w.T, -1)
     torch.testing.assert_close(asked, -(p * p.log()).sum(-1).mean())
     torch.testing.assert_close(bonus, asked)
+
+
+def test_kto_needs_its_reference_point():
+    # Without anchor_value, method='kto' silently used z0 = 0: that is APO-zero, not KTO (issue 15
+    # item 4). KTO's z0 is a batch estimate of KL(policy || reference): the caller passes it.
+    d = lm()
+    kw = dict(labels=torch.tensor([1, -1, -1, 1]), ref_logp=torch.full((4, 5), -2.0, dtype=F64), backend="naive")
+    with pytest.raises(ValueError, match="anchor_value.*apo_zero_unpaired"):
+        gro_loss(d.hidden, d.weight, d.targets, method="kto", **kw)
+    with pytest.raises(ValueError, match="anchor_value"):
+        gro_objective(torch.full((4, 5), -1.0, dtype=F64), method="kto", labels=kw["labels"], ref_logp=kw["ref_logp"])
+    # z0 = 0 is the APO-zero method; a KTO z0 moves the weights
+    apo = gro_loss(d.hidden, d.weight, d.targets, method="apo_zero_unpaired", **kw).per_sequence["weights"]
+    kto0 = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.0, **kw).per_sequence["weights"]
+    kto = gro_loss(d.hidden, d.weight, d.targets, method="kto", anchor_value=0.5, **kw).per_sequence["weights"]
+    torch.testing.assert_close(apo, kto0, rtol=0, atol=0)
+    assert (kto - kto0).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "gro", "dr_grpo"])
+def test_groups_of_one_under_a_group_anchor_are_an_error(method):
+    # group_ids=torch.arange(B) (a forgotten repeat_interleave): every sequence is its own group's
+    # mean, so every weight was 0 and nothing trained, silently (issue 15 item 5). That is an error;
+    # groups of equal rewards (zero weights that carry information) and some singletons stay allowed.
+    d = lm()
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2], dtype=F64)
+    with pytest.raises(ValueError, match="group_ids.*one sequence"):
+        gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards, group_ids=torch.arange(4),
+                 kl_coef=0.0, backend="naive")
+    out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards, group_ids=torch.tensor([0, 0, 1, 2]),
+                   kl_coef=0.0, backend="naive")
+    w = out.per_sequence["weights"]
+    assert (w[2:] == 0).all() and (w[:2] != 0).all()
+    equal = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=torch.full((4,), 0.5, dtype=F64),
+                     group_ids=torch.tensor([0, 0, 1, 1]), kl_coef=0.0, backend="naive")
+    assert (equal.per_sequence["weights"] == 0).all()

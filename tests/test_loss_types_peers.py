@@ -186,7 +186,7 @@ def test_gpg_advantage_against_verl():
     want, _ = algos.compute_gpg_outcome_advantage(token_rewards, m, np.array(groups.tolist()))
     out = gro_objective(torch.zeros(B, T, dtype=torch.float64, requires_grad=True), method="gpg",
                         rewards=rewards, group_ids=groups)
-    torch.testing.assert_close(out.metrics["advantages"], want)
+    torch.testing.assert_close(out.per_token["advantages"], want)
 
 
 @pytest.mark.parametrize("ours,theirs", [("k1", "k1"), ("k2", "k2"), ("abs", "abs"), ("low_var_kl", "low_var_kl"),

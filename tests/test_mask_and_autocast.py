@@ -72,3 +72,22 @@ def test_autocast_keeps_fp32_logits(backend):
     ref = h.double().requires_grad_()
     gro_loss(ref, w.double(), y, method="sft", backend="naive").loss.backward()
     assert (hh.grad.double() - ref.grad).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["dpo", "dapo"])   # the two-pass (composable) path and the one pass
+def test_backward_inside_autocast_keeps_fp32_gemms(backend, method):
+    # The composable op's backward recomputes the logits and runs the gradient GEMMs: inside
+    # autocast (backward() called in the `with` block) they ran in bf16 (DPO grad_h off by 7e-3).
+    h, w, y, kw = _batch(2)
+    if method == "dpo":
+        kw = dict(group_ids=torch.tensor([0, 0, 1, 1]), labels=torch.tensor([1, -1, 1, -1]),
+                  ref_logp=torch.full((4, 5), -3.0))
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gro_loss(hh, ww, y, method=method, backend=backend, **kw).loss.backward()
+    ref_h, ref_w = h.double().requires_grad_(), w.double().requires_grad_()
+    kw64 = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    gro_loss(ref_h, ref_w, y, method=method, backend="naive", **kw64).loss.backward()
+    assert (hh.grad.double() - ref_h.grad).abs().max() < 1e-5
+    assert (ww.grad.double() - ref_w.grad).abs().max() < 1e-5

@@ -1,4 +1,4 @@
-"""Offline and online data in one batch (GRO.md section 4)."""
+"""Offline and online data in one batch (docs/objective.md, "Offline rows")."""
 import pytest
 import torch
 
@@ -31,7 +31,7 @@ def test_offline_gold_answer_is_pushed_up_and_failures_down():
     data, old = _failing_group()
     out = gro_loss(data.hidden, data.weight, data.targets, method="gro", rewards=REWARDS, group_ids=GROUPS,
                    offline=OFFLINE, old_logp=old, backend="naive")
-    w = out.metrics["weights"]
+    w = out.per_sequence["weights"]
     assert w[3] > 0 and (w[:3] < 0).all()
     # Shared anchor: mean and std over all four rows, online and offline.
     torch.testing.assert_close(w, (REWARDS - 0.25) / (REWARDS.std() + 1e-4))
@@ -81,7 +81,7 @@ def test_offline_gradient_is_the_logp_surrogate_scaled_by_offline_coef():
     (g,) = torch.autograd.grad(out.loss, logp)
     A = (1 - 0.25) / (REWARDS.std() + 1e-4)
     torch.testing.assert_close(g[3], torch.full((5,), -0.3 * A / 20, dtype=F64))
-    torch.testing.assert_close(out.metrics["weights"][3], 0.3 * A)
+    torch.testing.assert_close(out.per_sequence["weights"][3], 0.3 * A)
     # Offline tokens do not count in the clip / ratio statistics.
     torch.testing.assert_close(out.metrics["ratio_mean"], torch.exp(torch.tensor(-1.0, dtype=F64)))
 
@@ -104,7 +104,7 @@ def test_pairs_and_reward_groups_side_by_side():
                         group_ids=groups[rows], offline=offline[rows], old_logp=old[rows], backend="naive", **kw)
 
     whole = loss(slice(0, 6))
-    w = whole.metrics["weights"]
+    w = whole.per_sequence["weights"]
     assert w[4] > 0 and w[5] < 0 and torch.isclose(w[4], -w[5])
     parts = loss(slice(0, 4), num_items_in_batch=n_tokens).loss + loss(slice(4, 6), num_items_in_batch=n_tokens).loss
     torch.testing.assert_close(whole.loss, parts, atol=1e-12, rtol=1e-12)

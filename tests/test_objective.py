@@ -1,4 +1,4 @@
-"""Each knob of gro_objective in isolation, against a hand-computed expectation (GRO.md section 2)."""
+"""Each knob of gro_objective in isolation, against a hand-computed expectation (docs/objective.md)."""
 import math
 
 import pytest
@@ -23,7 +23,7 @@ def weights_of(rewards, B=None, **kw):
     opts = dict(surrogate="logp", weighting="linear", scale="none", loss_agg="seq_mean_token_sum")
     opts.update(kw)
     out = gro_objective(leaf(B or len(rewards), 3), rewards=rewards, **opts)
-    return out.metrics["weights"]
+    return out.per_sequence["weights"]
 
 
 def close(a, b, tol=1e-12):
@@ -119,7 +119,7 @@ def test_weighting_sigmoid_with_margin_label_smoothing_and_neg_coef():
                         beta=beta, margin=margin, label_smoothing=eps, neg_coef=lam)
     h = beta * (-2 - lam * -3) - margin  # chosen is row 1
     phi = beta * ((1 - eps) * sigmoid(-h) - eps * sigmoid(h))
-    close(out.metrics["weights"], t(-lam * phi, phi))
+    close(out.per_sequence["weights"], t(-lam * phi, phi))
     close(out.loss, -(1 - eps) * math.log(sigmoid(h)) - eps * math.log(sigmoid(-h)))
 
 
@@ -128,7 +128,7 @@ def test_weighting_sigmoid_length_normalized_carries_one_over_length():
     out = gro_objective(logp, mask=mask, method="simpo", group_ids=torch.tensor([0, 0]), labels=torch.tensor([1, -1]),
                         beta=2.0, margin=0.3)
     h = 2.0 * (-3 / 2 - -2 / 3) - 0.3
-    close(out.metrics["weights"], t(2.0 * sigmoid(-h) / 2, -2.0 * sigmoid(-h) / 3))
+    close(out.per_sequence["weights"], t(2.0 * sigmoid(-h) / 2, -2.0 * sigmoid(-h) / 3))
 
 
 def test_weighting_squared():
@@ -137,7 +137,7 @@ def test_weighting_squared():
     out = gro_objective(logp, mask=mask, method="ipo", group_ids=torch.tensor([0, 0]), labels=torch.tensor([1, -1]),
                         ref_logp=ref, beta=0.25)
     gap = -1 - 1 - 1 / (2 * 0.25)
-    close(out.metrics["weights"], t(-2 * gap, 2 * gap))
+    close(out.per_sequence["weights"], t(-2 * gap, 2 * gap))
     close(out.loss, gap ** 2)
 
 
@@ -148,7 +148,7 @@ def test_weighting_sigmoid_bell():
                         beta=0.5, anchor_value=0.2, pos_coef=2.0, neg_coef=3.0)
     u = [0.5 * 1 * (-1 - 0.2), 0.5 * -1 * (1 - 0.2)]
     w = [1 * 2.0 * 0.5 * sigmoid(u[0]) * sigmoid(-u[0]), -1 * 3.0 * 0.5 * sigmoid(u[1]) * sigmoid(-u[1])]
-    close(out.metrics["weights"], t(*w))
+    close(out.per_sequence["weights"], t(*w))
     close(out.loss, (2.0 * (1 - sigmoid(u[0])) + 3.0 * (1 - sigmoid(u[1]))) / 2)
 
 
@@ -166,7 +166,8 @@ ADV = t(1.0, -2.0, 0.5)
 ])
 def test_aggregation_coefficients(agg, coef):
     logp = leaf(3, 4)
-    out = gro_objective(logp, mask=MASK, advantages=ADV, surrogate="logp", loss_agg=agg, max_completion_length=10)
+    norm = dict(max_completion_length=10) if agg == "seq_mean_token_sum_norm" else {}  # read by that one only
+    out = gro_objective(logp, mask=MASK, advantages=ADV, surrogate="logp", loss_agg=agg, **norm)
     (g,) = torch.autograd.grad(out.loss, logp)
     c = coef(MASK.to(F64))
     close(g, -c * ADV[:, None])
@@ -232,9 +233,9 @@ def test_kl_placement_reward_penalizes_the_score_with_the_behaviour_kl():
     ref = torch.full((2, 3), -1.0, dtype=F64)
     out = gro_objective(logp, method="reinforce", rewards=t(1, 0), old_logp=old, ref_logp=ref, kl_coef=0.1)
     seq_kl = (old - ref).sum(1)
-    close(out.metrics["weights"], t(1, 0) - 0.1 * seq_kl)
+    close(out.per_sequence["weights"], t(1, 0) - 0.1 * seq_kl)
     # The KL is not also added to the loss.
-    close(out.loss, -(out.metrics["weights"][:, None] * logp.detach()).sum() / 2)
+    close(out.loss, -(out.per_sequence["weights"][:, None] * logp.detach()).sum() / 2)
 
 
 # ---- surrogates -----------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_on_policy_without_old_logp_has_ratio_one_and_reinforce_gradient():
     logp = leaf(2, 3)
     out = gro_objective(logp, method="grpo", kl_coef=0.0, rewards=t(1, 0), group_ids=torch.tensor([0, 0]))
     close(out.metrics["ratio_mean"], 1.0)
-    A = out.metrics["weights"]
+    A = out.per_sequence["weights"]
     close(torch.autograd.grad(out.loss, logp)[0], -A[:, None].expand(2, 3) / (2 * 3))
 
 
@@ -335,8 +336,8 @@ def test_presets_table_rows():
 def test_options_override_preset_values():
     r, groups = t(1, 0, 0, 0), torch.tensor([0, 0, 0, 0])
     logp = leaf(4, 3)
-    grpo = gro_objective(logp, method="grpo", kl_coef=0.0, rewards=r, group_ids=groups).metrics["weights"]
-    unscaled = gro_objective(logp, method="grpo", kl_coef=0.0, scale="none", rewards=r, group_ids=groups).metrics["weights"]
+    grpo = gro_objective(logp, method="grpo", kl_coef=0.0, rewards=r, group_ids=groups).per_sequence["weights"]
+    unscaled = gro_objective(logp, method="grpo", kl_coef=0.0, scale="none", rewards=r, group_ids=groups).per_sequence["weights"]
     close(unscaled, t(0.75, -0.25, -0.25, -0.25))
     close(grpo, unscaled / (0.5 + 1e-4))
     # grpo's own kl_coef (0.04) needs ref_logp; the override to 0 above did not.

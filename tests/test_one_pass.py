@@ -1,4 +1,4 @@
-"""The single fused pass of `gro_loss` (GRO.md section 6; issue: one pass, three GEMMs).
+"""The single fused pass of `gro_loss` (docs/objective.md, "One pass or two": three GEMMs).
 
 1. For every preset, with entropy bonus, exact KL to a reference head, temperature, bias, ignored
    tokens and chunks whose boundaries fall inside sequences and groups: loss and gradients wrt
@@ -22,7 +22,7 @@ from gro_kernels.objective.split import needs_policy_logp
 
 IGNORE = -100
 B, T, D, V = 8, 6, 12, 40
-# The unification table's presets (GRO.md section 3); the loss types of issue 9 are below.
+# The unification table's presets (README, Methods); the loss types of issue 9 are below.
 METHODS = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
            "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro")
 TOKEN_LOCAL = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro"}
@@ -54,6 +54,7 @@ def batch(method, seed=0, dtype=torch.float64):
     if method == "kto":
         kw.pop("rewards"), kw.pop("group_ids")
         kw["labels"] = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+        kw["anchor_value"] = 0.2   # KTO's z0
     if method == "sft":
         kw.pop("rewards"), kw.pop("group_ids")
     if method == "gro":
@@ -96,7 +97,7 @@ def composable(method, inputs=None, **extra):
     opts = {**options(method), **extra}
     ref = dict(ref_hidden=kw.pop("ref_hidden"), ref_weight=kw.pop("ref_weight"))
     full = opts.get("kl_estimator") == "full"
-    st = token_logprobs(h, w, targets, bias=b, temperature=opts["temperature"], return_entropy=True,
+    st = token_logprobs(h, w, targets, bias=b, temperature=opts.pop("temperature"), return_entropy=True,
                         backend="naive", **(ref if full else {}))
     out = gro_objective(st.logp, mask=targets != IGNORE, entropy=st.entropy, kl=st.kl, method=method, **kw, **opts)
     return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
@@ -181,6 +182,10 @@ class MatmulFlops(TorchDispatchMode):
         name = func.overloadpacket.__name__.rstrip("_")
         if name in self.OPS:
             self.seen.add(str(func))
+            if name in ("mv", "addmv", "dot"):  # matrix (or vector) times vector: 2 m k
+                a = [t for t in args if isinstance(t, torch.Tensor)][-2]
+                self.flops += 2 * a.numel()
+                return func(*args, **kwargs)
             mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
             a, b = mats[-2], mats[-1]   # addmm(bias, a, b), mm(a, b), bmm(a, b)
             batch_size = a.shape[0] if a.dim() == 3 else 1
@@ -311,3 +316,61 @@ def test_wpo_takes_its_log_sum_p2_from_the_statistics_pass():
         gro_loss(h, w, targets, method="dpo", pair_loss="sigmoid", use_weighting=True, backend="torch",
                  **kw).loss.backward()
     assert counter.flops == 4 * 2 * targets.numel() * D * V
+
+
+# ---- issue 15 item 1: the sequence plan of the one pass reads only what exists before the pass ----
+
+REWARD_KL = [("reinforce", {}), ("rloo", {}), ("remax", {}), ("reinforce_pp", {}),
+             ("dr_grpo", {"kl_placement": "reward"}), ("grpo", {"kl_placement": "reward"})]
+
+
+@pytest.mark.parametrize("config", REWARD_KL, ids=lambda c: c[0])
+def test_exact_kl_in_the_reward_with_old_logp(config):
+    # The exact KL of the policy's own head enters the reward: the weights read the policy's
+    # statistics, so the configuration is not token-local. It used to take the one pass, whose plan
+    # read the KL as zeros: the gradient of kl_coef=0 with the loss value of kl_coef=0.05.
+    method, extra = config
+    extra = dict(extra, kl_estimator="full", kl_coef=0.5)
+    got, out = run(method, "torch", chunk_elements=3 * V, **extra)
+    want, ref = composable(method, **extra)
+    assert_same(got, want)
+    torch.testing.assert_close(out.per_token["advantages"], ref.per_token["advantages"], atol=1e-10, rtol=1e-10)
+    without, _ = composable(method, kl_coef=0.0)
+    assert (got[1] - without[1]).abs().max() > 1e-3   # the KL moves the gradient
+    assert needs_policy_logp(resolve_options(method, extra), has_old_logp=True, has_advantages=False)
+
+
+def test_issue15_reproducer_exact_reward_kl():
+    # The issue's numbers: rloo, B=4, T=5, d=6, V=9, float64; naive |grad_h| 3.4775, the one pass
+    # gave 3.3638 (= naive with kl_coef=0).
+    g = torch.Generator().manual_seed(15)
+    Bq, Tq, dq, Vq = 4, 5, 6, 9
+    f64 = dict(dtype=torch.float64)
+    hidden, weight = torch.randn(Bq, Tq, dq, generator=g, **f64), torch.randn(Vq, dq, generator=g, **f64)
+    ref = dict(ref_hidden=hidden + 0.3 * torch.randn(Bq, Tq, dq, generator=g, **f64),
+               ref_weight=weight + 0.3 * torch.randn(Vq, dq, generator=g, **f64))
+    targets = torch.randint(0, Vq, (Bq, Tq), generator=g)
+    kw = dict(method="rloo", rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]), group_ids=torch.tensor([0, 0, 1, 1]),
+              old_logp=torch.full((Bq, Tq), -2.5, **f64), kl_estimator="full", **ref)
+    grads = {}
+    for backend, kl_coef in (("naive", 0.5), ("torch", 0.5), ("naive", 0.0)):
+        h = hidden.clone().requires_grad_()
+        gro_loss(h, weight, targets, backend=backend, kl_coef=kl_coef, **kw).loss.backward()
+        grads[backend, kl_coef] = h.grad
+    torch.testing.assert_close(grads["torch", 0.5], grads["naive", 0.5], atol=1e-10, rtol=1e-10)
+    assert (grads["torch", 0.5] - grads["naive", 0.0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method,extra", [("dpo", {}), ("dapo", {"top_entropy_quantile": 0.5}),
+                                          ("rloo", {"kl_estimator": "full", "kl_coef": 0.5})])
+def test_a_plan_that_reads_the_pass_statistics_is_an_error(monkeypatch, method, extra):
+    # Should needs_policy_logp ever miss a configuration, the one pass must fail loudly: its plan is
+    # formed before the pass and gets no log-probs, entropies or KL to read (it used to get zeros).
+    import gro_kernels.loss as loss_module
+    monkeypatch.setattr(loss_module, "needs_policy_logp", lambda *a, **k: False)
+    hidden, weight, bias, targets, kw = batch(method)
+    if extra.get("kl_estimator") != "full":
+        kw.pop("ref_hidden"), kw.pop("ref_weight")
+    h = hidden.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="not token-local"):
+        gro_loss(h, weight, targets, method=method, backend="torch", return_entropy=True, **kw, **extra)

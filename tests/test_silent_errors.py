@@ -22,7 +22,7 @@ def test_zero_std_eps_with_a_constant_group_gives_zero_weight_not_nan():
     out = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(b.weight.grad).all()
-    w = out.metrics["weights"]
+    w = out.per_sequence["weights"]
     assert w[:2].tolist() == [0.0, 0.0]
     # group 1: (r - mean) / std with the Bessel-corrected std sqrt(2): -+1/sqrt(2)
     assert torch.allclose(w[2:].double(), torch.tensor([-1.0, 1.0], dtype=torch.float64) / math.sqrt(2), atol=1e-6)
@@ -79,9 +79,9 @@ def test_huge_rewards_keep_their_weights():
     """Rewards near 1e30 overflowed the float32 group std (to inf) and silently got weight 0.
     The weights are scale-free: rewards * 1e30 give the weights of the rewards themselves."""
     b, kw = _grpo_inputs([1.0, 3.0, 0.5, 2.0], dtype=torch.float32)
-    small = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).metrics["weights"]
+    small = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).per_sequence["weights"]
     kw["rewards"] = kw["rewards"] * 1e30
-    big = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).metrics["weights"]
+    big = gro_loss(b.hidden, b.weight, b.targets, std_eps=0.0, **kw).per_sequence["weights"]
     assert torch.allclose(big, small, rtol=1e-5), (big, small)
     assert (big.abs() > 0.5).all()
 
@@ -92,3 +92,44 @@ def test_rewards_whose_weights_overflow_are_an_error():
     kw.update(method="rloo", group_ids=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="overflow"):
         gro_loss(b.hidden, b.weight, b.targets, **kw)
+
+
+def _method_inputs(method, B, T):
+    """The inputs `method` needs, from its preset (rewards, groups, labels, baselines, reference)."""
+    from gro_kernels.objective.options import PRESETS
+    p = PRESETS[method]
+    kw = {}
+    if p["score"] in ("reward", "token_return"):
+        kw["rewards"] = torch.tensor([1.0, 0.0, 0.5, 0.0])[:B]
+    if p["anchor"] in ("group_mean", "leave_one_out", "pair") or p["scale"] in ("group_std", "nonzero_fraction"):
+        kw["group_ids"] = torch.tensor([0, 0, 1, 1])[:B]
+    if p["separation"] == "label":
+        kw["labels"] = torch.tensor([1, -1, 1, -1])[:B]
+    if p["anchor"] == "baseline":
+        kw["baselines"] = torch.zeros(B)
+    if p["score"] == "implicit" or method == "grpo":
+        kw["ref_logp"] = torch.zeros(B, T)
+    if method == "kto":
+        kw["anchor_value"] = 0.2
+    return kw
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("empty", ["no_tokens", "all_ignored"])
+@pytest.mark.parametrize("method", __import__("gro_kernels").METHODS)
+def test_empty_inputs_give_zero_loss_and_zero_gradients(method, empty, backend):
+    # targets [B, 0] (reinforce_pp raised an IndexError) or every token ignored: loss 0, gradients
+    # 0, nothing NaN, for every method (a pair of empty completions reported DPO's log 2, IPO's 25).
+    B, d, V = 4, 3, 7
+    T = 0 if empty == "no_tokens" else 3
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, d, generator=g).requires_grad_()
+    w = torch.randn(V, d, generator=g).requires_grad_()
+    y = torch.full((B, T), -100, dtype=torch.long)
+    out = gro_loss(h, w, y, method=method, backend=backend, return_entropy=True, **_method_inputs(method, B, T))
+    dh, dw = torch.autograd.grad(out.loss, (h, w), allow_unused=True)
+    assert out.loss.item() == 0.0
+    assert dh is None or (dh == 0).all()
+    assert dw is None or (dw == 0).all()
+    for k, v in out.metrics.items():
+        assert torch.isfinite(v).all(), k

@@ -20,12 +20,24 @@ def tiny_model(seed=0):
 
 
 def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, ref_model=None, **cfg):
-    base = dict(steps=1, num_generations=4, prompts_per_step=2, max_new_tokens=5, learning_rate=1e-3,
+    base = dict(steps=1, prompts_per_step=2, learning_rate=1e-3,
                 output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False, backend="torch")
+    if reward_funcs:  # the sampling settings (refused offline, where they would be ignored)
+        base.update(num_generations=4, max_new_tokens=5)
     base.update(cfg)
     dataset = dataset if dataset is not None else make_prompts(16, 4, seed=1)
     return GROTrainer(model, TOK, reward_funcs=list(reward_funcs), train_dataset=dataset, config=GROConfig(**base),
                       ref_model=ref_model)
+
+
+def test_config_names_a_misspelled_setting_and_a_loss_option_given_as_a_setting():
+    with pytest.raises(TypeError, match=r"'num_generation' \(did you mean 'num_generations'"):
+        GROConfig(num_generation=4)
+    with pytest.raises(TypeError, match=r"loss_options=\{'kl_coef'"):
+        GROConfig(kl_coef=0.1)
+    with pytest.raises(TypeError, match=r"'kl_coeff' \(did you mean 'kl_coef'"):
+        GROConfig(loss_options={"kl_coeff": 0.1}).resolved_options()
+    assert GROConfig(num_generations=4, temperature=0.7).temperature == 0.7
 
 
 def group_batch(rewards, offline=None, completions=None, groups=None):
@@ -244,3 +256,170 @@ def test_an_interrupted_checkpoint_write_leaves_no_checkpoint_and_keeps_the_old_
     assert not os.path.exists(tmp_path / "new")
     trainer.save_checkpoint(str(tmp_path / "ckpt"))  # a retry replaces it and cleans up after itself
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "new.tmp"]  # only the unfinished other write remains
+
+
+@pytest.mark.parametrize("method", ["rloo", "reinforce_pp"])
+def test_exact_kl_in_the_reward_with_two_iterations_matches_naive(tmp_path, method):
+    """num_iterations=2 gives gro_loss old_logp; with the exact KL in the reward the one pass used to
+    read that KL as zeros (issue 15 item 1): the parameters then differed from backend='naive'."""
+    batch = group_batch([1.0, 0.5, 0.0, 0.25], completions=["4321", "4312", "1234", "98"])
+    options = {"kl_coef": 0.5, "kl_estimator": "full"}
+    grads = {}
+    for backend in ("naive", "torch"):
+        trainer = trainer_for(tiny_model(), tmp_path, method=method, num_iterations=2, backend=backend,
+                              loss_options=options, ref_model=tiny_model(seed=1), max_grad_norm=None)
+        trainer.train_step(batch)
+        grads[backend] = _flat_grads((p, p.grad) for p in trainer.model.parameters())  # the second update's
+    torch.testing.assert_close(grads["torch"], grads["naive"], rtol=1e-4, atol=1e-6)
+
+
+def test_kto_estimates_its_reference_point_like_trl(tmp_path):
+    """Without anchor_value, GROTrainer's KTO estimates z0 per step as TRL's KTOTrainer does: the mean
+    over the batch of log pi - log pi_ref of mismatched pairs (each prompt with the previous row's
+    completion), clamped at 0. Checked against that computation written here, and the step's
+    gradient against gro_loss with anchor_value=z0."""
+    from gro_kernels import gro_loss, token_logprobs
+    from gro_kernels.trainer.trainer import policy_inputs
+
+    rows = [{"prompt": "1234>", "completion": "4321", "label": True},
+            {"prompt": "5678>", "completion": "56", "label": False},
+            {"prompt": "9012>", "completion": "2109", "label": True},
+            {"prompt": "3456>", "completion": "3456", "label": False}]
+    trainer = trainer_for(tiny_model(), tmp_path, reward_funcs=(), dataset=rows, method="kto", prompts_per_step=4,
+                          learning_rate=0.0, max_grad_norm=None, ref_model=tiny_model(seed=1))
+    batch = trainer.make_batch(0)
+    prompts, completions = batch.prompts, batch.completions
+    policy, reference = tiny_model(), tiny_model(seed=1)
+
+    def logp(model, completions, grad=False):
+        b = collate([TOK.encode(p) for p in prompts],
+                    [TOK.encode(c, add_special_tokens=False) + [TOK.eos_token_id] for c in completions],
+                    pad_id=TOK.pad_token_id, group_ids=list(range(len(prompts))))
+        with torch.set_grad_enabled(grad):
+            h, w, bias = policy_inputs(model, b.input_ids, b.attention_mask, b.position_ids, b.prompt_len)
+            return token_logprobs(h, w, b.targets, bias=bias, backend="naive").logp, (h, w, bias, b.targets)
+
+    cycled = completions[-1:] + completions[:-1]
+    z0 = max(float((logp(policy, cycled)[0] - logp(reference, cycled)[0]).sum(1).mean()), 0.0)
+    assert z0 > 0.01   # a case where the reference point matters
+    ref_logp = logp(reference, completions)[0]
+    _, (h, w, bias, targets) = logp(policy, completions, grad=True)
+    loss = gro_loss(h, w, targets, bias=bias, method="kto", labels=batch.labels, ref_logp=ref_logp,
+                    anchor_value=z0, backend="naive").loss
+    params = list(policy.parameters())
+    want = _flat_grads(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
+
+    metrics = trainer.train_step(batch)
+    assert metrics["kto_z0"] == pytest.approx(z0, rel=1e-5)
+    got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # a fixed anchor_value is used as given (no estimate)
+    fixed = trainer_for(tiny_model(), tmp_path, reward_funcs=(), dataset=rows, method="kto", prompts_per_step=4,
+                        loss_options={"anchor_value": 0.0}, ref_model=tiny_model(seed=1))
+    assert "kto_z0" not in fixed.train_step(batch)
+
+
+# ---- issue 15 item 6: every setting works or fails at construction, naming it ---------------------
+
+def _whole_batch_grads(batch, method, options, **inputs):
+    """The reference: one gro_loss call on the whole batch (tiny_model()), its parameter gradients."""
+    from gro_kernels import gro_loss
+    from gro_kernels.trainer.trainer import policy_inputs
+
+    model = tiny_model()
+    h, w, b = policy_inputs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    loss = gro_loss(h, w, batch.targets, bias=b, method=method, rewards=batch.rewards, group_ids=batch.group_ids,
+                    backend="torch", **inputs, **options).loss
+    params = list(model.parameters())
+    return _flat_grads(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo"])
+def test_entropy_bonus_as_a_token_mean_trains_and_splits_exactly(tmp_path, method):
+    # loss_options={"entropy_coef": c, "entropy_agg": "token_mean"} crashed at the first step (the
+    # trainer zeroed entropy_coef but kept entropy_agg, and passed num_items_in_batch). TRL's bonus:
+    # c times the mean entropy of the batch's tokens, the same for any micro_batch_size.
+    batch = group_batch([1.0, 0.5, 0.0, 0.25, 0.75, 0.0, 1.0, 0.5], groups=[0, 0, 0, 0, 1, 1, 1, 1],
+                        completions=["4321", "4312", "1234", "9876", "5555", "0000", "4320", "21"])
+    options = {"entropy_coef": 0.5, "entropy_agg": "token_mean", "kl_coef": 0.0}
+    want = _whole_batch_grads(batch, method, options)
+    without = _whole_batch_grads(batch, method, {"kl_coef": 0.0})
+    assert (want - without).abs().max() > 1e-4   # the bonus moves the gradient
+    for micro in (8, 3):
+        trainer = trainer_for(tiny_model(), tmp_path, method=method, micro_batch_size=micro, learning_rate=0.0,
+                              max_grad_norm=None, loss_options=options)
+        trainer.train_step(batch)
+        got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"micro_batch_size={micro}")
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo"])
+def test_mask_truncated_completions_drops_completions_without_eos(tmp_path, method):
+    # Accepted at construction, it failed at the first step asking for `truncated`. The trainer knows:
+    # a sampled completion that does not end in EOS was cut at max_new_tokens.
+    batch = group_batch([1.0, 0.5, 0.0, 0.25, 0.75, 0.0, 1.0, 0.5], groups=[0, 0, 0, 0, 1, 1, 1, 1],
+                        completions=["4321", "4312", "1234", "9876", "5555", "0000", "4320", "21"])
+    cut = torch.tensor([False, True, False, False, False, False, True, False])
+    for i in torch.nonzero(cut).flatten().tolist():   # drop the EOS of rows 1 and 6
+        last = int((batch.targets[i] != -100).sum()) - 1
+        batch.targets[i, last] = -100
+        batch.attention_mask[i, batch.prompt_len + last] = 0
+    options = {"mask_truncated_completions": True, "kl_coef": 0.0}
+    want = _whole_batch_grads(batch, method, options, truncated=cut)
+    trainer = trainer_for(tiny_model(), tmp_path, method=method, micro_batch_size=3, learning_rate=0.0,
+                          max_grad_norm=None, loss_options=options)
+    trainer.train_step(batch)
+    got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+PAIRS = [{"prompt": "1234>", "chosen": "4321", "rejected": "1234"}]
+INVALID = [
+    ("dpo with reward functions", dict(method="dpo"), True, "method"),
+    ("kto with reward functions", dict(method="kto"), True, "method"),
+    ("rollout_correction", dict(method="dapo", loss_options={"rollout_correction": "token_truncate"}), True,
+     "rollout_correction"),
+    ("off_policy_mask_threshold, one iteration", dict(method="dapo", loss_options={"off_policy_mask_threshold": 0.5}),
+     True, "off_policy_mask_threshold"),
+    ("top_entropy_quantile over micro-batches", dict(method="dapo", micro_batch_size=4,
+                                                     loss_options={"top_entropy_quantile": 0.5}), True,
+     "top_entropy_quantile"),
+    ("clip_cov over micro-batches", dict(method="clip_cov", micro_batch_size=4), True, "clip_cov"),
+    ("groups of one", dict(method="grpo", num_generations=1), True, "num_generations"),
+    ("offline_reward without offline_column", dict(method="gro", offline_reward=1.0), True, "offline_reward"),
+    ("sampling settings offline", dict(method="dpo", num_generations=4), False, "num_generations"),
+    ("top_p offline", dict(method="dpo", top_p=0.9), False, "top_p"),
+    ("kl_estimator without KL", dict(method="dapo", loss_options={"kl_estimator": "k2"}), True, "kl_estimator"),
+    ("unread loss option", dict(method="grpo", loss_options={"margin": 0.5}), True, "margin"),
+]
+
+
+@pytest.mark.parametrize("config,online,name", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_settings_fail_at_construction_naming_them(tmp_path, config, online, name):
+    funcs = (reversal_reward,) if online else ()
+    dataset = None if online else PAIRS
+    with pytest.raises(ValueError, match=name):
+        trainer_for(tiny_model(), tmp_path, reward_funcs=funcs, dataset=dataset, **config)
+
+
+def test_mask_truncated_completions_offline_is_an_error(tmp_path):
+    rows = [{"prompt": "1234>", "completion": "4321", "reward": 1.0}, {"prompt": "1234>", "completion": "1", "reward": 0.0}]
+    with pytest.raises(ValueError, match="mask_truncated_completions.*offline rows are never truncated"):
+        trainer_for(tiny_model(), tmp_path, reward_funcs=(), dataset=rows, method="grpo",
+                    loss_options={"mask_truncated_completions": True, "kl_coef": 0.0})
+
+
+@pytest.mark.parametrize("method,options", [("dapo", {"top_entropy_quantile": 0.5, "kl_coef": 0.0}),
+                                            ("clip_cov", {"kl_coef": 0.0})])
+def test_batch_wide_token_selection_trains_with_the_batch_in_one_call(tmp_path, method, options):
+    # Valid when one call sees the whole batch (one process, micro_batch_size >= the step's rows).
+    batch = group_batch([1.0, 0.5, 0.0, 0.25, 0.75, 0.0, 1.0, 0.5], groups=[0, 0, 0, 0, 1, 1, 1, 1],
+                        completions=["4321", "4312", "1234", "9876", "5555", "0000", "4320", "21"])
+    torch.manual_seed(0)   # clip_cov draws its tokens from torch's default generator
+    want = _whole_batch_grads(batch, method, options)
+    trainer = trainer_for(tiny_model(), tmp_path, method=method, micro_batch_size=8, learning_rate=0.0,
+                          max_grad_norm=None, loss_options=options)
+    torch.manual_seed(0)
+    trainer.train_step(batch)
+    got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -25,6 +25,7 @@ import functools  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from gro_kernels.logprobs import chunked, naive, token_logprobs  # noqa: E402
+from gro_kernels.logprobs.transform import Transform  # noqa: E402
 
 # The backends as modules with token_stats, as `run` expects.
 triton_op = SimpleNamespace(token_stats=functools.partial(chunked.token_stats, backend="triton"))
@@ -66,9 +67,10 @@ def run(module, x, coefs, dtype, *, temperature=1.0, entropy=True, use_lse=False
     h, w, b = cast(x["hidden"], True), cast(x["weight"], True), cast(x["bias"], True)
     rh, rw, rb = cast(x["ref_hidden"]), cast(x["ref_weight"]), cast(x["ref_bias"])
     has_ref = rh is not None
-    logp, ent, kl, lse, _ = module.token_stats(
-        h, w, x["targets"].to(DEVICE), b, rh, rw, rb, temperature=temperature, ignore_index=IGNORE,
-        return_entropy=entropy, return_kl=has_ref, **options)
+    out = module.token_stats(
+        h, w, x["targets"].to(DEVICE), b, rh, rw, rb, transform=Transform(inv_t=1.0 / temperature),
+        head_precision="native", ignore_index=IGNORE, return_entropy=entropy, return_kl=has_ref, **options)
+    logp, ent, kl, lse = (out[k] for k in ("logp", "entropy", "kl", "lse"))
     a, bb, c, e = coefs.to(DEVICE)
     loss = (a * logp.double()).sum()
     if entropy:
@@ -228,8 +230,9 @@ def test_frozen_weight_or_hidden():
     for frozen in ("weight", "hidden"):
         h = x["hidden"].float().requires_grad_(frozen != "hidden")
         w = x["weight"].float().requires_grad_(frozen != "weight")
-        logp, _, _, _, _ = triton_op.token_stats(h, w, x["targets"], None, None, None, None, temperature=1.0,
-                                              ignore_index=IGNORE, return_entropy=False, return_kl=False, **SMALL)
+        logp = triton_op.token_stats(h, w, x["targets"], None, None, None, None, transform=Transform(),
+                                     head_precision="native", ignore_index=IGNORE, return_entropy=False,
+                                     return_kl=False, **SMALL)["logp"]
         logp.sum().backward()
         hh = x["hidden"].clone().requires_grad_()
         ww = x["weight"].clone().requires_grad_()
@@ -278,7 +281,7 @@ _EXTRA_OPTIONS = {
 
 def _preset_inputs(method, B=8, T=6, d=16, V=40, seed=0):
     """An fp32 batch (B sequences of T tokens, right padding, two reward groups or four labelled
-    pairs) with every input `method` needs, per GRO.md section 5."""
+    pairs) with every input `method` needs, per docs/options.md (Inputs)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, d, generator=g)
     weight = 0.5 * torch.randn(V, d, generator=g)
@@ -297,7 +300,7 @@ def _preset_inputs(method, B=8, T=6, d=16, V=40, seed=0):
         kw["group_ids"] = torch.tensor([5, 9, 5, 2, 9, 2, 0, 0])
         kw["labels"] = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1])
     if method == "kto":
-        kw["labels"] = torch.tensor([1, -1, 1, 1, -1, -1, 1, -1])
+        kw.update(labels=torch.tensor([1, -1, 1, 1, -1, -1, 1, -1]), anchor_value=0.2)
     if method == "gro":
         kw["offline"] = torch.tensor([False, False, True, False, False, False, False, True])
     if method in _RATIO_METHODS:
@@ -316,7 +319,7 @@ def test_every_preset_same_loss_and_gradients_as_torch_backend(method):
     for backend in ("torch", "triton"):
         h = hidden.to(DEVICE).clone().requires_grad_()
         w = weight.to(DEVICE).clone().requires_grad_()
-        args = {k: v.to(DEVICE) for k, v in kw.items()}
+        args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         out = loss_mod.gro_loss(h, w, targets.to(DEVICE), method=method, backend=backend, **args,
                                 **_EXTRA_OPTIONS.get(method, {}))
         dh, dw = torch.autograd.grad(out.loss, (h, w))

@@ -1,4 +1,4 @@
-"""The unification claim (GRO.md section 3), proven numerically.
+"""The unification claim (README, Methods; docs/objective.md), proven numerically.
 
 For every row of the preset table: the gradient w.r.t. the LM head (hidden, weight) of
 `gro_loss(method=...)` equals the gradient of that method's textbook loss, written here

@@ -19,13 +19,16 @@ import torch
 from transformers.utils import ModelOutput
 
 from ..logprobs import token_logprobs
+from ..logprobs.transform import softcap as soft_cap
 from ..loss import gro_loss
+from .sharded import gathered
 
 
 @dataclass
 class GROCall:
     """One `gro_loss` call: `keep` = the number of trailing positions scored (TRL's `logits_to_keep`);
-    `kwargs` = everything `gro_loss` takes besides hidden, weight, targets and temperature."""
+    `kwargs` = everything `gro_loss` takes besides hidden, weight, targets and the head's options (temperature,
+    softcap, head_precision, the sampler's truncation: `add_gro_head`'s)."""
 
     keep: int
     kwargs: dict = field(default_factory=dict)
@@ -38,24 +41,28 @@ class GROCall:
 @dataclass
 class GROHeadOutput(ModelOutput):
     """`fused_lm_head=True`: loss (mean NLL), log_probs / entropy [B, T-1] (0 where label is -100), label_mask.
-    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics (gro_loss's detached metrics), and with
-    `GROCall(entropy=True)` the detached per-token entropy [B, keep]."""
+    `gro=...`: loss (the GRO loss), log_probs [B, keep], metrics / per_sequence (gro_loss's detached 0-d
+    metrics and [B] values), and with `GROCall(entropy=True)` the detached per-token entropy [B, keep]."""
 
     loss: Optional[torch.Tensor] = None
     log_probs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     label_mask: Optional[torch.Tensor] = None
     metrics: Optional[dict] = None
+    per_sequence: Optional[dict] = None
     mean_logits: Optional[torch.Tensor] = None
     is_top1: Optional[torch.Tensor] = None
 
 
+def head_softcap(model):
+    """The model's final_logit_softcapping (Gemma 2/3: logits = c * tanh(z / c)), or None."""
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None) or None
+
+
 def check_plain_head(model) -> None:
-    """gro_kernels computes softmax(W h + b) / T: refuse heads that transform the logits further."""
+    """gro_kernels computes softmax(softcap(W h + b) / T): refuse heads that transform the logits further
+    (a scale before the soft cap)."""
     config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError("gro_kernels' fused head does not support final_logit_softcapping "
-                         f"(model_type={config.model_type!r}); use the trainer's own head")
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
         value = getattr(config, name, None)
         if value is not None and value != 1:
@@ -64,9 +71,10 @@ def check_plain_head(model) -> None:
 
 
 @torch.no_grad()
-def logit_extras(hidden, weight, bias, targets, *, temperature: float, chunk_elements: int = 2 ** 21):
-    """Per token: the mean of the logits over the vocabulary and whether the target is the (first) argmax.
-    Metrics only: one forward sweep over vocabulary chunks, nothing of size [tokens x vocab]."""
+def logit_extras(hidden, weight, bias, targets, *, temperature: float, softcap=None, chunk_elements: int = 2 ** 21):
+    """Per token: the mean of the (soft-capped, tempered) logits over the vocabulary and whether the target
+    is the (first) argmax. Metrics only: one forward sweep over vocabulary chunks, nothing of size
+    [tokens x vocab]."""
     mask = targets != -100
     h, y = hidden[mask].float(), targets[mask]
     V = weight.shape[0]
@@ -78,7 +86,7 @@ def logit_extras(hidden, weight, bias, targets, *, temperature: float, chunk_ele
         z = h @ weight[start:start + step].float().T
         if bias is not None:
             z = z + bias[start:start + step].float()
-        z = z / temperature
+        z = soft_cap(z, softcap) / temperature
         total += z.sum(-1)
         value, index = z.max(-1)
         better = value > best          # strict: the first maximum wins, as argmax
@@ -92,22 +100,27 @@ def logit_extras(hidden, weight, bias, targets, *, temperature: float, chunk_ele
 
 
 def _head_weights(model):
+    """(weight, bias) of the output projection, whole (`sharded.gathered`: FSDP2 / ZeRO-3)."""
     head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    try:  # FSDP2 shards parameters as DTensors; gather the head once (differentiable)
-        from torch.distributed.tensor import DTensor
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-    except ImportError:
-        pass
-    return weight, bias
+    return gathered(head.weight), gathered(getattr(head, "bias", None), "lm_head.bias")
 
 
 def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                 entropy: bool = True, backend: str = "auto") -> None:
-    """Patch `model.forward` (in place) so `fused_lm_head=True` and `gro=GROCall(...)` run on gro_kernels."""
+                 entropy: bool = True, backend: str = "auto", sampler: Optional[dict] = None) -> None:
+    """Patch `model.forward` (in place) so `fused_lm_head=True` and `gro=GROCall(...)` run on gro_kernels.
+
+    Args:
+        temperature: the logits' temperature (TRL's).
+        cast_lm_head_to_fp32: TRL's fp32 head: the head runs on fp32 hidden states and weight
+            (head_precision="fp32").
+        entropy: `fused_lm_head=True` also returns the per-token entropy.
+        backend: the gro_kernels backend.
+        sampler: top_k / top_p / min_p of the distribution the sampler drew from: the log-probs are then
+            those of the truncated distribution (None: the full one, as TRL computes them).
+    The model's final_logit_softcapping (Gemma 2/3) is applied as `softcap`."""
     check_plain_head(model)
+    head = dict(temperature=temperature, softcap=head_softcap(model),
+                head_precision="fp32" if cast_lm_head_to_fp32 else "native", **(sampler or {}))
     original_forward = model.forward
     # Vision-language models expose their language backbone as `base_model` (transformers >= 5).
     backbone_attr = "base_model"
@@ -152,16 +165,16 @@ def add_gro_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool 
                     with torch.no_grad():
                         token_entropy = token_logprobs(
                             hidden.detach(), weight.detach(), targets, bias=None if bias is None else bias.detach(),
-                            temperature=temperature, return_entropy=True, backend=backend).entropy
+                            return_entropy=True, backend=backend, **head).entropy
                     if gro.update is not None:
                         kwargs = {**kwargs, **gro.update(token_entropy)}
-                out = gro_loss(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend, **kwargs)
-                extras = (logit_extras(hidden, weight, bias, targets, temperature=temperature) if gro.extras
-                          else (None, None))
+                out = gro_loss(hidden, weight, targets, bias=bias, backend=backend, **head, **kwargs)
+                extras = (logit_extras(hidden, weight, bias, targets, temperature=temperature,
+                                       softcap=head["softcap"]) if gro.extras else (None, None))
                 return GROHeadOutput(loss=out.loss, log_probs=out.logp, label_mask=mask, metrics=out.metrics,
-                                     mean_logits=extras[0], is_top1=extras[1], entropy=token_entropy)
-            stats = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   return_entropy=entropy, backend=backend)
+                                     per_sequence=out.per_sequence, mean_logits=extras[0], is_top1=extras[1],
+                                     entropy=token_entropy)
+            stats = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=entropy, backend=backend, **head)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return GROHeadOutput(loss=-stats.logp.sum() / count, log_probs=stats.logp, entropy=stats.entropy,
                              label_mask=mask)

@@ -11,6 +11,11 @@ things move to gro_kernels: TRL's fused LM head (`model(..., fused_lm_head=True)
 log-prob / entropy step) becomes `token_logprobs`, and the loss becomes one `gro_loss` call from
 the backbone's final hidden states and the `lm_head` weight, run inside the model's forward.
 
+The model's `final_logit_softcapping` (Gemma 2/3) is applied as the loss's `softcap`, as TRL's own
+head does; TRL's `cast_lm_head_to_fp32` is `head_precision="fp32"`; TRL's top_k / top_p / min_p shape
+generation only, as in TRL, unless `sampler_logprobs=True` (`GROGRPOTrainer`, `patch_trainer`) makes
+the policy's log-probs those of the truncated distribution the sampler drew from.
+
 Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYPES` with
 `grpo_options`, `DPO_LOSS_TYPES` with `dpo_options`, `KTO_LOSS_TYPES`) or listed in an
 `*_UNSUPPORTED` table that raises a `ValueError` naming it; nothing is ignored. The tests check loss
@@ -19,10 +24,18 @@ and gradients against TRL's own trainers on the same batches (tests/test_integra
 from __future__ import annotations
 
 import torch
-from trl import DPOTrainer, GRPOTrainer, KTOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
-from .hf_head import GROCall, add_gro_head
+from ..objective.options import DEFAULTS
+from . import missing_dependency
+
+try:
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+
+    from .hf_head import GROCall, add_gro_head
+except ImportError as e:
+    raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (from a clone: pip install "
+                                          "'.[integrations]'; or only TRL: pip install trl==1.16.0)") from e
 
 __all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
@@ -88,8 +101,10 @@ def grpo_options(trainer) -> dict:
         method="gro", surrogate=surrogate, loss_agg=kind["loss_agg"],
         # TRL's vespo reads the level only in its KL correction (refused with "sequence"): its phi is per sequence
         importance_sampling="token" if surrogate == "vespo" else trainer.importance_sampling_level,
-        kl_coef=trainer.beta, kl_estimator="k3", kl_placement="loss",
+        kl_coef=trainer.beta,
     )
+    if trainer.beta != 0.0:  # TRL's k3 KL in the loss (the objective refuses KL options with kl_coef 0)
+        options.update(kl_estimator="k3", kl_placement="loss")
     # The objective refuses options its surrogate does not read: give each only where it is read.
     if surrogate in ("ratio_clip", "cispo"):  # CISPO reads epsilon_high alone (its bound)
         options["eps_high"] = trainer.epsilon_high
@@ -166,10 +181,6 @@ def _check_trainer(trainer, table, who):
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError(f"{who}: router_aux_loss_coef={trainer.args.router_aux_loss_coef!r} (the MoE load-balancing "
                          "loss) is not supported by gro_kernels' fused head; set it to 0.0")
-    if getattr(trainer, "is_deepspeed_enabled", False) and \
-            trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError(f"{who}: DeepSpeed ZeRO-3 is not supported (the head's backward recomputes from the "
-                         "gathered weight); use ZeRO-2 or FSDP2")
 
 
 def _unwrapped(trainer, model):
@@ -177,16 +188,55 @@ def _unwrapped(trainer, model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _patch_models(trainer, *, temperature, cast_lm_head_to_fp32=False, policy_entropy=True):
-    """Swap TRL's fused head for gro_kernels' on the policy and the reference model."""
-    pairs = [(trainer.model, policy_entropy)]
+def _patch_models(trainer, *, temperature, cast_lm_head_to_fp32=False, policy_entropy=True, sampler=None):
+    """Swap TRL's fused head for gro_kernels' on the policy and the reference model (the sampler's
+    truncation, when given, on the policy only: the reference is the full distribution)."""
+    pairs = [(trainer.model, policy_entropy, sampler)]
     if getattr(trainer, "ref_model", None) is not None:
-        pairs.append((trainer.ref_model, False))
-    for model, entropy in pairs:
+        pairs.append((trainer.ref_model, False, None))
+    for model, entropy, truncation in pairs:
         model = _unwrapped(trainer, model)
         if not getattr(model, "_gro_head", False):
-            add_gro_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, entropy=entropy)
+            add_gro_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, entropy=entropy,
+                         sampler=truncation)
             model._gro_head = True
+
+
+# generation settings that change the distribution the sampler draws from beyond temperature / top_k / top_p /
+# min_p: with sampler_logprobs=True the loss could not reproduce them
+_SAMPLER_CHANGING = ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty", "typical_p",
+                     "epsilon_cutoff", "eta_cutoff", "suppress_tokens", "bad_words_ids", "no_repeat_ngram_size",
+                     "top_n_sigma", "logit_bias", "allowed_token_ids")
+
+
+def grpo_sampler(trainer) -> dict:
+    """TRL's top_k / top_p / min_p (its generation_kwargs override them, as in TRL) as gro_loss arguments,
+    for sampler_logprobs=True; a ValueError naming any generation setting the loss cannot follow."""
+    args, who = trainer.args, type(trainer).__name__
+    gen = dict(top_k=trainer.top_k, top_p=trainer.top_p, min_p=trainer.min_p)
+    extra = dict(args.generation_kwargs or {})
+    for name in gen:
+        if name in extra:
+            gen[name] = extra.pop(name)
+    if trainer.repetition_penalty != 1.0:
+        raise ValueError(f"{who}: sampler_logprobs=True with repetition_penalty={trainer.repetition_penalty!r}: the "
+                         "penalty depends on the tokens generated so far, which the loss does not see")
+    changing = sorted(set(extra) & set(_SAMPLER_CHANGING))
+    if changing:
+        raise ValueError(f"{who}: sampler_logprobs=True with generation_kwargs {changing}: they change the "
+                         "distribution the sampler draws from in a way the loss does not reproduce")
+    top_k, top_p, min_p = gen["top_k"] or 0, gen["top_p"] if gen["top_p"] is not None else 1.0, gen["min_p"] or 0.0
+    if min_p > 0 and top_p < 1 and not trainer.use_vllm:
+        raise ValueError(f"{who}: sampler_logprobs=True with min_p and top_p < 1 on transformers' generate: it applies "
+                         "top_p before min_p, the loss (vLLM's order) min_p first; use one of them, or vLLM")
+    out = {}
+    if top_k > 0:
+        out["top_k"] = int(top_k)
+    if top_p < 1:
+        out["top_p"] = float(top_p)
+    if min_p > 0:
+        out["min_p"] = float(min_p)
+    return out
 
 
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
@@ -375,22 +425,28 @@ class _GROGRPOLoss:
         self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
 
 
-def _patch_grpo(trainer):
+def _patch_grpo(trainer, sampler_logprobs=False):
     who = type(trainer).__name__
     _check_trainer(trainer, GRPO_UNSUPPORTED, who)
     if trainer.top_entropy_quantile < 1.0 and trainer.accelerator.num_processes > 1:
         raise ValueError(f"{who}: top_entropy_quantile={trainer.top_entropy_quantile!r} is not supported by "
                          "gro_kernels with more than one process: TRL takes the entropy quantile over all "
                          "processes' tokens, the objective over the local batch")
-    _patch_models(trainer, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    _patch_models(trainer, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32,
+                  sampler=grpo_sampler(trainer) if sampler_logprobs else None)
 
 
 class GROGRPOTrainer(_GROGRPOLoss, GRPOTrainer):
-    """`trl.GRPOTrainer` with its log-prob step and loss on gro_kernels (same constructor, same results)."""
+    """`trl.GRPOTrainer` with its log-prob step and loss on gro_kernels (same constructor, same results).
 
-    def __init__(self, *args, **kwargs):
+    One keyword more than TRL's: `sampler_logprobs=True` computes the policy's log-probs (the loss's and
+    the old log-probs) of the truncated distribution the sampler drew from (TRL's top_k / top_p / min_p
+    after the temperature, vLLM's processed log-probs) instead of TRL's full tempered distribution; the
+    reference's stay the full distribution. Default False: the same numbers as TRL."""
+
+    def __init__(self, *args, sampler_logprobs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        _patch_grpo(self)
+        _patch_grpo(self, sampler_logprobs)
 
 
 # ================================================================================================
@@ -455,13 +511,13 @@ class _GRODPOLoss:
             ref_logp=_sums_as_tokens(ref_token_sums, mask), return_entropy=True, **dpo_options(self)))
         outputs = model(**model_kwargs, labels=labels, gro=call)
         loss = outputs.loss
-        self._gro_log_metrics(mode, inputs, outputs, mask, u, ref_sums, n)
+        self._gro_log_metrics(mode, inputs, outputs, mask, u, n)
         if return_outputs:  # as TRL: the logits only come from an extra forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _gro_log_metrics(self, mode, inputs, outputs, mask, u, ref_sums, n):
+    def _gro_log_metrics(self, mode, inputs, outputs, mask, u, n):
         acc = self.accelerator
         logps = (outputs.log_probs * u).sum(1)  # TRL's (LD-DPO weighted) sequence log-probs
         chosen_logps, rejected_logps = logps[:n], logps[n:]
@@ -482,8 +538,10 @@ class _GRODPOLoss:
         total_chosen = _gather_sum(acc, chosen_mask.sum())
         self._metrics[mode]["mean_token_accuracy"].append((correct / total_chosen).item() if total_chosen > 0 else 0.0)
 
-        chosen_rewards = self.beta * (chosen_logps - ref_sums[:n])
-        rejected_rewards = self.beta * (rejected_logps - ref_sums[n:])
+        # gro_loss's implicit rewards beta (S - R) per row (TRL's, LD-DPO-weighted with ld_alpha). The objective
+        # refuses beta with pair_loss='sft' alone (the loss does not read it) and uses its default there.
+        beta = dpo_options(self).get("beta", DEFAULTS["beta"])
+        chosen_rewards, rejected_rewards = (outputs.per_sequence["scores"].float() * (self.beta / beta)).split(n)
         self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
         self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
         accuracies = (chosen_rewards > rejected_rewards).float()
@@ -541,13 +599,13 @@ class _GROKTOLoss:
             labels=torch.where(desirable, 1.0, -1.0), ref_logp=_sums_as_tokens(ref_sums, mask),
             return_entropy=True, **options))
         outputs = model(**model_kwargs, labels=labels, gro=call)
-        self._gro_log_metrics(mode, batch, outputs, mask, ref_sums, desirable, kl)
+        self._gro_log_metrics(mode, batch, outputs, mask, desirable, kl)
         if return_outputs:
             with torch.no_grad():
                 return outputs.loss, model(**model_kwargs)
         return outputs.loss
 
-    def _gro_log_metrics(self, mode, batch, outputs, mask, ref_sums, desirable, kl):
+    def _gro_log_metrics(self, mode, batch, outputs, mask, desirable, kl):
         acc = self.accelerator
         self._metrics[mode]["kl"].append(kl.item())
         tokens = mask.sum()
@@ -559,7 +617,7 @@ class _GROKTOLoss:
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         logps = outputs.log_probs.sum(1)
-        rewards = self.beta * (logps - ref_sums)
+        rewards = outputs.per_sequence["scores"].float()  # gro_loss's implicit rewards beta (S - R), as TRL's
         counts = {}
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
             m = mask[rows]
@@ -599,13 +657,17 @@ _PATCHES = [(GRPOTrainer, _GROGRPOLoss, _patch_grpo), (DPOTrainer, _GRODPOLoss, 
             (KTOTrainer, _GROKTOLoss, _patch_kto)]
 
 
-def patch_trainer(trainer):
+def patch_trainer(trainer, *, sampler_logprobs: bool = False):
     """Make an existing GRPOTrainer / DPOTrainer / KTOTrainer (or a subclass) run on gro_kernels, in place.
 
-    Raises a ValueError naming the first config option gro_kernels cannot honour. Returns the trainer."""
+    `sampler_logprobs=True` (GRPO only): the policy's log-probs of the sampler's truncated distribution
+    (see `GROGRPOTrainer`). Raises a ValueError naming the first config option gro_kernels cannot
+    honour. Returns the trainer."""
+    if sampler_logprobs and not isinstance(trainer, GRPOTrainer):
+        raise ValueError("sampler_logprobs=True applies to GRPOTrainer (DPO / KTO score dataset completions)")
     for base, loss, patch in _PATCHES:
         if isinstance(trainer, base):
-            patch(trainer)
+            patch(trainer, sampler_logprobs) if base is GRPOTrainer else patch(trainer)
             cls = type(trainer)
             if not issubclass(cls, loss):
                 trainer.__class__ = type(f"GRO{cls.__name__}", (loss, cls), {"__module__": __name__})

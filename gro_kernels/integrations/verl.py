@@ -2,7 +2,8 @@
 
     from gro_kernels.integrations.verl import register
     register()                       # then: actor_rollout_ref.actor.policy_loss.loss_mode=gro_vanilla
-    register(fused_kernels=True)     # also: use_fused_kernels=True (impl_backend "torch") runs on gro_kernels
+    register(fused_kernels=True)     # also: use_fused_kernels=True runs on gro_kernels (FSDP backend: "torch" and
+                                     # "triton" impl_backend; Megatron backend: with its tensor-parallel group)
 
 verl hands a policy loss per-token log-probs, so the registered losses call `gro_objective` (the
 objective on `[B,T]` log-probs) with verl's clip ratios and verl's loss aggregation, including its
@@ -21,12 +22,21 @@ from __future__ import annotations
 import math
 
 import torch
-from verl.trainer.ppo import core_algos
+
+from . import missing_dependency
+
+try:
+    from verl.trainer.ppo import core_algos
+except ImportError as e:
+    raise missing_dependency(__name__, e, "pip install --no-deps verl==0.9.1 && pip install 'gro_kernels[integrations]'"
+                                          "   (from a clone: '.[integrations]'; --no-deps: verl's own pins "
+                                          "would replace torch and transformers)") from e
 
 from ..logprobs import token_logprobs
 from ..objective import gro_objective
+from .sharded import gathered
 
-__all__ = ["register", "VERL_LOSSES", "VERL_NOT_COVERED", "gro_policy_loss"]
+__all__ = ["register", "VERL_LOSSES", "VERL_NOT_COVERED", "gro_policy_loss", "gro_linear_cross_entropy"]
 
 # ================================================================================================
 # The map. verl loss -> gro options. Extend here when the objective grows.
@@ -230,38 +240,115 @@ def _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, 
 
 def _gro_fused_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
     """verl's FusedLinearForPPO.forward on gro_kernels: (log_probs, entropy) shaped like input_ids, float32.
-    Only the "torch" implementation is replaced; "liger" stays Liger's."""
+    Only the "torch" implementation is replaced; "liger" stays Liger's. `temperature` may also be a tensor
+    shaped like input_ids (per token) or like its first dim (per sequence); the head options given to
+    `register` (soft cap, precision, truncation) apply."""
     if self.impl_backend != "torch":
+        if _HEAD_OPTIONS or isinstance(temperature, torch.Tensor):
+            raise ValueError(f"verl's fused kernel impl_backend={self.impl_backend!r} is not gro_kernels': the head "
+                             f"options {sorted(_HEAD_OPTIONS) or ['a tensor temperature']} need impl_backend='torch'")
         return _ORIGINAL_FUSED_FORWARD(self, hidden_states, vocab_weights, input_ids, temperature)
-    stats = token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
-                           return_entropy=True)
+    # verl's FSDP2 policy makes an untied lm_head a unit of its own: the weight can arrive as a sharded DTensor
+    stats = token_logprobs(hidden_states, gathered(vocab_weights), input_ids.to(torch.int64), temperature=temperature,
+                           return_entropy=True, **_HEAD_OPTIONS)
     return stats.logp, stats.entropy
 
 
 _ORIGINAL_FUSED_FORWARD = None
+_HEAD_OPTIONS: dict = {}
+_ORIGINAL_LINEAR_CE = None
+# verl's fused kernel (`verl.utils.kernel.linear_cross_entropy`) is read from its module at call time by
+# the FSDP backend's model patches (impl_backend "triton"), and bound at import by the Megatron backend's
+# fused forward (`use_fused_kernels`), which passes its tensor-parallel group as dist_process_group.
+_LINEAR_CE_MODULES = ("verl.utils.kernel.linear_cross_entropy", "verl.models.mcore.model_forward_fused")
 
 
-def register(*, fused_kernels: bool = False) -> list:
+def gro_linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """verl's `linear_cross_entropy` on gro_kernels: (log_probs, entropy) per token of `labels` (flattened),
+    float32, from `hidden [..., d]` and `weight`, this rank's contiguous slice of the vocabulary when
+    `dist_process_group` is the tensor-parallel group (Megatron's equal shards, in rank order).
+
+    The contract is verl's kernel's: `reduction` ("none", "sum", "mean") applies to the log-probs;
+    with a group, the hidden-state gradient is this rank's partial sum over its slice
+    (`sequence_parallel=True`): verl's Megatron backend gathers the hidden states from
+    sequence-parallel slices (it enables sequence parallelism whenever the tensor-parallel size is
+    above 1), and that gather's backward reduce-scatters them. `temperature`: a float, or a tensor
+    shaped like labels (per token); the head options given to `register` apply (top_p refused with
+    a group: docs/options.md)."""
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean' (verl's), got {reduction!r}")
+    tp = {} if dist_process_group is None else dict(tp_group=dist_process_group, sequence_parallel=True)
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        if tuple(temperature.shape) != tuple(labels.shape):
+            raise ValueError(f"temperature as a tensor must be shaped like labels {tuple(labels.shape)}, got "
+                             f"{tuple(temperature.shape)}")
+        temperature = temperature.reshape(-1)
+    else:
+        temperature = float(temperature)
+    stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), gathered(weight), labels.reshape(-1).to(torch.int64),
+                           temperature=temperature, return_entropy=True, **tp, **_HEAD_OPTIONS)
+    logp = stats.logp if reduction == "none" else (stats.logp.sum() if reduction == "sum" else stats.logp.mean())
+    return logp, stats.entropy
+
+
+def register(*, fused_kernels: bool = False, softcap=None, head_precision: str = "native", top_k=None, top_p=None,
+             min_p=None) -> list:
     """Register `gro_<name>` for every verl loss in VERL_LOSSES (verl's `register_policy_loss`); with
-    `fused_kernels=True`, also route verl's fused log-prob + entropy (`use_fused_kernels=True`,
-    `impl_backend="torch"`, i.e. `FusedLinearForPPO`) through `token_logprobs`. Returns the names."""
+    `fused_kernels=True`, also route verl's fused log-prob + entropy through `token_logprobs`: the FSDP
+    backend's `FusedLinearForPPO` (`use_fused_kernels=True`, `impl_backend="torch"`) and verl's fused
+    kernel `linear_cross_entropy` (the FSDP backend's `impl_backend="triton"`, and the Megatron
+    backend's fused forward with its tensor-parallel group: `gro_linear_cross_entropy`). Returns the names.
+
+    The fused path's head options (verl's own fused kernel has none of them; it sees neither the model's
+    config nor the rollout's sampling settings, so they are given here, for every model it runs):
+        softcap: the model's final_logit_softcapping (Gemma 2/3; verl's kernel leaves the cap out).
+        head_precision: "native" | "fp32" | "tf32" (gro_loss's): "fp32" to match a rollout engine's fp32 head.
+        top_k, top_p, min_p: the rollout's truncation (actor_rollout_ref.rollout.top_k / top_p / min_p), so
+            that the actor's log-probs are those of the distribution vLLM sampled from (its processed_logprobs).
+            With Megatron's tensor-parallel group, top_k and min_p combine across the vocabulary shards;
+            top_p is refused there (docs/options.md).
+    """
+    options = {k: v for k, v in dict(softcap=softcap, head_precision=head_precision, top_k=top_k, top_p=top_p,
+                                     min_p=min_p).items() if v is not None and v != "native"}
+    if options and not fused_kernels:
+        raise ValueError(f"the head options {sorted(options)} apply to verl's fused kernel: pass fused_kernels=True")
     names = []
     for name in VERL_LOSSES:
         core_algos.register_policy_loss(f"gro_{name}")(gro_policy_loss(name))
         names.append(f"gro_{name}")
     if fused_kernels:
-        global _ORIGINAL_FUSED_FORWARD
+        global _ORIGINAL_FUSED_FORWARD, _ORIGINAL_LINEAR_CE
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
+        from verl.utils.kernel import linear_cross_entropy as kernel_module
         if _ORIGINAL_FUSED_FORWARD is None:
             _ORIGINAL_FUSED_FORWARD = FusedLinearForPPO.forward
         FusedLinearForPPO.forward = _gro_fused_forward
+        if _ORIGINAL_LINEAR_CE is None:
+            _ORIGINAL_LINEAR_CE = kernel_module.linear_cross_entropy
+        _set_linear_ce(gro_linear_cross_entropy)
+        _HEAD_OPTIONS.clear()
+        _HEAD_OPTIONS.update(options)
     return names
 
 
+def _set_linear_ce(fn) -> None:
+    """`fn` as linear_cross_entropy in verl's kernel module and in the modules that bound it at import
+    (only those already imported: one imported later binds the kernel module's, already `fn`)."""
+    import sys
+    for name in _LINEAR_CE_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "linear_cross_entropy"):
+            module.linear_cross_entropy = fn
+
+
 def unregister_fused_kernels() -> None:
-    """Give verl back its own FusedLinearForPPO.forward."""
-    global _ORIGINAL_FUSED_FORWARD
+    """Give verl back its own FusedLinearForPPO.forward and linear_cross_entropy."""
+    global _ORIGINAL_FUSED_FORWARD, _ORIGINAL_LINEAR_CE
+    _HEAD_OPTIONS.clear()
     if _ORIGINAL_FUSED_FORWARD is not None:
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
         FusedLinearForPPO.forward = _ORIGINAL_FUSED_FORWARD
         _ORIGINAL_FUSED_FORWARD = None
+    if _ORIGINAL_LINEAR_CE is not None:
+        _set_linear_ce(_ORIGINAL_LINEAR_CE)
+        _ORIGINAL_LINEAR_CE = None

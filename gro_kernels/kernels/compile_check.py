@@ -1,6 +1,6 @@
 """Compile every kernel variant and autotuning config for a GPU target without a GPU (through ptxas).
 
-    python -m gro_kernels.kernels.compile_check [--arch 90] [--vocab 151936] [--quick] [--json FILE]
+    python -m gro_kernels.kernels.compile_check [--arch 90] [--vocab 151936] [--quick] [--jobs N] [--json FILE]
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels as numpy and never meets the compiler, so
 this is the CPU-side check that the same source lowers to TTIR -> TTGIR -> LLVM -> PTX -> cubin for
@@ -82,18 +82,31 @@ def _sass(path: str):
     return ops, steady
 
 
+# The head's options on top of each variant: the soft cap, the kept-set threshold of top_k / top_p /
+# min_p, and the mean log-prob (SFT's label smoothing: statistics WANT_MEAN, gradient HAS_ETA) with or
+# without class weights (HAS_CW), which api.check_mean_logp refuses with truncation.
+_MEAN = [dict(), dict(mean=True, cw=False), dict(mean=True, cw=True)]
+
+
 def _variants():
-    """(kernel, dz dtype or None, constexpr flags) for every variant a launch can make."""
-    for want_rel, has_ref, want_p2 in itertools.product((False, True), (False, True), (False, True)):
-        if has_ref and not want_rel:
-            continue  # a reference head always brings the relative sums
-        yield "row_partials", None, dict(WANT_REL=want_rel, HAS_REF=has_ref, WANT_P2=want_p2)
-    for want_ent, has_ref, want_p2 in itertools.product((False, True), (False, True), (False, True)):
-        yield "row_finish", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref, WANT_P2=want_p2)
-    for dz, has_beta, has_ref in itertools.product(("fp32", "bf16", "fp16"), (False, True), (False, True)):
-        if has_ref and not has_beta:
-            continue  # a KL coefficient always brings beta
-        yield "logits_grad", dz, dict(HAS_BETA=has_beta, HAS_REF=has_ref)
+    """(kernel, dz dtype or None, constexpr flags) for every variant a launch can make: a reference
+    head always brings the relative sums (statistics) and beta (gradient); class weights only come
+    with the mean log-prob, and the mean log-prob never with truncation."""
+    for want_rel, has_ref, want_p2, cap, tau, mean in itertools.product(
+            (False, True), (False, True), (False, True), (False, True), (False, True), _MEAN):
+        if (has_ref and not want_rel) or (tau and mean):
+            continue
+        yield "row_partials", None, dict(WANT_REL=want_rel, HAS_REF=has_ref, WANT_P2=want_p2, HAS_CAP=cap,
+                                         HAS_TAU=tau, WANT_MEAN=bool(mean), HAS_CW=mean.get("cw", False))
+    for want_ent, has_ref, want_p2, cap, want_mean in itertools.product(*[(False, True)] * 5):
+        yield "row_finish", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref, WANT_P2=want_p2, HAS_CAP=cap,
+                                       WANT_MEAN=want_mean)
+    for dz, has_beta, has_ref, cap, tau, mean in itertools.product(
+            ("fp32", "bf16", "fp16"), (False, True), (False, True), (False, True), (False, True), _MEAN):
+        if (has_ref and not has_beta) or (tau and mean):
+            continue
+        yield "logits_grad", dz, dict(HAS_BETA=has_beta, HAS_REF=has_ref, HAS_CAP=cap, HAS_TAU=tau,
+                                      HAS_ETA=bool(mean), HAS_CW=mean.get("cw", False))
 
 
 _INTS = {"V": "i32", "n_splits": "i32"}
@@ -108,7 +121,7 @@ def _signature(fn, constexprs, dz_dtype, vocab):
         elif arg.endswith("_ptr"):
             signature[arg] = {"y_ptr": "*i64", "dz_ptr": f"*{dz_dtype}"}.get(arg, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg == "inv_t":
+        elif arg == "cap":
             signature[arg] = "fp32"
         else:  # V, n_splits and the row strides
             signature[arg] = _INTS.get(arg, "i64")
@@ -118,8 +131,26 @@ def _signature(fn, constexprs, dz_dtype, vocab):
     return signature, attrs
 
 
-def compile_all(arch: int = 90, vocab: int = 151936, quick: bool = False, log=print) -> list:
-    """Compile every (variant, config); one result dict each."""
+def _tasks(vocab: int, quick: bool) -> list:
+    """(kernel, dz dtype, flags, constexprs, warps, BLOCK_V or None) of every compile to make."""
+    import triton
+
+    from . import launch
+
+    configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
+    n_splits = triton.cdiv(vocab, launch.SPLIT_V)
+    tasks = []
+    for name, dz, flags in _variants():
+        if name == "row_finish":  # one small program per row, launched with the defaults
+            tasks.append((name, dz, flags, dict(flags, BLOCK_S=triton.next_power_of_2(n_splits)), 4, None))
+        else:
+            tasks += [(name, dz, flags, dict(flags, SPLIT_V=launch.SPLIT_V, FAST=True, **c.kwargs), c.num_warps,
+                       c.kwargs["BLOCK_V"]) for c in configs]
+    return tasks
+
+
+def _compile_one(task, arch: int, vocab: int) -> dict:
+    """Compile one task for sm_<arch> and read its cubin: the result dict (ok False with the error)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -128,54 +159,70 @@ def compile_all(arch: int = 90, vocab: int = 151936, quick: bool = False, log=pr
 
     kernels = {"row_partials": row_stats._row_partials_kernel, "row_finish": row_stats._row_finish_kernel,
                "logits_grad": logits_grad._logits_grad_kernel}
-    configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
-    n_splits = triton.cdiv(vocab, launch.SPLIT_V)
-    target = GPUTarget("cuda", arch, 32)
-    results = []
-    for name, dz, flags in _variants():
-        if name == "row_finish":  # one small program per row, launched with the defaults
-            todo = [(dict(flags, BLOCK_S=triton.next_power_of_2(n_splits)), 4, None)]
-        else:
-            todo = [(dict(flags, SPLIT_V=launch.SPLIT_V, FAST=True, **c.kwargs), c.num_warps, c.kwargs["BLOCK_V"])
-                    for c in configs]
-        for constexprs, warps, block_v in todo:
-            signature, attrs = _signature(kernels[name], constexprs, dz or "fp32", vocab)
-            rec = {"kernel": name, "dz": dz, "flags": flags, "block_v": block_v, "warps": warps}
-            t0 = time.time()
-            try:
-                k = triton.compile(ASTSource(kernels[name], signature, constexprs=constexprs, attrs=attrs),
-                                   target=target, options=dict(num_warps=warps))
-            except Exception as exc:  # report every variant, then fail
-                rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:1500]}")
-                log(f"FAIL {name:12s} dz={dz} {flags} BLOCK_V={block_v} warps={warps}: {rec['error']}")
-                results.append(rec)
-                continue
-            path = _cubin_file(k)
-            try:
-                rec.update(_resources(path))
-                ops, body = _sass(path)
-            finally:
-                os.unlink(path)
-            ptx = k.asm["ptx"]
+    name, dz, flags, constexprs, warps, block_v = task
+    signature, attrs = _signature(kernels[name], constexprs, dz or "fp32", vocab)
+    rec = {"kernel": name, "dz": dz, "flags": flags, "block_v": block_v, "warps": warps}
+    t0 = time.time()
+    try:
+        k = triton.compile(ASTSource(kernels[name], signature, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+    except Exception as exc:  # report every variant, then fail
+        rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:1500]}")
+        return rec
+    path = _cubin_file(k)
+    try:
+        rec.update(_resources(path))
+        ops, body = _sass(path)
+    finally:
+        os.unlink(path)
+    ptx = k.asm["ptx"]
 
-            def ex2(seq):
-                return sum(op.startswith("MUFU.EX2") for op in seq)
+    def ex2(seq):
+        return sum(op.startswith("MUFU.EX2") for op in seq)
 
-            rec.update(ok=True, smem=k.metadata.shared, v4_loads=bool(re.search(r"ld\.global(\.[a-z]+)*\.v4\.(f32|b32|u32)", ptx)),
-                       sass=len(ops), ex2=ex2(ops))
-            if block_v:  # per logit of one program's split: the loop body runs SPLIT_V / BLOCK_V times
-                body = body or []
-                extra = launch.SPLIT_V // block_v - 1 if body else 0
-                per_thread = launch.SPLIT_V / (32 * warps)
-                rec.update(loop_sass=len(body), loop_ex2=ex2(body), logits_per_thread_per_iteration=block_v / (32 * warps),
-                           sass_per_logit=(len(ops) + extra * len(body)) / per_thread,
-                           ex2_per_logit=(rec["ex2"] + extra * ex2(body)) / per_thread)
-            rec["seconds"] = round(time.time() - t0, 1)
-            per = (f"  SASS/logit={rec['sass_per_logit']:.2f} EX2/logit={rec['ex2_per_logit']:.3f}"
-                   if block_v else f"  SASS={rec['sass']} EX2={rec['ex2']}")
-            log(f"ok   {name:12s} dz={str(dz):4s} {flags} BLOCK_V={block_v} warps={warps}  regs={rec['regs']} "
-                f"stack={rec['stack']} smem={rec['smem']} 128-bit loads={rec['v4_loads']}{per}  {rec['seconds']}s")
+    rec.update(ok=True, smem=k.metadata.shared, v4_loads=bool(re.search(r"ld\.global(\.[a-z]+)*\.v4\.(f32|b32|u32)", ptx)),
+               sass=len(ops), ex2=ex2(ops))
+    if block_v:  # per logit of one program's split: the loop body runs SPLIT_V / BLOCK_V times
+        body = body or []
+        extra = launch.SPLIT_V // block_v - 1 if body else 0
+        per_thread = launch.SPLIT_V / (32 * warps)
+        rec.update(loop_sass=len(body), loop_ex2=ex2(body), logits_per_thread_per_iteration=block_v / (32 * warps),
+                   sass_per_logit=(len(ops) + extra * len(body)) / per_thread,
+                   ex2_per_logit=(rec["ex2"] + extra * ex2(body)) / per_thread)
+    rec["seconds"] = round(time.time() - t0, 1)
+    return rec
+
+
+def _line(rec) -> str:
+    head = f"{rec['kernel']:12s} dz={str(rec['dz']):4s} {rec['flags']} BLOCK_V={rec['block_v']} warps={rec['warps']}"
+    if not rec["ok"]:
+        return f"FAIL {head}: {rec['error']}"
+    per = (f"  SASS/logit={rec['sass_per_logit']:.2f} EX2/logit={rec['ex2_per_logit']:.3f}"
+           if rec["block_v"] else f"  SASS={rec['sass']} EX2={rec['ex2']}")
+    return (f"ok   {head}  regs={rec['regs']} stack={rec['stack']} smem={rec['smem']} "
+            f"128-bit loads={rec['v4_loads']}{per}  {rec['seconds']}s")
+
+
+def compile_all(arch: int = 90, vocab: int = 151936, quick: bool = False, log=print, jobs: int = 1) -> list:
+    """Compile every (variant, config), in `jobs` processes; one result dict each, in order."""
+    import functools
+
+    tasks = _tasks(vocab, quick)
+    one = functools.partial(_compile_one, arch=arch, vocab=vocab)
+    if jobs <= 1:
+        results = []
+        for t in tasks:
+            results.append(one(t))
+            log(_line(results[-1]))
+        return results
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = []
+        for rec in pool.map(one, tasks):
             results.append(rec)
+            log(_line(rec))
     return results
 
 
@@ -185,6 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=151936, help="V the hints assume (divisible by 16 or not)")
     ap.add_argument("--quick", action="store_true", help="only the first autotuning config")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
@@ -192,7 +240,7 @@ def main(argv=None) -> int:
     import triton
 
     print(f"triton {triton.__version__}, sm_{args.arch}, V={args.vocab}", flush=True)
-    results = compile_all(args.arch, args.vocab, args.quick, log=lambda s: print(s, flush=True))
+    results = compile_all(args.arch, args.vocab, args.quick, log=lambda s: print(s, flush=True), jobs=args.jobs)
     failures = sum(not r["ok"] for r in results)
     spills = sum(bool(r.get("stack")) for r in results)
     scalar = sum(r["ok"] and r["kernel"] != "row_finish" and not r["v4_loads"] for r in results) if args.vocab % 4 == 0 else 0

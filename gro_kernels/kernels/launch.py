@@ -43,11 +43,43 @@ def exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def softmax_input(z, inv_t):
-    """u = z / T: what the softmax sees of a loaded fp32 logit, in both kernels. The one place a
-    logit is transformed on load (a per-row temperature, a soft cap c tanh(z / c) go here; the
-    statistics kernel's block max assumes the transform is increasing)."""
-    return z * inv_t
+def tanh(x):
+    """tanh in fp32 from exp (libdevice is not there under the interpreter): a Taylor polynomial below
+    |x| = 0.25, where 1 - exp(-2|x|) would cancel (its first left-out term is < 1e-8 relative there)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.25, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def softmax_input(z, inv_t, cap, HAS_CAP: tl.constexpr):
+    """u = c tanh(z / c) / T with a soft cap (a -inf logit stays -inf), else z / T: what the softmax
+    sees of a loaded fp32 logit, in both kernels (`logprobs/transform.py`). The one place a logit is
+    transformed on load; the statistics kernel's block max relies on the map being increasing."""
+    if HAS_CAP:
+        u = tl.where(z == float("-inf"), z, cap * tanh(z / cap)) * inv_t
+    else:
+        u = z * inv_t
+    return u
+
+
+def per_row(inv_t, n, device):
+    """1 / T of each row as an fp32 vector (a scalar temperature broadcast)."""
+    import torch
+
+    if isinstance(inv_t, torch.Tensor):
+        return inv_t.to(device=device, dtype=torch.float32).contiguous()
+    return torch.full((n,), float(inv_t), dtype=torch.float32, device=device)
+
+
+def vec(t, fallback):
+    """An fp32 vector argument, or `fallback` (never read: its flag is off) when absent."""
+    import torch
+
+    return fallback if t is None else t.to(torch.float32).contiguous()
 
 
 def interpreting() -> bool:

@@ -21,81 +21,117 @@ import torch
 from . import engine
 from .rows import scatter_rows, stat_dtype, take_rows, valid_rows
 from .epilogues import TorchEpilogue, TritonEpilogue
+from .transform import Transform, gemm_precision
+from .vocab_parallel import VocabParallelEpilogue
 
 _OPTIONS = ("chunk_elements", "group_elements")
 
 
-def _epilogue(backend: str, dtype: torch.dtype):
+def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None, shard=None):
     if backend == "triton" and dtype != torch.float64:
-        return TritonEpilogue()
-    return TorchEpilogue()
+        epi = TritonEpilogue()  # its kernels guard -inf bias rows at no extra pass
+    else:
+        masked = any(b is not None and bool(torch.isneginf(b).any()) for b in (bias, ref_bias))
+        epi = TorchEpilogue(masked_rows=masked)
+    if shard is None:
+        return epi
+    # a slice of padding rows only (the last rank's of a padded vocabulary): nothing of the policy there
+    return VocabParallelEpilogue(epi, shard, padding=bias is not None and bool(torch.isneginf(bias).all()))
 
 
-def _layout(head, n, options):
-    return engine.layout(n, head.w.shape[0], head.w.shape[1], head.h.device, head.dz_dtype, **options)
+def _layout(head, n, options, shard) -> engine.Layout:
+    # Every rank of a tensor-parallel group cuts the same chunks and groups (each chunk is a
+    # collective): sized by the largest shard, not this rank's.
+    vocab = head.w.shape[0] if shard is None else shard.max_size
+    return engine.layout(n, vocab, head.w.shape[1], head.h.device, head.dz_dtype, **options)
 
 
-def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
+def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision):
     stat = stat_dtype(hidden.dtype)
-    head = engine.Head(take_rows(hidden, rows), weight, bias, stat)
+    head = engine.Head(take_rows(hidden, rows), weight, bias, stat, precision)
     ref = None
     if ref_hidden is not None:
         ref = engine.Head(take_rows(ref_hidden.detach(), rows), ref_weight.detach(),
-                          None if ref_bias is None else ref_bias.detach(), stat)
+                          None if ref_bias is None else ref_bias.detach(), stat, precision)
     return head, ref
+
+
+def _compact(tf: Transform, rows) -> Transform:
+    """The transform of the rows that count (a copy: the forward fills its thresholds)."""
+    return tf.rows(rows) if rows is not None else tf.rows(slice(None))
 
 
 class _TokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                temperature, return_entropy, return_sum_p2, options, backend):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, tf, precision,
+                return_entropy, return_sum_p2, return_mean_logp, class_weight, options, backend, shard):
         n_all = targets.shape[0]
-        head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
+        head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
-        epi = _epilogue(backend, hidden.dtype)
-        st = engine.forward_stats(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
-                                  epilogue=epi, lay=_layout(head, y.shape[0], options), want_sum_p2=return_sum_p2)
+        lay = _layout(head, y.shape[0], options, shard)
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
+        tf = _compact(tf, rows)
+        with gemm_precision(precision, hidden.device):
+            st = engine.forward_stats(head, ref, y, tf=tf, want_entropy=return_entropy, epilogue=epi, lay=lay,
+                                      want_sum_p2=return_sum_p2, want_mean_logp=return_mean_logp,
+                                      class_weight=class_weight)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
                               st.lse, st.entropy, st.ekl)
-        ctx.config = (temperature, options, backend)
+        # the backward's transform: 1/T per row, the soft cap, the kept-set thresholds found here
+        ctx.tf = Transform(inv_t=tf.inv_t, cap=tf.cap, tau=tf.tau)
+        ctx.config = (precision, class_weight, options, backend, shard)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
-        outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2)
+        outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2, st.mean_logp, st.top1)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
         outs = tuple(empty if o is None else scatter_rows(o, rows, n_all) for o in outs)
-        ctx.mark_non_differentiable(outs[4])  # sum_v p_v^2 is a statistic, returned without gradient
+        ctx.mark_non_differentiable(outs[4], outs[6])  # sum_v p_v^2 and top-1 are statistics without gradient
         return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2):
+    def backward(ctx, g_logp, g_ent, g_kl, g_lse, _g_sum_p2, g_mean, _g_top1):
+        # backward() called inside torch.autocast would recast the recompute and gradient GEMMs to
+        # 16 bits: autocast off here as in the forward (api.token_logprobs).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _TokenStats._backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
-        temperature, options, backend = ctx.config
+        precision, class_weight, options, backend, shard = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
+        head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
         st = engine.Stats(logp=lse, lse=lse, entropy=ent, ekl=ekl)
 
         def gather(g, present=True):
             return None if (g is None or g.numel() == 0 or not present) else take_rows(g, rows).to(lse.dtype)
 
-        inv_t = 1.0 / temperature
-        lay = _layout(head, y.shape[0], options)
+        tf = ctx.tf
+        epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
+        lay = _layout(head, y.shape[0], options, shard)
         grads = engine.Grads(head, need_h, need_w, need_b, lay)
         coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
-                                                  gather(g_kl, ekl is not None), gather(g_lse), inv_t,
+                                                  gather(g_kl, ekl is not None), gather(g_lse), tf,
+                                                  gather(g_mean), class_weight, engine.vocab_size(head, epi),
                                                   with_size=grads.scaled)
-        engine.backward_grads(head, ref, y, st, coefs, inv_t=inv_t, grads=grads,
-                              epilogue=_epilogue(backend, hidden.dtype), lay=lay)
+        with gemm_precision(precision, hidden.device):
+            engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads, epilogue=epi, lay=lay,
+                                  class_weight=class_weight)
         dh, dw, db = grads.result().finish()
+        if shard is not None:
+            dh = shard.reduce_dh(dh)
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
-                _cast(db, bias), None, None, None, None, None, None, None, None, None, None)
+                _cast(db, bias)) + (None,) * 14
 
 
 def _cast(g, like):
     return None if g is None else g.to(like.dtype)
 
 
-def _check_options(backend, options) -> dict:
+def _check_options(backend, options):
+    """(the layout options {chunk_elements, group_elements}, the tensor-parallel shard or None)."""
+    shard = options.pop("shard", None)  # from token_logprobs / gro_loss's tp_group, not a user option
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"backend={backend!r} takes only the options {', '.join(_OPTIONS)}, got {unknown}")
@@ -103,45 +139,60 @@ def _check_options(backend, options) -> dict:
         v = options.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return {name: options.get(name) for name in _OPTIONS}
+    return {name: options.get(name) for name in _OPTIONS}, shard
 
 
-def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
-                return_entropy, return_kl, return_sum_p2=False, backend="torch", **options):
-    """See `gro_kernels.logprobs.api`. Returns (logp, entropy|None, kl|None, lse, sum_p2|None), each [N]."""
-    options = _check_options(backend, options)
+def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform, head_precision,
+                ignore_index, return_entropy, return_kl, return_sum_p2=False, return_mean_logp=False,
+                class_weight=None, backend="torch", **options):
+    """See `gro_kernels.logprobs.api`. Returns the dict of statistics, each [N] or None."""
+    layout_options, shard = _check_options(backend, dict(options))
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
-    logp, ent, kl, lse, p2 = _TokenStats.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                                               rows, float(temperature), bool(return_entropy), bool(return_sum_p2),
-                                               options, backend)
-    return (logp, ent if return_entropy else None, kl if return_kl else None, lse,
-            p2 if return_sum_p2 else None)
+    logp, ent, kl, lse, p2, mean, top1 = _TokenStats.apply(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, transform, head_precision,
+        bool(return_entropy), bool(return_sum_p2), bool(return_mean_logp), class_weight, layout_options, backend,
+        shard)
+    return dict(logp=logp, entropy=ent if return_entropy else None, kl=kl if return_kl else None, lse=lse,
+                sum_p2=p2 if return_sum_p2 else None, mean_logp=mean if return_mean_logp else None,
+                is_top1=top1 != 0)
 
 
-def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index,
-                     return_entropy, coefficients, need_grads, backend="torch", **options):
+def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform, head_precision,
+                     ignore_index, return_entropy, coefficients, need_grads, want_mean_logp=False, class_weight=None,
+                     backend="torch", **options):
     """One sweep: statistics, then `coefficients(positions, chunk_stats) -> (g_logp, g_entropy|None,
-    g_kl|None)` per chunk, then the gradients. `positions` are the chunk's token indices in [N].
-    Returns ((logp, entropy|None, kl|None, lse) each [N] detached, grads): `grads` is an
-    `engine.GradsOut` over all N rows, which `PrecomputedGrad` finishes once the upstream gradient
-    is known (fp16 gradients are rounded after it)."""
-    options = _check_options(backend, options)
+    g_kl|None, g_lse|None, g_mean_logp|None)` per chunk, then the gradients. `positions` are the
+    chunk's token indices in [N]. Returns (dict of statistics each [N] detached or None, grads):
+    `grads` is an `engine.GradsOut` over all N rows, which `PrecomputedGrad` finishes once the
+    upstream gradient is known (fp16 gradients are rounded after it)."""
+    layout_options, shard = _check_options(backend, dict(options))
     rows = valid_rows(targets, ignore_index)
     n_all = targets.shape[0]
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), \
+            gemm_precision(head_precision, hidden.device):
+        head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, head_precision)
         y = take_rows(targets, rows)
         positions = torch.arange(n_all, device=targets.device) if rows is None else rows
-        lay = _layout(head, y.shape[0], options)
+        lay = _layout(head, y.shape[0], layout_options, shard)
         need_h, need_w, need_b = need_grads
         grads = engine.Grads(head, need_h, need_w, need_b, lay)
-        st = engine.fused_pass(head, ref, y, inv_t=1.0 / temperature, want_entropy=return_entropy,
+        st = engine.fused_pass(head, ref, y, tf=_compact(transform, rows), want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype), lay=lay)
-    outs = tuple(None if o is None else scatter_rows(o, rows, n_all) for o in (st.logp, st.entropy, st.kl, st.lse))
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), lay=lay,
+                               want_mean_logp=want_mean_logp, class_weight=class_weight)
+    outs = {k: None if getattr(st, k) is None else scatter_rows(getattr(st, k), rows, n_all)
+            for k in ("logp", "entropy", "kl", "lse", "mean_logp")}
+    outs["is_top1"] = scatter_rows(st.top1, rows, n_all) != 0
     res = grads.result()
+    if shard is not None and res.dh is not None:
+        # the ranks' dh are partial sums over their slices: summed as values (an fp16 dh is rounded
+        # once here, before the loss scale), then handed back like any other
+        if res.inv_dh is not None:
+            res.dh.mul_(res.inv_dh[:, None])
+            res.inv_dh = None
+        res.dh = shard.reduce_dh(res.dh)
     res.dh, res.inv_dh = scatter_rows(res.dh, rows, n_all), scatter_rows(res.inv_dh, rows, n_all)
     return outs, res
 
@@ -153,7 +204,7 @@ class PrecomputedGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, hidden, weight, bias, grads):
         ctx.grads = grads
-        ctx.shapes = (hidden.shape, None if bias is None else bias.dtype)
+        ctx.shapes = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
         return value.detach().clone()
 
     @staticmethod
@@ -163,7 +214,7 @@ class PrecomputedGrad(torch.autograd.Function):
             raise RuntimeError("gro_loss's fused pass hands its gradients back once: a second backward through "
                                "the same loss (retain_graph=True) needs a new gro_loss call")
         grads, ctx.grads = ctx.grads, None  # no second reference: autograd can take the buffers as .grad
-        hidden_shape, bias_dtype = ctx.shapes
+        hidden_shape, w_dtype, b_dtype = ctx.shapes
         dh, dw, db = grads.finish(g)   # the buffers are ours and used once: scaled in place
-        return (None, None if dh is None else dh.reshape(hidden_shape), dw,
-                None if db is None else db.to(bias_dtype), None)
+        return (None, None if dh is None else dh.reshape(hidden_shape), None if dw is None else dw.to(w_dtype),
+                None if db is None else db.to(b_dtype), None)

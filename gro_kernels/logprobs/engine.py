@@ -5,6 +5,7 @@ groups (`Layout`). Per group of chunks:
 
     for each chunk c of the group:
         z     = h_c @ W^T + b          GEMM 1, fp32 out (never rounded to 16 bits); the only fp32 chunk alive
+        tau   = kept_threshold(z)      only when truncated (top_k / top_p / min_p): torch ops on the chunk
         stats(z)                       one read: lse, target logit, entropy, with a reference chunk the exact KL
         coefficients(c)                the per-token gradients of the loss for these rows (the caller's)
         dz[c] = grad(z; coefficients)  one read of z, one write into the group's own dz buffer
@@ -12,12 +13,13 @@ groups (`Layout`). Per group of chunks:
     dW (+)= dz^T @ h[group]            GEMM 3, K = the group's tokens: fp32 accumulation inside the GEMM
     db (+)= sum_rows dz
 
-dz is in the gradient GEMMs' operand dtype: the head's 16-bit dtype on CUDA (fp32 math, one
-rounding), the statistics dtype elsewhere. A 16-bit head's dW is written once when the whole batch
-is one group (one GEMM whose split-K pieces, if any, are added in fp32: `fp32_reductions`); with
-several groups it is summed across them in fp32, in vocabulary slices, inside each GEMM (cuBLAS
-beta = 1). dh's GEMM (K = V, the one cuBLAS is likely to split) returns fp32 and is cast once. fp16 has a 5-bit exponent: its dz carries a power-of-two scale per row
-(`fp16_row_scale`), undone exactly on the fp32 outputs of GEMMs 2 and 3.
+dz is in the head's dtype for native precision (16-bit for a 16-bit head: fp32 math, one
+rounding), fp32 for head_precision fp32 / tf32. A 16-bit head's dW is written once when the whole
+batch is one group (one GEMM whose split-K pieces, if any, are added in fp32: `fp32_reductions`);
+with several groups it is summed across them in fp32, in vocabulary slices, inside each GEMM
+(cuBLAS beta = 1). dh's GEMM (K = V, the one cuBLAS is likely to split) returns fp32 and is cast
+once. fp16 has a 5-bit exponent: its dz carries a power-of-two scale per row (`fp16_row_scale`),
+undone exactly on the fp32 outputs of GEMMs 2 and 3.
 
 Workspace beyond the inputs and gradients: one fp32 logits chunk (and a reference head's), the
 group's dz buffer, and for a 16-bit head the fp32 dW sum (several groups) or, for fp16 after the
@@ -33,10 +35,19 @@ Three ways through it:
     fused_pass        statistics, then the per-token coefficients from a callback (the objective's
                       token-local loss), then dz and the gradients, in one sweep (3 GEMMs in all)
 
-Math (u = z/T, p = softmax(u), ur the reference head's scaled logits):
-    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref
-    d/du of gl*logp + gH*H + gK*KL + gs*lse  =  gl*onehot + p*(alpha + beta*u + gamma*ur)
-    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur],  beta = gK - gH,  gamma = -gK;  dz = du / T.
+Math (u = softcap(z) / T per row, p the softmax of u over the row's kept set (`transform.py`),
+ur the reference head's transformed logits, w the class weights (1 without), W = sum_v w_v):
+    logp = u_y - lse,  H = lse - E_p[u],  KL = E_p[u - ur] - lse + lse_ref,
+    M = (1/V) sum_v w_v (u_v - lse)   (the mean log-prob over the vocabulary, label smoothing's term)
+    d/du of gl*logp + gH*H + gK*KL + gs*lse + gM*M  =  gl*onehot + p*(alpha + beta*u + gamma*ur) + eta*w
+    alpha = gs - gl + gH*E_p[u] - gK*E_p[u - ur] - gM*W/V,  beta = gK - gH,  gamma = -gK,  eta = gM/V;
+    dz = du / T * (1 - tanh^2(z / c))   (the last factor with a soft cap c), 0 outside the kept set
+    but for the onehot and eta terms' own tokens (the target is always kept; eta only without truncation).
+
+Head precision: "native" keeps the GEMMs above (16-bit inputs: fp32-output GEMMs where the device
+has them, else fp32 GEMMs on upcast weights; dz in the weight's dtype); "fp32" and "tf32" run all
+three on fp32 copies (the weight whole when it fits FP32_COPY_ELEMENTS, else cast a vocabulary
+slice at a time per use) with dz in fp32; `transform.gemm_precision` sets TF32.
 """
 from __future__ import annotations
 
@@ -45,6 +56,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
+
+from .transform import Transform, kept_threshold
 
 # The fp32 logits chunk (GEMM 1's output, the epilogue's input). GPU: 768 MiB, 1280 tokens of a
 # 151936-token vocabulary: GEMM 1 at full speed (M = 1280, 45 waves), and few chunks, since each
@@ -56,6 +69,11 @@ CPU_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_TOKENS = 16
 # The fp32 outputs of 16-bit dW GEMMs go through vocabulary slices of at most this many elements.
 DW_SLICE_ELEMENTS = 1 << 26
+# A 16-bit weight that takes fp32 GEMMs (head_precision fp32 / tf32, or a device without fp32-output
+# 16-bit GEMMs) is upcast whole when it has at most this many elements (1 GiB of fp32: a 32k x 8k
+# head), else one vocabulary slice of at most DW_SLICE_ELEMENTS at a time, per GEMM (a Qwen-size
+# 151936 x 4096 head is never held whole in fp32 beside the gradients).
+FP32_COPY_ELEMENTS = 1 << 28
 # fp16 dz: each row's coefficients are scaled into [2^6, 2^7). Entries down to 2^-30 of them stay
 # representable (the summed loss of the smallest is ~V * 2^-31, < fp16's rounding), and dz may
 # reach 2^9 times them (the entropy's factor is at most log V + 1) before fp16's 65504.
@@ -182,25 +200,67 @@ class Head:
     w: torch.Tensor
     b: Optional[torch.Tensor]
     stat: torch.dtype          # float32 (float64 for float64 inputs)
+    precision: str = "native"  # native | fp32 | tf32 (transform.HEAD_PRECISIONS)
 
     def __post_init__(self):
-        self.native = self.w.dtype == self.stat or _mm_fp32_out_supported(self.w.device, self.w.dtype)
-        # dz and the gradient GEMMs' operands: the head's dtype where 16-bit GEMMs give fp32 outputs
-        # (CUDA); without them (CPU, old torch) everything is upcast once per call, never rounded.
-        self.dz_dtype = self.w.dtype if self.native else self.stat
-        self.w_grad = self.w if self.native else self.w.to(self.stat)
+        upcast = self.w.dtype != self.stat and (
+            self.precision != "native" or not _mm_fp32_out_supported(self.w.device, self.w.dtype))
+        # native: the weight's own dtype (or a 16-bit GEMM with fp32 output) runs the GEMMs
+        self.native = not upcast
+        # fp32 / tf32: dz and the gradient GEMMs in fp32 too; native: dz in the weight's dtype
+        self.dz_dtype = self.stat if self.precision != "native" else self.w.dtype
+        self.w_stat = self.w if not upcast else (
+            self.w.to(self.stat) if self.w.numel() <= FP32_COPY_ELEMENTS else None)
         self.b_stat = None if self.b is None else self.b.to(self.stat)
+
+    def w_slices(self):
+        """(start, W[start:start+k] in the statistics dtype) covering the vocabulary: the weight itself
+        or its fp32 copy, or fp32 casts of vocabulary slices made one at a time (bounded memory)."""
+        if self.w_stat is not None:
+            yield 0, self.w_stat
+            return
+        vocab, d = self.w.shape
+        step = max(1, DW_SLICE_ELEMENTS // max(d, 1))
+        for a in range(0, vocab, step):
+            yield a, self.w[a:a + step].to(self.stat)
 
     def logits(self, s: int, e: int) -> torch.Tensor:
         """z = h[s:e] @ W^T + b, in the statistics dtype."""
         hc = self.h[s:e]
-        if self.w_grad.dtype == self.stat:
+        if not self.native:
+            hc = hc.to(self.stat)
+            if self.w_stat is None:  # a vocabulary slice of the fp32 weight at a time
+                z = torch.empty(hc.shape[0], self.w.shape[0], dtype=self.stat, device=hc.device)
+                for a, ws in self.w_slices():
+                    z[:, a:a + ws.shape[0]] = hc @ ws.T
+                return z if self.b_stat is None else z.add_(self.b_stat)
+        if self.w_stat is not None and self.w_stat.dtype == self.stat:
             hc = hc.to(self.stat)
             if self.b_stat is None:
-                return hc @ self.w_grad.T
-            return torch.addmm(self.b_stat, hc, self.w_grad.T)
+                return hc @ self.w_stat.T
+            return torch.addmm(self.b_stat, hc, self.w_stat.T)
         z = torch.mm(hc, self.w.T, out_dtype=torch.float32)
         return z if self.b_stat is None else z.add_(self.b_stat)
+
+    def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b of gradient-GEMM operands (dz, h) in the statistics dtype: 16-bit operands of a native
+        head with fp32 accumulation and output; otherwise on fp32 (upcast) operands."""
+        if self.native:
+            return _mm_stat(a, b, self.stat)
+        return a.to(self.stat) @ b.to(self.stat)
+
+    def dz_times_w(self, dz: torch.Tensor) -> torch.Tensor:
+        """dz @ W in the statistics dtype (fp32 accumulation), slice by slice when sliced."""
+        if self.native:
+            return _mm_stat(dz, self.w, self.stat)   # K = V: never added up in 16 bits
+        dz = dz.to(self.stat)
+        if self.w_stat is not None:
+            return dz @ self.w_stat
+        out = None
+        for a, ws in self.w_slices():
+            part = dz[:, a:a + ws.shape[0]]
+            out = part @ ws if out is None else out.addmm_(part, ws)
+        return out
 
 
 def fp16_row_scale(size: torch.Tensor) -> torch.Tensor:
@@ -290,16 +350,15 @@ class Grads:
             if scale is None:
                 self.db += dz.sum(0, dtype=stat)
             else:
-                self.db += _mm_stat((common / scale).to(dz.dtype)[None, :], dz, stat)[0] * inv_group
+                self.db += head.gemm((common / scale).to(dz.dtype)[None, :], dz)[0] * inv_group
         self._groups_done += 1
 
     def _add_dh(self, dz, g0, g1, inv_rows):
-        out = self.dh[g0:g1]
-        w = self.head.w_grad
-        if dz.dtype == out.dtype == self.head.stat:
-            torch.mm(dz, w, out=out)
+        out, head = self.dh[g0:g1], self.head
+        if head.native and dz.dtype == out.dtype == head.stat:
+            torch.mm(dz, head.w, out=out)
             return
-        t = _mm_stat(dz, w, self.head.stat)        # K = V: accumulated in fp32, never in 16 bits
+        t = head.dz_times_w(dz)        # K = V: accumulated in fp32 and returned in fp32, never in 16 bits
         if inv_rows is None:
             out.copy_(t)
         else:
@@ -325,7 +384,7 @@ class Grads:
             if inv_group is not None:
                 self.inv_dw = torch.empty(head.w.shape[0], dtype=stat, device=dz.device)
             for a, b in self.slices:
-                t = _mm_stat(dz[:, a:b].T, h, stat)
+                t = head.gemm(dz[:, a:b].T, h)
                 if inv_group is None:
                     self.dw[a:b].copy_(t)
                 else:
@@ -337,15 +396,15 @@ class Grads:
         for i, (a, b) in enumerate(self.slices):
             dza = dz[:, a:b].T
             if first:
-                part = _mm_stat(dza, h, stat)
+                part = head.gemm(dza, h)
                 self.dw_parts.append(part if inv_group is None else part.mul_(inv_group))
             elif in_gemm:  # 16-bit dz and h, fp32 sum: cuBLAS adds into it in the GEMM's epilogue (beta = 1)
                 part = self.dw_parts[i]
                 torch.addmm(part, dza, h, out_dtype=stat, out=part)
-            elif dz.dtype == stat:  # upcast operands (no fp32-output GEMM here): accumulates inside the GEMM
-                self.dw_parts[i].addmm_(dza, h)
+            elif not head.native and inv_group is None:  # fp32 operands: accumulates inside the GEMM
+                self.dw_parts[i].addmm_(dza.to(stat), h)
             else:  # an fp32-output GEMM, then the add (with the fp16 scale undone)
-                t = _mm_stat(dza, h, stat)
+                t = head.gemm(dza, h)
                 self.dw_parts[i].add_(t if inv_group is None else t.mul_(inv_group))
 
     def result(self) -> GradsOut:
@@ -382,14 +441,18 @@ class Stats:
     kl: Optional[torch.Tensor] = None       # exact KL(p || p_ref), >= 0
     ekl: Optional[torch.Tensor] = None      # E_p[u - ur], for the KL's gradient
     sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
+    mean_logp: Optional[torch.Tensor] = None  # (1/V) sum_v w_v log p_v (label smoothing's term)
+    top1: Optional[torch.Tensor] = None     # 1.0 where the target's logit is the row's largest, no gradient
 
     @classmethod
-    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False) -> "Stats":
+    def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False,
+              mean_logp: bool = False) -> "Stats":
         """Room for n rows: the vectors asked for, the others None."""
         def vec(want=True):
             return torch.zeros(n, dtype=dtype, device=device) if want else None
 
-        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2))
+        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2),
+                   mean_logp=vec(mean_logp), top1=vec())
 
     def rows(self, sl: slice) -> "Stats":
         """A view of rows `sl` (the chunk's part)."""
@@ -397,40 +460,44 @@ class Stats:
             return None if t is None else t[sl]
 
         return Stats(logp=self.logp[sl], lse=self.lse[sl], entropy=part(self.entropy), kl=part(self.kl),
-                     ekl=part(self.ekl), sum_p2=part(self.sum_p2))
+                     ekl=part(self.ekl), sum_p2=part(self.sum_p2), mean_logp=part(self.mean_logp),
+                     top1=part(self.top1))
 
 
 @dataclass
 class Coefs:
-    """The per-token coefficients of dz = gl onehot + p (alpha + beta u + gamma ur), already scaled
-    by 1/T; `size` = max |upstream gradient| / T per token (what sets an fp16 row's scale)."""
+    """The per-token coefficients of dz = gl onehot + p (alpha + beta u + gamma ur) + eta w, already
+    scaled by 1/T; `size` = max |upstream gradient| / T per token (what sets an fp16 row's scale)."""
 
     gl: torch.Tensor
     alpha: torch.Tensor
     beta: Optional[torch.Tensor] = None
     gamma: Optional[torch.Tensor] = None
+    eta: Optional[torch.Tensor] = None
     size: Optional[torch.Tensor] = None
 
     def rows(self, s: int, e: int) -> "Coefs":
         def part(t):
             return None if t is None else t[s:e]
 
-        return Coefs(*(part(t) for t in (self.gl, self.alpha, self.beta, self.gamma, self.size)))
+        return Coefs(*(part(t) for t in (self.gl, self.alpha, self.beta, self.gamma, self.eta, self.size)))
 
     def times(self, k: torch.Tensor) -> "Coefs":
         """Every coefficient multiplied by k per row (dz scales with them)."""
         def mul(t):
             return None if t is None else t * k
 
-        return replace(self, gl=mul(self.gl), alpha=mul(self.alpha), beta=mul(self.beta), gamma=mul(self.gamma))
+        return replace(self, gl=mul(self.gl), alpha=mul(self.alpha), beta=mul(self.beta), gamma=mul(self.gamma),
+                       eta=mul(self.eta))
 
 
-def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t, *, with_size: bool = False) -> Coefs:
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, tf: Transform, gm=None, class_weight=None, vocab=None, *,
+                               with_size: bool = False) -> Coefs:
     """The `Coefs` of the module docstring's math for upstream per-token gradients (None = 0)."""
     zeros = torch.zeros_like(st.lse)
     gl = zeros if gl is None else gl.to(st.lse.dtype)
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
-    beta = gamma = None
+    beta = gamma = eta = None
     if gh is not None:
         alpha = alpha + gh * (st.lse - st.entropy)   # E_p[u]
         beta = -gh
@@ -438,43 +505,72 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, inv_t, *, with_size: b
         alpha = alpha - gk * st.ekl
         beta = gk if beta is None else beta + gk
         gamma = -gk
+    if gm is not None:
+        total = float(vocab) if class_weight is None else class_weight.sum(dtype=st.lse.dtype)
+        alpha = alpha - gm * (total / vocab)
+        eta = gm / vocab
     size = None
     if with_size:
         size = gl.abs()
         for g in (gh, gk, gs):
             if g is not None:
                 size = torch.maximum(size, g.abs())
-        size = size * inv_t
+        if gm is not None:
+            # the mean log-prob's terms of dz, p gM W/V and gM w_v/V, reach |gM| W/V: class weights
+            # of a large mean would overflow an fp16 dz scaled by |gM| alone
+            mean_w = torch.as_tensor(total / vocab, dtype=gm.dtype, device=gm.device)
+            size = torch.maximum(size, gm.abs() * mean_w.clamp(min=1.0))
+        size = tf.scale(size)
+    return Coefs(*(tf.scale(t) for t in (gl, alpha, beta, gamma, eta)), size=size)
 
-    def scale(t):
-        return None if t is None else t * inv_t
 
-    return Coefs(scale(gl), scale(alpha), scale(beta), scale(gamma), size)
+def _chunk_transform(tf: Transform, z: torch.Tensor, s: int, e: int, epilogue) -> Transform:
+    """The chunk's transform; a truncated one gets its rows' kept-set thresholds (from z, before the
+    epilogue transforms it in place) written into tf.tau for the backward. An epilogue over one slice
+    of the vocabulary (`vocab_parallel.py`) finds them over the whole vocabulary itself."""
+    tc = tf.rows(slice(s, e))
+    if tf.truncates:
+        tc.tau.copy_(getattr(epilogue, "kept_threshold", kept_threshold)(z, tc))
+    return tc
 
 
-def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-                  epilogue, lay: Layout, want_sum_p2: bool = False) -> Stats:
+def vocab_size(head: Head, epilogue) -> int:
+    """V of the mean log-prob: the whole vocabulary's when the epilogue covers a slice of it."""
+    return getattr(epilogue, "vocab", None) or head.w.shape[0]
+
+
+def with_thresholds(tf: Transform, n: int, dtype, device) -> Transform:
+    """tf with room for n kept-set thresholds when it truncates (filled by the forward sweep)."""
+    if tf.truncates and tf.tau is None:
+        tf.tau = torch.full((n,), -float("inf"), dtype=dtype, device=device)
+    return tf
+
+
+def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
+                  epilogue, lay: Layout, want_sum_p2: bool = False, want_mean_logp: bool = False,
+                  class_weight: Optional[torch.Tensor] = None) -> Stats:
     """Statistics of every row, GEMM 1 (and the reference's) per chunk."""
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     sum_p2=want_sum_p2)
+                     sum_p2=want_sum_p2, mean_logp=want_mean_logp)
+    with_thresholds(tf, n, head.stat, y.device)
     for s, e in lay.chunks(0, n):
-        _chunk_stats(head, ref, y, s, e, inv_t, st, epilogue)
+        _chunk_stats(head, ref, y, s, e, tf, st, epilogue, class_weight)
     return st
 
 
-def _chunk_stats(head, ref, y, s, e, inv_t, st, epilogue):
+def _chunk_stats(head, ref, y, s, e, tf, st, epilogue, class_weight):
     # A function, so that z dies at its return: the next chunk's z is never allocated beside it.
     z = head.logits(s, e)
     zr = None if ref is None else ref.logits(s, e)
-    epilogue.stats(z, zr, y[s:e], inv_t, st, s)
+    epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e, epilogue), st, s, class_weight)
 
 
-ChunkCoefs = Callable[[int, int, Stats], Coefs]
+ChunkCoefs = Callable[[int, int, Stats, Transform], Coefs]
 
 
 def _sweep(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, chunk_coefs: ChunkCoefs, *,
-           inv_t: float, grads: Grads, epilogue, lay: Layout, stats: bool) -> None:
+           tf: Transform, grads: Grads, epilogue, lay: Layout, stats: bool, class_weight=None) -> None:
     """The loop of the module docstring: per group, each chunk's z (its statistics when `stats`),
     coefficients and dz into the group's buffer; then the group's gradient GEMMs."""
     n, vocab = y.shape[0], head.w.shape[0]
@@ -489,51 +585,63 @@ def _sweep(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, chunk_co
         for s, e in lay.chunks(g0, g1):
             out = None if dz_buf is None else dz_buf[s - g0:e - g0]
             sc = None if scale_buf is None else scale_buf[s - g0:e - g0]
-            dz = _chunk_grad(head, ref, y, st, chunk_coefs, s, e, inv_t, epilogue, stats, out, sc)
+            dz = _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, sc, class_weight)
         if dz_buf is not None:
             dz = dz_buf[:g1 - g0]
         grads.add(dz, g0, g1, None if scale_buf is None else scale_buf[:g1 - g0])
         del dz
 
 
-def _chunk_grad(head, ref, y, st, chunk_coefs, s, e, inv_t, epilogue, stats, out, scale_out):
+def _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, scale_out, class_weight):
     # A function, so that z, zr and the epilogue's state die at its return (only dz lives on).
     z = head.logits(s, e)
     zr = None if ref is None else ref.logits(s, e)
-    state = epilogue.stats(z, zr, y[s:e], inv_t, st, s) if stats else None
+    if stats:
+        tc = _chunk_transform(tf, z, s, e, epilogue)
+        state = epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True)
+    else:
+        tc, state = tf.rows(slice(s, e)), None
     chunk = st.rows(slice(s, e))
-    coefs = chunk_coefs(s, e, chunk)
+    coefs = chunk_coefs(s, e, chunk, tc)
     if scale_out is not None:
         scale_out.copy_(fp16_row_scale(coefs.size))
         coefs = coefs.times(scale_out)
     if coefs.gamma is None:
         zr = None  # the reference chunk matters only through gamma
-    return epilogue.grad(z, zr, state, y[s:e], inv_t, chunk.lse, coefs, out)
+    return epilogue.grad(z, zr, y[s:e], tc, chunk.lse, coefs.gl, coefs.alpha, coefs.beta, coefs.gamma, out,
+                         eta=coefs.eta, class_weight=class_weight, state=state)
 
 
-def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, coefs: Coefs, *, inv_t: float,
-                   grads: Grads, epilogue, lay: Layout) -> None:
+def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, coefs: Coefs, *, tf: Transform,
+                   lse: torch.Tensor, grads: Grads, epilogue, lay: Layout, class_weight=None) -> None:
     """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
-    _sweep(head, ref if coefs.gamma is not None else None, y, st, lambda s, e, _: coefs.rows(s, e),
-           inv_t=inv_t, grads=grads, epilogue=epilogue, lay=lay, stats=False)
+    st = Stats(logp=lse, lse=lse)
+    _sweep(head, ref if coefs.gamma is not None else None, y, st, lambda s, e, _, __: coefs.rows(s, e),
+           tf=tf, grads=grads, epilogue=epilogue, lay=lay, stats=False, class_weight=class_weight)
 
 
 CoefficientFn = Callable[[int, int, Stats], tuple]
 
 
-def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, inv_t: float, want_entropy: bool,
-               coefficients: CoefficientFn, grads: Grads, epilogue, lay: Layout) -> Stats:
+def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
+               coefficients: CoefficientFn, grads: Grads, epilogue, lay: Layout, want_mean_logp: bool = False,
+               class_weight=None) -> Stats:
     """Statistics, coefficients and gradients in one sweep: 3 GEMMs per token (plus the reference's).
 
     `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
-    per-token gradients (g_logp, g_entropy or None, g_kl or None) of the loss for those rows.
+    per-token gradients (g_logp, g_entropy or None, g_kl or None, g_lse or None, g_mean_logp or None)
+    of the loss for those rows.
     """
     n = y.shape[0]
-    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None)
+    st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
+                     mean_logp=want_mean_logp)
+    with_thresholds(tf, n, head.stat, y.device)
+    vocab = vocab_size(head, epilogue)
 
-    def chunk_coefs(s, e, chunk):
-        gl, gh, gk = coefficients(s, e, chunk)
-        return coefficients_from_upstream(chunk, gl, gh, gk, None, inv_t, with_size=grads.scaled)
+    def chunk_coefs(s, e, chunk, tc):
+        gl, gh, gk, gs, gm = coefficients(s, e, chunk)
+        return coefficients_from_upstream(chunk, gl, gh, gk, gs, tc, gm, class_weight, vocab, with_size=grads.scaled)
 
-    _sweep(head, ref, y, st, chunk_coefs, inv_t=inv_t, grads=grads, epilogue=epilogue, lay=lay, stats=True)
+    _sweep(head, ref, y, st, chunk_coefs, tf=tf, grads=grads, epilogue=epilogue, lay=lay, stats=True,
+           class_weight=class_weight)
     return st

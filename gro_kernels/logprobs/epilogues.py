@@ -1,18 +1,22 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, inv_t, st, s) -> state    fill st.logp / lse / entropy / kl / ekl / sum_p2 at rows s..
-                                              from z [ct, V]; `state` is what `grad` may reuse (or None)
-    grad(z, zr, state, y, inv_t, lse, coefs, out) -> dz [ct, V]
-                                              into `out` (a buffer of its own, in dz's dtype); with
-                                              out=None only where `in_place`: in z's memory
+    stats(z, zr, y, tf, st, s, class_weight, for_grad) -> state
+        fill st.logp / lse / entropy / kl / ekl / sum_p2 / mean_logp / top1 at rows s.. from z [ct, V]
+        (tf: the chunk's `transform.Transform`; for_grad: `grad` follows on the same chunk, the fused
+        pass, and may reuse `state`, what stats computed: the torch epilogue's exp(z - max), or None)
+    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta, class_weight, state) -> dz [ct, V]
+        written into `out`, a buffer of its own in dz's dtype; out=None only where `in_place`: then
+        dz may be left in z's memory (in the statistics dtype)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the Triton kernels of `gro_kernels.kernels` (the GPU path, or the CPU
-under TRITON_INTERPRET=1).
+under TRITON_INTERPRET=1), which never write over memory they read.
 """
 from __future__ import annotations
 
 import torch
+
+from .transform import kept_mask, softcap_
 
 
 def _rowdot(a, b):
@@ -21,76 +25,141 @@ def _rowdot(a, b):
     return torch.linalg.vecdot(a, b)
 
 
+def _scale_(t, inv_t):
+    """t * (1 / T) per row, in place."""
+    if isinstance(inv_t, torch.Tensor):
+        return t.mul_(inv_t.to(t.dtype)[:, None])
+    return t.mul_(inv_t) if inv_t != 1.0 else t
+
+
+def _zero_masked(t):
+    """-inf (a vocabulary row masked by its bias) -> 0, in place, once its exp (0) is taken: the
+    entropy, the KL and the gradient multiply these logits by p = 0, and 0 * -inf would be NaN."""
+    return t.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=0.0)
+
+
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
     returns exp(d) with its row sums, so that the fused pass's `grad` on the same chunk does not
-    recompute them (one exp per logit in all, one chunk-sized buffer when neither entropy nor KL
-    is asked for). Torch ops run in order, so dz may be left in z's memory (`in_place`)."""
+    recompute it (one exp per logit in all, one chunk-sized buffer when neither entropy nor KL is
+    asked for). A soft cap adds one buffer (its derivative, kept for `grad`), truncation a bool mask
+    of the kept set. Torch ops run in order, so dz may be left in z's memory (`in_place`).
+
+    masked_rows: a bias has -inf rows (masked vocabulary). Their logits are then zeroed once their
+    exp (0) is taken, a pass over the chunk that heads without such rows do not pay for (the soft
+    cap keeps them -inf: `transform.softcap_`)."""
 
     in_place = True
 
-    def stats(self, z, zr, y, inv_t, st, s):
+    def __init__(self, masked_rows: bool = False):
+        self.masked_rows = masked_rows
+
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
+        inv_t = tf.inv_t
+        keep = kept_mask(z, y, tf.tau)               # on the raw logits (None: not truncated)
+        # z <- c tanh(z / c); g = its derivative, kept for `grad` when it follows on this chunk
+        g = None if tf.cap is None else softcap_(z, tf.cap, derivative=for_grad)
         zy = z.gather(1, y[:, None])[:, 0]
-        m = z.amax(1, keepdim=True)
-        d = z.sub_(m)                                # in place: z is d = u - max u from here on
-        if inv_t != 1.0:
-            d.mul_(inv_t)
-        need_rel = st.entropy is not None or zr is not None
+        m = z.amax(1, keepdim=True)                  # the largest logit is always kept
+        st.top1[s:e] = (zy >= m[:, 0]).to(st.top1.dtype)
+        d = _scale_(z.sub_(m), inv_t)                # in place: z is d = u - max u from here on
+        need_rel = st.entropy is not None or zr is not None or st.mean_logp is not None
         p = d.exp() if need_rel else d.exp_()        # exp(d); in place when d is not read again
+        if keep is not None:
+            p.mul_(keep)
+        if need_rel and self.masked_rows:
+            _zero_masked(d)                          # -inf bias rows: p = 0 there, and 0 * d must be 0
         se = p.sum(1)
         log_se = se.log()
         mu = m[:, 0] * inv_t                         # max u
         lse = mu + log_se
         st.lse[s:e] = lse
         st.logp[s:e] = zy * inv_t - lse
-        pd = _rowdot(p, d) / se if need_rel else None   # E_p[u - max u]
+        pd = _rowdot(p, d) / se if (st.entropy is not None or zr is not None) else None   # E_p[u - max u]
         if st.entropy is not None:   # H = log se - E_p[u - max u]: no large lse to cancel
             st.entropy[s:e] = log_se - pd
+        if st.mean_logp is not None:  # (1/V) sum_v w_v (u_v - lse) = (sum w d - W log se) / V
+            vocab = d.shape[1]
+            if class_weight is None:
+                sw, total = d.sum(1), float(vocab)
+            else:
+                sw, total = d @ class_weight.to(d.dtype), class_weight.sum(dtype=d.dtype)
+            st.mean_logp[s:e] = (sw - total * log_se) / vocab
         mur = None
         if zr is not None:
+            if tf.cap is not None:
+                softcap_(zr, tf.cap, derivative=False)
             mr = zr.amax(1, keepdim=True)
-            dr = zr.sub_(mr)                         # in place: zr is ur - max ur from here on
-            if inv_t != 1.0:
-                dr.mul_(inv_t)
+            dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
             mur = mr[:, 0] * inv_t
-            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
             log_se_r = dr.exp().sum(1).log()
+            if self.masked_rows:                     # rows the reference masks, the policy masks too (api.py)
+                _zero_masked(dr)
+            ekl_rel = pd - _rowdot(p, dr) / se       # E_p[(u - max u) - (ur - max ur)]
             st.ekl[s:e] = ekl_rel + (mu - mur)
             # Clamp tiny negative round-off: KL is non-negative by definition.
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        return p, se, mu, mur
+        return (p, se, mu, mur, g) if for_grad else None
 
-    def grad(self, z, zr, state, y, inv_t, lse, coefs, out):
-        # dz = gl onehot + p (alpha + beta u + gamma ur); the coefficients are already scaled by 1/T.
-        gl, alpha, beta, gamma = coefs.gl, coefs.alpha, coefs.beta, coefs.gamma
-        if state is not None:  # after `stats`: z holds d = u - max u, zr holds ur - max ur, p = exp(d)
-            p, se, mu, mur = state
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
+        # dz = (gl onehot + p (alpha + beta u + gamma ur) + eta w) * g; the coefficients are already scaled by 1/T.
+        inv_t = tf.inv_t
+        keep = None
+        if state is not None:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
+            p, se, mu, mur, g = state
+            # Normalized by the lse given, which is the whole vocabulary's when this chunk is one slice
+            # of it (vocab_parallel.py): p / se times `share`, this slice's part of the probability
+            # mass. On one device the given lse is mu + log se bit for bit, so `share` is exactly 1
+            # and the result is the same to the last bit as without it.
+            share = torch.exp(mu + se.log() - lse)
+            # a slice may keep none of its tokens (truncation over the whole vocabulary): p = 0 and
+            # share = 0 there, and 0 / 0 must not make the row NaN (on one device se >= 1: the max is kept)
+            se = torch.where(se > 0, se, torch.ones_like(se))
             if beta is None:
-                dz = p.mul_((alpha / se)[:, None])
+                dz = p.mul_((alpha * share / se)[:, None])
             else:
                 shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
-                t = z.mul_(beta[:, None]).add_(shift[:, None])
+                t = z.mul_((beta * share)[:, None]).add_((shift * share)[:, None])
                 if gamma is not None:
-                    t.add_(zr.mul_(gamma[:, None]))
+                    t.add_(zr.mul_((gamma * share)[:, None]))
                 dz = t.mul_(p.div_(se[:, None]))
-        elif beta is None:  # z is the raw logits chunk (the composable backward)
-            dz = (z.mul_(inv_t) if inv_t != 1.0 else z).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
-        else:
-            p = torch.mul(z, inv_t).sub_(lse[:, None]).exp_()
-            t = z.mul_((beta * inv_t)[:, None]).add_(alpha[:, None])   # alpha + beta u
-            if gamma is not None:
-                t.add_(zr.mul_((gamma * inv_t)[:, None]))               # + gamma ur
-            dz = t.mul_(p)
+        else:  # z is the raw logits chunk (the composable backward)
+            keep = kept_mask(z, y, tf.tau)
+            g = None if tf.cap is None else softcap_(z, tf.cap)
+            if gamma is not None and tf.cap is not None:
+                softcap_(zr, tf.cap, derivative=False)
+            if beta is None:
+                dz = _scale_(z, inv_t).sub_(lse[:, None]).exp_().mul_(alpha[:, None])
+            else:
+                p = _scale_(z.clone(), inv_t).sub_(lse[:, None]).exp_()
+                if self.masked_rows:  # p = 0 at -inf bias rows: their u may not make inf * 0 below
+                    _zero_masked(z)
+                    if gamma is not None:
+                        _zero_masked(zr)
+                t = z.mul_(beta[:, None] * _col(inv_t)).add_(alpha[:, None])    # alpha + beta u
+                if gamma is not None:
+                    t.add_(zr.mul_(gamma[:, None] * _col(inv_t)))             # + gamma ur
+                dz = t.mul_(p)
+            if keep is not None:
+                dz.mul_(keep)
+        if eta is not None:  # the mean log-prob's own term: eta w_v (w = class weights, else 1)
+            dz.add_(eta[:, None] if class_weight is None else eta[:, None] * class_weight.to(dz.dtype)[None, :])
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
+        if g is not None:
+            dz.mul_(g)                                                 # the soft cap's chain rule
         return dz if out is None else out.copy_(dz)
+
+
+def _col(inv_t):
+    return inv_t[:, None] if isinstance(inv_t, torch.Tensor) else inv_t
 
 
 class TritonEpilogue:
     """The Triton kernels: row statistics (`kernels/row_stats.py`), the logits gradient into its
-    own buffer (`kernels/logits_grad.py`)."""
+    own buffer (`kernels/logits_grad.py`). Their -inf guards cost no extra pass."""
 
     in_place = False
 
@@ -99,16 +168,17 @@ class TritonEpilogue:
         from ..kernels import logits_grad, row_stats
         self.row_stats, self.logits_grad = row_stats.row_stats, logits_grad.logits_grad
 
-    def stats(self, z, zr, y, inv_t, st, s):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
 
         def part(t):
             return None if t is None else t[s:e]
 
-        self.row_stats(z, zr, y, inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
-                       kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2))
+        self.row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), top1=part(st.top1),
+                       ent=part(st.entropy), kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2),
+                       mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
         return None
 
-    def grad(self, z, zr, state, y, inv_t, lse, coefs, out):
-        return self.logits_grad(z, zr, y, inv_t, lse=lse, gl=coefs.gl, alpha=coefs.alpha, beta=coefs.beta,
-                                gamma=coefs.gamma, out=out)
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
+        return self.logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
+                                cap=tf.cap, tau=tf.tau, eta=eta, class_weight=class_weight, out=out)

@@ -2,49 +2,89 @@
 
 Readable on purpose: it is the reference the tests compare the fused backends against. Only the
 rows that count (targets != ignore_index) are computed, so nothing at an ignored position (a NaN
-hidden state, padding) reaches a gradient.
+hidden state, padding) reaches a gradient. The logits are computed in the statistics dtype (fp32
+for 16-bit inputs: what head_precision="fp32" promises); the soft cap, temperature and kept set
+are `transform.py`'s.
 """
 from __future__ import annotations
 
 import torch
 
-from .rows import scatter_rows, stat_dtype, take_rows, valid_rows
+from . import transform as head
+from .rows import STAT_NAMES, scatter_rows, stat_dtype, take_rows, valid_rows
 
 
-def _logits(hidden, weight, bias, temperature, dtype):
-    z = hidden.to(dtype) @ weight.to(dtype).T
-    if bias is not None:
-        z = z + bias.to(dtype)
-    return z / temperature
+class _Linear(torch.autograd.Function):
+    """h @ W^T, whose backward GEMMs run with autocast off: `backward()` called inside
+    `torch.autocast` would otherwise run them in 16 bits (the forward is already outside autocast,
+    in api.token_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return h @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad
+        with torch.autocast(g.device.type, enabled=False):
+            return (g @ w if need_h else None), (g.T @ h if need_w else None)
 
 
-def _reject_options(options: dict) -> None:
+def _logits(hidden, weight, bias, dtype):
+    z = _Linear.apply(hidden.to(dtype), weight.to(dtype))
+    return z if bias is None else z + bias.to(dtype)
+
+
+def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform: head.Transform,
+                head_precision, ignore_index, return_entropy, return_kl, return_sum_p2=False,
+                return_mean_logp=False, class_weight=None, **options):
+    if options.pop("shard", None) is not None:
+        raise ValueError("backend='naive' does not take tp_group (it materializes one device's logits): "
+                         "use backend='torch' or 'triton'")
     if options:
         raise TypeError(f"backend='naive' takes no backend options, got {sorted(options)}")
-
-
-def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *,
-                temperature, ignore_index, return_entropy, return_kl, return_sum_p2=False, **options):
-    _reject_options(options)
+    tf = transform
     dtype = stat_dtype(hidden.dtype)
     n = targets.shape[0]
     rows = valid_rows(targets, ignore_index)
     y = take_rows(targets, rows)
-    z = _logits(take_rows(hidden, rows), weight, bias, temperature, dtype)
-    logprobs = torch.log_softmax(z, dim=-1)
+    tf = tf.rows(rows) if rows is not None else tf
+    with head.gemm_precision(head_precision, hidden.device):
+        z = _logits(take_rows(hidden, rows), weight, bias, dtype)
+        zr = None
+        if return_kl:
+            with torch.no_grad():  # the reference head is frozen
+                zr = _logits(take_rows(ref_hidden, rows), ref_weight, ref_bias, dtype)
+    u = head.transform(z, tf)
+    keep = None
+    if tf.truncates:
+        with torch.no_grad():  # the kept set is a constant of the gradient
+            keep = head.kept_mask(z, y, head.kept_threshold(z.detach(), tf))
+        u = u.masked_fill(~keep, float("-inf"))
+    logprobs = torch.log_softmax(u, dim=-1)
     p = logprobs.exp()
+    # 0 log 0 = 0: outside the kept set, and at a vocabulary row masked with a -inf bias, p = 0 and
+    # log p = -inf. The log is replaced before the product (a `where` after it would still send NaN
+    # into the gradient).
+    live = p > 0
+    kept_logprobs = torch.where(live, logprobs, 0.0)
 
     def out(v):
         return scatter_rows(v, rows, n)
 
-    logp = out(logprobs.gather(1, y[:, None])[:, 0])
-    lse = out(torch.logsumexp(z, dim=-1))
-    entropy = out(-(p * logprobs).sum(-1)) if return_entropy else None
-    kl = None
+    stats = dict.fromkeys(STAT_NAMES)
+    stats.update(logp=out(logprobs.gather(1, y[:, None])[:, 0]), lse=out(torch.logsumexp(u, dim=-1)))
+    stats["is_top1"] = out((z.gather(1, y[:, None])[:, 0] >= z.amax(1)).detach())
+    if return_entropy:
+        stats["entropy"] = out(-(p * kept_logprobs).sum(-1))
     if return_kl:
-        with torch.no_grad():  # the reference head is frozen
-            ref_logprobs = torch.log_softmax(
-                _logits(take_rows(ref_hidden, rows), ref_weight, ref_bias, temperature, dtype), dim=-1)
-        kl = out((p * (logprobs - ref_logprobs)).sum(-1))
-    sum_p2 = out((p * p).sum(-1)).detach() if return_sum_p2 else None
-    return logp, entropy, kl, lse, sum_p2
+        ref_logprobs = torch.log_softmax(head.transform(zr, tf.without_truncation()), dim=-1)
+        stats["kl"] = out((p * torch.where(live, logprobs - ref_logprobs, 0.0)).sum(-1))
+    if return_sum_p2:
+        stats["sum_p2"] = out((p * p).sum(-1)).detach()
+    if return_mean_logp:
+        w = 1.0 if class_weight is None else class_weight.to(dtype)
+        stats["mean_logp"] = out((w * logprobs).sum(-1) / logprobs.shape[-1])
+    return stats

@@ -13,6 +13,9 @@ from typing import Optional
 
 import torch
 
+# The per-token statistics every backend's token_stats returns, in this order (None: not asked for).
+STAT_NAMES = ("logp", "entropy", "kl", "lse", "sum_p2", "mean_logp", "is_top1")
+
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are float32, or float64 when the inputs are float64 (the test reference)."""

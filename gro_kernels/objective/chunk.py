@@ -1,18 +1,16 @@
-"""The token-local loss, one chunk of tokens at a time: step (b) of GRO.md section 6.
+"""The token-local loss, one chunk of tokens at a time: step (b) of docs/objective.md, "One pass or two".
 
 The fused single pass of `gro_loss` visits the tokens in chunks. For each chunk it has the policy's
-statistics (log-prob l, entropy H, exact KL) of those tokens only, and needs the per-token
-derivatives of the loss wrt them, to form the logits gradient. `ChunkCoefficients` holds
-everything formed before the pass (the sequence plan: weights A, aggregation coefficients c,
-corrections, behaviour and reference log-probs) and, for one chunk, evaluates `token_loss` on
-the chunk's [n] vectors and differentiates it by autograd: the loss math keeps one copy.
+statistics (log-prob l, entropy H, exact KL, lse, mean log-prob) of those tokens only, and needs
+the per-token derivatives of the loss wrt them, to form the logits gradient. `ChunkCoefficients`
+holds everything formed before the pass (the sequence plan: weights A, aggregation coefficients c,
+corrections, behaviour and reference log-probs) and, for one chunk, evaluates `token_loss` on the
+chunk's [n] vectors and differentiates it by autograd: the loss math keeps one copy.
 
-    coefficients = ChunkCoefficients(opts, objective_kwargs, shape=(B, T), dtype=torch.float32, ...)
-    g_logp, g_entropy, g_kl = coefficients(positions, chunk_stats)   # positions: indices into B*T
+    coefficients = ChunkCoefficients(opts, objective_kwargs, zeros=..., layout=..., want_entropy=...)
+    g_logp, g_entropy, g_kl, g_lse, g_mean_logp = coefficients(positions, chunk_stats)
 """
 from __future__ import annotations
-
-from typing import Optional, Tuple
 
 import torch
 
@@ -22,54 +20,64 @@ from .split import token_loss
 
 
 class ChunkCoefficients:
-    """dL/dl, dL/dH, dL/dKL of the token-local loss for any chunk of tokens.
+    """dL/dl, dL/dH, dL/dKL, dL/dlse, dL/dM of the token-local loss for any chunk of tokens (None for
+    a statistic the loss does not read).
 
-    Built once per call from the arguments of `gro_objective` (`objective`): the sequence plan
-    is formed on stand-in zeros for l, H and KL, which a token-local plan never reads
-    (`split.needs_policy_logp` is what guarantees it). `want_entropy` / `want_kl`: whether the
-    chunk statistics carry H / KL (the KL only from a reference head, kl_estimator="full")."""
+    Built once per call from the arguments of `gro_objective` (`objective`, without the layout
+    keys) on stand-in `zeros` [B, T]: a token-local plan gets no logp, H, KL, lse or mean log-prob at
+    all (`before_pass`; reading them raises `split.NotYetComputed`). `layout`: the token layout of
+    packed rows or a context-parallel group (`objective.core.token_layout`), or None; `positions`
+    index this process's tokens, flattened. `want_*`: which statistics the chunks carry."""
 
-    def __init__(self, opts: Options, objective: dict, *, shape: Tuple[int, int], dtype: torch.dtype,
-                 device: torch.device, want_entropy: bool, want_kl: bool):
-        zeros = torch.zeros(shape, dtype=dtype, device=device)
-        _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None,
-                                       kl=zeros if want_kl else None, **objective)
-        B, T = shape
+    def __init__(self, opts: Options, objective: dict, *, zeros: torch.Tensor, layout, want_entropy: bool,
+                 want_kl: bool, want_lse: bool, want_mean_logp: bool):
+        _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None, kl=zeros if want_kl else None,
+                                       lse=zeros if want_lse else None, mean_logp=zeros if want_mean_logp else None,
+                                       layout=layout, before_pass=True, **objective)
+        local = (lambda t: t) if layout is None else layout.local
 
-        def flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.reshape(-1)
+        def flat(t):
+            return None if t is None else local(t).reshape(-1)
 
         self.opts, self.plan = opts, plan
-        self.entropy_grad = opts.entropy_coef != 0
-        self.kl_grad = want_kl and opts.kl_coef != 0
+        self.want = dict(entropy=opts.entropy_coef != 0, kl=want_kl and opts.kl_coef != 0, lse=want_lse,
+                         mean_logp=want_mean_logp)
         self.advantages, self.coef, self.ref_logp = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
+        # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
         self.policy_weight, self.entropy_weight = flat(plan.policy_weight), flat(plan.entropy_weight)
-        self.abs_kl_coef = flat(plan.abs_kl_coef)
-        self.online = flat((~b.offline)[:, None].expand(B, T))
+        self.abs_kl_coef, self.lse_coef = flat(plan.abs_kl_coef), flat(plan.lse_coef)
+        self.online = flat((~b.offline)[:, None].expand(b.mask.shape))
         # On-policy rows (no old_logp given) and offline rows use sg[l] as the behaviour log-prob.
         self.old_logp = flat(b.old_logp) if objective.get("old_logp") is not None else None
 
     def __call__(self, pos: torch.Tensor, cs):
-        """(g_logp, g_entropy or None, g_kl or None), each [n], for the tokens at `pos` whose
-        statistics are `cs` (attributes logp, entropy, kl: [n] each)."""
+        """(g_logp, g_entropy, g_kl, g_lse, g_mean_logp), each [n] or None, for the tokens at `pos`
+        whose statistics are `cs` (attributes logp, entropy, kl, lse, mean_logp: [n] each)."""
         def pick(t):
             return None if t is None else t[pos][None]
 
+        def one(t):
+            return None if t is None else t[None]
+
         with torch.enable_grad():
-            l = cs.logp.detach().requires_grad_()
-            H = cs.entropy.detach().requires_grad_() if self.entropy_grad else None
-            K = cs.kl.detach().requires_grad_() if self.kl_grad else None
-            leaves = [t for t in (l, H, K) if t is not None]
+            def leaf(t, want):
+                return t.detach().requires_grad_() if want else None
+
+            l = leaf(cs.logp, True)
+            H, K = leaf(cs.entropy, self.want["entropy"]), leaf(cs.kl, self.want["kl"])
+            Z, M = leaf(cs.lse, self.want["lse"]), leaf(cs.mean_logp, self.want["mean_logp"])
+            leaves = [l, H, K, Z, M]
             lo = l.detach() if self.old_logp is None else torch.where(self.online[pos], self.old_logp[pos], l.detach())
             terms = token_loss(self.opts, logp=l[None], old_logp=lo[None], ref_logp=pick(self.ref_logp),
-                               entropy=None if H is None else H[None], kl=None if K is None else K[None],
-                               advantages=self.advantages[pos][None], coef=self.coef[pos][None],
-                               online=self.online[pos][None], mask=None, kl_in_loss=self.plan.kl_in_loss,
-                               policy_weight=pick(self.policy_weight), entropy_weight=pick(self.entropy_weight),
-                               abs_kl_coef=pick(self.abs_kl_coef))
-            grads = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-        g_logp = grads[0]
-        g_entropy = grads[1] if H is not None else None
-        g_kl = grads[-1] if K is not None else None
-        return g_logp, g_entropy, g_kl
+                               entropy=one(H), kl=one(K), advantages=self.advantages[pos][None],
+                               coef=self.coef[pos][None], online=self.online[pos][None], mask=None,
+                               kl_in_loss=self.plan.kl_in_loss, policy_weight=pick(self.policy_weight),
+                               entropy_weight=pick(self.entropy_weight), abs_kl_coef=pick(self.abs_kl_coef),
+                               lse=one(Z), mean_logp=one(M), lse_coef=pick(self.lse_coef))
+            present = [x for x in leaves if x is not None]
+            g = dict(zip(map(id, present), torch.autograd.grad(terms.loss, present, allow_unused=True)))
+        out = []
+        for x in leaves:
+            gx = None if x is None else g[id(x)]
+            out.append(torch.zeros_like(x) if x is not None and gx is None else gx)
+        return tuple(out)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..logprobs.rows import stat_dtype  # float32 statistics, float64 when given float64
-from .options import IMPLICIT_REFERENCE, Options
+from .options import IMPLICIT_REFERENCE, WEIGHT_OPTIONS, Options, ce_smoothing_reader
 
 
 @dataclass
@@ -35,6 +35,9 @@ class Batch:
     num_items: Optional[float] = None
     rollout_logp: Optional[torch.Tensor] = None  # [B,T] detached: the sampler's log-probs (NaN = unscored)
     log_sum_sq_probs: Optional[torch.Tensor] = None  # [B,T] detached: log sum_v p_v^2 of the policy (WPO)
+    lse: Optional[torch.Tensor] = None          # [B,T] differentiable: the head's log normalizer (z-loss)
+    mean_logp: Optional[torch.Tensor] = None    # [B,T] differentiable: (1/V) sum_v w_v log p_v (SFT label smoothing)
+    target_weight: Optional[torch.Tensor] = None  # [B,T] detached: the class weight of each target (SFT)
 
 
 def _tensor(name, t, device, against="logp"):
@@ -145,7 +148,8 @@ def _num_items(n):
 
 
 def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
-                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None) -> Batch:
+                  offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None,
+                  lse=None, mean_logp=None, target_weight=None) -> Batch:
     """Validate every input against logp [B,T] and return them cast to the statistics dtype."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
@@ -159,6 +163,10 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
     zero = torch.zeros((), dtype=dtype, device=device)
     m = valid.to(dtype)
 
+    if not bool((torch.isfinite(logp.detach()) | ~valid).all()):
+        bad = torch.nonzero(~torch.isfinite(logp.detach()) & valid)[:5].tolist()
+        raise ValueError(f"logp must be finite at unmasked positions, got non-finite values at [row, token] {bad}: "
+                         "targets there have probability 0 (e.g. a token of a vocabulary row masked with a -inf bias)")
     l = torch.where(valid, logp.to(dtype), zero)
     off = _offline(offline, B, device)
     lo = _per_token("old_logp", old_logp, (B, T), valid, dtype, device, detach=True, finite=True)
@@ -191,6 +199,10 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
         num_items=_num_items(num_items_in_batch),
         rollout_logp=_per_token("rollout_logp", rollout_logp, (B, T), valid, dtype, device, detach=True),
         log_sum_sq_probs=_per_token("log_sum_sq_probs", log_sum_sq_probs, (B, T), valid, dtype, device, detach=True),
+        lse=_per_token("lse", lse, (B, T), valid, dtype, device, detach=False, finite=True),
+        mean_logp=_per_token("mean_logp", mean_logp, (B, T), valid, dtype, device, detach=False, finite=True),
+        target_weight=_per_token("target_weight", target_weight, (B, T), valid, dtype, device, detach=True,
+                                 finite=True),
     )
 
 
@@ -218,8 +230,9 @@ def kl_is_used(opts: Options, given_advantages: bool) -> bool:
     return opts.kl_placement == "loss" or (not given_advantages and opts.score in ("reward", "token_return"))
 
 
-def check_requirements(method: str, opts: Options, b: Batch) -> None:
-    """Errors for inputs the configured method needs but did not get, or cannot use."""
+def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -> None:
+    """Errors for inputs the configured method needs but did not get, or cannot use. `given`: the
+    options the caller passed (a preset's value is not a choice the caller made)."""
     who = f"method={method!r}"
     if b.advantages is not None and b.rewards is not None:
         raise ValueError("pass either rewards or advantages: given advantages replace the weights formed from rewards")
@@ -244,9 +257,33 @@ def check_requirements(method: str, opts: Options, b: Batch) -> None:
         raise ValueError("use_weighting=True (WPO) and log_sum_sq_probs [B, T] (log sum_v p_v^2 of the policy) go "
                          f"together: got use_weighting={opts.use_weighting}, log_sum_sq_probs "
                          f"{'given' if b.log_sum_sq_probs is not None else 'not given'}")
+    if opts.z_loss_coef != 0 and b.lse is None:
+        raise ValueError(f"z_loss_coef={opts.z_loss_coef} needs lse [B, T] (the head's log normalizer; gro_loss "
+                         "computes it in its pass)")
+    ce_smoothing = opts.label_smoothing != 0 and ce_smoothing_reader(opts)
+    if ce_smoothing and b.mean_logp is None:
+        raise ValueError(f"{who} with label_smoothing={opts.label_smoothing} needs mean_logp [B, T] ((1/V) sum_v w_v "
+                         "log p_v, label smoothing's term; gro_loss computes it in its pass)")
+    if b.mean_logp is not None and not ce_smoothing:
+        raise ValueError("mean_logp was given but nothing uses it: it is SFT's label_smoothing term")
+    if b.target_weight is not None:
+        if not ce_smoothing_reader(opts):
+            raise ValueError(f"target_weight (class weights) applies to the SFT preset (method='sft'), got {who}")
+        if (b.target_weight < 0).any():
+            raise ValueError("target_weight must be >= 0 (class weights)")
     if b.rollout_logp is not None and opts.rollout_correction is None and opts.off_policy_mask_threshold is None:
         raise ValueError("rollout_logp was given but nothing uses it: set rollout_correction and/or off_policy_mask_threshold")
+    if "kl_estimator" in given and opts.kl_coef == 0 and b.ref_logp is None and b.kl is None:
+        raise ValueError("option kl_estimator is not read: kl_coef is 0 and there is no reference (ref_logp, kl, or "
+                         "the reference head) to report a KL for")
     if b.advantages is not None:
+        unread = [name for name in WEIGHT_OPTIONS if name in given]
+        if opts.kl_coef != 0 and opts.kl_placement == "reward" and ("kl_coef" in given or "kl_placement" in given):
+            unread.append("kl_coef")  # a reward KL enters the weights formed from rewards
+        if unread:
+            raise ValueError(f"option(s) {', '.join(unread)} shape the weights formed from rewards, labels or scores; "
+                             "given advantages replace those weights, so they would be ignored: leave them out, or "
+                             "fold them into the advantages (a KL: kl_placement='loss')")
         return  # steps 1-4 (scores, anchors, separation, weighting) are replaced
     if opts.score in ("reward", "token_return") and b.rewards is None:
         raise ValueError(f"{who} scores sequences by reward: pass rewards [B] (or advantages)")
@@ -254,11 +291,23 @@ def check_requirements(method: str, opts: Options, b: Batch) -> None:
         raise ValueError(f"{who} scores by the log-ratio to the reference: pass ref_logp (or ref_hidden and ref_weight to gro_loss)")
     if opts.separation == "label" and b.labels is None:
         raise ValueError(f"{who} separates by label: pass labels [B] (+1 chosen / desirable, -1 rejected / undesirable)")
+    if method == "kto" and "anchor_value" not in given:
+        raise ValueError(
+            "method='kto' needs its reference point z0 as anchor_value: KTO weighs each completion by "
+            "beta (D_i - z0), D_i its log-ratio to the reference, z0 = KL(policy || reference) estimated per "
+            "batch and detached (TRL: the mean log-ratio of mismatched prompt/completion pairs, clamped at 0). "
+            "Pass anchor_value=z0; method='apo_zero_unpaired' is the method with z0 = 0")
     if opts.anchor == "baseline" and b.baselines is None:
         raise ValueError(f"{who} with anchor='baseline' needs baselines [B] (e.g. the greedy decode's reward)")
     needs_groups = opts.anchor in ("group_mean", "leave_one_out", "pair") or opts.scale == "group_std"
     if needs_groups and b.group is None:
         raise ValueError(f"{who} (anchor={opts.anchor!r}, scale={opts.scale!r}) needs group_ids [B]")
+    if opts.anchor == "group_mean" and b.num_groups == b.mask.shape[0]:
+        raise ValueError(
+            f"{who} compares each sequence with its group's mean (anchor='group_mean'), but every group of "
+            "group_ids has one sequence, so every weight would be 0 and nothing would train. Give the samples "
+            "of one prompt one id (e.g. torch.arange(prompts).repeat_interleave(samples_per_prompt)). (Groups "
+            "whose rewards are all equal are fine: their weights are 0 by design.)")
     if opts.anchor == "leave_one_out":
         sizes = torch.bincount(b.group, minlength=b.num_groups)
         if (sizes < 2).any():

@@ -1,9 +1,10 @@
-"""GRO options: their names, defaults, allowed values, and the preset table (GRO.md sections 2-3).
+"""GRO options: their names, defaults, allowed values, and the preset table (docs/options.md).
 
 An option's value is resolved as: DEFAULTS <- PRESETS[method] <- what the caller passed.
 """
 from __future__ import annotations
 
+import difflib
 import numbers
 
 METHODS = (
@@ -14,7 +15,7 @@ METHODS = (
 )
 
 # Options whose value is one of a fixed set of names. `surrogate`, score `token_return`/`none` and
-# separation `positive` are this package's names for table cells GRO.md describes in words
+# separation `positive` are this package's names for table cells the unification table describes in words
 # (the surrogate column, REINFORCE++'s token rewards, SFT's "all +1").
 CHOICES = {
     "score": ("reward", "implicit", "token_return", "none"),
@@ -31,11 +32,12 @@ CHOICES = {
     "rollout_correction": (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask",
                            "icepop", "seq_mask_tis"),
     "kl_placement": ("loss", "reward"),
-    "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
+    "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_sum"),
+    "reduction": (None, "mean", "sum", "none"),
 }
 
 DEFAULTS = {
-    # weights (GRO.md 2, "Forming the weights")
+    # weights (docs/objective.md, "How the weights are formed")
     "score": "reward",
     "anchor": "group_mean",
     "anchor_value": 0.0,
@@ -93,12 +95,16 @@ DEFAULTS = {
     # aggregation
     "loss_agg": "token_mean",
     "max_completion_length": None,
-    # read by gro_loss (applied inside token_logprobs); accepted here so presets can carry it
+    "reduction": None,                 # SFT: torch's F.cross_entropy reduction (mean | sum | none); None = mean
+    # z-loss (PaLM, Liger's lse_square_scale): z_loss_coef * sum c lse^2, lse the head's log normalizer
+    "z_loss_coef": 0.0,
+    # read by gro_loss (applied inside token_logprobs); accepted here so presets can carry it. A float,
+    # or a positive tensor [B] / [B, T] (per sequence / per token)
     "temperature": 1.0,
 }
 OPTIONS = tuple(DEFAULTS)
 
-# The unification table, one row per method (GRO.md section 3). "KL" is where a KL term goes when
+# The unification table, one row per method (docs/options.md, "Defaults by method"). "KL" is where a KL term goes when
 # kl_coef != 0: "loss" adds kl_coef * k to the loss, "reward" subtracts it from the score.
 _COLUMNS = ("score", "anchor", "separation", "weighting", "scale", "surrogate", "kl_placement", "loss_agg")
 _TABLE = {
@@ -165,6 +171,13 @@ _TOKEN_ROLLOUT_MODES = ("token_truncate", "token_mask", "icepop")
 # The surrogates that read the clip range: eps_low / eps_high given for another one is an error.
 _EPS_READERS = {"eps_low": ("ratio_clip", "clip_cov", "geo_mean"), "eps_high": ("ratio_clip", "clip_cov", "geo_mean", "cispo")}
 
+# The options that shape the weights formed from rewards, labels or implicit scores (docs/objective.md, steps
+# 1-4). Given `advantages` replace those weights, so these options are then not read (an error when
+# given); `offline_coef` still scales given advantages of offline rows.
+WEIGHT_OPTIONS = ("score", "anchor", "anchor_value", "separation", "weighting", "scale", "std_eps", "beta", "margin",
+                  "label_smoothing", "pos_coef", "neg_coef", "length_normalize", "pair_loss", "loss_weights",
+                  "discopop_tau", "use_weighting", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef")
+
 # How the implicit score X_i uses the reference: True = D_i (ref_logp required), False = S_i
 # (reference-free, ref_logp is not used for the score). Methods not listed use D_i when ref_logp is given.
 IMPLICIT_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "apo_zero_unpaired": True, "cpl": False, "simpo": False}
@@ -189,25 +202,40 @@ def _number(name, value, *, low=None, low_open=False, high=None):
     return value
 
 
+def unknown_names(what: str, unknown, valid) -> str:
+    """The message for misspelled names: each with its closest valid names first, then all of them."""
+    hints = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    return f"unknown {what}(s) {', '.join(hints)}; valid {what}s are: {', '.join(sorted(valid))}"
+
+
 def resolve_options(method: str, options: dict) -> Options:
-    """DEFAULTS <- PRESETS[method] <- options, validated. Unknown names are a TypeError listing valid ones."""
+    """DEFAULTS <- PRESETS[method] <- options, validated. Unknown names are a TypeError naming the
+    closest valid ones (did you mean ...) and listing all of them."""
     if method not in PRESETS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    unknown = sorted(set(options) - set(OPTIONS))
+        close = difflib.get_close_matches(str(method), METHODS, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}{hint}")
+    unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(OPTIONS))}")
+        raise TypeError(unknown_names("option", unknown, OPTIONS))
     o = Options({**DEFAULTS, **PRESETS[method], **options})
 
     for name, allowed in CHOICES.items():
         if o[name] not in allowed:
             raise ValueError(f"option {name} must be one of {allowed}, got {o[name]!r}")
-    for name in ("eps_low", "eps_high", "kl_coef", "entropy_coef", "std_eps", "pos_coef", "neg_coef", "offline_coef"):
+    for name in ("eps_low", "eps_high", "kl_coef", "entropy_coef", "std_eps", "pos_coef", "neg_coef", "offline_coef",
+                 "z_loss_coef"):
         o[name] = _number(name, o[name], low=0.0)
     for name in ("anchor_value", "margin"):
         o[name] = _number(name, o[name])
     o["beta"] = _number("beta", o["beta"], low=0.0, low_open=True)
-    o["temperature"] = _number("temperature", o["temperature"], low=0.0, low_open=True)
-    o["label_smoothing"] = _number("label_smoothing", o["label_smoothing"], low=0.0, high=0.5)
+    o["temperature"] = _temperature(o["temperature"])
+    # SFT's label smoothing is the cross-entropy's (torch: in [0, 1]); the pair losses' is in [0, 0.5]
+    o["label_smoothing"] = _number("label_smoothing", o["label_smoothing"], low=0.0,
+                                   high=1.0 if ce_smoothing_reader(o) else 0.5)
     if o["delta"] is not None:
         o["delta"] = _number("delta", o["delta"], low=1.0, low_open=True)
     mcl = o["max_completion_length"]
@@ -219,6 +247,8 @@ def resolve_options(method: str, options: dict) -> Options:
     _check_values(o)
     _check_policy_options(o, options)
     _check_pair_options(o, options)
+    _check_sft_options(o, options)
+    _check_weight_options(o, options)
 
     # Combinations that have no meaning.
     if o["weighting"] in ("sigmoid", "squared") and (o["anchor"] != "pair" or o["separation"] != "label"):
@@ -234,6 +264,36 @@ def resolve_options(method: str, options: dict) -> Options:
                 "anchor in ('batch_mean', 'constant', 'none') and scale in ('batch_std', 'none')"
             )
     return o
+
+
+def _temperature(value):
+    """A positive number, or a tensor (checked for shape and values where the head reads it)."""
+    import torch  # noqa: PLC0415 - options are plain values otherwise
+
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError("option temperature is a constant of the sampler: pass a tensor without requires_grad")
+        return value
+    return _number("temperature", value, low=0.0, low_open=True)
+
+
+def ce_smoothing_reader(o) -> bool:
+    """Whether label_smoothing is the cross-entropy's (the SFT preset: no score, every token +1, the
+    log-likelihood surrogate) rather than a preference loss's."""
+    return o["score"] == "none" and o["separation"] == "positive" and o["surrogate"] == "logp"
+
+
+def _check_sft_options(o: Options, given: dict) -> None:
+    """reduction belongs to the SFT preset; it picks its aggregation (mean: token_mean, sum / none:
+    token_sum, none also returns the per-token loss)."""
+    sft = ce_smoothing_reader(o)
+    if o["reduction"] is not None:
+        if not sft:
+            raise ValueError(f"option reduction (torch's cross-entropy reduction) applies to the SFT preset "
+                             f"(method='sft'), got score={o['score']!r}, surrogate={o['surrogate']!r}")
+        if "loss_agg" in given:
+            raise ValueError("options reduction and loss_agg both set the aggregation: give one")
+        o["loss_agg"] = "token_mean" if o["reduction"] == "mean" else "token_sum"
 
 
 def _optional(o, name, **bounds):
@@ -357,3 +417,47 @@ def _check_pair_options(o: Options, given: dict) -> None:
                              f"{_F_DIVERGENCE_PAIR_LOSSES} only (TRL), got pair_loss={kinds!r}")
     if "f_alpha_divergence_coef" in given and o["f_divergence_type"] != "alpha_divergence":
         raise ValueError("option f_alpha_divergence_coef applies to f_divergence_type='alpha_divergence' only")
+
+
+def _check_weight_options(o: Options, given: dict) -> None:
+    """Options given that the configured weights or loss never read: an error naming each, so that
+    no option is accepted and ignored (tests/test_options_read.py audits every option)."""
+    weighting, separation, pair = o["weighting"], o["separation"], o["pair_loss"]
+
+    def unread(name, why):
+        # score / anchor / scale "none" say the step is absent: always accepted
+        if name in given and not (name in ("score", "anchor", "scale") and given[name] == "none"):
+            raise ValueError(f"option {name} is not read by this configuration: {why}")
+
+    if o["scale"] not in ("group_std", "batch_std"):
+        unread("std_eps", f"it is added to the std of scale='group_std' or 'batch_std', got scale={o['scale']!r}")
+    if not (o["score"] == "implicit" or weighting in ("sigmoid", "squared", "sigmoid_bell") or pair is not None):
+        unread("beta", f"it scales implicit scores and the sigmoid / squared weightings, got score={o['score']!r}, "
+                       f"weighting={weighting!r}")
+    if o["anchor"] != "constant":
+        unread("anchor_value", f"it is the level of anchor='constant', got anchor={o['anchor']!r}")
+    if weighting != "sigmoid" or pair is not None:
+        unread("margin", f"it is the pairwise sigmoid's margin (weighting='sigmoid'), got weighting={weighting!r}")
+        if pair is None and not ce_smoothing_reader(o):
+            unread("label_smoothing", f"it smooths the pairwise sigmoid (weighting='sigmoid'), a pair_loss that "
+                                      f"reads it, or the SFT preset's cross-entropy, got weighting={weighting!r}")
+    if weighting != "linear":
+        unread("scale", f"it divides the linear weighting's score - anchor, got weighting={weighting!r}")
+    if weighting == "constant" and separation != "anchor":
+        for name in ("score", "anchor"):
+            unread(name, f"weighting='constant' reads only the sign, which separation={separation!r} sets")
+    if weighting == "linear" and o["pos_coef"] == o["neg_coef"]:
+        unread("separation", "the linear weighting's sign is that of score - anchor; separation only picks "
+                             "pos_coef or neg_coef, which are equal here")
+    if separation == "positive":
+        unread("neg_coef", "separation='positive' makes every sign +1 (pos_coef applies)")
+        unread("off_policy_mask_threshold", "the mask drops tokens of negative weight, and separation='positive' "
+                                            "gives none")
+    if o["kl_coef"] == 0:
+        unread("kl_placement", "it places the KL term, and kl_coef is 0")
+    elif o["kl_placement"] == "reward" and o["score"] not in ("reward", "token_return"):
+        raise ValueError(f"option kl_placement='reward' subtracts the KL from the rewards, but score={o['score']!r} "
+                         "reads no reward: use kl_placement='loss'")
+    if o["loss_agg"] != "seq_mean_token_sum_norm":
+        unread("max_completion_length", f"it is the normalizer of loss_agg='seq_mean_token_sum_norm', got "
+                                        f"loss_agg={o['loss_agg']!r}")

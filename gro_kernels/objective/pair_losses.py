@@ -89,7 +89,8 @@ def _length_desensitized(m, n, chosen, rejected, alpha):
 
 def pair_loss_weights(opts: Options, b: Batch, y, partner):
     """Per-token weights A[i,t] for TRL's DPO loss types (`pair_loss`, combined by `loss_weights`, each
-    scaled by WPO's detached pair weight with `use_weighting`), and the per-pair losses.
+    scaled by WPO's detached pair weight with `use_weighting`), the per-pair losses, and each row's
+    implicit reward beta (S_i - R_i) as TRL's DPOTrainer logs it (LD-DPO-weighted with `ld_alpha`).
 
     The per-pair loss is written once (`_trl_pair_loss`) as a function of the sequence sums
     S_i = sum_t u l (u = 1, or LD-DPO's factor with `ld_alpha`) and of the plain sums the `sft` term
@@ -116,4 +117,4 @@ def pair_loss_weights(opts: Options, b: Batch, y, partner):
         grad, grad_sft = torch.autograd.grad(total.sum(), (S, S_sft), allow_unused=True)
     grad = torch.zeros_like(S) if grad is None else grad              # only `sft` given
     grad_sft = torch.zeros_like(S) if grad_sft is None else grad_sft  # no `sft` given
-    return -(grad[:, None] * u + grad_sft[:, None] * m), total.detach()
+    return -(grad[:, None] * u + grad_sft[:, None] * m), total.detach(), opts.beta * (S.detach() - R)

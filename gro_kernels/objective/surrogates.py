@@ -1,4 +1,4 @@
-"""How the weight meets the policy (the surrogate), and the KL estimators (GRO.md section 2)."""
+"""How the weight meets the policy (the surrogate), and the KL estimators (docs/objective.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

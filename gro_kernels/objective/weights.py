@@ -1,4 +1,4 @@
-"""Forming the weights (GRO.md section 2, steps 1-4): score -> anchor -> separation -> weighting.
+"""Forming the weights (docs/objective.md, steps 1-4): score -> anchor -> separation -> weighting.
 
 Everything here is detached: the weights are `sg[w_i]`. Each `w_i` is `-dL/dS_i` of the method's
 loss, so `sum_i w_i grad S_i` is the method's gradient. The RL-free weightings also return the
@@ -196,8 +196,10 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
 
     kind = "pair_loss" if opts.pair_loss is not None else opts.weighting
     token_A = None
+    scores, anchor_scores = g * x, g * a
     if kind == "pair_loss":
-        token_A, unit_losses = pair_loss_weights(opts, b, y, partner)
+        token_A, unit_losses, scores = pair_loss_weights(opts, b, y, partner)
+        anchor_scores = scores[partner]
         w = token_A.sum(1) / b.lengths.clamp(min=1)   # reported: the mean weight of the row's tokens
     elif kind == "linear":
         w = coef * _divide(g * (x - a), _scale(opts, g * x, b))
@@ -214,6 +216,11 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
         w = y * coef * opts.beta * torch.sigmoid(u) * torch.sigmoid(-u)
         unit_losses = torch.where(b.lengths > 0, coef * (1 - torch.sigmoid(u)), 0.0)
 
+    if partner is not None and unit_losses is not None:
+        # A pair of two empty completions has nothing to compare: it reports loss 0 (not the
+        # method's constant, log 2 for DPO), as an empty KTO sequence does.
+        empty_pair = ((b.lengths + b.lengths[partner]) == 0)[y > 0]
+        unit_losses = torch.where(empty_pair, 0.0, unit_losses)
     if opts.length_normalize:
         w = w / b.lengths.clamp(min=1)
     w = torch.where(b.lengths > 0, w, 0.0)  # an empty sequence has nothing to push
@@ -225,16 +232,17 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     else:
         A = torch.where(b.offline[:, None], token_A * opts.offline_coef, token_A)
     return Weights(advantages=A, weights=w, units=units, unit_losses=unit_losses,
-                   scores=g * x, anchors=g * a, signs=y)
+                   scores=scores, anchors=anchor_scores, signs=y)
 
 
 def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
     """REINFORCE++: token rewards (terminal reward, minus kl_coef * k per token), returns G[i,t],
     normalized over all valid tokens of the batch."""
     m = b.mask
-    last = (m * torch.arange(1, m.shape[1] + 1, device=m.device, dtype=m.dtype)).argmax(1)
     token_r = torch.zeros_like(m)
-    token_r[torch.arange(m.shape[0], device=m.device), last] = b.rewards
+    if m.shape[1] > 0:  # no token at all (targets [B, 0]): no reward to place
+        last = (m * torch.arange(1, m.shape[1] + 1, device=m.device, dtype=m.dtype)).argmax(1)
+        token_r[torch.arange(m.shape[0], device=m.device), last] = b.rewards
     token_r = token_r * m
     if token_kl is not None:
         token_r = token_r - opts.kl_coef * token_kl * m
@@ -257,4 +265,4 @@ def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
         A = A / b.lengths.clamp(min=1)[:, None]
     A = torch.where(b.offline[:, None], A * opts.offline_coef, A) * m
     _check_finite(A)
-    return Weights(advantages=A, weights=A, units=m.shape[0], scores=returns * m, anchors=a, signs=y * m)
+    return Weights(advantages=A, weights=A, units=m.shape[0], scores=returns * m, anchors=a * m, signs=y * m)

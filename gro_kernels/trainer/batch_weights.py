@@ -9,10 +9,12 @@ of these methods never depend on the current policy (only on rewards and, for a 
 on the behaviour and reference log-probs), so forming them first is exact.
 
 Methods whose scores are the policy's own log-probs (DPO, IPO, CPL, SimPO, KTO) keep forming their
-weights in the loss: their pairs are never split across micro-batches or processes.
+weights in the loss: their pairs are never split across micro-batches or processes. KTO's reference
+point z0 is a batch statistic too: `kto_reference_point` estimates it as TRL's KTOTrainer does.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from ..objective import gro_objective
 from ..objective.inputs import kl_is_used
-from ..objective.options import resolve_options
+from ..objective.options import WEIGHT_OPTIONS, resolve_options
 from .rollout import IGNORE_INDEX, Batch
 
 
@@ -35,6 +37,26 @@ def forms_weights_from_rewards(opts) -> bool:
 def needs_behaviour_logp(opts) -> bool:
     """A k1/k2/k3 KL in the reward is evaluated at the behaviour policy's log-probs."""
     return kl_is_used(opts, False) and opts.kl_placement == "reward"
+
+
+_KL_OPTIONS = ("kl_coef", "kl_estimator", "kl_placement")
+
+
+def weight_options(options: dict, resolved) -> dict:
+    """The loss options that form the weights: the weight options, and the KL's when it is in the reward."""
+    keep = WEIGHT_OPTIONS + (_KL_OPTIONS if needs_behaviour_logp(resolved) else ())
+    return {k: v for k, v in options.items() if k in keep}
+
+
+def options_beside_advantages(options: dict, resolved) -> dict:
+    """The loss options to pass with the advantages formed here: the ones those advantages already
+    hold are left out (gro_loss refuses them beside advantages), a KL in the reward included."""
+    out = {k: v for k, v in options.items() if k not in WEIGHT_OPTIONS and k not in _KL_OPTIONS}
+    if needs_behaviour_logp(resolved):
+        out["kl_coef"] = 0.0  # in the advantages already (a preset's KL in the loss must not come back)
+    else:
+        out.update({k: v for k, v in options.items() if k in _KL_OPTIONS})
+    return out
 
 
 def _rows(batch: Batch, opts, behaviour_logp, world_rank: int, world_size: int) -> dict:
@@ -70,8 +92,9 @@ def _gather(local: dict, world_size: int) -> tuple:
 def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: Optional[torch.Tensor]) -> torch.Tensor:
     """A[i,t] of this process's rows `[N, C]` (float32), formed on the global batch.
 
-    `options` are the loss options as the trainer passes them to `gro_loss`; `offline_coef` is left
-    to the loss (it scales given advantages of offline rows), the entropy term is the loss's too.
+    `options` are the loss options as the trainer passes them to `gro_loss`; only those that form
+    the weights are used (`offline_coef` is left to the loss: it scales given advantages of offline
+    rows).
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -81,7 +104,7 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     if world > 1:
         rows, start = _gather(rows, world)
     mask = rows.pop("mask")
-    opts = {**options, "offline_coef": 1.0, "entropy_coef": 0.0}
+    opts = weight_options(options, resolved)
     if not needs_behaviour_logp(resolved):
         opts["kl_coef"] = 0.0  # a KL in the loss does not enter the weights
     # The weights of a reward-scored method do not depend on the current log-probs, except through a
@@ -90,4 +113,25 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     logp = rows["old_logp"] if rows["old_logp"] is not None else torch.zeros(mask.shape, dtype=torch.float32)
     out = gro_objective(logp, method=method, mask=mask, **rows, **opts)
     n, width = batch.targets.shape
-    return out.metrics["advantages"][start:start + n, :width].float().to(batch.targets.device)
+    return out.per_token["advantages"][start:start + n, :width].float().to(batch.targets.device)
+
+
+def mismatched_pairs(batch: Batch) -> Batch:
+    """KTO's mismatched (prompt, completion) pairs, built as TRL's KTOTrainer builds them: each row's
+    prompt with the previous row's completion (the completions cycled by one row)."""
+    P = batch.prompt_len
+    ids = torch.cat([batch.input_ids[:, :P], batch.input_ids[:, P:].roll(1, 0)], 1)
+    am = torch.cat([batch.attention_mask[:, :P], batch.attention_mask[:, P:].roll(1, 0)], 1)
+    return replace(batch, input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
+                   targets=batch.targets.roll(1, 0))
+
+
+def kto_reference_point(policy_logp: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    """KTO's z0 from the [N, C] log-probs of `mismatched_pairs` under the policy and the reference
+    (0 off the completions): the batch mean of the sequence log-ratios, averaged over processes and
+    clamped at 0, without gradient (TRL KTOTrainer, `kl` in `_compute_loss`)."""
+    z0 = (policy_logp.double() - ref_logp.double()).sum(1).mean()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(z0)
+        z0 = z0 / dist.get_world_size()
+    return float(z0.clamp(min=0))

@@ -19,6 +19,7 @@ batch mean and std) are formed once on the rows of all processes (`batch_weights
 """
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from dataclasses import dataclass
@@ -92,7 +93,11 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    # No buffer broadcast before each forward (the model's buffers, e.g. rotary frequencies, are the
+    # same on every process). torch >= 2.13 names this forward_sync_buffers and deprecates broadcast_buffers.
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            else "broadcast_buffers")
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False})
 
 
 def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:

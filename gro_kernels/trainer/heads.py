@@ -5,19 +5,19 @@
 - a scalar scale (muP-style): Granite divides by `logits_scaling`, HyperCLOVAX multiplies by it,
   Cohere multiplies by `logit_scale`. A scalar `s` is folded exactly into the hidden states and
   the bias: `s * (h W^T + b) = (s h) W^T + (s b)`;
-- a soft cap (Gemma 2/3: `final_logit_softcapping`, `tanh(z / c) * c`) is not linear in the
-  logits: refused with an error naming the option (set it to None to train without the cap).
+- a soft cap (Gemma 2/3: `final_logit_softcapping`, `c * tanh(z / c)` after any scale) is passed to
+  `gro_loss` / `token_logprobs` as `softcap=c` (`logit_softcap`), which apply it in their pass.
 
 Every model is then checked once, numerically, on a short probe (`check_head`): the model's own
-`model(...).logits` against the folded projection of its final hidden states. A model with a head
-transform not listed here fails loudly there instead of training on wrong log-probs.
+`model(...).logits` against the folded, soft-capped projection of its final hidden states. A model
+with a head transform not listed here fails loudly there instead of training on wrong log-probs.
 """
 from __future__ import annotations
 
 import torch
 
-# config attributes that make the logits a nonlinear function of lm_head(hidden)
-NONLINEAR = ("final_logit_softcapping",)
+from ..logprobs.transform import softcap
+
 # model types that *multiply* by `logits_scaling` (Granite and its relatives divide)
 MULTIPLY_LOGITS_SCALING = ("hyperclovax",)
 
@@ -32,16 +32,17 @@ def _set(value) -> bool:
     return value is not None and value != 0
 
 
-def logit_scale(model) -> float:
-    """The scalar `s` with `model(...).logits == s * lm_head(final hidden)`; an error if no such scalar."""
-    name = type(model).__name__
+def logit_softcap(model):
+    """Gemma 2/3's `final_logit_softcapping` c (logits = c * tanh(z / c)), or None."""
     for cfg in _configs(model):
-        for attr in NONLINEAR:
-            if _set(getattr(cfg, attr, None)):
-                raise ValueError(
-                    f"{name} soft-caps its logits ({attr}={getattr(cfg, attr)}): tanh(z / c) * c is not a "
-                    f"function gro_loss computes, so its log-probs would be wrong. Set config.{attr} = None "
-                    "to train without the cap, or use a model without it")
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if _set(cap):
+            return float(cap)
+    return None
+
+
+def logit_scale(model) -> float:
+    """The scalar `s` with `model(...).logits == softcap(s * lm_head(final hidden))`."""
     for cfg in _configs(model):
         scaling = getattr(cfg, "logits_scaling", None)
         if _set(scaling) and scaling != 1:
@@ -62,8 +63,8 @@ def fold_scale(hidden, bias, scale: float):
 
 @torch.no_grad()
 def check_head(model, final_hidden, head) -> None:
-    """Compare `model(ids).logits` with the folded `hidden @ W.T + b` on a 16-token probe."""
-    scale = logit_scale(model)
+    """Compare `model(ids).logits` with the folded, soft-capped `hidden @ W.T + b` on a 16-token probe."""
+    scale, cap = logit_scale(model), logit_softcap(model)
     weight, bias = head(model)
     device = weight.device
     vocab = weight.shape[0]
@@ -75,7 +76,7 @@ def check_head(model, final_hidden, head) -> None:
     try:
         logits = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).logits.float()
         h, b = fold_scale(final_hidden(model, ids, am, pos), bias, scale)
-        ours = (h @ weight.T.to(h.dtype)).float() + (0 if b is None else b.float())
+        ours = softcap((h @ weight.T.to(h.dtype)).float() + (0 if b is None else b.float()), cap)
     finally:
         model.train(was_training)
     low_precision = weight.dtype in (torch.float16, torch.bfloat16)
@@ -84,5 +85,5 @@ def check_head(model, final_hidden, head) -> None:
     if not err <= tol:
         raise ValueError(
             f"{type(model).__name__}'s logits are not lm_head(final hidden state) (max difference {err:.3g} on a "
-            f"probe; scale folded: {scale}): it transforms its logits in a way gro_kernels does not know, so "
-            "training would use wrong log-probs")
+            f"probe; scale folded: {scale}, soft cap: {cap}): it transforms its logits in a way gro_kernels does not "
+            "know, so training would use wrong log-probs")

@@ -1,4 +1,4 @@
-"""Offline data: gold answers, preference pairs and labelled answers (GRO.md section 4).
+"""Offline data: gold answers, preference pairs and labelled answers (docs/objective.md, "Offline rows").
 
 Two uses:
 

@@ -37,6 +37,7 @@ class Batch:
     old_logp: Optional[torch.Tensor] = None   # [N, C] float32, filled by the trainer
     ref_logp: Optional[torch.Tensor] = None   # [N, C] float32, filled by the trainer
     advantages: Optional[torch.Tensor] = None  # [N, C] float32 A[i,t] formed on the whole batch, by the trainer
+    truncated: Optional[torch.Tensor] = None  # [N] bool: completion cut at max_new_tokens (no EOS), by the trainer
     prompts: List[str] = field(default_factory=list)
     completions: List[str] = field(default_factory=list)
 
@@ -126,7 +127,7 @@ def truncate_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> List[int]:
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, num_generations: int, max_new_tokens: int,
              pad_id: int, eos_ids: Sequence[int], do_sample: bool = True, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0) -> List[List[int]]:
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> List[List[int]]:
     """`num_generations` completions for each prompt (prompt-major order), each cut after its first EOS."""
     device = next(model.parameters()).device
     rows = [p for p in prompt_ids for _ in range(num_generations)]
@@ -139,9 +140,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, num_generations: int
     kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                   eos_token_id=list(eos_ids))
     if do_sample:
-        kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p or None)
     else:  # silence "temperature is set but do_sample=False" style warnings from a model's defaults
-        kwargs.update(temperature=None, top_k=None, top_p=None)
+        kwargs.update(temperature=None, top_k=None, top_p=None, min_p=None)
     was_training = model.training
     model.eval()
     try:

@@ -32,11 +32,13 @@ from torch import nn
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
 from . import distributed as gdist
-from .batch_weights import batch_advantages, forms_weights_from_rewards, needs_behaviour_logp
+from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
+                            needs_behaviour_logp, options_beside_advantages)
 from .config import GROConfig
-from .heads import check_head, fold_scale, logit_scale
+from ..logprobs.transform import check_precision
+from .heads import check_head, fold_scale, logit_scale, logit_softcap
 from .offline import decode_completion, encode_completion, encode_prompt, gold_completions, offline_batch
-from .packing import check_packing, packed_final_hidden
+from .packing import PackedTokens, check_packing, packed_hidden
 from .rollout import IGNORE_INDEX, Batch, collate, generate, score
 
 
@@ -93,17 +95,17 @@ def enable_checkpointing(model) -> None:
 
 
 def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None,
-                  pack: bool = False):
+                  scored: Optional[torch.Tensor] = None):
     """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head.
-    `pack`: run the rows as one sequence without padding (`packing.py`)."""
+    With `scored` ([N, C] bool, the tokens the loss reads) the rows run as one sequence without
+    padding and hidden is `[1, K, d]`, the states that predict the scored tokens (`packing.py`)."""
     ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx:
-        if pack:
-            hidden = packed_final_hidden(final_hidden, model, input_ids, attention_mask, position_ids)
+        if scored is not None:
+            hidden = packed_hidden(final_hidden, model, input_ids, attention_mask, position_ids, prompt_len, scored)
         else:
-            hidden = final_hidden(model, input_ids, attention_mask, position_ids)
-    hidden = hidden[:, prompt_len - 1:-1]
+            hidden = final_hidden(model, input_ids, attention_mask, position_ids)[:, prompt_len - 1:-1]
     weight, bias = lm_head(model)
     hidden, bias = fold_scale(hidden, bias, logit_scale(model))  # Granite's logits_scaling, Cohere's logit_scale
     if hidden.dtype != weight.dtype:  # bf16 autocast: project in bf16 (the kernels accumulate in fp32)
@@ -127,11 +129,17 @@ class PolicyLoss(nn.Module):
         self.pack = pack
 
     def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
+        scored = targets != IGNORE_INDEX if self.pack else None
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
-                                             self.autocast_dtype, pack=self.pack)
+                                             self.autocast_dtype, scored=scored)
+        if scored is not None:  # the packed row of scored tokens goes to the loss as it is (sequence_ids)
+            packed = PackedTokens(scored)
+            targets, loss_kwargs = packed.take(targets), packed.loss_inputs(loss_kwargs)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
-        out = gro_loss(hidden, weight, targets, bias=bias, return_entropy=True, **loss_kwargs)
-        return out.loss, out.logp.detach(), out.metrics
+        out = gro_loss(hidden, weight, targets, bias=bias, softcap=logit_softcap(self.model), return_entropy=True,
+                       **loss_kwargs)
+        logp = out.logp.detach() if scored is None else packed.put(out.logp.detach())
+        return out.loss, logp, out.metrics
 
 
 # ---- files ----------------------------------------------------------------------------------------
@@ -196,6 +204,8 @@ class GROTrainer:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
                              f"processes ({self.dist.world_size})")
         self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
+        cfg.check_for(online=self.online, world_size=self.dist.world_size)
+        check_precision(cfg.head_precision, self.device, next(model.parameters()).dtype)  # tf32 needs CUDA
 
         self.eos_ids = self._eos_ids(eos_token_id)
         self.pad_id = self._pad_id(pad_token_id)
@@ -233,6 +243,7 @@ class GROTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
         self._updating = False
+        self._z0 = None  # KTO's reference point of the current step (method='kto' without anchor_value)
         self.history: List[dict] = []
 
     # -- token ids --------------------------------------------------------------------------------
@@ -302,7 +313,7 @@ class GROTrainer:
         pids = [encode_prompt(self.tokenizer, p) for p in prompts]
         comps = generate(self.model, pids, num_generations=K, max_new_tokens=cfg.max_new_tokens,
                          pad_id=self.pad_id, eos_ids=self.eos_ids, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p)
+                         top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
         texts = [self._decode(c) for c in comps]
         rep = [r for r in rows for _ in range(K)]
         rewards = score(self.reward_funcs, [r["prompt"] for r in rep], texts, self._columns(rep), self.reward_weights)
@@ -361,30 +372,69 @@ class GROTrainer:
 
     @torch.no_grad()
     def logprobs(self, model, batch: Batch) -> torch.Tensor:
-        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch)."""
+        """`[N, C]` float32 log-probs of the completion tokens under `model` (no grad, by micro-batch):
+        the policy's of the sampler's (truncated) distribution, the reference's of its full one."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
-        temp = float(self.options.temperature)
+        head = self._head_options(model)
         with self.gathered() if model is self.model else contextlib.nullcontext():
-            self._logprobs_into(out, model, batch, temp)
+            self._logprobs_into(out, model, batch, head)
         return out
 
-    def _logprobs_into(self, out, model, batch: Batch, temp: float) -> None:
+    def _head_options(self, model) -> dict:
+        """token_logprobs' head arguments for `model`: its soft cap, the configured precision and temperature,
+        and for the policy the sampler's truncation."""
+        cfg = self.config
+        head = dict(temperature=float(self.options.temperature), softcap=logit_softcap(model),
+                    head_precision=cfg.head_precision)
+        return {**head, **cfg.sampler()} if model is self.model else head
+
+    def _logprobs_into(self, out, model, batch: Batch, head: dict) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
+            scored = self._scored(mb)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                    self.autocast_dtype, pack=self.config.pack_sequences)
-            lp = token_logprobs(h, w, mb.targets, bias=b, temperature=temp, backend=self.config.backend).logp
+                                    self.autocast_dtype, scored=scored)
+            targets = mb.targets if scored is None else PackedTokens(scored).take(mb.targets)
+            lp = token_logprobs(h, w, targets, bias=b, backend=self.config.backend, **head).logp
+            lp = lp if scored is None else PackedTokens(scored).put(lp)
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
+
+    def _scored(self, mb: Batch):
+        """With `pack_sequences`, the tokens the loss reads (the packed row holds their states only)."""
+        return mb.targets != IGNORE_INDEX if self.config.pack_sequences else None
 
     # -- the update -------------------------------------------------------------------------------
     def _loss_options(self) -> dict:
         """The objective's options as given to `gro_loss` (the sampling temperature unless overridden)."""
         return {"temperature": self.config.temperature, **self.config.loss_options}
 
-    def _loss_kwargs(self, mb: Batch, tokens_global: int) -> dict:
+    def _estimates_kto_z0(self) -> bool:
+        """method='kto' without a fixed anchor_value: z0 is estimated per step, as TRL does."""
+        return self.config.method == "kto" and "anchor_value" not in self.config.loss_options
+
+    def _kto_z0(self, batch: Batch) -> float:
+        """KTO's reference point for this step's batch, before its updates (batch_weights.py)."""
+        pairs = mismatched_pairs(batch)
+        return kto_reference_point(self.logprobs(self.model, pairs), self.logprobs(self.ref_model, pairs))
+
+    def _loss_kwargs(self, mb: Batch, tokens_global: int, scale: float) -> dict:
+        """gro_loss's arguments for micro-batch `mb`, whose loss the update multiplies by `scale`."""
         cfg, opts = self.config, self.options
-        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, **self._loss_options())
-        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py)
+        options = self._loss_options()
+        if mb.advantages is not None:  # formed on the whole batch (batch_weights.py), with the options that shape them
+            options = options_beside_advantages(options, opts)
+        if opts.entropy_agg == "token_mean" and opts.entropy_coef != 0:
+            # TRL's bonus: the entropy's mean over the tokens of the batch (all micro-batches and processes).
+            if opts.loss_agg == "token_mean":  # the loss's own c = m / tokens_global is that mean
+                options.pop("entropy_agg")
+            else:  # the call's token mean, rescaled to its share of the batch's
+                tokens = float(self._counted(mb).sum())
+                options["entropy_coef"] = opts.entropy_coef * tokens * self.dist.world_size / (max(tokens_global, 1) * scale)
+        kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, head_precision=cfg.head_precision,
+                  **cfg.sampler(), **options)
+        if self._z0 is not None:
+            kw["anchor_value"] = self._z0
+        if mb.advantages is not None:
             kw["advantages"] = mb.advantages
         else:
             if opts.score in ("reward", "token_return"):
@@ -395,12 +445,17 @@ class GROTrainer:
                 kw["baselines"] = mb.baselines
         if mb.offline.any():
             kw["offline"] = mb.offline
+        if mb.truncated is not None:
+            kw["truncated"] = mb.truncated
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
         if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
+            if logit_softcap(self.ref_model) != logit_softcap(self.model):
+                raise ValueError("kl_estimator='full' soft-caps both heads with the policy's cap: the reference "
+                                 f"model's final_logit_softcapping ({logit_softcap(self.ref_model)}) differs")
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype, pack=self.config.pack_sequences)
+                                           mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
@@ -411,11 +466,27 @@ class GROTrainer:
             kw["max_completion_length"] = cfg.max_new_tokens
         return kw
 
+    def _truncated(self, batch: Batch) -> torch.Tensor:
+        """[N] bool: sampled completions cut at max_new_tokens, i.e. not ending in an EOS (TRL's
+        mask_truncated_completions); offline rows end in EOS."""
+        lengths = (batch.targets != IGNORE_INDEX).sum(1)
+        last = batch.targets.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+        ends = torch.isin(last, torch.as_tensor(self.eos_ids, device=last.device))
+        return (lengths == 0) | ~ends
+
+    @staticmethod
+    def _counted(batch: Batch) -> torch.Tensor:
+        """[N, C] bool: the tokens the loss counts (truncated completions dropped when asked)."""
+        counted = batch.targets != IGNORE_INDEX
+        return counted if batch.truncated is None else counted & ~batch.truncated[:, None]
+
     def train_step(self, batch: Batch) -> Dict[str, float]:
         """`num_iterations` optimizer steps on `batch` (this process's rows of the global batch)."""
         cfg, W = self.config, self.dist.world_size
         batch = batch.to(self.device)
-        counts = torch.tensor([len(batch), batch.num_tokens()], dtype=torch.float64, device=self.device)
+        if self.options.mask_truncated_completions:
+            batch.truncated = self._truncated(batch)
+        counts = torch.tensor([len(batch), float(self._counted(batch).sum())], dtype=torch.float64, device=self.device)
         gdist.all_reduce(counts)
         rows_global, tokens_global = int(counts[0]), int(counts[1])
         token_mean = self.options.loss_agg == "token_mean"
@@ -424,6 +495,7 @@ class GROTrainer:
             batch.old_logp = self.logprobs(self.model, batch)
         if self.ref_model is not None and not (self.options.kl_estimator == "full" and self.options.kl_coef != 0):
             batch.ref_logp = self.logprobs(self.ref_model, batch)
+        self._z0 = self._kto_z0(batch) if self._estimates_kto_z0() else None
         if forms_weights_from_rewards(self.options):
             behaviour = batch.old_logp
             if behaviour is None and needs_behaviour_logp(self.options):
@@ -442,8 +514,8 @@ class GROTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for j, idx in enumerate(micro):
                 mb = batch.select(idx)
-                kw = self._loss_kwargs(mb, tokens_global)
                 scale = W if token_mean else W * len(mb) / rows_global
+                kw = self._loss_kwargs(mb, tokens_global, scale)
                 last = j == len(micro) - 1
                 sync = contextlib.nullcontext() if (not ddp or last) else self.wrapped.no_sync()
                 if self.fsdp:  # reduce-scatter after the last micro-batch; keep lm_head gathered until then
@@ -455,11 +527,8 @@ class GROTrainer:
                     (loss * scale).backward()
                 if it == 0:
                     logp_all[torch.as_tensor(idx, device=self.device)] = logp.float()
-                    for k, v in (metrics or {}).items():
-                        if isinstance(v, torch.Tensor) and v.numel() == 1:
-                            v = float(v.detach())
-                        if isinstance(v, (int, float)):
-                            sums[k] = sums.get(k, 0.0) + float(v) * len(mb)
+                    for k, v in metrics.items():  # every gro_loss metric is a 0-d tensor
+                        sums[k] = sums.get(k, 0.0) + float(v) * len(mb)
                 if it == cfg.num_iterations - 1:
                     loss_total += float(loss.detach()) * scale / W
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -471,7 +540,10 @@ class GROTrainer:
             self.scheduler.step()
         self.step += 1
         self._updating = False
-        return self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+        metrics = self._metrics(batch, mask, logp_all, sums, loss_total, float(grad_norm))
+        if self._z0 is not None:
+            metrics["kto_z0"] = self._z0
+        return metrics
 
     def _metrics(self, batch, mask, logp, sums, loss_total, grad_norm) -> Dict[str, float]:
         """Global (all-process) step metrics."""

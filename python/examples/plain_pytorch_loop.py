@@ -1,6 +1,6 @@
 """gro_loss in a plain PyTorch loop with a Hugging Face causal LM (no trainer class).
 
-    python python/examples/plain_pytorch_loop.py [--model NAME_OR_PATH] [--method grpo] [--steps 20]
+    python python/examples/plain_pytorch_loop.py [--model NAME_OR_PATH] [--method grpo] [--steps 100]
 
 Without --model it builds a tiny Llama from a config (no download) and a toy task: answer a
 prompt of digits with the same digits reversed, reward = fraction of positions right. The loop:
@@ -9,6 +9,10 @@ prompt of digits with the same digits reversed, reward = fraction of positions r
     -> gro_loss(hidden, model.lm_head.weight, targets, rewards=..., group_ids=...) -> backward -> step
 
 The full [tokens, vocab] logits are never built: gro_loss projects the hidden states itself.
+Every 10 steps it prints the mean sampled reward of those steps and the policy's entropy; on the
+tiny model the reward climbs from ~0.08 (chance) to ~0.4 in 100 steps (about 10 s on a CPU). The
+loss value is not printed: on-policy GRPO's loss is ~0 by construction (importance ratio 1,
+advantages centred in each group), while its gradient is not.
 """
 import argparse
 import random
@@ -26,8 +30,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="HF model name or path (default: a tiny Llama from a config)")
     p.add_argument("--method", default="grpo")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     args = p.parse_args()
@@ -54,6 +58,7 @@ def main():
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     backbone, head = model.get_decoder(), model.get_output_embeddings()
+    history = []
     for step in range(args.steps):
         digits = ["".join(random.choice("0123456789") for _ in range(3)) for _ in range(args.prompts)]
         prompts = [torch.tensor(encode(d + ">")) for d in digits]
@@ -84,13 +89,20 @@ def main():
         hidden = hidden[:, P - 1:-1]                     # the states that predict the completion tokens
         targets = comp.masked_fill(~comp_mask, -100)     # -100: not a response token
         out = gro_loss(hidden, head.weight, targets, method=args.method, rewards=rewards, group_ids=group_ids,
-                       kl_coef=0.0)                      # grpo's default KL needs ref_logp; off here
+                       kl_coef=0.0,                      # grpo's default KL needs ref_logp; off here
+                       return_entropy=True)              # out.metrics["entropy"]: the policy's mean entropy
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        print(f"step {step + 1:3d}  reward {rewards.mean():.3f}  loss {out.loss.item():+.4f}  "
-              f"entropy {float(out.metrics.get('entropy', float('nan'))):.3f}")
+        history.append(rewards.mean().item())
+        if (step + 1) % 10 == 0 or step + 1 == args.steps:
+            recent = history[-10:]
+            print(f"step {step + 1:4d}  reward {sum(recent) / len(recent):.3f} (mean of the last {len(recent)} steps)  "
+                  f"entropy {out.metrics['entropy'].item():.3f}", flush=True)
+    first, last = history[:10], history[-10:]
+    print(f"reward: first {len(first)} steps {sum(first) / len(first):.3f} -> last {len(last)} steps "
+          f"{sum(last) / len(last):.3f}")
 
 
 if __name__ == "__main__":

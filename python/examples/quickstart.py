@@ -31,7 +31,9 @@ for method in METHODS:
         kw.update(baselines=batch["baselines"], anchor="baseline")
     if method in ("dpo", "ipo", "cpl", "simpo"):
         kw.update(labels=batch["labels"], group_ids=batch["group_ids"])
-    elif method in ("kto", "apo_zero_unpaired"):
+    elif method == "kto":  # KTO's reference point z0: a batch estimate of KL(policy || reference)
+        kw.update(labels=batch["labels"], anchor_value=0.05)
+    elif method == "apo_zero_unpaired":  # KTO with z0 = 0
         kw.update(labels=batch["labels"])
     elif method not in ("sft", "dft"):
         kw.update(rewards=batch["rewards"], group_ids=batch["group_ids"])

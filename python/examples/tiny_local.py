@@ -1,8 +1,12 @@
 """A tiny Llama and a character tokenizer built locally, saved where `from_pretrained` can load them.
 
 The examples use it by default so that they run offline in seconds; `--model NAME` takes a Hub model instead.
+Run alone, it writes one to a folder, loads it back with `from_pretrained` and samples from it:
+
+    python python/examples/tiny_local.py [PATH]
 """
 import os
+import sys
 import tempfile
 
 import torch
@@ -35,3 +39,20 @@ def save_tiny_llama(path=None, *, hidden=64, layers=2, seed=0):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def main(path=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_llama(path)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    ids = tok("reverse 123>", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    sample = model.generate(ids, do_sample=True, max_new_tokens=6, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    print(f"saved a tiny Llama ({sum(p.numel() for p in model.parameters())} parameters, vocabulary "
+          f"{len(tok)}) and its tokenizer to {path}")
+    print(f"loaded back with from_pretrained; an untrained sample after 'reverse 123>': {tok.decode(sample)!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -41,6 +41,9 @@ def main(argv=None):
                      use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported())
     trainer = GROGRPOTrainer(model=model, reward_funcs=reverse_reward, args=cfg, train_dataset=Dataset.from_list(rows))
     trainer.train()
+    rewards = [(h["step"], h["reward"]) for h in trainer.state.log_history if "reward" in h]
+    print("TRL GRPOTrainer on gro_kernels, mean reward per step: "
+          + ", ".join(f"step {s} {r:.3f}" for s, r in rewards))
     return trainer.state.log_history
 
 
