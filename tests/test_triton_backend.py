@@ -1,4 +1,4 @@
-"""The triton backend: the chunked engine with the Triton epilogue (`gro_kernels.kernels.epilogue`).
+"""The triton backend: the chunked engine with the Triton epilogue (`gro_kernels.kernels.row_stats`, `gro_kernels.kernels.logits_grad`).
 
 On a CUDA machine the kernels run compiled; elsewhere tests/conftest.py sets TRITON_INTERPRET=1
 and they run on CPU tensors through Triton's interpreter (slow: tiny shapes; the interpreter's

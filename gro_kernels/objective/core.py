@@ -15,7 +15,7 @@ from . import corrections
 from .aggregation import token_coefficients
 from .offline import scale_offline, sft_plan
 from ..argdocs import document, options_entry
-from ..logprobs.api import stat_dtype
+from ..logprobs.rows import stat_dtype
 from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .layout import TokenLayout
 from .options import COMPUTED_WITH_LOGP, OPTIONS, Options, resolve_options
