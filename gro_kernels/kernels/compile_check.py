@@ -145,7 +145,8 @@ def _tasks(vocab: int, quick: bool) -> list:
             tasks.append((name, dz, flags, dict(flags, BLOCK_S=triton.next_power_of_2(n_splits)), 4, None))
         else:
             tasks += [(name, dz, flags, dict(flags, SPLIT_V=launch.SPLIT_V, FAST=True, **c.kwargs), c.num_warps,
-                       c.kwargs["BLOCK_V"]) for c in configs]
+                       c.kwargs["BLOCK_V"]) for c in configs
+                      if launch.launchable(c, flags)]   # what the autotuner may run
     return tasks
 
 

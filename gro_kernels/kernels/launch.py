@@ -26,6 +26,17 @@ INTERPRETER_BLOCK_V = 256
 INTERPRETER_SPLIT_V = 512
 
 
+def launchable(config, flags) -> bool:
+    """Whether the autotuner may run `config` for a kernel variant with these constexpr flags. With
+    the soft cap, 4096 lanes on 8 warps spilled 8 bytes to the stack in both kernels (sm_90, Triton
+    3.6 and 3.9, `compile_check.py`): left out there."""
+    return not (flags.get("HAS_CAP") and config.kwargs["BLOCK_V"] >= 4096)
+
+
+# for triton.autotune(prune_configs_by=...): the configs `launchable` allows, with the launch's flags
+PRUNE = {"early_config_prune": lambda configs, named_args, **flags: [c for c in configs if launchable(c, flags)]}
+
+
 LOG2E = tl.constexpr(1.4426950408889634)   # the kernels work in base 2: exp(x) = 2^(x log2 e)
 LN2 = tl.constexpr(0.6931471805599453)
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (CONFIGS, LOG2E, exp2, launch, per_row, rowmajor, softmax_input, split_v, tanh, vec,
+from .launch import (CONFIGS, LOG2E, PRUNE, exp2, launch, per_row, rowmajor, softmax_input, split_v, tanh, vec,
                      warn_if_unaligned)
 
 
@@ -92,7 +92,8 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr
 
 
 _logits_grad_tuned = triton.autotune(
-    CONFIGS, key=["V", "HAS_BETA", "HAS_REF", "HAS_CAP", "HAS_TAU", "HAS_ETA", "HAS_CW"])(_logits_grad_kernel)
+    CONFIGS, key=["V", "HAS_BETA", "HAS_REF", "HAS_CAP", "HAS_TAU", "HAS_ETA", "HAS_CW"],
+    prune_configs_by=PRUNE)(_logits_grad_kernel)
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

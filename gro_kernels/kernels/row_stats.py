@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (CONFIGS, LN2, LOG2E, exp2, launch, per_row, rowmajor, softmax_input, split_v, vec,
+from .launch import (CONFIGS, LN2, LOG2E, PRUNE, exp2, launch, per_row, rowmajor, softmax_input, split_v, vec,
                      warn_if_unaligned)
 
 # Fields of a partial, relative to the program's max m of u (mr of ur), with the differences in
@@ -190,7 +190,8 @@ def _row_finish_kernel(part_ptr, z_ptr, y_ptr, inv_t_ptr, lse_ptr, logp_ptr, top
 
 
 _row_partials_tuned = triton.autotune(
-    CONFIGS, key=["V", "WANT_REL", "HAS_REF", "WANT_P2", "HAS_CAP", "HAS_TAU", "WANT_MEAN", "HAS_CW"])(_row_partials_kernel)
+    CONFIGS, key=["V", "WANT_REL", "HAS_REF", "WANT_P2", "HAS_CAP", "HAS_TAU", "WANT_MEAN", "HAS_CW"],
+    prune_configs_by=PRUNE)(_row_partials_kernel)
 
 
 def row_partials(z, zr, y, inv_t, *, want_rel: bool, want_p2: bool = False, want_mean: bool = False, cap=None,
