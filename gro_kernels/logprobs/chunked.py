@@ -130,14 +130,6 @@ def _cast(g, like):
     return None if g is None else g.to(like.dtype)
 
 
-def _check_divergence(backend, dtype, divergence) -> None:
-    """The Triton kernels compute a second head's reverse KL; a teacher's forward KL or JSD runs on the torch
-    epilogue only (kernels/teacher.py holds their kernels, not yet wired into the logits-gradient kernel)."""
-    if backend == "triton" and dtype != torch.float64 and divergence is not None and divergence.kind != "reverse_kl":
-        raise ValueError(f"divergence={divergence.kind!r} (a teacher's forward KL / generalized JSD) runs on "
-                         "backend='torch' (and 'naive'); backend='triton' computes divergence='reverse_kl' only")
-
-
 def _check_options(backend, options):
     """(the layout options {chunk_elements, group_elements}, the tensor-parallel shard or None)."""
     shard = options.pop("shard", None)  # from token_logprobs / gro_loss's tp_group, not a user option
@@ -160,7 +152,6 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
     layout_options, shard = _check_options(backend, dict(options))
     if teacher is not None and shard is not None:
         raise ValueError("teacher_hidden (a teacher head) is single-device: it does not take tp_group")
-    _check_divergence(backend, hidden.dtype, divergence if teacher is not None else None)
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
@@ -193,7 +184,6 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
     `grads` is an `engine.GradsOut` over all N rows, which `PrecomputedGrad` finishes once the
     upstream gradient is known (fp16 gradients are rounded after it)."""
     layout_options, shard = _check_options(backend, dict(options))
-    _check_divergence(backend, hidden.dtype, divergence)
     rows = valid_rows(targets, ignore_index)
     n_all = targets.shape[0]
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), \

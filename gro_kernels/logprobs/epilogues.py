@@ -228,7 +228,8 @@ def _col(inv_t):
 
 class TritonEpilogue:
     """The Triton kernels: row statistics (`kernels/row_stats.py`), the logits gradient into its
-    own buffer (`kernels/logits_grad.py`). Their -inf guards cost no extra pass."""
+    own buffer (`kernels/logits_grad.py`). Their -inf guards cost no extra pass. A teacher's forward KL
+    and generalized JSD are constexpr variants of both (the JSD's statistics read both chunks twice)."""
 
     in_place = False
 
@@ -239,20 +240,20 @@ class TritonEpilogue:
 
     def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False, div=None):
         e = s + z.shape[0]
-        if div is not None and div.kind != "reverse_kl":
-            raise NotImplementedError(f"backend='triton' does not compute divergence={div.kind!r} yet")
 
         def part(t):
             return None if t is None else t[s:e]
 
+        teacher = {} if zr is None or div is None else dict(divergence=div.kind, jsd_beta=div.beta,
+                                                             lse_r=part(st.lse_r), e_pm=part(st.e_pm))
         self.row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), top1=part(st.top1),
                        ent=part(st.entropy), kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2),
-                       mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
+                       mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight, **teacher)
         return None
 
     def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None,
              extra=None):
-        if extra is not None:
-            raise NotImplementedError(f"backend='triton' does not compute divergence={extra.div.kind!r} yet")
+        teacher = {} if extra is None else dict(divergence=extra.div.kind, delta=extra.delta, lse_r=extra.lse_r,
+                                                jsd_beta=extra.div.beta)
         return self.logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
-                                cap=tf.cap, tau=tf.tau, eta=eta, class_weight=class_weight, out=out)
+                                cap=tf.cap, tau=tf.tau, eta=eta, class_weight=class_weight, out=out, **teacher)
