@@ -461,3 +461,26 @@ def test_teacher_kernels_equal_the_formula(div, beta):
         delta[:, None].double() * p * torch.where(live, lp - lm, 0.0)
     assert torch.isfinite(dz).all()
     torch.testing.assert_close(dz.double().cpu(), term, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,gtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("div,extra", TEACHER_DIVERGENCES[1:], ids=[d for d, _ in TEACHER_DIVERGENCES[1:]])
+def test_teacher_divergences_on_16_bit_heads(div, extra, dtype, gtol):
+    """16-bit heads on the triton kernels: a 16-bit dz (fp16's per-row scale multiplies the teacher's delta
+    too: a small distill_coef keeps that scale far from 1, and leaving delta unscaled fails here); the loss
+    fp32-accurate, the gradients within the dtype's rounding, against the naive backend on float64 copies
+    of the rounded inputs."""
+    from gro_kernels import gro_loss
+
+    x, targets = _teacher_batch()
+    x = {k: v.to(dtype) for k, v in x.items() if k != "bias" and k != "teacher_bias"}
+    got, want = [], []
+    for cast, out, backend in ((lambda t: t, got, "triton"), (lambda t: t.double(), want, "naive")):
+        h, w = cast(x["hidden"]).clone().requires_grad_(), cast(x["weight"]).clone().requires_grad_()
+        res = gro_loss(h, w, targets, method="distill", divergence=div, distill_coef=0.01, backend=backend,
+                       teacher_hidden=cast(x["teacher_hidden"]), teacher_weight=cast(x["teacher_weight"]),
+                       backend_options=SMALL if backend == "triton" else None, **extra)
+        out += [res.loss.detach().double(), *(g.double() for g in torch.autograd.grad(res.loss, (h, w)))]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+    for a, b in zip(got[1:], want[1:]):
+        assert float((a - b).abs().max() / b.abs().max()) < gtol
