@@ -20,12 +20,17 @@ Rows:
 - `gro_loss_torch`, `gro_loss_triton`: the package's full `gro_kernels.loss.gro_loss(method=...)`.
 - `torch_lce` (SFT only): PyTorch core's `torch.nn.functional.linear_cross_entropy` (torch >= 2.13)
   with `options=LinearCrossEntropyOptions()`, its chunked path (the logits never whole).
-- `matmul3` (log-prob + entropy case only): the three bare matmuls of any fwd+bwd,
-  `logits = H @ W^T`, `dH = G @ W`, `dW = G^T @ H`: the floor the fused kernels are held against.
+- `matmul3`: the three bare matmuls of any fwd+bwd, `logits = H @ W^T`, `dH = G @ W`,
+  `dW = G^T @ H`, on all N rows: the floor of the rows that compute every token (`gro_torch`,
+  `gro_triton`, plain). `matmul3_rows`: the same on the rows `gro_loss` computes (the mask's,
+  minus ignored targets): its like-for-like floor.
+- `gro_loss_{triton,torch}_c<C>[_g<G>]`: `gro_loss` with chunks of C tokens and groups of G
+  (default C: gradient GEMMs per chunk) tokens, for the chunk / group sweep of the GPU suite.
 """
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Callable, Dict, Optional
 
 import torch
@@ -34,6 +39,11 @@ import torch.nn.functional as F
 from .cases import IGNORE_INDEX, Case, chunked_logp
 
 GRO_IMPLS = ("gro_torch", "gro_triton", "gro_loss_torch", "gro_loss_triton")
+
+
+def is_gro(impl: str) -> bool:
+    """A gro_kernels row (never a peer in the ratios)."""
+    return impl in GRO_IMPLS or _VARIANT.match(impl) is not None
 
 # `torch.compile(dynamic=...)` for the torch_compile row; the worker sets it from its config
 # (--quick compiles once with dynamic shapes: CPU compilation costs ~30 s per graph on 2 cores).
@@ -296,9 +306,11 @@ def build_gro_triton(case, inp, device):
     return _build_gro(case, inp, device, "triton")
 
 
-def _build_gro_loss(case, inp, device, backend):
+def _build_gro_loss(case, inp, device, backend, options=None):
+    """gro_loss(method=case); `options`: its backend_options (chunk / group sizes of a variant)."""
     if backend == "triton":
         _check_triton(device)
+    bo = dict(backend_options=options) if options else {}
     gro_loss = _import("gro_kernels.loss").gro_loss
     tl = _import("gro_kernels.logprobs").token_logprobs
     h, w, y, m = inp["hidden"], inp["weight"], inp["targets"], inp["mask"]
@@ -307,22 +319,23 @@ def _build_gro_loss(case, inp, device, backend):
         fn = lambda: gro_loss(h, w, y, method="grpo", mask=m, rewards=inp["rewards"],  # noqa: E731
                               group_ids=inp["group_ids"], old_logp=inp["old_logp"], ref_logp=inp["ref_logp"],
                               kl_coef=o["kl_coef"], eps_low=o["eps_low"], eps_high=o["eps_high"],
-                              entropy_coef=o.get("entropy_coef", 0.0), backend=backend).loss
+                              entropy_coef=o.get("entropy_coef", 0.0), backend=backend, **bo).loss
     elif case.name == "dapo":
         fn = lambda: gro_loss(h, w, y, method="dapo", mask=m, rewards=inp["rewards"],  # noqa: E731
                               group_ids=inp["group_ids"], old_logp=inp["old_logp"],
-                              eps_low=o["eps_low"], eps_high=o["eps_high"], backend=backend).loss
+                              eps_low=o["eps_low"], eps_high=o["eps_high"], backend=backend, **bo).loss
     elif case.name == "dpo":
         def fn():
             with torch.no_grad():
                 ref = tl(inp["ref_hidden"], inp["ref_weight"], y, backend=backend).logp
             return gro_loss(h, w, y, method="dpo", mask=m, group_ids=inp["group_ids"], labels=inp["labels"],
-                            ref_logp=ref, beta=o["beta"], backend=backend).loss
+                            ref_logp=ref, beta=o["beta"], backend=backend, **bo).loss
     elif case.name == "sft":
-        fn = lambda: gro_loss(h, w, y, method="sft", mask=m, backend=backend).loss  # noqa: E731
+        fn = lambda: gro_loss(h, w, y, method="sft", mask=m, backend=backend, **bo).loss  # noqa: E731
     else:
         raise Skip(f"gro_loss has no preset for case {case.name!r} (its primitive is the gro_{backend} row)")
-    return Step(fn, note=f"gro_loss(method={case.name!r}, backend={backend!r})")
+    extra = f", backend_options={options}" if options else ""
+    return Step(fn, note=f"gro_loss(method={case.name!r}, backend={backend!r}{extra})")
 
 
 def build_gro_loss_torch(case, inp, device):
@@ -333,13 +346,28 @@ def build_gro_loss_triton(case, inp, device):
     return _build_gro_loss(case, inp, device, "triton")
 
 
+# `gro_loss_triton_c1280` / `gro_loss_torch_c2048_g8192`: gro_loss with chunks of c tokens and groups
+# of g (default c: the gradient GEMMs per chunk, the design before issue 16) tokens.
+_VARIANT = re.compile(r"(gro_loss_triton|gro_loss_torch)_c(\d+)(?:_g(\d+))?$")
+
+
+def _build_variant(name, case, inp, device):
+    m = _VARIANT.match(name)
+    vocab = inp["weight"].shape[0]
+    chunk, group = int(m.group(2)), int(m.group(3) or m.group(2))
+    return _build_gro_loss(case, inp, device, m.group(1).rsplit("_", 1)[1],
+                           dict(chunk_elements=chunk * vocab, group_elements=group * vocab))
+
+
 # ----------------------------------------------------------------------------------------------
 # the matmul floor
 
 
-def build_matmul3(case, inp, device):
+def build_matmul3(case, inp, device, rows=None):
     h = inp["hidden"].detach().reshape(-1, inp["hidden"].shape[-1])
     w = inp["weight"].detach()
+    if rows is not None:
+        h = h[rows]
 
     def fn():
         g = h @ w.T  # logits; reused as the logits gradient G (same shape and dtype)
@@ -349,6 +377,19 @@ def build_matmul3(case, inp, device):
         return None
 
     return Step(fn, comparable=False, note="three bare matmuls H@W^T, G@W, G^T@H (time floor, no loss)")
+
+
+def counted_rows(inp) -> torch.Tensor:
+    """The tokens gro_loss computes: in the mask, and not ignore_index."""
+    return ((inp["mask"] > 0) & (inp["targets"] != IGNORE_INDEX)).reshape(-1)
+
+
+def build_matmul3_rows(case, inp, device):
+    rows = counted_rows(inp)
+    step = build_matmul3(case, inp, device, rows=rows)
+    step.note = (f"the three bare matmuls on the {int(rows.sum())} of {rows.numel()} rows gro_loss computes "
+                 "(mask & targets != ignore_index): gro_loss's like-for-like floor")
+    return step
 
 
 BUILDERS: Dict[str, Callable] = {
@@ -363,10 +404,13 @@ BUILDERS: Dict[str, Callable] = {
     "gro_loss_torch": build_gro_loss_torch,
     "gro_loss_triton": build_gro_loss_triton,
     "matmul3": build_matmul3,
+    "matmul3_rows": build_matmul3_rows,
 }
 
 
 def build(name: str, case: Case, inp, device: str) -> Step:
+    if _VARIANT.match(name):
+        return _build_variant(name, case, inp, device)
     if name not in BUILDERS:
         raise ValueError(f"unknown implementation {name!r}; known: {sorted(BUILDERS)}")
     return BUILDERS[name](case, inp, device)

@@ -15,14 +15,16 @@ from torch import nn
 
 from .argdocs import document, options_entry
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_class_weight, check_inputs, check_mean_logp, stat_dtype, vocab_shard
+from .logprobs.api import check_class_weight, check_inputs, check_mean_logp, vocab_shard
+from .logprobs.rows import stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .logprobs.transform import HEAD_PRECISIONS, check_head_options
 from .objective import GROOutput, gro_objective
-from .objective.core import objective_in_layout, prepare_objective, token_layout
+from .objective.chunk import ChunkCoefficients
+from .objective.core import objective_in_layout, token_layout
 from .objective.inputs import check_mask, uses_ref_logp
 from .objective.options import OPTIONS, ce_smoothing_reader, resolve_options
-from .objective.split import needs_policy_logp, token_loss
+from .objective.split import needs_policy_logp
 
 
 _INPUTS = ("hidden", "weight", "targets", "method", "mask", "rewards", "advantages", "group_ids", "labels",
@@ -222,57 +224,18 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline
 
 def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, head, shard, want_entropy,
                 want_mean_logp, class_weight, ignore_index, backend, backend_options) -> GROOutput:
-    """Loss and gradients in one sweep: the sequence plan first, then per chunk the token-local loss's
-    derivatives by autograd on the chunk's [n] vectors, then dz and the gradient GEMMs."""
+    """Loss and gradients in one sweep: the sequence plan first (`ChunkCoefficients`), then per chunk
+    of tokens the token-local loss's derivatives, then dz and the gradient GEMMs (the engine)."""
     B, T = targets.shape
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
-    want_kl = bool(ref_head)
-    kl_grad = want_kl and opts.kl_coef != 0
     want_lse = opts.z_loss_coef != 0
     # Packed rows, a context-parallel group: the plan is formed on the whole batch, read at our tokens.
     objective = dict(objective)
     cp_group = objective["cp_group"]
     layout = token_layout(zeros, opts=opts, inputs=objective,
                           **{k: objective.pop(k) for k in ("sequence_ids", "positions", "cp_group")})
-    # The plan is formed before the pass (token-local): zeros give the shapes, and the plan itself
-    # gets no logp, H, KL, lse or mean log-prob at all (reading them raises: see split.NotYetComputed).
-    _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None, kl=zeros if want_kl else None,
-                                   lse=zeros if want_lse else None, mean_logp=zeros if want_mean_logp else None,
-                                   layout=layout, before_pass=True, **objective)
-    local = (lambda t: t) if layout is None else layout.local  # noqa: E731
-    flat = lambda t: None if t is None else local(t).reshape(-1)  # noqa: E731
-    A, c, lr = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
-    # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
-    g_pol, g_ent, a_kl, c_lse = (flat(plan.policy_weight), flat(plan.entropy_weight), flat(plan.abs_kl_coef),
-                                 flat(plan.lse_coef))
-    pick = lambda t, pos: None if t is None else t[pos][None]  # noqa: E731
-    online = flat((~b.offline)[:, None].expand(b.mask.shape))
-    # On-policy rows (no old_logp) and offline rows use sg[l] as the behaviour log-prob.
-    given_lo = flat(b.old_logp) if objective["old_logp"] is not None else None
-
-    def coefficients(pos, cs):
-        with torch.enable_grad():
-            def leaf(t, want):
-                return t.detach().requires_grad_() if want else None
-
-            l = leaf(cs.logp, True)
-            H, K = leaf(cs.entropy, opts.entropy_coef != 0), leaf(cs.kl, kl_grad)
-            Z, M = leaf(cs.lse, want_lse), leaf(cs.mean_logp, want_mean_logp)
-            leaves = [l, H, K, Z, M]
-            lo = l.detach() if given_lo is None else torch.where(online[pos], given_lo[pos], l.detach())
-            one = lambda t: None if t is None else t[None]  # noqa: E731
-            terms = token_loss(opts, logp=l[None], old_logp=lo[None], ref_logp=pick(lr, pos),
-                               entropy=one(H), kl=one(K), advantages=A[pos][None], coef=c[pos][None],
-                               online=online[pos][None], mask=None, kl_in_loss=plan.kl_in_loss,
-                               policy_weight=pick(g_pol, pos), entropy_weight=pick(g_ent, pos),
-                               abs_kl_coef=pick(a_kl, pos), lse=one(Z), mean_logp=one(M), lse_coef=pick(c_lse, pos))
-            present = [x for x in leaves if x is not None]
-            g = dict(zip(map(id, present), torch.autograd.grad(terms.loss, present, allow_unused=True)))
-        out = []
-        for x in leaves:
-            gx = None if x is None else g[id(x)]
-            out.append(torch.zeros_like(x) if x is not None and gx is None else gx)
-        return tuple(out)
+    coefficients = ChunkCoefficients(opts, objective, zeros=zeros, layout=layout, want_entropy=want_entropy,
+                                     want_kl=bool(ref_head), want_lse=want_lse, want_mean_logp=want_mean_logp)
 
     *args, tf = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
                              ref_head.get("ref_bias"), ignore_index=ignore_index, shard=shard, **head)
@@ -281,7 +244,7 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
     if shard is not None:
         backend_options = {**backend_options, "shard": shard}
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    stats, (dh, dw, db) = fused_token_loss(
+    stats, grads = fused_token_loss(
         *args, transform=tf, head_precision=head["head_precision"], ignore_index=ignore_index,
         return_entropy=want_entropy, coefficients=coefficients, need_grads=need, want_mean_logp=want_mean_logp,
         class_weight=class_weight, backend=resolve_backend(backend, targets.device), **backend_options)
@@ -292,7 +255,7 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
                                   lse=bt(stats["lse"]) if want_lse else None, mean_logp=bt(stats["mean_logp"]),
                                   **objective)
     _token_accuracy(out, bt(stats["is_top1"]), objective["mask"], cp_group)
-    loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, None if dh is None else dh.reshape(hidden.shape), dw, db)
+    loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, grads)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics, per_sequence=out.per_sequence,
                      per_token=out.per_token)
 

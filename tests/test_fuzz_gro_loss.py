@@ -35,6 +35,7 @@ def cases(draw, reference_head=False):
         method=method, B=B, T=draw(st.integers(1, 6)), d=draw(st.integers(1, 8)), V=draw(st.integers(2, 40)),
         seed=draw(st.integers(0, 2**31 - 1)),
         chunk_elements=draw(st.sampled_from([1, 3, 17, 64, 2**21])),
+        group_elements=draw(st.sampled_from([None, 1, 40, 2**21])),   # dz of several chunks per gradient GEMM
         mask_kind=draw(st.sampled_from(["none", "bool", "float01"])),
         bias=draw(st.booleans()),
         # vocabulary rows masked with a -inf bias (in the reference head too); issue 15 item 2
@@ -147,7 +148,8 @@ def test_reference_heads_match_naive(c):
 
 def _check_against_naive(c):
     want, want_grads = _run(c, "naive", None)
-    got, got_grads = _run(c, "torch", {"chunk_elements": c["chunk_elements"]})
+    options = {k: c[k] for k in ("chunk_elements", "group_elements") if c[k] is not None}
+    got, got_grads = _run(c, "torch", options)
     assert torch.isfinite(want.loss) and torch.isfinite(got.loss), c
     assert all(torch.isfinite(gr).all() for gr in got_grads), c
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-9, atol=1e-10, msg=str(c))

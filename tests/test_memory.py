@@ -16,9 +16,10 @@ from gro_kernels.logprobs.engine import CPU_CHUNK_ELEMENTS, chunk_tokens
 
 N, D, V = 8192, 32, 131072
 LOGITS_BYTES = N * V * 4  # 4 GiB
-# engine.py documents at most four chunk-sized float32 buffers alive at once.
-WORKSPACE_BYTES = 4 * chunk_tokens(N, V, __import__("torch").device("cpu")) * V * 4
-assert WORKSPACE_BYTES <= 4 * max(CPU_CHUNK_ELEMENTS, 16 * V) * 4
+# engine.py's workspace on the CPU (torch epilogue, no reference head): three chunk-sized float32
+# buffers alive at once (z, exp(z - max), one transient), never a second z.
+WORKSPACE_BYTES = 3 * chunk_tokens(N, V, __import__("torch").device("cpu")) * V * 4
+assert WORKSPACE_BYTES <= 3 * max(CPU_CHUNK_ELEMENTS, 16 * V) * 4
 SLACK_BYTES = 32 << 20  # allocator and interpreter noise, small [N]-vectors
 
 SCRIPT = textwrap.dedent(f"""

@@ -1,4 +1,4 @@
-"""The triton backend: the chunked engine with the Triton epilogue (`gro_kernels.kernels.epilogue`).
+"""The triton backend: the chunked engine with the Triton epilogue (`gro_kernels.kernels.row_stats`, `gro_kernels.kernels.logits_grad`).
 
 On a CUDA machine the kernels run compiled; elsewhere tests/conftest.py sets TRITON_INTERPRET=1
 and they run on CPU tensors through Triton's interpreter (slow: tiny shapes; the interpreter's
@@ -351,3 +351,21 @@ def test_sum_p2_matches_torch_epilogue():
     got = token_logprobs(*args, backend="triton", **kw).sum_p2
     want = token_logprobs(*args, backend="torch", **kw).sum_p2
     assert (got - want).abs().max() < 1e-6 and want.max() > 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["row_partials", "logits_grad"])
+@pytest.mark.parametrize("cap", [False, True])
+def test_the_autotuner_tries_exactly_the_configs_compile_check_compiles(kernel, cap):
+    # compile_check.py's verdict (no spills, 128-bit loads) holds only for the configs it compiles:
+    # those must be the ones each kernel's autotuner may pick, which leaves out 4096 lanes with the
+    # soft cap (they spilled on sm_90).
+    from gro_kernels.kernels import compile_check, launch, logits_grad, row_stats
+
+    tasks = [t for t in compile_check._tasks(151936, quick=False) if t[0] == kernel and t[2]["HAS_CAP"] == cap]
+    tuned = {"row_partials": row_stats._row_partials_tuned, "logits_grad": logits_grad._logits_grad_tuned}[kernel]
+    for dz, flags in {(t[1], tuple(t[2].items())) for t in tasks}:
+        flags = dict(flags)
+        tried = tuned.early_config_prune(launch.CONFIGS, {}, **flags, SPLIT_V=launch.SPLIT_V)
+        compiled = [(t[4], t[5]) for t in tasks if t[1] == dz and t[2] == flags]
+        assert sorted((c.num_warps, c.kwargs["BLOCK_V"]) for c in tried) == sorted(compiled)
+        assert (max(b for _, b in compiled) < 4096) == cap

@@ -19,7 +19,6 @@ and truncation every backend applies.
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ from typing import Optional
 import torch
 
 from ..argdocs import document
+from . import chunked, naive
+from .rows import STAT_NAMES
 from .transform import check_head_options
 
 BACKENDS = ("naive", "torch", "triton")
-STAT_NAMES = ("logp", "entropy", "kl", "lse", "sum_p2", "mean_logp", "is_top1")
 
 
 @dataclass
@@ -89,8 +89,7 @@ def _triton_available() -> bool:
 
 def _backend_fn(name: str):
     if name == "naive":
-        return importlib.import_module("gro_kernels.logprobs.naive").token_stats
-    chunked = importlib.import_module("gro_kernels.logprobs.chunked")
+        return naive.token_stats
     return functools.partial(chunked.token_stats, backend=name)
 
 
@@ -355,31 +354,3 @@ def _check_masked_rows(bias, ref_bias, whole: bool = True) -> None:
                 f"ref_bias is -inf at vocabulary rows {rows} where bias is not: the reference gives those tokens "
                 "probability 0 while the policy does not, so the exact KL(policy || reference) is infinite. "
                 "Mask the same rows in both heads (-inf in bias too).")
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are float32, or float64 when the inputs are float64 (the test reference)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def valid_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """Indices of the tokens that count, or None when all do (then nothing is copied)."""
-    valid = targets != ignore_index
-    return None if bool(valid.all()) else valid.nonzero()[:, 0]
-
-
-def take_rows(t: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The rows of `t` that count (backends compute only those)."""
-    return t if t is None or rows is None else t.index_select(0, rows)
-
-
-def scatter_rows(v: Optional[torch.Tensor], rows: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-    """`v` back at `rows` of an n-row tensor, exactly 0 at the ignored rows."""
-    if v is None or rows is None:
-        return v
-    return v.new_zeros((n,) + tuple(v.shape[1:])).index_copy_(0, rows, v)
-
-
-def reject_options(backend: str, options: dict) -> None:
-    if options:
-        raise TypeError(f"backend={backend!r} takes no backend options, got {sorted(options)}")

@@ -9,20 +9,22 @@
 
 `backend="torch"` uses the torch-ops epilogue (any device); `backend="triton"` the two Triton
 kernels (CUDA; the CPU under TRITON_INTERPRET=1). float64 inputs (the test reference precision)
-always take the torch epilogue, which keeps float64 end to end. Backend option: `chunk_elements`,
-the logits per chunk (default: 768 MiB of fp32 logits on a GPU, 16 MiB on a CPU).
+always take the torch epilogue, which keeps float64 end to end. Backend options (`engine.layout`):
+`chunk_elements`, the fp32 logits per chunk (default: 768 MiB on a GPU, 16 MiB on a CPU);
+`group_elements`, the logits-gradient entries held per group of chunks before its gradient GEMMs
+(default on a GPU: every token's while that costs at most 4 V d bytes, else d tokens; a CPU: one chunk).
 """
 from __future__ import annotations
 
 import torch
 
 from . import engine
-from .api import scatter_rows, stat_dtype, take_rows, valid_rows
+from .rows import scatter_rows, stat_dtype, take_rows, valid_rows
 from .epilogues import TorchEpilogue, TritonEpilogue
 from .transform import Transform, gemm_precision
 from .vocab_parallel import VocabParallelEpilogue
 
-_OPTIONS = ("chunk_elements",)
+_OPTIONS = ("chunk_elements", "group_elements")
 
 
 def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None, shard=None):
@@ -37,10 +39,11 @@ def _epilogue(backend: str, dtype: torch.dtype, bias=None, ref_bias=None, shard=
     return VocabParallelEpilogue(epi, shard, padding=bias is not None and bool(torch.isneginf(bias).all()))
 
 
-def _chunk(n, weight, device, chunk_elements, shard):
-    # Every rank of a tensor-parallel group cuts the same chunks (each chunk is a collective):
-    # sized by the largest shard, not this rank's.
-    return engine.chunk_tokens(n, weight.shape[0] if shard is None else shard.max_size, device, chunk_elements)
+def _layout(head, n, options, shard) -> engine.Layout:
+    # Every rank of a tensor-parallel group cuts the same chunks and groups (each chunk is a
+    # collective): sized by the largest shard, not this rank's.
+    vocab = head.w.shape[0] if shard is None else shard.max_size
+    return engine.layout(n, vocab, head.w.shape[1], head.h.device, head.dz_dtype, **options)
 
 
 def _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision):
@@ -61,22 +64,22 @@ def _compact(tf: Transform, rows) -> Transform:
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, tf, precision,
-                return_entropy, return_sum_p2, return_mean_logp, class_weight, chunk_elements, backend, shard):
+                return_entropy, return_sum_p2, return_mean_logp, class_weight, options, backend, shard):
         n_all = targets.shape[0]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
-        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
+        lay = _layout(head, y.shape[0], options, shard)
         epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
         tf = _compact(tf, rows)
         with gemm_precision(precision, hidden.device):
-            st = engine.forward_stats(head, ref, y, tf=tf, want_entropy=return_entropy, epilogue=epi, ct=ct,
+            st = engine.forward_stats(head, ref, y, tf=tf, want_entropy=return_entropy, epilogue=epi, lay=lay,
                                       want_sum_p2=return_sum_p2, want_mean_logp=return_mean_logp,
                                       class_weight=class_weight)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
                               st.lse, st.entropy, st.ekl)
         # the backward's transform: 1/T per row, the soft cap, the kept-set thresholds found here
         ctx.tf = Transform(inv_t=tf.inv_t, cap=tf.cap, tau=tf.tau)
-        ctx.config = (precision, class_weight, chunk_elements, backend, shard)
+        ctx.config = (precision, class_weight, options, backend, shard)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2, st.mean_logp, st.top1)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
@@ -95,7 +98,7 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
-        precision, class_weight, chunk_elements, backend, shard = ctx.config
+        precision, class_weight, options, backend, shard = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
@@ -106,15 +109,16 @@ class _TokenStats(torch.autograd.Function):
 
         tf = ctx.tf
         epi = _epilogue(backend, hidden.dtype, bias, ref_bias, shard)
+        lay = _layout(head, y.shape[0], options, shard)
+        grads = engine.Grads(head, need_h, need_w, need_b, lay)
         coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
                                                   gather(g_kl, ekl is not None), gather(g_lse), tf,
-                                                  gather(g_mean), class_weight, engine.vocab_size(head, epi))
-        grads = engine.Grads(head, need_h, need_w, need_b)
-        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
+                                                  gather(g_mean), class_weight, engine.vocab_size(head, epi),
+                                                  with_size=grads.scaled)
         with gemm_precision(precision, hidden.device):
-            engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads, epilogue=epi, ct=ct,
+            engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads, epilogue=epi, lay=lay,
                                   class_weight=class_weight)
-        dh, dw, db = grads.result()
+        dh, dw, db = grads.result().finish()
         if shard is not None:
             dh = shard.reduce_dh(dh)
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
@@ -126,27 +130,29 @@ def _cast(g, like):
 
 
 def _check_options(backend, options):
+    """(the layout options {chunk_elements, group_elements}, the tensor-parallel shard or None)."""
     shard = options.pop("shard", None)  # from token_logprobs / gro_loss's tp_group, not a user option
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise TypeError(f"backend={backend!r} takes only the option chunk_elements, got {unknown}")
-    ce = options.get("chunk_elements")
-    if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
-        raise ValueError(f"chunk_elements must be a positive int, got {ce!r}")
-    return ce, shard
+        raise TypeError(f"backend={backend!r} takes only the options {', '.join(_OPTIONS)}, got {unknown}")
+    for name in _OPTIONS:
+        v = options.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return {name: options.get(name) for name in _OPTIONS}, shard
 
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform, head_precision,
                 ignore_index, return_entropy, return_kl, return_sum_p2=False, return_mean_logp=False,
                 class_weight=None, backend="torch", **options):
     """See `gro_kernels.logprobs.api`. Returns the dict of statistics, each [N] or None."""
-    chunk_elements, shard = _check_options(backend, dict(options))
+    layout_options, shard = _check_options(backend, dict(options))
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
     logp, ent, kl, lse, p2, mean, top1 = _TokenStats.apply(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, transform, head_precision,
-        bool(return_entropy), bool(return_sum_p2), bool(return_mean_logp), class_weight, chunk_elements, backend,
+        bool(return_entropy), bool(return_sum_p2), bool(return_mean_logp), class_weight, layout_options, backend,
         shard)
     return dict(logp=logp, entropy=ent if return_entropy else None, kl=kl if return_kl else None, lse=lse,
                 sum_p2=p2 if return_sum_p2 else None, mean_logp=mean if return_mean_logp else None,
@@ -158,9 +164,10 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
                      backend="torch", **options):
     """One sweep: statistics, then `coefficients(positions, chunk_stats) -> (g_logp, g_entropy|None,
     g_kl|None, g_lse|None, g_mean_logp|None)` per chunk, then the gradients. `positions` are the
-    chunk's token indices in [N]. Returns (dict of statistics each [N] detached or None,
-    (dh [N,d]|None, dW|None, db|None))."""
-    chunk_elements, shard = _check_options(backend, dict(options))
+    chunk's token indices in [N]. Returns (dict of statistics each [N] detached or None, grads):
+    `grads` is an `engine.GradsOut` over all N rows, which `PrecomputedGrad` finishes once the
+    upstream gradient is known (fp16 gradients are rounded after it)."""
+    layout_options, shard = _check_options(backend, dict(options))
     rows = valid_rows(targets, ignore_index)
     n_all = targets.shape[0]
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), \
@@ -168,29 +175,36 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, head_precision)
         y = take_rows(targets, rows)
         positions = torch.arange(n_all, device=targets.device) if rows is None else rows
-        ct = _chunk(y.shape[0], weight, hidden.device, chunk_elements, shard)
+        lay = _layout(head, y.shape[0], layout_options, shard)
         need_h, need_w, need_b = need_grads
-        grads = engine.Grads(head, need_h, need_w, need_b)
+        grads = engine.Grads(head, need_h, need_w, need_b, lay)
         st = engine.fused_pass(head, ref, y, tf=_compact(transform, rows), want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
-                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), ct=ct,
+                               grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), lay=lay,
                                want_mean_logp=want_mean_logp, class_weight=class_weight)
     outs = {k: None if getattr(st, k) is None else scatter_rows(getattr(st, k), rows, n_all)
             for k in ("logp", "entropy", "kl", "lse", "mean_logp")}
     outs["is_top1"] = scatter_rows(st.top1, rows, n_all) != 0
-    dh, dw, db = grads.result()
-    if shard is not None:
-        dh = shard.reduce_dh(dh)
-    return outs, (None if dh is None else scatter_rows(dh, rows, n_all), _cast(dw, weight), _cast(db, bias))
+    res = grads.result()
+    if shard is not None and res.dh is not None:
+        # the ranks' dh are partial sums over their slices: summed as values (an fp16 dh is rounded
+        # once here, before the loss scale), then handed back like any other
+        if res.inv_dh is not None:
+            res.dh.mul_(res.inv_dh[:, None])
+            res.inv_dh = None
+        res.dh = shard.reduce_dh(res.dh)
+    res.dh, res.inv_dh = scatter_rows(res.dh, rows, n_all), scatter_rows(res.inv_dh, rows, n_all)
+    return outs, res
 
 
 class PrecomputedGrad(torch.autograd.Function):
-    """A scalar whose gradients wrt (hidden, weight, bias) were computed in the forward call;
-    backward hands them back scaled by the upstream gradient."""
+    """A scalar whose gradients wrt (hidden, weight, bias) were computed in the forward call
+    (`grads`, an `engine.GradsOut`); backward hands them back scaled by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, value, hidden, weight, bias, dh, dw, db):
-        ctx.grads = (dh, dw, db)
+    def forward(ctx, value, hidden, weight, bias, grads):
+        ctx.grads = grads
+        ctx.shapes = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
         return value.detach().clone()
 
     @staticmethod
@@ -199,10 +213,8 @@ class PrecomputedGrad(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("gro_loss's fused pass hands its gradients back once: a second backward through "
                                "the same loss (retain_graph=True) needs a new gro_loss call")
-        dh, dw, db = ctx.grads
-        ctx.grads = None  # no second reference: autograd can take the buffers as .grad without a copy
-
-        def scaled(t):  # the buffers are ours and used once: scale in place
-            return None if t is None else t.mul_(g.to(t.dtype))
-
-        return None, scaled(dh), scaled(dw), scaled(db), None, None, None
+        grads, ctx.grads = ctx.grads, None  # no second reference: autograd can take the buffers as .grad
+        hidden_shape, w_dtype, b_dtype = ctx.shapes
+        dh, dw, db = grads.finish(g)   # the buffers are ours and used once: scaled in place
+        return (None, None if dh is None else dh.reshape(hidden_shape), None if dw is None else dw.to(w_dtype),
+                None if db is None else db.to(b_dtype), None)

@@ -1,14 +1,16 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, tf, st, s, class_weight, for_grad)   fill st.logp / lse / entropy / kl / ekl / sum_p2 /
-        mean_logp / top1 at rows s.. from z [ct, V] (tf: the chunk's `transform.Transform`; for_grad:
-        `grad` follows on the same chunk, the fused pass)
-    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta, class_weight) -> dz [ct, V]
-        (may reuse z's memory)
+    stats(z, zr, y, tf, st, s, class_weight, for_grad) -> state
+        fill st.logp / lse / entropy / kl / ekl / sum_p2 / mean_logp / top1 at rows s.. from z [ct, V]
+        (tf: the chunk's `transform.Transform`; for_grad: `grad` follows on the same chunk, the fused
+        pass, and may reuse `state`, what stats computed: the torch epilogue's exp(z - max), or None)
+    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta, class_weight, state) -> dz [ct, V]
+        written into `out`, a buffer of its own in dz's dtype; out=None only where `in_place`: then
+        dz may be left in z's memory (in the statistics dtype)
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
-`TritonEpilogue` launches the two fused kernels of `gro_kernels.kernels.epilogue` (the GPU path,
-or the CPU under TRITON_INTERPRET=1).
+`TritonEpilogue` launches the Triton kernels of `gro_kernels.kernels` (the GPU path, or the CPU
+under TRITON_INTERPRET=1), which never write over memory they read.
 """
 from __future__ import annotations
 
@@ -38,17 +40,19 @@ def _zero_masked(t):
 
 class TorchEpilogue:
     """Torch ops, in place on the chunk: `stats` turns z into d = u - max u (and zr likewise) and
-    keeps exp(d), so that the fused pass's `grad` on the same chunk does not recompute it (one exp
-    per logit in all, one chunk-sized buffer when neither entropy nor KL is asked for). A soft cap
-    adds one buffer (its derivative, kept for `grad`), truncation a bool mask of the kept set.
+    returns exp(d) with its row sums, so that the fused pass's `grad` on the same chunk does not
+    recompute it (one exp per logit in all, one chunk-sized buffer when neither entropy nor KL is
+    asked for). A soft cap adds one buffer (its derivative, kept for `grad`), truncation a bool mask
+    of the kept set. Torch ops run in order, so dz may be left in z's memory (`in_place`).
 
     masked_rows: a bias has -inf rows (masked vocabulary). Their logits are then zeroed once their
     exp (0) is taken, a pass over the chunk that heads without such rows do not pay for (the soft
     cap keeps them -inf: `transform.softcap_`)."""
 
+    in_place = True
+
     def __init__(self, masked_rows: bool = False):
         self.masked_rows = masked_rows
-        self._cache = None  # (z, p, row sums, max u, max ur, soft cap derivative) of the last stats call
 
     def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
@@ -98,16 +102,14 @@ class TorchEpilogue:
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        self._cache = (z, p, se, mu, mur, g)
+        return (p, se, mu, mur, g) if for_grad else None
 
-    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None):
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
         # dz = (gl onehot + p (alpha + beta u + gamma ur) + eta w) * g; the coefficients are already scaled by 1/T.
         inv_t = tf.inv_t
-        cached = self._cache is not None and self._cache[0] is z
         keep = None
-        if cached:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
-            _, p, se, mu, mur, g = self._cache
-            self._cache = None
+        if state is not None:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
+            p, se, mu, mur, g = state
             # Normalized by the lse given, which is the whole vocabulary's when this chunk is one slice
             # of it (vocab_parallel.py): p / se times `share`, this slice's part of the probability
             # mass. On one device the given lse is mu + log se bit for bit, so `share` is exactly 1
@@ -148,7 +150,7 @@ class TorchEpilogue:
         dz.scatter_add_(1, y[:, None], gl[:, None].to(dz.dtype))       # gl * onehot
         if g is not None:
             dz.mul_(g)                                                 # the soft cap's chain rule
-        return dz if dz.dtype == out_dtype or out_dtype == torch.float64 else dz.to(out_dtype)
+        return dz if out is None else out.copy_(dz)
 
 
 def _col(inv_t):
@@ -156,11 +158,15 @@ def _col(inv_t):
 
 
 class TritonEpilogue:
-    """The two fused Triton kernels (row statistics; logits gradient written in place)."""
+    """The Triton kernels: row statistics (`kernels/row_stats.py`), the logits gradient into its
+    own buffer (`kernels/logits_grad.py`). Their -inf guards cost no extra pass."""
+
+    in_place = False
 
     def __init__(self):
-        from ..kernels import epilogue as kernels  # imported here: triton is optional for the torch path
-        self.k = kernels
+        # imported here: triton is optional for the torch path
+        from ..kernels import logits_grad, row_stats
+        self.row_stats, self.logits_grad = row_stats.row_stats, logits_grad.logits_grad
 
     def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
         e = s + z.shape[0]
@@ -168,11 +174,11 @@ class TritonEpilogue:
         def part(t):
             return None if t is None else t[s:e]
 
-        self.k.launch_row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), ent=part(st.entropy),
-                                kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2), top1=part(st.top1),
-                                mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
+        self.row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), top1=part(st.top1),
+                       ent=part(st.entropy), kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2),
+                       mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
+        return None
 
-    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None):
-        return self.k.launch_logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
-                                         out_dtype=out_dtype, cap=tf.cap, tau=tf.tau, eta=eta,
-                                         class_weight=class_weight)
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
+        return self.logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
+                                cap=tf.cap, tau=tf.tau, eta=eta, class_weight=class_weight, out=out)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .api import STAT_NAMES, reject_options, scatter_rows, stat_dtype, take_rows, valid_rows
 from . import transform as head
+from .rows import STAT_NAMES, scatter_rows, stat_dtype, take_rows, valid_rows
 
 
 class _Linear(torch.autograd.Function):
@@ -43,7 +43,8 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
     if options.pop("shard", None) is not None:
         raise ValueError("backend='naive' does not take tp_group (it materializes one device's logits): "
                          "use backend='torch' or 'triton'")
-    reject_options("naive", options)
+    if options:
+        raise TypeError(f"backend='naive' takes no backend options, got {sorted(options)}")
     tf = transform
     dtype = stat_dtype(hidden.dtype)
     n = targets.shape[0]

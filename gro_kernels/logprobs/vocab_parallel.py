@@ -204,6 +204,7 @@ class VocabParallelEpilogue:
 
     def __init__(self, inner, shard: VocabShard, padding: bool = False):
         self.inner, self.shard, self.padding = inner, shard, padding
+        self.in_place = inner.in_place
         self.vocab = shard.vocab
         self.kept_threshold = shard.kept_threshold
         self._chunk = None
@@ -253,16 +254,16 @@ class VocabParallelEpilogue:
                            mean_weights=weights)
         return state
 
-    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out_dtype, eta=None, class_weight=None):
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
         if self.padding:
-            return z.zero_() if out_dtype in (z.dtype, torch.float64) else z.new_zeros(z.shape, dtype=out_dtype)
+            return z.zero_() if out is None else out.zero_()
         cached, self._chunk = self._chunk, None
         if cached is not None and cached[0] is z:   # the fused pass: stats ran on this chunk
             _, y_local, own, empty = cached
         else:   # z is the raw chunk (the composable backward)
             y_local, own, empty = self._targets(z, y, tf)
         dz = self.inner.grad(z, zr, y_local, tf, lse, torch.where(own, gl, torch.zeros_like(gl)), alpha, beta,
-                             gamma, out_dtype, eta=eta, class_weight=self.shard.part(class_weight))
+                             gamma, out, eta=eta, class_weight=self.shard.part(class_weight), state=state)
         if empty is not None:
             dz[empty] = 0
         return dz

@@ -14,7 +14,7 @@ import torch
 from . import corrections
 from .aggregation import token_coefficients
 from ..argdocs import document, options_entry
-from ..logprobs.api import stat_dtype
+from ..logprobs.rows import stat_dtype
 from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .layout import TokenLayout
 from .options import OPTIONS, Options, resolve_options

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..logprobs.api import stat_dtype  # float32 statistics, float64 when given float64
+from ..logprobs.rows import stat_dtype  # float32 statistics, float64 when given float64
 from .options import IMPLICIT_REFERENCE, WEIGHT_OPTIONS, Options, ce_smoothing_reader
 
 
