@@ -33,7 +33,7 @@ $(DEMO_STAMP): pyproject.toml
 test: $(STAMP)  ## the whole suite; without a GPU the Triton kernels run under TRITON_INTERPRET=1
 	$(PYTHON) -m pytest -q tests
 
-demo: $(DEMO_STAMP)  ## tiny Llama, offline answers of mixed quality: GRO against six methods that see the same data (under two minutes on 2 cores)
+demo: $(DEMO_STAMP)  ## tiny Llama, offline answers of mixed quality: GRO against five methods that see the same data (under two minutes on 2 cores)
 	$(PYTHON) -m gro_kernels.demo
 
 experiments: $(DEMO_STAMP)  ## every regime, 5 seeds, tuned knobs, and the no-push-down ablation: docs/experiments/*.json and plots
