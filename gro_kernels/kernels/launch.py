@@ -55,6 +55,13 @@ def exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def program_split(n_splits, SPLIT_V: tl.constexpr):
+    """This program's (id, row, first vocabulary entry) on the grid of rows x vocabulary splits."""
+    pid = tl.program_id(0)
+    return pid, (pid // n_splits).to(tl.int64), (pid % n_splits) * SPLIT_V
+
+
+@triton.jit
 def tanh(x):
     """tanh in fp32 from exp (libdevice is not there under the interpreter): a Taylor polynomial below
     |x| = 0.25, where 1 - exp(-2|x|) would cancel (its first left-out term is < 1e-8 relative there)."""

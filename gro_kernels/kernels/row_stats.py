@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .launch import (CONFIGS, DIVERGENCES, LN2, LOG2E, PRUNE, exp2, launch, log_mixture, mixture_logs, per_row,
-                     rowmajor, softmax_input, split_v, vec, warn_if_unaligned)
+                     program_split, rowmajor, softmax_input, split_v, vec, warn_if_unaligned)
 
 # Fields of a partial, relative to the program's max m of u (mr of ur), with the differences in
 # base 2 (x = (u - m) log2 e, xr likewise): m, sum e, sum e x, mr, sum er, sum e xr, sum e^2,
@@ -59,9 +59,7 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
                          cap, WANT_REL: tl.constexpr, HAS_REF: tl.constexpr, WANT_P2: tl.constexpr,
                          HAS_CAP: tl.constexpr, HAS_TAU: tl.constexpr, WANT_MEAN: tl.constexpr, HAS_CW: tl.constexpr,
                          DIV: tl.constexpr, SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // n_splits).to(tl.int64)
-    v0 = (pid % n_splits) * SPLIT_V
+    pid, row, v0 = program_split(n_splits, SPLIT_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     inv_t = tl.load(inv_t_ptr + row)
@@ -235,9 +233,7 @@ def _jsd_partials_kernel(z_ptr, zr_ptr, inv_t_ptr, lse_ptr, lse_r_ptr, out_ptr, 
                          log_1mb, log_b, SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
     """The generalized JSD's sums over one (row, split), once both heads' lse are known: sum q (log q - log m)
     and sum p (log p - log m), m = (1 - b) p + b q. Both heads mask the same (-inf) rows: p = q = 0 there."""
-    pid = tl.program_id(0)
-    row = (pid // n_splits).to(tl.int64)
-    v0 = (pid % n_splits) * SPLIT_V
+    pid, row, v0 = program_split(n_splits, SPLIT_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     inv_t = tl.load(inv_t_ptr + row)
