@@ -143,9 +143,9 @@ def race(device, dry, budget):
                 dz = torch.empty(n, vocab, dtype=dt, device=device)
                 inv = torch.full((n,), inv_t, device=device)
                 logits_grad._logits_grad_kernel[(n * n_splits,)](
-                    z, zr, dz, y, inv, inv, inv, lse.float(), gl, alpha, beta, gamma, gl, vocab, n_splits,
-                    z.stride(0), zr.stride(0), dz.stride(0), 1.0, HAS_BETA=True, HAS_REF=True, HAS_CAP=False,
-                    HAS_TAU=False, HAS_ETA=False, HAS_CW=False, SPLIT_V=sv, FAST=fast,
+                    z, zr, dz, y, inv, inv, inv, lse.float(), gl, alpha, beta, gamma, gl, gl, gl, vocab, n_splits,
+                    z.stride(0), zr.stride(0), dz.stride(0), 1.0, 0.0, 0.0, HAS_BETA=True, HAS_REF=True, HAS_CAP=False,
+                    HAS_TAU=False, HAS_ETA=False, HAS_CW=False, DIV=0, SPLIT_V=sv, FAST=fast,
                     BLOCK_V=cfg.kwargs["BLOCK_V"] if not dry else launch.INTERPRETER_BLOCK_V, num_warps=cfg.num_warps)
                 if first is None:
                     first = dz.clone()
@@ -167,7 +167,7 @@ def race(device, dry, budget):
         inv = torch.full((n,), inv_t, device=device)
         row_stats._row_partials_kernel[(n * n_splits,)](
             z, zr, y, inv, inv, inv, part, vocab, n_splits, z.stride(0), zr.stride(0), 1.0, WANT_REL=True,
-            HAS_REF=True, WANT_P2=True, HAS_CAP=False, HAS_TAU=False, WANT_MEAN=False, HAS_CW=False, SPLIT_V=sv,
+            HAS_REF=True, WANT_P2=True, HAS_CAP=False, HAS_TAU=False, WANT_MEAN=False, HAS_CW=False, DIV=0, SPLIT_V=sv,
             FAST=fast, BLOCK_V=cfg.kwargs["BLOCK_V"] if not dry else launch.INTERPRETER_BLOCK_V,
             num_warps=cfg.num_warps)
         outs = {k: torch.empty(n, device=device) for k in ("lse", "logp", "top1", "ent", "kl", "ekl", "sum_p2")}

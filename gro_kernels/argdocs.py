@@ -41,7 +41,22 @@ ARGS = {
     "ref_bias": "[V] float, optional. The reference head's bias; -inf only on rows `bias` masks too (else "
                 "the exact KL is infinite: a ValueError naming ref_bias).",
     "num_items_in_batch": "int or 0-d tensor, optional. Scored tokens in the whole accumulated batch: with "
-                          "loss_agg='token_mean' gradient accumulation gives the whole batch's gradient.",
+                          "loss_agg='token_mean' gradient accumulation gives the whole batch's gradient. With "
+                          "offline_role='sft' (CHORD, HPT) a pair: (online tokens, offline tokens) that train "
+                          "(objective.offline.sft_token_counts).",
+    "teacher_hidden": "[B, T, d_teacher] float, optional. A frozen teacher's final hidden states (its hidden "
+                      "size may differ from the policy's): with teacher_weight and distill_coef (method='distill'), "
+                      "the exact per-token divergence to the teacher in the same fused pass.",
+    "teacher_weight": "[V, d_teacher] float, optional. The teacher's LM head weight (its vocabulary must be the "
+                      "policy's), given with teacher_hidden.",
+    "teacher_bias": "[V] float, optional. The teacher head's bias.",
+    "distill": "[B, T] float, optional. The per-token divergence to a teacher, with its gradient (as "
+               "token_logprobs(..., teacher_hidden=...).distill gives it), for distill_coef.",
+    "divergence": "str, default 'reverse_kl'. With a teacher head: 'reverse_kl' KL(policy || teacher), "
+                  "'forward_kl' KL(teacher || policy), or 'jsd', jsd_beta KL(teacher || m) + (1 - jsd_beta) "
+                  "KL(policy || m), m = (1 - jsd_beta) policy + jsd_beta teacher.",
+    "jsd_beta": "float in [0, 1], default 0.5. The generalized JSD's weight (0: forward KL, 1: reverse KL, as "
+                "TRL and Liger define it).",
     "rollout_logp": "[B, T] float, optional. The sampler's (vLLM's) log-probs, for rollout_correction and "
                     "off_policy_mask_threshold.",
     "truncated": "[B] bool, optional. Completions cut at the length limit, for mask_truncated_completions.",

@@ -2,14 +2,20 @@
 
 One regime of `gro_kernels.experiments` (default: `graded`, reverse 3 digits with partial credit
 and offline answers of mixed quality, the regime that separates the methods most clearly over
-seeds), one seed, every method of the fair comparison from the same initialization, prompts,
-samples per step and optimizer steps:
+seeds), one seed, the methods of the fair comparison from the same initialization, prompts,
+samples per step and optimizer steps (by default `DEMO_METHODS`: all but `sft`, `sft_then_grpo` and
+`luffy`, so that it runs in under two minutes on 2 CPU cores; `--methods` picks any):
 
 * `grpo`          online GRPO only (never reads the offline answers);
 * `sft`           supervised fine-tuning on the offline answers only;
 * `sft_then_grpo` SFT first, then GRPO;
 * `grpo_sft`      GRPO plus a weighted SFT loss on the offline answers;
 * `luffy`         offline answers in the group with LUFFY's policy shaping f(p) = p / (p + 0.1);
+* `chord`         (1 - mu) GRPO + mu SFT on the offline answers with CHORD-phi's token weight p (1 - p);
+* `hpt`           per prompt, SFT on its offline answer when its samples score at or below a threshold,
+                  else GRPO (HPT's switch);
+* `distill`       on-policy distillation: GRPO plus the reverse KL to a teacher at every sampled token,
+                  the teacher being the `sft` arm's model (trained first, inside the run);
 * `gro`           offline answers in the group, scored by the same reward (this package's method):
                   an offline answer above the group's anchor is pushed up, one below it pushed down.
 
@@ -32,6 +38,12 @@ from typing import Dict, List
 import torch
 
 from .experiments.methods import KNOBS, METHODS, default_knob
+
+# The demo's default methods: every method of the experiments but `sft`, `sft_then_grpo` and `luffy`
+# (each one `--methods` away; the sft arm's model is `distill`'s teacher), so that `make demo` stays
+# under two minutes on 2 CPU cores: with luffy the seven methods took 99-132 s there (the README's
+# Quick start).
+DEMO_METHODS = ("grpo", "grpo_sft", "chord", "hpt", "distill", "gro")
 from .experiments.runner import RunConfig, build_model, require_transformers, run  # noqa: F401  (build_model: re-exported)
 from .experiments.stats import final_value, moving_average
 from .experiments.tasks import N_EVAL, REGIMES, CharTokenizer, partial_reward  # noqa: F401  (CharTokenizer: re-exported)
@@ -39,11 +51,11 @@ from .experiments.tasks import N_EVAL, REGIMES, CharTokenizer, partial_reward  #
 BACKENDS = ("auto", "torch", "naive", "triton")
 # Knobs picked by `python -m gro_kernels.experiments --regime all --seeds 5` (docs/experiments/results.json).
 TUNED: Dict[str, Dict[str, float]] = {
-    "clean": {"sft_then_grpo": 0.5, "grpo_sft": 1.0, "gro": 2.0},
-    "scarce": {"sft_then_grpo": 0.75, "grpo_sft": 0.1, "gro": 2.0},
-    "noisy": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "gro": 1.0},
-    "graded": {"sft_then_grpo": 0.5, "grpo_sft": 0.3, "gro": 2.0},
-    "diverse": {"sft_then_grpo": 0.75, "grpo_sft": 1.0, "gro": 1.0},
+    "clean": {"sft_then_grpo": 0.25, "grpo_sft": 1.0, "chord": 0.9, "hpt": 0.0, "distill": 0.5, "gro": 1.0},
+    "scarce": {"sft_then_grpo": 0.75, "grpo_sft": 0.1, "chord": 0.9, "hpt": 0.25, "distill": 0.1, "gro": 2.0},
+    "noisy": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "chord": 0.1, "hpt": 0.0, "distill": 0.1, "gro": 2.0},
+    "graded": {"sft_then_grpo": 0.5, "grpo_sft": 0.3, "chord": 0.9, "hpt": 0.25, "distill": 0.5, "gro": 1.0},
+    "diverse": {"sft_then_grpo": 0.75, "grpo_sft": 0.3, "chord": 0.9, "hpt": 0.25, "distill": 2.0, "gro": 2.0},
 }
 
 # The reversal helpers the examples and the trainer tests build on.
@@ -193,7 +205,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m gro_kernels.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--regime", default="graded", help=f"one of {', '.join(REGIMES)}")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {', '.join(DEMO_METHODS)})")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (K)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--hidden", type=int, default=64)

@@ -15,7 +15,8 @@ from torch import nn
 
 from .argdocs import document, options_entry
 from .logprobs import resolve_backend, token_logprobs
-from .logprobs.api import check_class_weight, check_inputs, check_mean_logp, vocab_shard
+from .logprobs.api import (check_class_weight, check_inputs, check_mean_logp, check_teacher,
+                            refuse_teacher_with_tp_group, teacher_divergence, vocab_shard)
 from .logprobs.rows import stat_dtype
 from .logprobs.chunked import PrecomputedGrad, fused_token_loss
 from .logprobs.transform import HEAD_PRECISIONS, check_head_options
@@ -23,15 +24,16 @@ from .objective import GROOutput, gro_objective
 from .objective.chunk import ChunkCoefficients
 from .objective.core import objective_in_layout, token_layout
 from .objective.inputs import check_mask, uses_ref_logp
-from .objective.options import OPTIONS, ce_smoothing_reader, resolve_options
+from .objective.options import COMPUTED_WITH_LOGP, OPTIONS, ce_smoothing_reader, resolve_options
 from .objective.split import needs_policy_logp
 
 
 _INPUTS = ("hidden", "weight", "targets", "method", "mask", "rewards", "advantages", "group_ids", "labels",
            "baselines", "offline", "old_logp", "ref_logp", "ref_hidden", "ref_weight", "bias", "ref_bias",
-           "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs", "head_precision", "softcap",
-           "top_k", "top_p", "min_p", "class_weight", "sequence_ids", "positions", "cp_group", "tp_group", "vocab_start",
-           "sequence_parallel", "ignore_index", "backend", "backend_options", "return_entropy")
+           "teacher_hidden", "teacher_weight", "teacher_bias", "num_items_in_batch", "rollout_logp", "truncated",
+           "log_sum_sq_probs", "head_precision", "softcap", "top_k", "top_p", "min_p", "class_weight", "sequence_ids",
+           "positions", "cp_group", "tp_group", "vocab_start", "sequence_parallel", "ignore_index", "backend",
+           "backend_options", "return_entropy")
 # the head's arguments (docs/head.md): GROLoss takes them with the options at construction
 HEAD_ARGS = ("head_precision", "softcap", "top_k", "top_p", "min_p")
 _OPTIONS_DOC = {"**options": options_entry(OPTIONS)}
@@ -57,6 +59,9 @@ def gro_loss(
     ref_weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
     rollout_logp: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
@@ -88,7 +93,11 @@ def gro_loss(
     `backward`. The others (weights that read the policy's own log-probs: DPO, KTO, GSPO, ...)
     take a forward-only pass first: four GEMMs. Masked and ignored tokens reach no GEMM. The
     policy's distribution is `token_logprobs`'s: softmax(softcap(W h + b) / temperature) over the
-    sampler's kept set (top_k / top_p / min_p; docs/head.md).
+    sampler's kept set (top_k / top_p / min_p; docs/head.md). A teacher head (teacher_hidden,
+    teacher_weight) is the fused pass's second head in place of the reference, for `distill_coef`;
+    with both a teacher and the exact KL to a reference head (kl_estimator="full", kl_coef != 0) each
+    takes its own statistics sweep on the composable path, while a sampled-token KL (k1, k3, ...)
+    reads ref_logp, which the reference head gives without gradient, and keeps the one pass.
 
     {args}
 
@@ -124,7 +133,18 @@ def gro_loss(
     sampler = {k: _by_sequence(k, v, sequence_ids) for k, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p))}
     # tensor parallelism: token_logprobs / the fused pass combine the vocabulary shards (a collective)
     vocab = dict(tp_group=tp_group, vocab_start=vocab_start, sequence_parallel=sequence_parallel)
+    refuse_teacher_with_tp_group(teacher_hidden, teacher_weight, tp_group)   # before the shard's collective
     shard = vocab_shard(weight, **vocab, bias=bias)
+    teacher = None
+    if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+        if opts.distill_coef == 0:
+            raise ValueError("teacher_hidden / teacher_weight were given but distill_coef is 0: use method='distill' "
+                             "or set distill_coef")
+        teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                       divergence=opts.divergence, jsd_beta=opts.jsd_beta)
+    elif opts.distill_coef != 0:
+        raise ValueError(f"distill_coef={opts.distill_coef} needs the teacher head: pass teacher_hidden and "
+                         "teacher_weight (its final hidden states and lm_head weight)")
 
     # Masked positions are ignored tokens: dropped before any matrix work, so nothing there
     # (padding, a NaN hidden state) reaches a GEMM.
@@ -154,24 +174,29 @@ def gro_loss(
     vocab_size = shard.vocab if shard is not None else weight.shape[0] if isinstance(weight, torch.Tensor) else 0
     cw = check_class_weight(class_weight, vocab_size, targets.device)
     target_weight = None if cw is None else cw[targets.clamp(min=0)] * valid
-    # The temperature is applied here, to the log-probs the objective gets (gro_objective refuses it).
+    # The temperature and the teacher's divergence are applied here, to the log-probs and divergence the
+    # objective gets (gro_objective refuses them).
     objective = dict(method=method, mask=valid, rewards=rewards, advantages=advantages, group_ids=group_ids,
                      labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                      num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
                      log_sum_sq_probs=log_sum_sq_probs, target_weight=target_weight, sequence_ids=sequence_ids,
-                     positions=positions, cp_group=cp_group, **{k: v for k, v in options.items() if k != "temperature"})
+                     positions=positions, cp_group=cp_group,
+                     **{k: v for k, v in options.items() if k not in COMPUTED_WITH_LOGP})
     stat_options = dict(want_entropy=want_entropy, want_mean_logp=want_mean_logp, class_weight=cw,
                         ignore_index=ignore_index, backend=backend, backend_options=backend_options)
 
-    if _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
-        return _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, head={**head, **sampler},
+    two_heads = bool(ref_head) and opts.kl_coef != 0 and teacher is not None
+    if not two_heads and _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline):
+        return _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective, head={**head, **sampler},
                            shard=shard, **stat_options)
 
     stats = token_logprobs(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, return_entropy=want_entropy,
         return_sum_p2=want_sum_p2, return_mean_logp=want_mean_logp, class_weight=cw if want_mean_logp else None,
-        backend=backend, **head, **sampler, **ref_head, **vocab, **backend_options,
+        backend=backend, **head, **sampler, **ref_head, **(teacher or {}), **vocab, **backend_options,
     )
+    if stats.distill is not None:
+        objective["distill"] = stats.distill
     if want_sum_p2:
         objective["log_sum_sq_probs"] = stats.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
     entropy = stats.entropy
@@ -222,10 +247,11 @@ def _one_pass(opts, hidden, weight, bias, backend, old_logp, advantages, offline
                                  has_offline=has_offline)
 
 
-def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, head, shard, want_entropy,
+def _fused_loss(hidden, weight, targets, bias, ref_head, teacher, opts, objective, *, head, shard, want_entropy,
                 want_mean_logp, class_weight, ignore_index, backend, backend_options) -> GROOutput:
     """Loss and gradients in one sweep: the sequence plan first (`ChunkCoefficients`), then per chunk
-    of tokens the token-local loss's derivatives, then dz and the gradient GEMMs (the engine)."""
+    of tokens the token-local loss's derivatives, then dz and the gradient GEMMs (the engine). The
+    engine's second head is the teacher (its divergence) when there is one, else the reference (the exact KL)."""
     B, T = targets.shape
     zeros = torch.zeros(B, T, dtype=stat_dtype(hidden.dtype), device=targets.device)
     want_lse = opts.z_loss_coef != 0
@@ -235,10 +261,17 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
     layout = token_layout(zeros, opts=opts, inputs=objective,
                           **{k: objective.pop(k) for k in ("sequence_ids", "positions", "cp_group")})
     coefficients = ChunkCoefficients(opts, objective, zeros=zeros, layout=layout, want_entropy=want_entropy,
-                                     want_kl=bool(ref_head), want_lse=want_lse, want_mean_logp=want_mean_logp)
+                                     want_kl=bool(ref_head) and teacher is None, want_lse=want_lse,
+                                     want_mean_logp=want_mean_logp, teacher=teacher is not None)
 
-    *args, tf = check_inputs(hidden, weight, targets, bias, ref_head.get("ref_hidden"), ref_head.get("ref_weight"),
-                             ref_head.get("ref_bias"), ignore_index=ignore_index, shard=shard, **head)
+    second = {} if teacher is not None else ref_head
+    *args, tf = check_inputs(hidden, weight, targets, bias, second.get("ref_hidden"), second.get("ref_weight"),
+                             second.get("ref_bias"), ignore_index=ignore_index, shard=shard, **head)
+    div = {}
+    if teacher is not None:  # the teacher head in the second head's place
+        args = args[:4] + list(check_teacher(teacher["teacher_hidden"], teacher["teacher_weight"],
+                                             teacher["teacher_bias"], targets, weight.shape[0], bias, tf))
+        div = dict(divergence=teacher_divergence(opts.divergence, opts.jsd_beta, True))
     if want_mean_logp:
         check_mean_logp(tf, bias, shard)
     if shard is not None:
@@ -247,13 +280,14 @@ def _fused_loss(hidden, weight, targets, bias, ref_head, opts, objective, *, hea
     stats, grads = fused_token_loss(
         *args, transform=tf, head_precision=head["head_precision"], ignore_index=ignore_index,
         return_entropy=want_entropy, coefficients=coefficients, need_grads=need, want_mean_logp=want_mean_logp,
-        class_weight=class_weight, backend=resolve_backend(backend, targets.device), **backend_options)
+        class_weight=class_weight, backend=resolve_backend(backend, targets.device), **div, **backend_options)
     # The value and the metrics: the same objective on the detached [B,T] statistics.
     bt = lambda t: None if t is None else t.reshape(B, T)  # noqa: E731
     with torch.no_grad():
-        out = objective_in_layout(layout, bt(stats["logp"]), entropy=bt(stats["entropy"]), kl=bt(stats["kl"]),
+        second_stat = dict(distill=bt(stats["kl"]), kl=None) if teacher is not None else dict(kl=bt(stats["kl"]))
+        out = objective_in_layout(layout, bt(stats["logp"]), entropy=bt(stats["entropy"]),
                                   lse=bt(stats["lse"]) if want_lse else None, mean_logp=bt(stats["mean_logp"]),
-                                  **objective)
+                                  **second_stat, **objective)
     _token_accuracy(out, bt(stats["is_top1"]), objective["mask"], cp_group)
     loss = PrecomputedGrad.apply(out.loss, hidden, weight, bias, grads)
     return GROOutput(loss=loss, logp=out.logp, metrics=out.metrics, per_sequence=out.per_sequence,
@@ -289,11 +323,11 @@ class GROLoss(nn.Module):
 
     def forward(self, hidden, weight, targets, *, mask=None, rewards=None, advantages=None, group_ids=None,
                 labels=None, baselines=None, offline=None, old_logp=None, ref_logp=None, ref_hidden=None,
-                ref_weight=None, bias=None, ref_bias=None, num_items_in_batch=None, rollout_logp=None, truncated=None,
-                log_sum_sq_probs=None, class_weight=None, temperature=None, top_k=None, top_p=None, min_p=None,
-                sequence_ids=None, positions=None, cp_group=None, tp_group=None, vocab_start=None,
-                sequence_parallel=False, ignore_index=-100, backend="auto", backend_options=None,
-                return_entropy=None) -> GROOutput:
+                ref_weight=None, bias=None, ref_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+                num_items_in_batch=None, rollout_logp=None, truncated=None, log_sum_sq_probs=None, class_weight=None,
+                temperature=None, top_k=None, top_p=None, min_p=None, sequence_ids=None, positions=None, cp_group=None,
+                tp_group=None, vocab_start=None, sequence_parallel=False, ignore_index=-100, backend="auto",
+                backend_options=None, return_entropy=None) -> GROOutput:
         """The loss of the module's method and options on one batch (`gro_loss` with them).
 
         {args}
@@ -311,6 +345,7 @@ class GROLoss(nn.Module):
             hidden, weight, targets, method=self.method, mask=mask, rewards=rewards, advantages=advantages,
             group_ids=group_ids, labels=labels, baselines=baselines, offline=offline, old_logp=old_logp,
             ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias, ref_bias=ref_bias,
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
             num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
             log_sum_sq_probs=log_sum_sq_probs, class_weight=class_weight, sequence_ids=sequence_ids,
             positions=positions, cp_group=cp_group, tp_group=tp_group, vocab_start=vocab_start,
@@ -331,5 +366,6 @@ _PER_CALL = {
     "min_p": "float or a [B] / [B, T] tensor, optional. Replaces the module's min_p for this call.",
 }
 _LAYOUT = ("sequence_ids", "positions", "cp_group", "tp_group", "vocab_start", "sequence_parallel")
-GROLoss.forward = document(_INPUTS[:3] + _INPUTS[4:21] + ("class_weight", "temperature", "top_k", "top_p", "min_p")
-                           + _LAYOUT + _INPUTS[-4:], _PER_CALL)(GROLoss.forward)
+GROLoss.forward = document(_INPUTS[:3] + _INPUTS[4:_INPUTS.index("log_sum_sq_probs") + 1]
+                           + ("class_weight", "temperature", "top_k", "top_p", "min_p") + _LAYOUT + _INPUTS[-4:],
+                           _PER_CALL)(GROLoss.forward)

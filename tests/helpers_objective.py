@@ -64,3 +64,13 @@ def pairs(ids, labels):
 def k3(l, ref):
     """k3 = exp(lr - l) - (lr - l) - 1, the KL estimator of the textbook losses."""
     return torch.exp(ref - l) - (ref - l) - 1
+
+
+def assert_loss_and_gradients(loss, expected, params, names=("hidden", "weight"), tol=1e-8):
+    """loss and its gradients w.r.t. params equal the textbook `expected`'s (which must not be degenerate)."""
+    want_grads = grads(expected, params)
+    got_grads = grads(loss, params)
+    torch.testing.assert_close(loss, expected, atol=tol, rtol=tol)
+    for got, want, name in zip(got_grads, want_grads, names):
+        assert want.abs().max() > 1e-6, f"degenerate case: textbook gradient w.r.t. {name} is zero"
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda s: f"grad {name}: {s}")

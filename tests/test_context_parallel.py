@@ -16,7 +16,9 @@ The head options in both layouts (HEAD_CASES): a per-token temperature [B, T] fo
 with them); a per-sequence one [B] is indexed by sequence id in the packed row, like the other
 per-sequence inputs; the soft cap and top_k / min_p act per token; SFT's label smoothing, class weights
 and z-loss read per-token statistics that move with the tokens, and reduction="none" returns each
-rank's own tokens' losses."""
+rank's own tokens' losses. Issue 19's presets: luffy / chord / hpt get offline rows; distill a teacher
+head whose hidden states [B, T, dt] move with the tokens (its divergence is per token), also under a
+per-token and a per-sequence temperature, which divides both heads' logits."""
 import os
 
 import pytest
@@ -28,7 +30,7 @@ from gro_kernels import gro_loss
 from gro_kernels.objective.options import METHODS
 from gro_kernels.trainer.distributed import free_port
 
-from test_one_pass import IGNORE, B, T, batch, options
+from test_one_pass import IGNORE, OFFLINE, B, T, _teacher, batch, options
 
 ORDER = [3, 0, 6, 1, 7, 2, 5, 4]  # the packed row holds the sequences in this order
 
@@ -38,6 +40,10 @@ def config(method, extra=None):
     hidden, weight, bias, targets, kw = batch("kto" if method == "apo_zero_unpaired" else method)
     opts = {**options(method), **(extra or {})}
     kw.update({k: opts.pop(k) for k in list(opts) if isinstance(opts[k], torch.Tensor)})  # taken with the tokens
+    if method in ("luffy", "chord", "hpt"):  # offline rows in the groups (gro's batch has them already)
+        kw["offline"] = OFFLINE
+    if method == "distill":  # the teacher head: its hidden states [B, T, dt] are taken with the tokens
+        kw.update(_teacher())
     if method == "dr_grpo":  # packed rows have no padded width: the normalizer is given
         opts.setdefault("max_completion_length", T)
     if opts.get("kl_estimator") != "full":
@@ -59,7 +65,11 @@ HEAD_CASES = [("grpo", dict(temperature=torch.linspace(0.7, 1.3, B * T, dtype=to
               ("dpo", dict(temperature=torch.linspace(0.8, 1.2, B, dtype=torch.float64), softcap=2.0, top_k=5)),
               ("sft", dict(label_smoothing=0.1, z_loss_coef=1e-3,
                            class_weight=torch.linspace(0.5, 1.5, 40, dtype=torch.float64))),
-              ("sft", dict(reduction="none", label_smoothing=0.2, z_loss_coef=1e-2))]
+              ("sft", dict(reduction="none", label_smoothing=0.2, z_loss_coef=1e-2)),
+              # a teacher's divergence under the student's temperature (both heads divided by it, as TRL's GKD)
+              ("distill", dict(temperature=torch.linspace(0.7, 1.3, B * T, dtype=torch.float64).reshape(B, T),
+                               divergence="jsd", jsd_beta=0.3)),
+              ("distill", dict(temperature=torch.linspace(0.8, 1.2, B, dtype=torch.float64), divergence="forward_kl"))]
 CASES = [(m, {}) for m in METHODS] + EXTRA + HEAD_CASES
 CP_CASES = [c for c in CASES if c[0] != "clip_cov"]  # refused with cp_group (it draws tokens at random)
 

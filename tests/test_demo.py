@@ -20,13 +20,15 @@ def test_demo_runs_every_method_and_writes_summary_plot_and_metrics(tmp_path):
     out, js = tmp_path / "demo", tmp_path / "summary.json"
     summary = demo.main(TINY + ["--out", str(out), "--json", str(js)])
     data = json.loads(js.read_text())
-    assert list(data["methods"]) == list(METHODS) == list(summary["methods"])
+    assert list(data["methods"]) == list(demo.DEMO_METHODS) == list(summary["methods"])
+    assert set(demo.DEMO_METHODS) <= set(METHODS)
     assert data["regime"] == "graded" and data["steps"] == 2 and data["interrupted"] is False
     for name, m in data["methods"].items():
         assert m["steps"] == 2 and m["finished"] and m["seconds"] > 0
         for k in ("initial_reward", "final_reward", "heldout_initial_reward", "heldout_reward", "pass_at_2"):
             assert 0.0 <= m[k] <= 1.0, (name, k)
         assert (m["knob"] is None) == (name in ("grpo", "sft", "luffy"))
+        assert m["knob"] is None or m["knob"]["value"] == demo.TUNED["graded"][name]   # the experiments' picks
         assert len((out / f"metrics_{name}.jsonl").read_text().splitlines()) == 2
     pytest.importorskip("matplotlib")
     assert (out / "reward.png").stat().st_size > 1000

@@ -30,6 +30,9 @@ CASES = [
     ("grpo", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.1})),
     # batch statistics (mean and std of the token returns) over both processes' rows
     ("reinforce_pp", dict(num_iterations=1, micro_batch_size=20, loss_options={"kl_coef": 0.05})),
+    # offline rows as SFT rows (issue 19): two token means, counted over both processes
+    ("chord", dict(num_iterations=1, micro_batch_size=5, loss_options={"mu": 0.3})),
+    ("hpt", dict(num_iterations=1, micro_batch_size=5, loss_options={"switch_threshold": 0.5})),   # group 0 RL, the others SFT
 ]
 
 

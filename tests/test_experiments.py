@@ -1,6 +1,7 @@
 """`gro_kernels.experiments`: the regimes' data, that every method sees the same data, that luffy's
-shaping and grpo_sft's loss are what they claim (against formulas written here, float64), the
-statistics, and the command line's JSON schema (tiny runs: a few steps, two seeds)."""
+shaping and grpo_sft's loss are what they claim (against formulas written here, float64), that the
+distillation teacher is the sft arm's model, the statistics, and the command line's JSON schema
+(tiny runs: a few steps, two seeds)."""
 import json
 import math
 
@@ -13,7 +14,7 @@ pytest.importorskip("gro_kernels.loss")
 from gro_kernels.experiments import KNOBS, METHODS, REGIMES, RunConfig, run  # noqa: E402
 from gro_kernels.experiments import __main__ as cli  # noqa: E402
 from gro_kernels.experiments import runner, stats, suite  # noqa: E402
-from gro_kernels.experiments.methods import luffy_loss, method_loss  # noqa: E402
+from gro_kernels.experiments.methods import ABLATIONS, method_loss  # noqa: E402
 from gro_kernels.experiments.tasks import correct_answers, regime_data, split_prompts  # noqa: E402
 
 TINY = dict(steps=4, prompts_per_step=4, generations=2, hidden=16, layers=1)
@@ -65,27 +66,49 @@ def test_every_method_sees_the_same_prompts_offline_data_samples_and_steps(monke
     trained = {}
     real_step = runner.train_step
 
-    def spy(cfg, model, opt, tok, step, P, C, G, OFF, R):
+    def spy(cfg, model, opt, tok, step, P, C, G, OFF, R, teacher=None):
         trained.setdefault(cfg.method, []).append((step, set(OFF)))
-        return real_step(cfg, model, opt, tok, step, P, C, G, OFF, R)
+        return real_step(cfg, model, opt, tok, step, P, C, G, OFF, R, teacher=teacher)
 
     monkeypatch.setattr(runner, "train_step", spy)
+    # (the teacher's own SFT steps are not the distill arm's: a stand-in teacher here)
+    monkeypatch.setattr(runner, "train_teacher", lambda cfg, data, tok: runner.build_model(len(tok), cfg.seed, 16, 1))
     records = {}
-    for m in METHODS:
+    for m in METHODS + ABLATIONS:
         knob = 0.5 if m == "sft_then_grpo" else (KNOBS[m][1][0] if m in KNOBS else None)
         recs = records[m] = []
         run(RunConfig(regime="noisy", method=m, knob=knob, seed=1, **TINY), on_step=recs.append)
     ref = records["gro"]
-    for m in METHODS:
+    for m in METHODS + ABLATIONS:
         assert len(records[m]) == TINY["steps"]
         for a, b in zip(records[m], ref):
             assert a["prompts"] == b["prompts"] and a["offline_answers"] == b["offline_answers"]
             assert a["samples"] == b["samples"] == TINY["prompts_per_step"] * TINY["generations"]
     assert all(off == {False} for _, off in trained["grpo"])
+    assert all(off == {False} for _, off in trained["distill"])
     assert all(off == {True} for _, off in trained["sft"])
     assert [off for _, off in trained["sft_then_grpo"]] == [{True}, {True}, {False}, {False}]
-    for m in ("grpo_sft", "luffy", "gro"):
+    for m in ("grpo_sft", "luffy", "chord", "hpt", "gro", "gro_nodown"):
         assert all(off == {False, True} for _, off in trained[m])
+
+
+def test_the_distillation_teacher_is_the_sft_arms_model():
+    """train_teacher repeats the sft arm's updates (same init, offline rows, order and steps) without sampling."""
+    cfg = RunConfig(regime="graded", method="sft", seed=2, **TINY)
+    captured = {}
+    real_eval = runner.evaluate
+
+    def grab(model, tok, rows, *a):
+        captured["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_eval(model, tok, rows, *a)
+
+    import unittest.mock as mock
+    with mock.patch.object(runner, "evaluate", grab):
+        run(cfg)
+    teacher = runner.train_teacher(cfg, regime_data("graded", 2), runner.CharTokenizer())
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, captured["state"][k], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 # ---- the losses against formulas written here ------------------------------------------------------
@@ -100,31 +123,38 @@ def group_advantages(rewards, groups, std_eps=1e-4):
 
 
 def test_luffy_shapes_offline_tokens_with_p_over_p_plus_gamma_and_leaves_online_tokens_linear():
+    """The experiments' luffy arm (gro_loss(method="luffy")) on a batch, against the formula by hand."""
     torch.manual_seed(0)
     rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0]
     groups = [0, 0, 0, 0, 1, 1, 1]
     offline = [False, False, False, True, False, False, True]
-    logp = (-torch.rand(7, 3, dtype=torch.float64) * 3).requires_grad_(True)
-    mask = torch.ones(7, 3, dtype=torch.bool)
-    mask[1, 2] = mask[5, 1:] = False
-    loss = luffy_loss(logp, mask, rewards=torch.tensor(rewards), group_ids=torch.tensor(groups),
-                      offline=torch.tensor(offline), gamma=0.1)
+    hidden = torch.randn(7, 3, 5, dtype=torch.float64)
+    weight = torch.randn(14, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 14, (7, 3))
+    targets[1, 2] = targets[5, 1] = targets[5, 2] = -100
+    mask = targets != -100
+    loss = method_loss("luffy", None, hidden=hidden, weight=weight, targets=targets, rewards=torch.tensor(rewards),
+                       group_ids=torch.tensor(groups), offline=torch.tensor(offline), step=0, steps=1)
     loss.backward()
+    logp = torch.log_softmax(hidden @ weight.detach().T, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     A, n, gamma = group_advantages(rewards, groups), int(mask.sum()), 0.1
-    value, grad = 0.0, torch.zeros(7, 3, dtype=torch.float64)
+    value, dlogp = 0.0, torch.zeros(7, 3, dtype=torch.float64)
     for i in range(7):
         for t in range(3):
             if not mask[i, t]:
                 continue
-            p = math.exp(float(logp[i, t].detach()))
+            p = math.exp(float(logp[i, t]))
             if offline[i]:  # d/dlogp of A * p / (p + gamma) = A * gamma * p / (p + gamma)^2
                 value += A[i] * p / (p + gamma)
-                grad[i, t] = -A[i] * gamma * p / (p + gamma) ** 2 / n
+                dlogp[i, t] = -A[i] * gamma * p / (p + gamma) ** 2 / n
             else:  # ratio = 1 at the one update per batch: A * exp(l - sg l), gradient A
                 value += A[i]
-                grad[i, t] = -A[i] / n
+                dlogp[i, t] = -A[i] / n
     assert float(loss.detach()) == pytest.approx(-value / n, rel=1e-6)
-    torch.testing.assert_close(logp.grad, grad, rtol=1e-6, atol=1e-9)
+    w = weight.detach().clone().requires_grad_()
+    lp = torch.log_softmax(hidden @ w.T, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    (want,) = torch.autograd.grad((lp * dlogp).sum(), w)
+    torch.testing.assert_close(weight.grad, want, rtol=1e-6, atol=1e-9)
 
 
 def test_grpo_sft_is_grpo_on_online_rows_plus_weight_times_sft_on_offline_rows():
@@ -178,11 +208,11 @@ def test_tuning_gives_every_method_with_a_knob_the_same_grid_on_validation_promp
     real = runner.run
     monkeypatch.setattr(suite, "run", lambda cfg: seen.append(cfg) or real(cfg))
     knobs = suite.tune(RunConfig(regime="scarce", **{**TINY, "steps": 2}), METHODS, workers=1, tune_seeds=(1000,))
-    assert set(knobs) == set(KNOBS)
+    assert set(knobs) == set(KNOBS) & set(METHODS)
     for m, k in knobs.items():
         assert k["grid"] == list(KNOBS[m][1]) and k["value"] in k["grid"] and len(k["validation"]) == 3
     assert all(c.eval_split == "valid" and c.seed == 1000 for c in seen)
-    assert sorted(len([c for c in seen if c.method == m]) for m in KNOBS) == [3, 3, 3]
+    assert all(len([c for c in seen if c.method == m]) == 3 for m in set(KNOBS) & set(METHODS))
 
 
 def test_cli_writes_the_json_schema_and_a_plot_per_regime(tmp_path):
@@ -203,7 +233,17 @@ def test_cli_writes_the_json_schema_and_a_plot_per_regime(tmp_path):
             if m != "gro":
                 assert set(r["vs_gro"]) == {"final_reward", "heldout_reward"}
         pytest.importorskip("matplotlib")
-        assert (path.parent / f"{name}.png").stat().st_size > 1000
+        assert reg["plot"] == f"{name}.png" and (path.parent / f"{name}.png").stat().st_size > 1000
+
+
+def test_a_second_json_gets_its_own_plots(tmp_path):
+    """The ablation's JSON beside results.json: its plots are ablation_NAME.png, never NAME.png."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ablation.json"
+    cli.main(["--regime", "noisy", "--seeds", "1", "--steps", "2", "--prompts", "2", "--generations", "2",
+              "--workers", "1", "--no-tune", "--methods", "gro,gro_nodown", "--json", str(path)])
+    assert json.loads(path.read_text())["regimes"]["noisy"]["plot"] == "ablation_noisy.png"
+    assert (tmp_path / "ablation_noisy.png").exists() and not (tmp_path / "noisy.png").exists()
 
 
 @pytest.mark.parametrize("argv, arg", [(["--regime", "nope"], "--regime"), (["--regime", "clean", "--seeds", "0"], "--seeds"),

@@ -16,10 +16,12 @@ from gro_kernels import gro_loss  # noqa: E402
 # The unification table's presets (the strategies below know their inputs); issue 9's loss types
 # have their own formula and peer tests (tests/test_loss_types*.py).
 METHODS = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
-           "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro")
+           "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro",
+           "luffy", "chord", "hpt", "orpo", "cpo", "distill")   # issue 19
 
-PAIRWISE = ("dpo", "ipo", "cpl", "simpo")
-REWARD = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp", "gro")
+PAIRWISE = ("dpo", "ipo", "cpl", "simpo", "orpo", "cpo")
+REWARD = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp", "gro",
+          "luffy", "chord", "hpt", "distill")
 LOSS_AGG = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 IGNORE = -100
 
@@ -64,9 +66,24 @@ def cases(draw, reference_head=False):
             o["std_eps"] = draw(st.sampled_from([0.0, 1e-4]))
         case["offline"] = draw(st.booleans())
         case["equal_rewards"] = draw(st.booleans())  # constant groups: weight exactly 0, never NaN
+        if method == "chord":
+            o["mu"] = draw(st.sampled_from([0.0, 0.3, 1.0]))
+        if method == "hpt":
+            o["switch_threshold"] = draw(st.sampled_from([0.0, 0.5, 1.0]))
+        if method == "luffy":
+            o["shaping_gamma"] = draw(st.sampled_from([0.1, 1.0]))
+        if method == "gro" and draw(st.booleans()):
+            o["offline_neg_coef"] = draw(st.sampled_from([0.0, 0.5]))
+        if method == "distill":
+            o["divergence"] = draw(st.sampled_from(["reverse_kl", "forward_kl", "jsd"]))
+            if o["divergence"] == "jsd":
+                o["jsd_beta"] = draw(st.sampled_from([0.0, 0.3, 1.0]))
+            case["no_rewards"] = draw(st.booleans())
     elif method in PAIRWISE:
         o["beta"] = draw(st.sampled_from([0.1, 0.5]))
-        if method in ("dpo", "cpl", "simpo"):
+        if method in ("orpo", "cpo"):
+            o["nll_coef"] = draw(st.sampled_from([0.0, 1.0]))
+        if method in ("dpo", "cpl", "simpo", "cpo"):
             o["label_smoothing"] = draw(st.sampled_from([0.0, 0.1]))
     elif method == "kto":
         o["beta"] = draw(st.sampled_from([0.1, 0.5]))
@@ -114,6 +131,13 @@ def _inputs(c):
         if c["offline"] and method not in ("rloo",):
             kw["offline"] = torch.rand(B, generator=g) < 0.3
         kw["old_logp"] = -torch.rand(B, T, generator=g, **f64) * 3  # behaviour log-probs, ratios far from 1
+        if c.get("no_rewards"):  # pure distillation
+            kw.pop("rewards")
+    if method == "distill":  # a teacher of another hidden size, masking the policy's masked rows
+        kw.update(teacher_hidden=torch.randn(B, T, d + 2, generator=g, **f64),
+                  teacher_weight=torch.randn(V, d + 2, generator=g, **f64))
+        if bias is not None:
+            kw["teacher_bias"] = torch.where(torch.isneginf(bias), bias, 0.2 * torch.randn(V, generator=g, **f64))
     if method in ("dpo", "ipo", "kto") or o.get("kl_coef"):
         if o.get("kl_estimator") == "full":
             kw.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)

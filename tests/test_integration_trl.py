@@ -532,7 +532,7 @@ def test_patch_trainer_keeps_a_user_subclass(tmp_path, model_path):
     assert patch_trainer(trainer) is trainer and patch_trainer(trainer) is trainer  # idempotent
     assert isinstance(trainer, MyTrainer) and isinstance(trainer, _GROGRPOLoss) and trainer.my_hook() == "kept"
     assert type(trainer).__name__ == "GROMyTrainer" and type(trainer).__mro__[1] is _GROGRPOLoss
-    with pytest.raises(TypeError, match="GRPOTrainer, DPOTrainer or KTOTrainer"):
+    with pytest.raises(TypeError, match="GRPOTrainer, DPOTrainer, KTOTrainer, DistillationTrainer or GKDTrainer"):
         patch_trainer(object())
 
 

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from gro_kernels.trainer import trainer as trainer_module  # noqa: E402
 from gro_kernels.trainer.packing import check_packing  # noqa: E402
 
-from test_trainer import group_batch, tiny_model, trainer_for  # noqa: E402
+from test_trainer import TOK, build_model, group_batch, tiny_model, trainer_for  # noqa: E402
 
 
 def uneven_batch():
@@ -31,11 +31,18 @@ LOSSES = [("grpo", {"kl_coef": 0.04}), ("reinforce_pp", {"kl_coef": 0.05}),
           ("dr_grpo", {"kl_coef": 0.05, "kl_estimator": "full"})]
 
 
-@pytest.mark.parametrize("switch,loss", [(SWITCHES[0], loss) for loss in LOSSES] + [(s, LOSSES[0]) for s in SWITCHES[1:]])
+# a teacher model beside (its hidden states packed like the policy's): the generalized JSD with the rewards' term
+TEACHER = ("distill", {"divergence": "jsd", "jsd_beta": 0.3})
+
+
+@pytest.mark.parametrize("switch,loss", [(SWITCHES[0], loss) for loss in LOSSES + [TEACHER]]
+                         + [(s, LOSSES[0]) for s in SWITCHES[1:]])
 def test_packing_and_checkpointing_change_nothing(tmp_path, switch, loss):
     batch = uneven_batch()
     method, options = loss
     kw = dict(method=method, micro_batch_size=4, learning_rate=0.0, max_grad_norm=None, loss_options=options)
+    if method == "distill":   # a teacher twice as wide
+        kw["teacher_model"] = build_model(len(TOK), 7, hidden=64, layers=1)
     plain = trainer_for(tiny_model(), tmp_path, **kw)
     other = trainer_for(tiny_model(), tmp_path, **kw, **switch)
     seen = []
@@ -55,8 +62,10 @@ def test_packing_and_checkpointing_change_nothing(tmp_path, switch, loss):
         trainer_module.gro_loss = real
     torch.testing.assert_close(grads(other), grads(plain), rtol=1e-4, atol=1e-6)
     assert abs(m_plain["loss"] - m_other["loss"]) <= 1e-5
-    if "kl" in m_plain:
-        assert abs(m_plain["kl"] - m_other["kl"]) <= 1e-6
+    assert ("distill" in m_plain) == (method == "distill")
+    for name in ("kl", "distill"):
+        if name in m_plain:
+            assert abs(m_plain[name] - m_other[name]) <= 1e-6, name
     if switch.get("pack_sequences"):  # the loss reads the packed row of the scored tokens' states, [1, K, d]
         scored = [int((batch.targets[i:i + 4] != -100).sum()) for i in range(0, len(batch), 4)]
         assert [(shape[:2], ids.shape) for shape, ids in seen] == [((1, k), (1, k)) for k in scored]

@@ -16,7 +16,7 @@ from gro_kernels.logprobs import token_logprobs
 from gro_kernels.loss import gro_loss
 from gro_kernels.objective import METHODS, gro_objective
 
-from helpers_objective import IGNORE, grads, k3, pairs, plain_logprobs, plain_token_logp, tiny_batch
+from helpers_objective import IGNORE, assert_loss_and_gradients, grads, k3, pairs, plain_logprobs, plain_token_logp, tiny_batch
 
 STD_EPS = 1e-4
 GROUP_IDS = torch.tensor([3, 7, 3, 7, 7, 3, 3, 7])
@@ -451,14 +451,9 @@ def test_loss_and_gradient_equal_the_published_formula(row, backend):
     data, tb = _data()
     torch.manual_seed(0)
     expected = textbook(tb)
-    expected_grads = grads(expected, (data.hidden, data.weight))
     torch.manual_seed(0)  # clip_cov draws its tokens from torch's default generator, as verl does
     out = _run(data, tb, method, inputs, options, backend)
-    got_grads = grads(out.loss, (data.hidden, data.weight))
-    torch.testing.assert_close(out.loss, expected, atol=1e-8, rtol=1e-8)
-    for got, want, name in zip(got_grads, expected_grads, ("hidden", "weight")):
-        assert want.abs().max() > 1e-6, f"degenerate case: textbook gradient w.r.t. {name} is zero"
-        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8, msg=lambda s: f"grad {name}: {s}")
+    assert_loss_and_gradients(out.loss, expected, (data.hidden, data.weight))
 
 
 # ---- each option changes the result ---------------------------------------------------------
@@ -602,7 +597,7 @@ def test_needs_policy_logp_names_the_configurations_that_read_whole_rows():
     for method, options in NOT_TOKEN_LOCAL:
         assert needs_policy_logp(resolve_options(method, options), has_old_logp=True, has_advantages=False), method
     one_pass = {"reinforce", "rloo", "remax", "grpo", "dr_grpo", "dapo", "cispo", "reinforce_pp", "sft", "gro",
-                "bnpo", "sapo", "gpg", "dft"}   # as the README's method tables say
+                "bnpo", "sapo", "gpg", "dft", "luffy", "chord", "hpt", "distill"}   # as the README's method tables say
     for method in METHODS:
         assert needs_policy_logp(resolve_options(method, {}), has_old_logp=True, has_advantages=False) \
             == (method not in one_pass), method

@@ -27,7 +27,7 @@ def inputs(method, d):
     kw = dict(ref_logp=ref, old_logp=(ref + 0.05 * d.noise).masked_fill(d.targets == IGNORE, 0.0))
     if method in ("remax", "reinforce"):
         kw.update(baselines=torch.full((B,), 0.4, dtype=F64), anchor="baseline")
-    if method in ("dpo", "ipo", "cpl", "simpo"):
+    if method in ("dpo", "ipo", "cpl", "simpo", "orpo", "cpo"):
         kw.update(labels=LABELS, group_ids=GROUPS)
     elif method in ("kto", "apo_zero_unpaired"):
         kw.update(labels=LABELS)
@@ -35,6 +35,10 @@ def inputs(method, d):
         kw.update(rewards=REWARDS, group_ids=GROUPS)
     if method == "kto":
         kw["anchor_value"] = 0.05
+    if method in ("luffy", "chord", "hpt"):  # an offline row per group
+        kw["offline"] = torch.arange(B) % 2 == 1
+    if method == "distill":  # the reference head as a teacher
+        kw.update(teacher_hidden=d.ref_hidden, teacher_weight=d.ref_weight)
     return kw
 
 

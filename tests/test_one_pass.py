@@ -47,7 +47,7 @@ def batch(method, seed=0, dtype=torch.float64):
     kw["group_ids"] = GROUPS
     if method == "remax":
         kw["baselines"] = torch.tensor([0.2, 0.5, 0.1, 0.9, 0.0, 0.4, 0.7, 0.3], dtype=dtype)
-    if method in ("dpo", "ipo", "cpl", "simpo"):
+    if method in ("dpo", "ipo", "cpl", "simpo", "orpo", "cpo"):
         kw.pop("rewards")
         kw["group_ids"] = PAIRS
         kw["labels"] = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1])
@@ -194,7 +194,7 @@ class MatmulFlops(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["dapo", "grpo", "cispo", "rloo", "sft", "gro", "dpo", "kto", "gspo"])
+@pytest.mark.parametrize("method", ["dapo", "grpo", "cispo", "rloo", "sft", "gro", "dpo", "kto", "gspo", "orpo", "cpo"])
 def test_gemm_flops_of_one_forward_and_backward(method):
     hidden, weight, _, targets, kw = batch(method, dtype=torch.float32)
     for k in ("ref_hidden", "ref_weight"):
@@ -374,3 +374,91 @@ def test_a_plan_that_reads_the_pass_statistics_is_an_error(monkeypatch, method, 
     h = hidden.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="not token-local"):
         gro_loss(h, weight, targets, method=method, backend="torch", return_entropy=True, **kw, **extra)
+
+
+# ---- issue 19: offline rows (LUFFY, CHORD, HPT) and a teacher head in the fused pass ------------
+OFFLINE = torch.tensor([False, False, True, False, False, False, False, True])
+DT = 9   # the teacher's hidden size differs from the policy's
+
+
+def _teacher(dtype=torch.float64):
+    g = torch.Generator().manual_seed(19)
+    return dict(teacher_hidden=torch.randn(B, T, DT, generator=g, dtype=dtype),
+                teacher_weight=0.6 * torch.randn(V, DT, generator=g, dtype=dtype),
+                teacher_bias=0.2 * torch.randn(V, generator=g, dtype=dtype))
+
+
+ISSUE19 = [
+    ("luffy", {}, {"offline": OFFLINE}),
+    ("chord", {"mu": 0.4}, {"offline": OFFLINE}),
+    ("hpt", {"switch_threshold": 0.6}, {"offline": OFFLINE}),
+    ("gro", {"offline_neg_coef": 0.0}, {"offline": OFFLINE}),
+    ("distill", {}, "teacher"),
+    ("distill", {"divergence": "forward_kl"}, "teacher"),
+    ("distill", {"divergence": "jsd", "jsd_beta": 0.3}, "teacher"),
+]
+
+
+def _issue19_inputs(method, inputs, dtype=torch.float64):
+    return _teacher(dtype) if inputs == "teacher" else inputs
+
+
+@pytest.mark.parametrize("config", ISSUE19, ids=lambda c: c[0] + "-" + "-".join(f"{k}={v}" for k, v in c[1].items()))
+def test_issue19_token_local_presets_in_the_fused_pass(config):
+    """Fused pass (torch, chunk boundaries inside rows and groups) == token_logprobs (naive) + gro_objective,
+    and 6 N d V FLOPs for the policy (plus the teacher's own forward GEMM, 2 N d_teacher V)."""
+    method, extra, inputs = config
+    inputs = _issue19_inputs(method, inputs)
+    opts = resolve_options(method, extra)
+    assert not needs_policy_logp(opts, has_old_logp=True, has_advantages=False, has_offline=True)
+    extra = dict(extra, kl_coef=0.0)   # (the exact KL to a reference with a teacher: the test below)
+    got, _ = run(method, "torch", chunk_elements=3 * V, inputs=dict(inputs), **extra)
+    if "teacher_hidden" in inputs:   # the reference path: both heads' statistics from the naive backend
+        hidden, weight, bias, targets, kw = batch(method)
+        kw = {k: kw[k] for k in ("rewards", "group_ids", "old_logp")}
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        o = {**options(method), **extra}
+        st = token_logprobs(h, w, targets, bias=b, temperature=o.pop("temperature"), return_entropy=True, backend="naive",
+                            divergence=o.pop("divergence", "reverse_kl"), jsd_beta=o.pop("jsd_beta", 0.5), **inputs)
+        out = gro_objective(st.logp, mask=targets != IGNORE, entropy=st.entropy, distill=st.distill, method=method,
+                            **kw, **o)
+        want = (out.loss, *torch.autograd.grad(out.loss, (h, w, b)))
+    else:
+        want, _ = composable(method, inputs=inputs, **extra)
+    assert_same(got, want)
+    assert got[2].abs().max() > 1e-4
+
+    hidden, weight, _, targets, kw = batch(method, dtype=torch.float32)
+    kw = {k: kw[k] for k in ("rewards", "group_ids", "old_logp")}
+    kw.update({k: (v.float() if v.is_floating_point() else v) for k, v in _issue19_inputs(method, config[2]).items()})
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with MatmulFlops() as counter:
+        gro_loss(h, w, targets, method=method, backend="torch", **kw, **config[1]).loss.backward()
+    n = targets.numel()
+    teacher = 2 * n * DT * V if "teacher_hidden" in kw else 0
+    assert counter.flops == 3 * 2 * n * D * V + teacher, counter.flops / (2 * n * D * V)
+
+
+def test_teacher_and_exact_reference_kl_take_two_sweeps_and_stay_exact():
+    """Both second heads (the exact KL to a reference, the teacher's divergence): each its own statistics
+    sweep on the composable path, equal to the naive path; with a sampled-token KL the one pass stays."""
+    teacher = _teacher()
+    got, _ = run("distill", "torch", chunk_elements=3 * V, inputs=dict(teacher), divergence="jsd",
+                 kl_coef=0.05, kl_estimator="full")
+    want, _ = run("distill", "naive", inputs=dict(teacher), divergence="jsd", kl_coef=0.05, kl_estimator="full")
+    assert_same(got, want)
+    hidden, weight, _, targets, kw = batch("distill", dtype=torch.float32)
+    kw = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items() if k in ("ref_hidden", "ref_weight", "rewards", "group_ids")}
+    kw.update({k: v.float() for k, v in _teacher().items()})
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    n = targets.numel()
+    for estimator, policy_gemms in (("full", 4 + 4), ("k3", 3)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with MatmulFlops() as counter:
+            gro_loss(h, w, targets, method="distill", backend="torch", kl_coef=0.05, kl_estimator=estimator,
+                     **kw).loss.backward()
+        # full: forward + backward recompute of each sweep (2 x (1 + 3) policy GEMMs, and each second head's
+        # logits twice); k3: the one pass, plus the reference's own no-grad forward for ref_logp.
+        heads = 2 * (2 * n * D * V + 2 * n * DT * V) if estimator == "full" else 2 * n * D * V + 2 * n * DT * V
+        assert counter.flops == policy_gemms * 2 * n * D * V + heads, (estimator, counter.flops / (2 * n * D * V))

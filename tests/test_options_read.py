@@ -34,9 +34,15 @@ AUDIT_VALUES = {
     "entropy_coef": [0.05], "entropy_agg": ["token_mean", "loss"],
     "loss_agg": ["seq_mean_token_sum", "token_mean"], "max_completion_length": [17], "temperature": [0.7],
     "z_loss_coef": [0.05], "reduction": ["sum", "mean"],
+    # issue 19: offline rows and teachers
+    "offline_role": ["sft", "group"], "offline_surrogate": ["shaping", "logp"], "shaping_gamma": [0.3], "mu": [0.4],
+    "switch_threshold": [0.0, 0.5], "offline_neg_coef": [0.0], "nll_coef": [0.5], "distill_coef": [0.5],
+    "divergence": ["forward_kl", "reverse_kl"], "jsd_beta": [0.3],
 }
 
-# (name, method, options every call of it carries, given advantages instead of rewards / labels)
+# (name, method, options every call of it carries, given advantages instead of rewards / labels). hpt: a
+# threshold at which the offline row's group learns it by SFT (at 0 every group here is RL, and the
+# offline-row options have nothing to act on in this batch).
 CONFIGS = [
     ("grpo", "grpo", {}, False), ("dapo", "dapo", {}, False), ("dr_grpo", "dr_grpo", {}, False),
     ("gspo", "gspo", {}, False), ("cispo", "cispo", {}, False), ("rloo", "rloo", {}, False),
@@ -44,6 +50,9 @@ CONFIGS = [
     ("dpo", "dpo", {}, False), ("ipo", "ipo", {}, False), ("simpo", "simpo", {}, False),
     ("kto", "kto", {"anchor_value": 0.1}, False), ("sft", "sft", {}, False),
     ("dapo+advantages", "dapo", {}, True), ("rloo+advantages", "rloo", {}, True),
+    ("luffy", "luffy", {}, False), ("chord", "chord", {}, False), ("hpt", "hpt", {"switch_threshold": 0.45}, False),
+    ("orpo", "orpo", {}, False), ("cpo", "cpo", {}, False), ("distill", "distill", {}, False),
+    ("distill-jsd", "distill", {"divergence": "jsd"}, False),
 ]
 
 
@@ -58,7 +67,9 @@ def _data():
     return dict(hidden=hidden, weight=weight, targets=targets, old_logp=logp + noise(0.4),
                 ref_logp=logp + noise(0.5), rollout_logp=logp + noise(0.4), advantages=torch.randn(B, T, generator=g, **F64),
                 ref_hidden=hidden + 0.3 * torch.randn(B, T, D, generator=g, **F64),
-                ref_weight=weight + 0.3 * torch.randn(V, D, generator=g, **F64))
+                ref_weight=weight + 0.3 * torch.randn(V, D, generator=g, **F64),
+                teacher_hidden=torch.randn(B, T, D + 3, generator=g, **F64),
+                teacher_weight=torch.randn(V, D + 3, generator=g, **F64))
 
 
 DATA = _data()
@@ -83,6 +94,8 @@ def _call(method, base, options, advantages):
         kw["truncated"] = torch.tensor([True, False, False, False, False, True, False, False])
     if o.kl_estimator == "full":
         kw.update(ref_hidden=d["ref_hidden"], ref_weight=d["ref_weight"])
+    if o.distill_coef != 0:
+        kw.update(teacher_hidden=d["teacher_hidden"], teacher_weight=d["teacher_weight"])
     h, w = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
     out = gro_loss(h, w, d["targets"], method=method, backend="naive", return_entropy=True, **kw, **base, **options)
     return out.loss.detach(), torch.autograd.grad(out.loss, (h, w)), out.metrics.get("kl")
@@ -126,6 +139,15 @@ def test_temperature_is_refused_by_gro_objective():
         gro_objective(logp, method="sft", temperature=0.7)
 
 
+@pytest.mark.parametrize("option", [{"divergence": "forward_kl"}, {"divergence": "jsd", "jsd_beta": 0.3}])
+def test_the_teacher_divergence_is_refused_by_gro_objective(option):
+    # gro_objective gets the per-token divergence (`distill`) computed by token_logprobs: which divergence it
+    # is was chosen there, and naming another here changed nothing (loss bit-identical before the refusal).
+    logp, distill = torch.full((2, 3), -1.0, **F64), torch.full((2, 3), 0.2, **F64)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        gro_objective(logp, method="distill", distill=distill, **option)
+
+
 # Issue 15 item 3: each of these was accepted and ignored (loss and gradient bit-identical).
 ISSUE_CASES = [("rloo", {}, True, "kl_coef", 0.3), ("ipo", {}, False, "label_smoothing", 0.1),
                ("kto", {"anchor_value": 0.1}, False, "label_smoothing", 0.1), ("dapo", {}, False, "label_smoothing", 0.1),
@@ -138,3 +160,54 @@ ISSUE_CASES = [("rloo", {}, True, "kl_coef", 0.3), ("ipo", {}, False, "label_smo
 def test_options_the_issue_found_ignored_are_refused(method, base, advantages, option, value):
     with pytest.raises(ValueError, match=option):
         _call(method, base, {option: value}, advantages)
+
+
+# ---- issue 19's options on every path ----------------------------------------------------------------------
+# (method, the configuration's own options, the option, its value). Each must change the result on the naive
+# path, and the torch backend's fused pass (chunks cut inside rows), the composable path (token_logprobs, then
+# gro_objective with the statistics) and GROLoss must give the naive path's loss and gradients with it.
+ISSUE19_PATHS = [
+    ("luffy", {}, "shaping_gamma", 0.3), ("chord", {}, "mu", 0.4), ("chord", {}, "offline_surrogate", "shaping"),
+    ("hpt", {"switch_threshold": 0.45}, "switch_threshold", 0.0), ("gro", {}, "offline_neg_coef", 0.0),
+    ("gro", {}, "offline_role", "sft"), ("orpo", {}, "nll_coef", 0.5), ("cpo", {}, "nll_coef", 0.5),
+    ("distill", {}, "distill_coef", 0.5), ("distill", {}, "divergence", "forward_kl"),
+    ("distill", {"divergence": "jsd"}, "jsd_beta", 0.3),
+]
+
+
+def _path(path, method, options):
+    """(loss, grads wrt hidden and weight) of one path, with the inputs `_call` gives."""
+    from gro_kernels import GROLoss, token_logprobs
+
+    d, o = DATA, resolve_options(method, options)
+    kw = dict(group_ids=torch.arange(B) // 2, old_logp=d["old_logp"], offline=torch.tensor([False] * 7 + [True]),
+              rewards=torch.tensor([1.0, 0.2, 0.5, 0.9, 0.0, 0.7, 0.4, 0.3], **F64), labels=torch.tensor([1, -1] * 4))
+    teacher = dict(teacher_hidden=d["teacher_hidden"], teacher_weight=d["teacher_weight"]) if o.distill_coef else {}
+    h, w = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
+    small = dict(chunk_elements=3 * V)
+    if path == "module":
+        loss = GROLoss(method=method, **options)(h, w, d["targets"], backend="torch", backend_options=small, **kw,
+                                                 **teacher).loss
+    elif path == "composable":
+        st = token_logprobs(h, w, d["targets"], backend="torch", return_entropy=True, divergence=o.divergence,
+                            jsd_beta=o.jsd_beta, **small, **teacher)
+        given = {k: v for k, v in options.items() if k not in ("divergence", "jsd_beta")}
+        loss = gro_objective(st.logp, mask=d["targets"] != -100, entropy=st.entropy, distill=st.distill,
+                             method=method, **kw, **given).loss
+    else:
+        loss = gro_loss(h, w, d["targets"], method=method, backend=path,
+                        backend_options=small if path == "torch" else None, **kw, **teacher, **options).loss
+    return loss.detach(), torch.autograd.grad(loss, (h, w))
+
+
+@pytest.mark.parametrize("case", ISSUE19_PATHS, ids=lambda c: f"{c[0]}-{c[2]}={c[3]}")
+def test_issue19_options_are_honoured_on_every_path(case):
+    method, base, option, value = case
+    want = _path("naive", method, {**base, option: value})
+    without = _path("naive", method, base)
+    assert not torch.allclose(want[1][1], without[1][1]), f"{option} changed nothing on the naive path"
+    for path in ("torch", "composable", "module"):
+        loss, grads = _path(path, method, {**base, option: value})
+        torch.testing.assert_close(loss, want[0], rtol=1e-9, atol=1e-10, msg=f"{path}: loss")
+        for g, wg in zip(grads, want[1]):
+            torch.testing.assert_close(g, wg, rtol=1e-8, atol=1e-10, msg=f"{path}: gradient")

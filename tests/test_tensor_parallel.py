@@ -16,8 +16,10 @@ vocabulary (V = 41 for token_logprobs, 40 for the presets: never an even split):
   targets outside the kept set; SFT's label smoothing (the mean log-prob over the vocabulary), class
   weights indexed by global ids, the z-loss and reduction="none"; top-1 (token accuracy) with a tie
   across two slices; the triton kernels with the soft cap and truncation; an fp32 head on bf16 inputs;
-- what tp_group refuses: top_p (naming both), and label smoothing where any rank's bias masks rows (every
-  rank refuses, none waits in a collective).
+- what tp_group refuses: top_p (naming both), label smoothing where any rank's bias masks rows (every
+  rank refuses, none waits in a collective), and a teacher head (method='distill': its divergence is not
+  combined across shards; refused before any collective).
+Issue 19's presets: luffy / chord / hpt with offline rows in their groups, orpo / cpo on pairs.
 """
 import os
 
@@ -30,9 +32,10 @@ from gro_kernels import gro_loss, gro_objective, token_logprobs
 from gro_kernels.objective.options import METHODS
 from gro_kernels.trainer.distributed import free_port
 
-from test_one_pass import IGNORE, batch, options
+from test_one_pass import IGNORE, OFFLINE, _teacher, batch, options
 
 WORLD = 4
+TP_METHODS = [m for m in METHODS if m != "distill"]   # a teacher head is refused with tp_group (refusals)
 SHARDS = {2: [17, 24], 3: [13, 15, 13], 4: [7, 13, 9, 12]}   # rows per rank, V = 41 (the presets: 40)
 
 
@@ -75,6 +78,8 @@ def preset_run(method, rows, group=None, backend="torch", dtype=torch.float64, p
         bias = bias.clone()
         bias[padded_from:] = float("-inf")
         targets = torch.where(targets >= 0, targets % padded_from, targets)
+    if method in ("luffy", "chord", "hpt"):   # offline rows in the groups
+        inputs["offline"] = OFFLINE
     s, e = rows
     opts = options(method)
     if opts.get("kl_estimator") == "full":
@@ -170,7 +175,7 @@ def _worker(rank, port, out_dir):
                 continue
             rows41, rows40 = bounds(SHARDS[k], rank, 41), bounds(SHARDS[k], rank, 40)
             result[(k, "token_logprobs")] = worst(logprobs_run(rows41, group), logprobs_run((0, 41)), rows41)
-            for method in METHODS:
+            for method in TP_METHODS:
                 result[(k, method)] = worst(preset_run(method, rows40, group), preset_run(method, (0, 40)), rows40)
             result[(k, "composable")] = worst(composable_run(rows40, group), composable_run((0, 40)), rows40)
             for i, head in enumerate(head_options()):
@@ -234,7 +239,17 @@ def refusals(rows41, rows40, group):
                  label_smoothing=0.1, backend="torch", tp_group=group)
     except ValueError as err:
         raised.append(float("mean log-prob" in str(err) and "-inf" in str(err)))
-    return 2.0 - sum(raised)   # 0 when both raised as they should
+    # a teacher head: refused on every rank before any collective, naming both
+    teacher = _teacher()
+    for call in (lambda: gro_loss(hidden, weight[s:e], targets, method="distill", backend="torch", tp_group=group,
+                                  **teacher),
+                 lambda: token_logprobs(h, w[rows41[0]:rows41[1]], y, teacher_hidden=torch.randn(h.shape[0], 5),
+                                        teacher_weight=torch.randn(41, 5), backend="torch", tp_group=group)):
+        try:
+            call()
+        except ValueError as err:
+            raised.append(float("teacher" in str(err) and "tp_group" in str(err)))
+    return 4.0 - sum(raised)   # 0 when all four raised as they should
 
 
 def sequence_parallel_check(rank, group, rows):
@@ -259,7 +274,7 @@ def test_vocabulary_parallel_equals_one_process(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        per_group = len(METHODS) + 3 + len(head_options()) + 2 + len(PRESET_HEADS)
+        per_group = len(TP_METHODS) + 3 + len(head_options()) + 2 + len(PRESET_HEADS)
         expected = sum(1 for k in SHARDS if rank < k) * per_group + (6 if rank < 2 else 0)
         assert len(result) == expected
         loose = {"triton": 1e-5, "triton_head": 1e-5, "fp32_head": 1e-5}

@@ -1,6 +1,7 @@
 """GROTrainer on a tiny Llama (CPU, seconds): update direction, offline gold rows, pure offline DPO,
 gradient accumulation, checkpoint/resume, and the full sample-score-update loop."""
 import json
+import math
 import os
 
 import pytest
@@ -19,7 +20,8 @@ def tiny_model(seed=0):
     return build_model(len(TOK), seed, hidden=32, layers=1)
 
 
-def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, ref_model=None, **cfg):
+def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, ref_model=None, teacher_model=None,
+                **cfg):
     base = dict(steps=1, prompts_per_step=2, learning_rate=1e-3,
                 output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False, backend="torch")
     if reward_funcs:  # the sampling settings (refused offline, where they would be ignored)
@@ -27,7 +29,7 @@ def trainer_for(model, tmp_path, reward_funcs=(reversal_reward,), dataset=None, 
     base.update(cfg)
     dataset = dataset if dataset is not None else make_prompts(16, 4, seed=1)
     return GROTrainer(model, TOK, reward_funcs=list(reward_funcs), train_dataset=dataset, config=GROConfig(**base),
-                      ref_model=ref_model)
+                      ref_model=ref_model, teacher_model=teacher_model)
 
 
 def test_config_names_a_misspelled_setting_and_a_loss_option_given_as_a_setting():
@@ -423,3 +425,87 @@ def test_batch_wide_token_selection_trains_with_the_batch_in_one_call(tmp_path, 
     trainer.train_step(batch)
     got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ---- issue 19: CHORD / HPT (offline rows as SFT rows), the mu schedule, a teacher model -----------------
+@pytest.mark.parametrize("method,options", [("chord", {"mu": 0.3}), ("hpt", {"switch_threshold": 0.4})])
+def test_sft_role_gradient_does_not_depend_on_micro_batch_size(tmp_path, method, options):
+    """CHORD / HPT form their weights on whole groups in the loss; the batch's (online, offline) token
+    counts make the two token means exact over micro-batches. Reference: one gro_loss on the whole batch."""
+    from gro_kernels import gro_loss
+    from gro_kernels.trainer.trainer import policy_inputs
+
+    batch = group_batch([1.0, 0.5, 0.0, 0.25, 0.0, 0.0, 1.0, 0.5], groups=[0, 0, 0, 0, 1, 1, 1, 1],
+                        offline=[False, False, False, True] * 2,
+                        completions=["4321", "4312", "1234", "9876", "5555", "0000", "4320", "21"])
+    model = tiny_model()
+    h, w, b = policy_inputs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    loss = gro_loss(h, w, batch.targets, bias=b, method=method, rewards=batch.rewards, group_ids=batch.group_ids,
+                    offline=batch.offline, backend="torch", **options).loss
+    params = list(model.parameters())
+    want = _flat_grads(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
+    for micro in (8, 4):
+        trainer = trainer_for(tiny_model(), tmp_path, method=method, micro_batch_size=micro, learning_rate=0.0,
+                              max_grad_norm=None, loss_options=options)
+        assert len(trainer.micro_batches(batch)) == 8 // micro   # whole groups
+        trainer.train_step(batch)
+        got = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{method}, micro_batch_size={micro}")
+
+
+def test_chord_mu_schedule_is_trinity_rfts_warmup_then_cosine():
+    cfg = GROConfig(method="chord", mu_peak=0.5, mu_valley=0.1, mu_warmup_steps=4, mu_decay_steps=10)
+    assert [cfg.mu_at(s) for s in (0, 2, 4)] == [0.0, 0.25, 0.5]
+    assert cfg.mu_at(9) == pytest.approx(0.1 + 0.4 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert cfg.mu_at(14) == cfg.mu_at(100) == 0.1
+    assert GROConfig(method="chord").mu_at(3) is None
+    with pytest.raises(ValueError, match="offline_role='sft'"):
+        GROConfig(method="grpo", mu_peak=0.5)
+    with pytest.raises(ValueError, match="set mu_peak"):
+        GROConfig(method="chord", mu_decay_steps=5)
+
+
+def test_chord_trainer_passes_the_scheduled_mu(tmp_path, monkeypatch):
+    from gro_kernels.trainer import trainer as trainer_module
+
+    seen = []
+    real = trainer_module.gro_loss
+    monkeypatch.setattr(trainer_module, "gro_loss", lambda *a, **k: seen.append(k.get("mu")) or real(*a, **k))
+    trainer = trainer_for(tiny_model(), tmp_path, method="chord", offline_column="answer", steps=3,
+                          mu_peak=0.6, mu_valley=0.2, mu_warmup_steps=0, mu_decay_steps=2)
+    trainer.train()
+    assert seen == [0.6, 0.4, 0.2]
+
+
+def test_distillation_from_a_teacher_model_of_another_size(tmp_path):
+    """method='distill' with a teacher twice as wide and no reward function: the trainer samples, the loss is
+    the teacher's reverse KL alone, and one step moves the policy's distribution toward the teacher's."""
+    from gro_kernels.trainer.trainer import policy_inputs
+
+    teacher = build_model(len(TOK), 7, hidden=64, layers=1)
+    model = tiny_model()
+    base = dict(method="distill", steps=1, num_generations=4, prompts_per_step=2, max_new_tokens=4,
+                learning_rate=1e-2, output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False,
+                backend="torch")
+    trainer = GROTrainer(model, TOK, train_dataset=make_prompts(8, 4, seed=2), config=GROConfig(**base),
+                         teacher_model=teacher)
+    batch = trainer.make_batch(0)
+    assert float(batch.rewards.abs().sum()) == 0.0
+
+    def kl_to_teacher():
+        with torch.no_grad():
+            h, w, _ = policy_inputs(trainer.model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                    batch.prompt_len)
+            th, tw, _ = policy_inputs(teacher, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                      batch.prompt_len)
+            lp, lq = torch.log_softmax(h @ w.T, -1), torch.log_softmax(th @ tw.T, -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            return float(kl[batch.targets != -100].mean())
+
+    before = kl_to_teacher()
+    m = trainer.train_step(batch)
+    assert kl_to_teacher() < before
+    assert m["distill"] == pytest.approx(before, rel=1e-4)   # the metric: the mean divergence before the step
+    with pytest.raises(ValueError, match="teacher_model and distill_coef go together"):
+        GROTrainer(tiny_model(), TOK, reward_funcs=[reversal_reward], train_dataset=make_prompts(8, 4, seed=2),
+                   config=GROConfig(**base))

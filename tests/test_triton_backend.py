@@ -369,3 +369,118 @@ def test_the_autotuner_tries_exactly_the_configs_compile_check_compiles(kernel, 
         compiled = [(t[4], t[5]) for t in tasks if t[1] == dz and t[2] == flags]
         assert sorted((c.num_warps, c.kwargs["BLOCK_V"]) for c in tried) == sorted(compiled)
         assert (max(b for _, b in compiled) < 4096) == cap
+
+
+# ---- issue 19: a teacher head -------------------------------------------------------------------
+
+def _teacher_batch(dtype=torch.float32):
+    """A policy and a teacher head of another width, both masking vocabulary row 5 (-inf bias), V > 2
+    interpreter splits, one ignored token."""
+    g = torch.Generator().manual_seed(19)
+    B, T, d, dt, V = 3, 4, 8, 6, 700
+    bias, tb = 0.1 * torch.randn(V, generator=g), 0.1 * torch.randn(V, generator=g)
+    bias[5] = tb[5] = float("-inf")
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[targets == 5] = 6
+    targets[0, 3] = IGNORE
+    x = dict(hidden=torch.randn(B, T, d, generator=g), weight=0.5 * torch.randn(V, d, generator=g), bias=bias,
+             teacher_hidden=torch.randn(B, T, dt, generator=g), teacher_weight=0.5 * torch.randn(V, dt, generator=g),
+             teacher_bias=tb)
+    return {k: v.to(DEVICE, dtype) for k, v in x.items()}, targets.to(DEVICE)
+
+
+TEACHER_DIVERGENCES = [("reverse_kl", {}), ("forward_kl", {}), ("jsd", {"jsd_beta": 0.3})]
+
+
+@pytest.mark.parametrize("div,extra", TEACHER_DIVERGENCES, ids=[d for d, _ in TEACHER_DIVERGENCES])
+def test_teacher_divergences_on_triton_equal_float64(div, extra):
+    """The teacher as the second head, every divergence on the triton kernels: the fused pass (gro_loss, with
+    the GRPO term and a per-sequence temperature) and the composable op (token_logprobs's distill and its
+    backward) equal the naive backend on float64 copies of the inputs; no NaN from the masked row."""
+    from gro_kernels import gro_loss
+
+    x, targets = _teacher_batch()
+    x64 = {k: v.double() for k, v in x.items()}
+    temp = torch.tensor([0.8, 1.0, 1.3], device=DEVICE)
+    common = dict(method="distill", rewards=torch.tensor([1.0, 0.0, 0.5], device=DEVICE), divergence=div,
+                  group_ids=torch.zeros(3, dtype=torch.long, device=DEVICE), **extra)
+    upstream = torch.linspace(0.5, 1.5, targets.numel(), device=DEVICE).reshape(targets.shape)
+    got, want = [], []
+    for inputs, out, backend in ((x, got, "triton"), (x64, want, "naive")):
+        h, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+        teacher = {k: inputs[k] for k in ("teacher_hidden", "teacher_weight", "teacher_bias")}
+        res = gro_loss(h, w, targets, bias=b, backend=backend, temperature=temp.to(h.dtype),
+                       backend_options=SMALL if backend == "triton" else None, **common, **teacher)
+        out += [res.loss.detach(), *torch.autograd.grad(res.loss, (h, w, b))]
+        h, w = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight"))
+        st = token_logprobs(h, w, targets, bias=inputs["bias"], backend=backend, divergence=div, temperature=0.8,
+                            **extra, **teacher, **(SMALL if backend == "triton" else {}))
+        out += [st.distill.detach(), *torch.autograd.grad((st.distill * upstream.to(h.dtype)).sum(), (h, w))]
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-5)
+    assert want[4].abs().max() > 1e-2   # the divergence is not ~0 (the teacher differs)
+
+
+@pytest.mark.parametrize("div,beta", [("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.9)])
+def test_teacher_kernels_equal_the_formula(div, beta):
+    """The kernels alone against the divergences written out in float64: row_stats's divergence, teacher lse
+    and E_p[log p - log m], and logits_grad's per-element term, with rows both heads mask and a ragged split."""
+    from gro_kernels.kernels.logits_grad import logits_grad
+    from gro_kernels.kernels.row_stats import row_stats
+
+    g = torch.Generator().manual_seed(3)
+    n, V = 5, 1300
+    z = 3 * torch.randn(n, V, generator=g)
+    zr = z + 2 * torch.randn(n, V, generator=g)
+    z[:, [7, 700]] = zr[:, [7, 700]] = float("-inf")
+    y = torch.randint(8, 600, (n,), generator=g)
+    inv_t = torch.tensor([1.25, 1.0, 0.7, 2.0, 1.1])
+    u, ur = z.double() * inv_t.double()[:, None], zr.double() * inv_t.double()[:, None]
+    lp, lq = u.log_softmax(1), ur.log_softmax(1)
+    p, q = lp.exp(), lq.exp()
+    live = p > 0
+    lm = torch.where(live, ((1 - beta) * p + beta * q).log(), 0.0)
+    if div == "forward_kl":
+        want = dict(kl=(q * torch.where(live, lq - lp, 0.0)).sum(1))
+    else:
+        e_pm = (p * torch.where(live, lp - lm, 0.0)).sum(1)
+        want = dict(kl=beta * (q * torch.where(live, lq - lm, 0.0)).sum(1) + (1 - beta) * e_pm, e_pm=e_pm)
+    want.update(lse_r=ur.logsumexp(1), lse=u.logsumexp(1))
+    z, zr, y, inv_t = (t.to(DEVICE) for t in (z, zr, y, inv_t))
+    out = {k: torch.full((n,), float("nan"), device=DEVICE) for k in ("lse", "logp", "top1", "kl", "lse_r", "e_pm")}
+    row_stats(z, zr, y, inv_t, divergence=div, jsd_beta=beta, **{k: v for k, v in out.items()
+                                                                 if k != "e_pm" or div == "jsd"})
+    for k, v in want.items():
+        torch.testing.assert_close(out[k].double().cpu(), v, rtol=1e-5, atol=2e-6)
+    delta = torch.tensor([0.3, -1.0, 2.0, 0.5, -0.2])
+    dz = logits_grad(z, zr, y, inv_t, lse=out["lse"], gl=torch.zeros(n, device=DEVICE),
+                     alpha=torch.zeros(n, device=DEVICE), divergence=div, delta=delta.to(DEVICE),
+                     lse_r=out["lse_r"], jsd_beta=beta, out=torch.empty(n, V, device=DEVICE))
+    term = -delta[:, None].double() * q if div == "forward_kl" else \
+        delta[:, None].double() * p * torch.where(live, lp - lm, 0.0)
+    assert torch.isfinite(dz).all()
+    torch.testing.assert_close(dz.double().cpu(), term, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,gtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("div,extra", TEACHER_DIVERGENCES[1:], ids=[d for d, _ in TEACHER_DIVERGENCES[1:]])
+def test_teacher_divergences_on_16_bit_heads(div, extra, dtype, gtol):
+    """16-bit heads on the triton kernels: a 16-bit dz (fp16's per-row scale multiplies the teacher's delta
+    too: a small distill_coef keeps that scale far from 1, and leaving delta unscaled fails here); the loss
+    fp32-accurate, the gradients within the dtype's rounding, against the naive backend on float64 copies
+    of the rounded inputs."""
+    from gro_kernels import gro_loss
+
+    x, targets = _teacher_batch()
+    x = {k: v.to(dtype) for k, v in x.items() if k != "bias" and k != "teacher_bias"}
+    got, want = [], []
+    for cast, out, backend in ((lambda t: t, got, "triton"), (lambda t: t.double(), want, "naive")):
+        h, w = cast(x["hidden"]).clone().requires_grad_(), cast(x["weight"]).clone().requires_grad_()
+        res = gro_loss(h, w, targets, method="distill", divergence=div, distill_coef=0.01, backend=backend,
+                       teacher_hidden=cast(x["teacher_hidden"]), teacher_weight=cast(x["teacher_weight"]),
+                       backend_options=SMALL if backend == "triton" else None, **extra)
+        out += [res.loss.detach().double(), *(g.double() for g in torch.autograd.grad(res.loss, (h, w)))]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+    for a, b in zip(got[1:], want[1:]):
+        assert float((a - b).abs().max() / b.abs().max()) < gtol

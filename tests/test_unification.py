@@ -236,7 +236,8 @@ def _row_id(row):
 
 def test_table_covers_every_method():
     from test_loss_types import ROWS as ISSUE9_ROWS  # the trainers' other loss types (issue 9)
-    assert {row[0] for row in ROWS} | {row[0] for row in ISSUE9_ROWS} == set(METHODS)
+    from test_offline_teacher import ROWS as ISSUE19_ROWS  # offline data and teachers (issue 19)
+    assert {row[0] for row in ROWS} | {row[0] for row in ISSUE9_ROWS} | {row[0] for row in ISSUE19_ROWS} == set(METHODS)
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])

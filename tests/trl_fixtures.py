@@ -19,13 +19,13 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
 
 
-def save_tiny_model(path, seed=0, tie=False, softcap=None):
-    """Save a 2-layer Llama (d=32, V=22) and its tokenizer under `path`; return `path`. With `softcap`, a
+def save_tiny_model(path, seed=0, tie=False, softcap=None, hidden=32):
+    """Save a 2-layer Llama (d=32 unless `hidden` says otherwise, V=22) and its tokenizer under `path`; return `path`. With `softcap`, a
     Gemma 2 of the same size whose logits are soft-capped at it (final_logit_softcapping)."""
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
     tok = build_tokenizer()
-    size = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    size = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                 pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tie)
     if softcap is None:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .methods import METHODS
+from .methods import ABLATIONS, METHODS
 from .report import plot, table
 from .runner import RunConfig, require_transformers
 from .suite import make_pool, run_regime
@@ -20,7 +20,8 @@ def parse(argv=None):
     p.add_argument("--regime", required=True, help=f"one of {', '.join(REGIMES)}, a comma-separated list, or 'all'")
     p.add_argument("--seeds", type=int, default=5, help="seeds per method (reported numbers)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, from " + ", ".join(METHODS + ABLATIONS) + f" (default: all but {', '.join(ABLATIONS)})")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
     p.add_argument("--no-tune", action="store_true", help="use each knob's middle grid value instead of tuning")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
@@ -33,12 +34,22 @@ def parse(argv=None):
             p.error(f"argument --regime: unknown regime {r!r}; choose from {', '.join(REGIMES)} or 'all'")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            p.error(f"argument --methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS + ABLATIONS:
+            p.error(f"argument --methods: unknown method {m!r}; choose from {', '.join(METHODS + ABLATIONS)}")
     for name in ("seeds", "steps", "workers", "prompts", "generations"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")
     return args, regimes, methods
+
+
+def plot_next_to(json_path: str, name: str, regime: dict):
+    """The regime's plot beside the JSON: `NAME.png` for results.json, `STEM_NAME.png` for any other JSON
+    (so a second run, e.g. the ablation, never overwrites the main run's plots). Returns the file name
+    (relative to the JSON's folder), or None without matplotlib."""
+    stem = os.path.splitext(os.path.basename(json_path))[0]
+    file = f"{name}.png" if stem == "results" else f"{stem}_{name}.png"
+    path = plot(name, regime, os.path.join(os.path.dirname(os.path.abspath(json_path)), file))
+    return None if path is None else file
 
 
 def write(summary: dict, path: str) -> None:
@@ -65,7 +76,7 @@ def main(argv=None) -> dict:
             reg = run_regime(name, seeds=args.seeds, steps=args.steps, workers=args.workers, methods=methods,
                              tune_knobs=not args.no_tune, base=base, log=lambda s: print(s, flush=True), pool=pool)
             if args.json:
-                reg["plot"] = plot(name, reg, os.path.join(os.path.dirname(os.path.abspath(args.json)), f"{name}.png"))
+                reg["plot"] = plot_next_to(args.json, name, reg)
             summary["regimes"][name] = reg
             summary["seconds_total"] = time.time() - t0
             print(table({"regimes": {name: reg}}), flush=True)

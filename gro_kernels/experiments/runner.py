@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ..trainer.rollout import collate, generate
 from ..trainer.trainer import policy_inputs
-from .methods import METHODS, method_loss, uses_rows
+from .methods import ABLATIONS, METHODS, method_loss, uses_rows
 from .tasks import REGIMES, CharTokenizer, correct_answers, regime_data
 
 
@@ -108,11 +108,12 @@ def run(cfg: RunConfig, on_step: Optional[Callable[[dict], None]] = None) -> dic
     "samples", "prompts", "offline_answers"}
     (the demo writes its metrics and progress from it, so an interrupted run leaves its steps so far).
     """
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
+    if cfg.method not in METHODS + ABLATIONS:
+        raise ValueError(f"method must be one of {', '.join(METHODS + ABLATIONS)}; got {cfg.method!r}")
     regime = REGIMES[cfg.regime]
     data = regime_data(cfg.regime, cfg.seed)
     tok = CharTokenizer()
+    teacher = train_teacher(cfg, data, tok) if cfg.method == "distill" else None
     model = build_model(len(tok), cfg.seed, cfg.hidden, cfg.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     eval_rows = data[cfg.eval_split]
@@ -141,7 +142,8 @@ def run(cfg: RunConfig, on_step: Optional[Callable[[dict], None]] = None) -> dic
         which = uses_rows(cfg.method, step, cfg.steps, cfg.knob)
         keep = [i for i, o in enumerate(OFF) if which == "both" or o == (which == "offline")]
         loss = train_step(cfg, model, opt, tok, step, [P[i] for i in keep], [C[i] for i in keep],
-                          [G[i] for i in keep], [OFF[i] for i in keep], [R[i] for i in keep]) if keep else None
+                          [G[i] for i in keep], [OFF[i] for i in keep], [R[i] for i in keep],
+                          teacher=teacher) if keep else None
         # (no rows to learn from, e.g. sft on a step whose prompts have no offline answer: no update)
         if on_step is not None:
             on_step({"step": step + 1, "reward": curve[-1], "offline_reward": off_curve[-1], "loss": loss,
@@ -153,13 +155,35 @@ def run(cfg: RunConfig, on_step: Optional[Callable[[dict], None]] = None) -> dic
             "final": final, "seconds": seconds}
 
 
-def train_step(cfg: RunConfig, model, opt, tok, step: int, P, C, G, OFF, R) -> float:
+def train_teacher(cfg: RunConfig, data: dict, tok) -> torch.nn.Module:
+    """The distillation teacher: the `sft` arm's model, i.e. the seed's initialization trained by SFT on the
+    seed's offline answers, the same prompts in the same order for the same steps (no sampling: the SFT
+    loss never reads the samples, so the model is the same). Frozen, in eval mode."""
+    teacher = build_model(len(tok), cfg.seed, cfg.hidden, cfg.layers)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sft = replace(cfg, method="sft", knob=None)
+    for step in range(cfg.steps):
+        rows = [r for r in step_prompts(data["train"], cfg.seed, step, cfg.prompts_per_step) if r["offline"] is not None]
+        if rows:
+            P = [tok.encode(r["prompt"]) for r in rows]
+            C = [answer_ids(tok, r["offline"]) for r in rows]
+            train_step(sft, teacher, opt, tok, step, P, C, list(range(len(rows))), [True] * len(rows), [0.0] * len(rows))
+    return teacher.eval().requires_grad_(False)
+
+
+def train_step(cfg: RunConfig, model, opt, tok, step: int, P, C, G, OFF, R, teacher=None) -> float:
     """One forward, the method's loss, clipping and one AdamW step on the given rows; returns the loss."""
     b = collate(P, C, pad_id=tok.pad_token_id, group_ids=G, offline=OFF, rewards=R)
     model.train()
     hidden, weight, _ = policy_inputs(model, b.input_ids, b.attention_mask, b.position_ids, b.prompt_len)
+    teacher_head = None
+    if teacher is not None:
+        with torch.no_grad():
+            th, tw, _ = policy_inputs(teacher, b.input_ids, b.attention_mask, b.position_ids, b.prompt_len)
+        teacher_head = (th, tw)
     loss = method_loss(cfg.method, cfg.knob, hidden=hidden, weight=weight, targets=b.targets, rewards=b.rewards,
-                       group_ids=b.group_ids, offline=b.offline, step=step, steps=cfg.steps, backend=cfg.backend)
+                       group_ids=b.group_ids, offline=b.offline, step=step, steps=cfg.steps, backend=cfg.backend,
+                       teacher=teacher_head)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

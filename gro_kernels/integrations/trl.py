@@ -1,4 +1,5 @@
-"""TRL drop-in: GRPOTrainer, DPOTrainer and KTOTrainer whose log-prob step and loss run on gro_kernels.
+"""TRL drop-in: GRPOTrainer, DPOTrainer, KTOTrainer, DistillationTrainer and (experimental) GKDTrainer whose
+log-prob step and loss run on gro_kernels.
 
     from gro_kernels.integrations.trl import GROGRPOTrainer     # same constructor as trl.GRPOTrainer
     trainer = GROGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
@@ -20,24 +21,31 @@ Every config option that changes the loss is either mapped below (`GRPO_LOSS_TYP
 `grpo_options`, `DPO_LOSS_TYPES` with `dpo_options`, `KTO_LOSS_TYPES`) or listed in an
 `*_UNSUPPORTED` table that raises a `ValueError` naming it; nothing is ignored. The tests check loss
 and gradients against TRL's own trainers on the same batches (tests/test_integration_trl.py).
+
+Distillation: `DistillationTrainer` (on-policy, TRL's chunked hidden-state loss) and GKDTrainer (its
+`generalized_jsd_loss` on materialized logits) compute the generalized JSD between the student and a
+teacher model; patched, it is one `gro_loss(method="distill", divergence="jsd", jsd_beta=beta)` call
+from both models' final hidden states and heads (the teacher's hidden size may differ). Logit
+scales and soft-capping (which TRL applies to either head) are refused, naming the config field.
 """
 from __future__ import annotations
 
 import torch
 
+from ..loss import gro_loss
 from ..objective.options import DEFAULTS
 from . import missing_dependency
 
 try:
-    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
+    from trl import DistillationTrainer, DPOTrainer, GRPOTrainer, KTOTrainer
     from trl.trainer.utils import nanmax, nanmin
 
-    from .hf_head import GROCall, add_gro_head
+    from .hf_head import GROCall, add_gro_head, check_plain_head
 except ImportError as e:
     raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (from a clone: pip install "
                                           "'.[integrations]'; or only TRL: pip install trl==1.16.0)") from e
 
-__all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
+__all__ = ["GROGRPOTrainer", "GRODPOTrainer", "GROKTOTrainer", "GRODistillationTrainer", "patch_trainer", "GRPO_LOSS_TYPES",
            "GRPO_UNSUPPORTED", "DPO_LOSS_TYPES", "DPO_UNSUPPORTED", "KTO_LOSS_TYPES", "KTO_UNSUPPORTED"]
 
 # ================================================================================================
@@ -650,26 +658,128 @@ class GROKTOTrainer(_GROKTOLoss, KTOTrainer):
 
 
 # ================================================================================================
+# Distillation: DistillationTrainer and GKDTrainer
+# ================================================================================================
+
+def _distill_kwargs(trainer, teacher_hidden, teacher, num_items_in_batch):
+    """gro_loss options of TRL's generalized JSD (`beta`: 0 forward KL, 1 reverse KL, as TRL)."""
+    weight, bias = teacher.get_output_embeddings().weight, teacher.get_output_embeddings().bias
+    return dict(method="distill", divergence="jsd", jsd_beta=float(trainer.beta), teacher_hidden=teacher_hidden,
+                teacher_weight=weight.to(teacher_hidden.dtype),
+                teacher_bias=None if bias is None else bias.to(teacher_hidden.dtype),
+                num_items_in_batch=num_items_in_batch)
+
+
+class _GRODistillationLoss:
+    """DistillationTrainer._compute_loss on gro_kernels: TRL's hidden states of student and teacher, then one
+    gro_loss instead of TRL's chunked divergence (same loss, reduction and entropy bookkeeping)."""
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        _text_only(inputs, "GRODistillationTrainer")
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        keep = inputs["completion_ids"].size(1)
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep)
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
+                                                       teacher, input_ids, attention_mask, keep)
+        head = unwrapped_student.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        targets = inputs["completion_ids"].to(weight.device).masked_fill(mask.to(weight.device) == 0, -100)
+        hidden = hidden.to(weight.device)
+        if hidden.dtype != weight.dtype:
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        out = gro_loss(hidden, weight, targets, bias=bias, temperature=self.temperature, return_entropy=True,
+                       **_distill_kwargs(self, teacher_hidden.to(weight.device), teacher, num_items_in_batch))
+        n_valid = (targets != -100).sum()
+        return out.loss, (out.metrics["entropy"] * n_valid).detach(), n_valid
+
+
+def _check_distillation_heads(trainer, models):
+    """Plain heads for the teacher divergence: no logit scale (check_plain_head) and no soft cap (the
+    divergence to a teacher is not offered with one)."""
+    for model in models:
+        model = _unwrapped(trainer, model)
+        check_plain_head(model)
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            raise ValueError(f"{type(trainer).__name__}: final_logit_softcapping={cap!r} (model_type="
+                             f"{model.config.model_type!r}): gro_kernels' divergence to a teacher takes no soft cap")
+
+
+def _patch_distillation(trainer):
+    _check_distillation_heads(trainer, (trainer.model, trainer.teacher_model))
+
+
+class GRODistillationTrainer(_GRODistillationLoss, DistillationTrainer):
+    """`trl.DistillationTrainer` with its divergence on gro_kernels (same constructor, same results)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _patch_distillation(self)
+
+
+class _GROGKDLoss:
+    """GKDTrainer.compute_loss on gro_kernels: the student's head runs gro_loss(method="distill") inside its
+    forward (the teacher's final hidden states and head given), with TRL's shift, labels and reduction."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _text_only(inputs, "GROGKDTrainer")
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = teacher.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                                use_cache=False).last_hidden_state[:, :-1]
+        keep = inputs["input_ids"].shape[1] - 1
+        call = GROCall(keep=keep, kwargs=_distill_kwargs(self, teacher_hidden, teacher, num_items_in_batch))
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
+                    gro=call)
+        return (out.loss, out) if return_outputs else out.loss
+
+
+def _patch_gkd(trainer):
+    _check_distillation_heads(trainer, (trainer.model, trainer.teacher_model))
+    _patch_models(trainer, temperature=1.0, policy_entropy=False)  # GKD's loss takes the logits untempered
+
+
+def _gkd_patch():
+    """(GKDTrainer, its loss mixin, its patch), or None where TRL has no experimental GKD trainer."""
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        return None
+    return GKDTrainer, _GROGKDLoss, _patch_gkd
+
+
+# ================================================================================================
 # patch_trainer
 # ================================================================================================
 
 _PATCHES = [(GRPOTrainer, _GROGRPOLoss, _patch_grpo), (DPOTrainer, _GRODPOLoss, _patch_dpo),
-            (KTOTrainer, _GROKTOLoss, _patch_kto)]
+            (KTOTrainer, _GROKTOLoss, _patch_kto), (DistillationTrainer, _GRODistillationLoss, _patch_distillation)]
 
 
 def patch_trainer(trainer, *, sampler_logprobs: bool = False):
-    """Make an existing GRPOTrainer / DPOTrainer / KTOTrainer (or a subclass) run on gro_kernels, in place.
+    """Make an existing GRPOTrainer / DPOTrainer / KTOTrainer / DistillationTrainer / GKDTrainer (or a
+    subclass) run on gro_kernels, in place.
 
     `sampler_logprobs=True` (GRPO only): the policy's log-probs of the sampler's truncated distribution
     (see `GROGRPOTrainer`). Raises a ValueError naming the first config option gro_kernels cannot
     honour. Returns the trainer."""
     if sampler_logprobs and not isinstance(trainer, GRPOTrainer):
         raise ValueError("sampler_logprobs=True applies to GRPOTrainer (DPO / KTO score dataset completions)")
-    for base, loss, patch in _PATCHES:
+    # (trl.experimental is imported only for a GKDTrainer: importing it warns)
+    gkd = _gkd_patch() if any(c.__name__ == "GKDTrainer" for c in type(trainer).__mro__) else None
+    for base, loss, patch in _PATCHES + ([gkd] if gkd else []):
         if isinstance(trainer, base):
             patch(trainer, sampler_logprobs) if base is GRPOTrainer else patch(trainer)
             cls = type(trainer)
             if not issubclass(cls, loss):
                 trainer.__class__ = type(f"GRO{cls.__name__}", (loss, cls), {"__module__": __name__})
             return trainer
-    raise TypeError(f"patch_trainer takes a trl GRPOTrainer, DPOTrainer or KTOTrainer, got {type(trainer).__name__}")
+    raise TypeError("patch_trainer takes a trl GRPOTrainer, DPOTrainer, KTOTrainer, DistillationTrainer or GKDTrainer, "
+                    f"got {type(trainer).__name__}")

@@ -91,22 +91,34 @@ _MEAN = [dict(), dict(mean=True, cw=False), dict(mean=True, cw=True)]
 def _variants():
     """(kernel, dz dtype or None, constexpr flags) for every variant a launch can make: a reference
     head always brings the relative sums (statistics) and beta (gradient); class weights only come
-    with the mean log-prob, and the mean log-prob never with truncation."""
+    with the mean log-prob, and the mean log-prob never with truncation. A teacher's forward KL / JSD
+    (DIV 1 / 2) is a second head without the soft cap and truncation (api.py refuses them), and its
+    gradient term replaces the reference's gamma (one second head per sweep)."""
     for want_rel, has_ref, want_p2, cap, tau, mean in itertools.product(
             (False, True), (False, True), (False, True), (False, True), (False, True), _MEAN):
         if (has_ref and not want_rel) or (tau and mean):
             continue
         yield "row_partials", None, dict(WANT_REL=want_rel, HAS_REF=has_ref, WANT_P2=want_p2, HAS_CAP=cap,
-                                         HAS_TAU=tau, WANT_MEAN=bool(mean), HAS_CW=mean.get("cw", False))
+                                         HAS_TAU=tau, WANT_MEAN=bool(mean), HAS_CW=mean.get("cw", False), DIV=0)
+    for div, want_p2, mean in itertools.product((1, 2), (False, True), _MEAN):
+        yield "row_partials", None, dict(WANT_REL=True, HAS_REF=True, WANT_P2=want_p2, HAS_CAP=False, HAS_TAU=False,
+                                         WANT_MEAN=bool(mean), HAS_CW=mean.get("cw", False), DIV=div)
     for want_ent, has_ref, want_p2, cap, want_mean in itertools.product(*[(False, True)] * 5):
         yield "row_finish", None, dict(WANT_ENT=want_ent, HAS_REF=has_ref, WANT_P2=want_p2, HAS_CAP=cap,
-                                       WANT_MEAN=want_mean)
+                                       WANT_MEAN=want_mean, DIV=0)
+    for div, want_ent, want_p2, want_mean in itertools.product((1, 2), *[(False, True)] * 3):
+        yield "row_finish", None, dict(WANT_ENT=want_ent, HAS_REF=True, WANT_P2=want_p2, HAS_CAP=False,
+                                       WANT_MEAN=want_mean, DIV=div)
+    yield "jsd_partials", None, dict()
     for dz, has_beta, has_ref, cap, tau, mean in itertools.product(
             ("fp32", "bf16", "fp16"), (False, True), (False, True), (False, True), (False, True), _MEAN):
         if (has_ref and not has_beta) or (tau and mean):
             continue
         yield "logits_grad", dz, dict(HAS_BETA=has_beta, HAS_REF=has_ref, HAS_CAP=cap, HAS_TAU=tau,
-                                      HAS_ETA=bool(mean), HAS_CW=mean.get("cw", False))
+                                      HAS_ETA=bool(mean), HAS_CW=mean.get("cw", False), DIV=0)
+    for div, dz, has_beta, mean in itertools.product((1, 2), ("fp32", "bf16", "fp16"), (False, True), _MEAN):
+        yield "logits_grad", dz, dict(HAS_BETA=has_beta, HAS_REF=False, HAS_CAP=False, HAS_TAU=False,
+                                      HAS_ETA=bool(mean), HAS_CW=mean.get("cw", False), DIV=div)
 
 
 _INTS = {"V": "i32", "n_splits": "i32"}
@@ -121,7 +133,7 @@ def _signature(fn, constexprs, dz_dtype, vocab):
         elif arg.endswith("_ptr"):
             signature[arg] = {"y_ptr": "*i64", "dz_ptr": f"*{dz_dtype}"}.get(arg, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg == "cap":
+        elif arg in ("cap", "log_1mb", "log_b"):
             signature[arg] = "fp32"
         else:  # V, n_splits and the row strides
             signature[arg] = _INTS.get(arg, "i64")
@@ -159,7 +171,7 @@ def _compile_one(task, arch: int, vocab: int) -> dict:
     from . import launch, logits_grad, row_stats
 
     kernels = {"row_partials": row_stats._row_partials_kernel, "row_finish": row_stats._row_finish_kernel,
-               "logits_grad": logits_grad._logits_grad_kernel}
+               "jsd_partials": row_stats._jsd_partials_kernel, "logits_grad": logits_grad._logits_grad_kernel}
     name, dz, flags, constexprs, warps, block_v = task
     signature, attrs = _signature(kernels[name], constexprs, dz or "fp32", vocab)
     rec = {"kernel": name, "dz": dz, "flags": flags, "block_v": block_v, "warps": warps}

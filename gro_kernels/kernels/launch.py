@@ -11,6 +11,7 @@ exercise several blocks, several splits and ragged edges.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -54,6 +55,13 @@ def exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def program_split(n_splits, SPLIT_V: tl.constexpr):
+    """This program's (id, row, first vocabulary entry) on the grid of rows x vocabulary splits."""
+    pid = tl.program_id(0)
+    return pid, (pid // n_splits).to(tl.int64), (pid % n_splits) * SPLIT_V
+
+
+@triton.jit
 def tanh(x):
     """tanh in fp32 from exp (libdevice is not there under the interpreter): a Taylor polynomial below
     |x| = 0.25, where 1 - exp(-2|x|) would cancel (its first left-out term is < 1e-8 relative there)."""
@@ -75,6 +83,29 @@ def softmax_input(z, inv_t, cap, HAS_CAP: tl.constexpr):
     else:
         u = z * inv_t
     return u
+
+
+# The divergence to a teacher head (the second head's statistic), a constexpr of both kernels: the exact
+# KL(p || q) of a reference (or a teacher's reverse KL), KL(q || p), or the generalized JSD.
+REVERSE_KL, FORWARD_KL, JSD = 0, 1, 2
+DIVERGENCES = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "jsd": JSD}
+
+
+@triton.jit
+def log_mixture(lp, lq, log_1mb, log_b, FAST: tl.constexpr):
+    """log m = log((1 - b) p + b q) from log p, log q (generalized JSD): the larger of the two logs plus
+    log(1 + exp(-|difference|)), one exp and one log; -inf where both are -inf (never NaN)."""
+    a = lp + log_1mb
+    c = lq + log_b
+    mx = tl.maximum(a, c)
+    finite = mx > float("-inf")
+    d = tl.where(finite, -tl.abs(a - c), 0.0)
+    return tl.where(finite, mx + tl.log(1.0 + exp2(d * LOG2E, FAST)), float("-inf"))
+
+
+def mixture_logs(jsd_beta: float):
+    """(log(1 - b), log b) of the generalized JSD's mixture weights, b in (0, 1)."""
+    return math.log1p(-jsd_beta), math.log(jsd_beta)
 
 
 def per_row(inv_t, n, device):

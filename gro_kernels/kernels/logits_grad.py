@@ -6,7 +6,12 @@ chunk zr) and one write of
 
     dz = (gl * onehot(y) + p * (alpha + beta * u + gamma * ur) + eta * w) * (1 - tanh^2(z / c))
 
-in the dtype of `out` (16-bit for a 16-bit head, with fp32 math). `out` is a separate buffer, never
+in the dtype of `out` (16-bit for a 16-bit head, with fp32 math), plus a teacher head's term when zr is
+a teacher's chunk whose divergence is the forward KL or the generalized JSD (q = exp(ur - lse_r),
+m = (1 - b) p + b q; their row terms are in alpha, `logprobs/engine.py`):
+
+    forward_kl   - delta * q                   jsd   + delta * p * (log p - log m)
+ `out` is a separate buffer, never
 memory of z or zr (the launcher refuses one that shares their storage): a program's warps are not
 ordered against each other, so a kernel that wrote over what other warps still read would race.
 Grid: one program per (row, split of SPLIT_V vocabulary entries), as the row statistics.
@@ -22,19 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (CONFIGS, LOG2E, PRUNE, exp2, launch, per_row, rowmajor, softmax_input, split_v, tanh, vec,
-                     warn_if_unaligned)
+from .launch import (CONFIGS, DIVERGENCES, JSD, LOG2E, PRUNE, exp2, launch, log_mixture, mixture_logs, per_row,
+                     program_split, rowmajor, softmax_input, split_v, tanh, vec, warn_if_unaligned)
 
 
 @triton.jit
 def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, lse_ptr, gl_ptr, alpha_ptr,
-                        beta_ptr, gamma_ptr, eta_ptr, V, n_splits, stride_z, stride_zr, stride_dz, cap,
+                        beta_ptr, gamma_ptr, eta_ptr, lse_r_ptr, delta_ptr, V, n_splits, stride_z, stride_zr,
+                        stride_dz, cap, log_1mb, log_b,
                         HAS_BETA: tl.constexpr, HAS_REF: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TAU: tl.constexpr,
-                        HAS_ETA: tl.constexpr, HAS_CW: tl.constexpr, SPLIT_V: tl.constexpr, FAST: tl.constexpr,
-                        BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // n_splits).to(tl.int64)
-    v0 = (pid % n_splits) * SPLIT_V
+                        HAS_ETA: tl.constexpr, HAS_CW: tl.constexpr, DIV: tl.constexpr, SPLIT_V: tl.constexpr,
+                        FAST: tl.constexpr, BLOCK_V: tl.constexpr):
+    _, row, v0 = program_split(n_splits, SPLIT_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     dz_row = dz_ptr + row * stride_dz
@@ -55,6 +59,11 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr
         eta = tl.load(eta_ptr + row)
     if HAS_TAU:
         tau = tl.load(tau_ptr + row)
+    lse_r = 0.0
+    delta = 0.0
+    if DIV > 0:   # a teacher's forward KL / JSD: its lse and the row's delta
+        lse_r = tl.load(lse_r_ptr + row)
+        delta = tl.load(delta_ptr + row)
     offs = tl.arange(0, BLOCK_V)
     for i in range(0, SPLIT_V, BLOCK_V):
         idx = v0 + i + offs
@@ -75,12 +84,18 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr
         t = alpha
         if HAS_BETA:
             t = t + beta * u
-        if HAS_REF:
+        if HAS_REF or DIV > 0:
             ur = softmax_input(tl.load(zr_row + idx, mask=inside, other=0.0).to(tl.float32), inv_t, cap, HAS_CAP)
+        if HAS_REF:
             t = t + gamma * ur
+        if DIV == 2:   # the JSD's delta (log p - log m), times p below
+            lp = u - lse
+            t = t + delta * (lp - log_mixture(lp, ur - lse_r, log_1mb, log_b, FAST))
         # p = 0 (a -inf bias row, outside the kept set): dz is exactly 0 there, whatever t (inf, or NaN
         # from 0 * -inf) is.
         d = tl.where(p == 0.0, 0.0, p * t) + tl.where(idx == target, gl, 0.0)
+        if DIV == 1:   # the forward KL's -delta q (0 at rows both heads mask)
+            d = d - delta * exp2((ur - lse_r) * LOG2E, FAST)
         if HAS_ETA:
             if HAS_CW:
                 d = d + eta * tl.load(cw_ptr + idx, mask=inside, other=0.0).to(tl.float32)
@@ -92,7 +107,7 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr
 
 
 _logits_grad_tuned = triton.autotune(
-    CONFIGS, key=["V", "HAS_BETA", "HAS_REF", "HAS_CAP", "HAS_TAU", "HAS_ETA", "HAS_CW"],
+    CONFIGS, key=["V", "HAS_BETA", "HAS_REF", "HAS_CAP", "HAS_TAU", "HAS_ETA", "HAS_CW", "DIV"],
     prune_configs_by=PRUNE)(_logits_grad_kernel)
 
 
@@ -101,12 +116,17 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, eta=None, cap=None, tau=None,
-                class_weight=None, out) -> torch.Tensor:
+                class_weight=None, out, divergence: str = "reverse_kl", delta=None, lse_r=None,
+                jsd_beta: float = 0.5) -> torch.Tensor:
     """Write dz of every row of z [n, V] into `out` [n, V] (fp32 or 16-bit, rows contiguous) and
-    return it. inv_t: 1 / T, a float or per row; `zr` matters only with `gamma`; eta [n]: the mean
-    log-prob's coefficient (times class_weight [V] when given); cap, tau: as `row_stats`. `out` may
-    not share storage with z or zr."""
-    zr = None if gamma is None else rowmajor(zr)
+    return it. inv_t: 1 / T, a float or per row; `zr` matters only with `gamma` or a teacher's term;
+    eta [n]: the mean log-prob's coefficient (times class_weight [V] when given); cap, tau: as
+    `row_stats`. A teacher's forward_kl / jsd term (`divergence`, with delta [n], the teacher's lse_r [n]
+    and jsd_beta) takes no cap and no truncation. `out` may not share storage with z or zr."""
+    teacher = DIVERGENCES[divergence] if delta is not None else 0
+    if teacher and (lse_r is None or zr is None or cap is not None or tau is not None):
+        raise ValueError(f"a teacher's {divergence} term needs zr and lse_r, and takes no soft cap or truncation")
+    zr = None if gamma is None and not teacher else rowmajor(zr)
     z = rowmajor(z)
     n, vocab = z.shape
     if tuple(out.shape) != (n, vocab) or out.stride(-1) != 1:
@@ -121,10 +141,12 @@ def logits_grad(z, zr, y, inv_t, *, lse, gl, alpha, beta=None, gamma=None, eta=N
     inv = per_row(inv_t, n, z.device)
     args = (z, z if zr is None else zr, out, y, inv, vec(tau, lse), vec(class_weight, lse), lse, gl, alpha,
             lse if beta is None else beta, lse if gamma is None else gamma, lse if eta is None else eta,
-            vocab, n_splits, z.stride(0), 0 if zr is None else zr.stride(0), out.stride(0), float(cap or 1.0))
+            lse if not teacher else vec(lse_r, lse), lse if not teacher else vec(delta, lse),
+            vocab, n_splits, z.stride(0), 0 if zr is None else zr.stride(0), out.stride(0), float(cap or 1.0),
+            *(mixture_logs(jsd_beta) if teacher == JSD else (0.0, 0.0)))
     launch(_logits_grad_tuned, _logits_grad_kernel, (n * n_splits,), args,
-           dict(HAS_BETA=beta is not None, HAS_REF=zr is not None, HAS_CAP=cap is not None, HAS_TAU=tau is not None,
-                HAS_ETA=eta is not None, HAS_CW=class_weight is not None and eta is not None, SPLIT_V=sv))
+           dict(HAS_BETA=beta is not None, HAS_REF=gamma is not None, HAS_CAP=cap is not None, HAS_TAU=tau is not None,
+                HAS_ETA=eta is not None, HAS_CW=class_weight is not None and eta is not None, DIV=teacher, SPLIT_V=sv))
     return out
 
 

@@ -19,6 +19,14 @@ vocabulary splits of one chunk here; across vocabulary shards of a tensor-parall
 2. `finish_row_stats`: one program per row combines its splits' partials (a max, then sums
    rescaled to it) and writes the statistics.
 
+The second head may be a teacher (`divergence`, `launch.DIVERGENCES`; q = softmax(ur), no soft cap,
+no truncation, both heads' -inf rows the same): its reverse KL is the reference's KL above; its
+forward KL(q || p) = E_q[ur - u] - lse_ref + lse comes from two more sums weighted by q in the same
+read; the generalized JSD, b KL(q || m) + (1 - b) KL(p || m) with m = (1 - b) p + b q, needs both
+normalized distributions per element, so a second read of both chunks (`jsd_sums`) follows the
+first, which gives both heads' lse. The forward KL and the JSD also write the teacher's lse, and the
+JSD E_p[log p - log m]: their gradients' row terms (`logits_grad.py`).
+
     partials = row_partials(z, zr, y, inv_t, want_rel=..., want_p2=..., cap=..., tau=...)  # [n, splits, NF]
     finish_row_stats(partials, z, y, inv_t, lse=..., logp=..., top1=..., ent=..., kl=..., ...)
 
@@ -31,15 +39,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (CONFIGS, LN2, LOG2E, PRUNE, exp2, launch, per_row, rowmajor, softmax_input, split_v, vec,
-                     warn_if_unaligned)
+from .launch import (CONFIGS, DIVERGENCES, LN2, LOG2E, PRUNE, exp2, launch, log_mixture, mixture_logs, per_row,
+                     program_split, rowmajor, softmax_input, split_v, vec, warn_if_unaligned)
 
 # Fields of a partial, relative to the program's max m of u (mr of ur), with the differences in
-# base 2 (x = (u - m) log2 e, xr likewise): m, sum e, sum e x, mr, sum 2^xr, sum e xr, sum e^2,
-# sum w x and sum w over every logit (the mean log-prob, w the class weights or 1), unused;
-# e = 2^x = exp(u - m). The finishing step turns the sums of x back into natural units.
-FIELDS = ("m", "s", "sd", "mr", "sr", "sdr", "s2", "sw", "ws", "pad")
+# base 2 (x = (u - m) log2 e, xr likewise): m, sum e, sum e x, mr, sum er, sum e xr, sum e^2,
+# sum w x and sum w over every logit (the mean log-prob, w the class weights or 1), sum er x and
+# sum er xr (a teacher's forward KL), unused; e = 2^x = exp(u - m), er = 2^xr. The finishing step
+# turns the sums of x back into natural units.
+FIELDS = ("m", "s", "sd", "mr", "sr", "sdr", "s2", "sw", "ws", "sq", "sqr", "pad")
 NF = len(FIELDS)
+_NF = tl.constexpr(NF)
 # Masked lanes load -inf; their 0 * x must count 0, not NaN: x is clamped here.
 _FLOOR = tl.constexpr(-1e30)
 
@@ -48,10 +58,8 @@ _FLOOR = tl.constexpr(-1e30)
 def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_ptr, V, n_splits, stride_z, stride_zr,
                          cap, WANT_REL: tl.constexpr, HAS_REF: tl.constexpr, WANT_P2: tl.constexpr,
                          HAS_CAP: tl.constexpr, HAS_TAU: tl.constexpr, WANT_MEAN: tl.constexpr, HAS_CW: tl.constexpr,
-                         SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // n_splits).to(tl.int64)
-    v0 = (pid % n_splits) * SPLIT_V
+                         DIV: tl.constexpr, SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid, row, v0 = program_split(n_splits, SPLIT_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     inv_t = tl.load(inv_t_ptr + row)
@@ -67,7 +75,9 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
     s = tl.zeros([BLOCK_V], tl.float32)      # per lane: sum e
     sd = tl.zeros([BLOCK_V], tl.float32)     # sum e x
     sr = tl.zeros([BLOCK_V], tl.float32)     # sum 2^xr
-    sdr = tl.zeros([BLOCK_V], tl.float32)    # sum e xr
+    sdr = tl.zeros([BLOCK_V], tl.float32)    # sum e xr (the reverse KL)
+    sq = tl.zeros([BLOCK_V], tl.float32)     # sum er x (a teacher's forward KL)
+    sqr = tl.zeros([BLOCK_V], tl.float32)    # sum er xr (a teacher's forward KL)
     s2 = tl.zeros([BLOCK_V], tl.float32)     # sum e^2
     sw = tl.zeros([BLOCK_V], tl.float32)     # sum w x over every logit
     ws = tl.zeros([BLOCK_V], tl.float32)     # sum w
@@ -89,8 +99,15 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
             bmr = softmax_input(tl.max(zr, 0), inv_t, cap, HAS_CAP)
             if bmr > mr:   # the reference's max grew: shift its sums (rare after the first blocks)
                 if mr > neg_inf:
-                    sdr += ((mr - bmr) * LOG2E) * s
-                sr *= exp2((mr - bmr) * LOG2E, FAST)
+                    if DIV == 0:
+                        sdr += ((mr - bmr) * LOG2E) * s
+                    if DIV == 1:
+                        sqr += ((mr - bmr) * LOG2E) * sr
+                scale_r = exp2((mr - bmr) * LOG2E, FAST)
+                sr *= scale_r
+                if DIV == 1:
+                    sq *= scale_r
+                    sqr *= scale_r
                 mr = bmr
         if bm > m:   # the block's max first: one exp per block to rescale, not one per logit
             scale = exp2((m - bm) * LOG2E, FAST)   # 0 while m = -inf
@@ -99,9 +116,11 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
                     sd += ((m - bm) * LOG2E) * s
                 if WANT_MEAN:
                     sw += ((m - bm) * LOG2E) * ws
+                if DIV == 1:
+                    sq += ((m - bm) * LOG2E) * sr
             if WANT_REL:
                 sd *= scale
-            if HAS_REF:
+            if HAS_REF and DIV == 0:
                 sdr *= scale
             if WANT_P2:
                 s2 *= scale * scale
@@ -122,11 +141,16 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
             sd += e * x
         if HAS_REF:
             xr = tl.maximum((ur - tl.where(mr > neg_inf, mr, 0.0)) * LOG2E, _FLOOR)
-            sr += exp2(xr, FAST)
-            sdr += e * xr
+            er = exp2(xr, FAST)
+            sr += er
+            if DIV == 0:
+                sdr += e * xr
+            if DIV == 1:   # both heads mask the same rows: er = 0 wherever x is clamped
+                sq += er * x
+                sqr += er * xr
         if WANT_P2:
             s2 += e * e
-    out = part_ptr + pid.to(tl.int64) * 10
+    out = part_ptr + pid.to(tl.int64) * _NF
     tl.store(out, m)
     tl.store(out + 1, tl.sum(s, 0))
     if WANT_REL:
@@ -134,7 +158,11 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
     if HAS_REF:
         tl.store(out + 3, mr)
         tl.store(out + 4, tl.sum(sr, 0))
-        tl.store(out + 5, tl.sum(sdr, 0))
+        if DIV == 0:
+            tl.store(out + 5, tl.sum(sdr, 0))
+        if DIV == 1:
+            tl.store(out + 9, tl.sum(sq, 0))
+            tl.store(out + 10, tl.sum(sqr, 0))
     if WANT_P2:
         tl.store(out + 6, tl.sum(s2, 0))
     if WANT_MEAN:
@@ -144,13 +172,13 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
 
 @triton.jit
 def _row_finish_kernel(part_ptr, z_ptr, y_ptr, inv_t_ptr, lse_ptr, logp_ptr, top1_ptr, ent_ptr, kl_ptr, ekl_ptr,
-                       p2_ptr, mean_ptr, V, n_splits, stride_z, cap,
+                       p2_ptr, mean_ptr, lse_r_ptr, V, n_splits, stride_z, cap,
                        WANT_ENT: tl.constexpr, HAS_REF: tl.constexpr, WANT_P2: tl.constexpr, HAS_CAP: tl.constexpr,
-                       WANT_MEAN: tl.constexpr, BLOCK_S: tl.constexpr):
+                       WANT_MEAN: tl.constexpr, DIV: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_S)
     ok = j < n_splits
-    p = part_ptr + (row * n_splits + j) * 10
+    p = part_ptr + (row * n_splits + j) * _NF
     neg_inf = float("-inf")
     m = tl.load(p, mask=ok, other=neg_inf)
     s = tl.load(p + 1, mask=ok, other=0.0)
@@ -178,28 +206,70 @@ def _row_finish_kernel(part_ptr, z_ptr, y_ptr, inv_t_ptr, lse_ptr, logp_ptr, top
         wsj = tl.load(p + 8, mask=ok, other=0.0)
         sum_rel = tl.sum(swj + tl.where(m > neg_inf, m - big, 0.0) * wsj, 0)
         tl.store(mean_ptr + row, (sum_rel - tl.sum(wsj, 0) * log_total) / V)
-    if HAS_REF:    # KL = E_p[u - big] - E_p[ur - big_r] - log total + log total_r
+    if HAS_REF:
         mr = tl.load(p + 3, mask=ok, other=neg_inf)
         sr = tl.load(p + 4, mask=ok, other=0.0)
-        sdr = tl.load(p + 5, mask=ok, other=0.0) * LN2
         big_r = tl.max(mr, 0)
-        log_total_r = tl.log(tl.sum(sr * tl.exp(mr - tl.where(big_r > neg_inf, big_r, 0.0)), 0))
-        e_rel_r = tl.sum(tl.where(mr > neg_inf, sdr + (mr - big_r) * s, 0.0) * w, 0) / total
-        tl.store(ekl_ptr + row, e_rel - e_rel_r + (big - big_r))   # E_p[u - ur], for the gradient
-        tl.store(kl_ptr + row, tl.maximum(e_rel - e_rel_r - log_total + log_total_r, 0.0))
+        wr = tl.exp(mr - tl.where(big_r > neg_inf, big_r, 0.0))   # each split's rescale to the row's max of ur
+        total_r = tl.sum(sr * wr, 0)
+        log_total_r = tl.log(total_r)
+        if DIV == 0:   # KL(p || q) = E_p[u - big] - E_p[ur - big_r] - log total + log total_r
+            sdr = tl.load(p + 5, mask=ok, other=0.0) * LN2
+            e_rel_r = tl.sum(tl.where(mr > neg_inf, sdr + (mr - big_r) * s, 0.0) * w, 0) / total
+            tl.store(ekl_ptr + row, e_rel - e_rel_r + (big - big_r))   # E_p[u - ur], for the gradient
+            tl.store(kl_ptr + row, tl.maximum(e_rel - e_rel_r - log_total + log_total_r, 0.0))
+        else:          # a teacher's lse: q in the gradient (and the JSD's second sweep)
+            tl.store(lse_r_ptr + row, big_r + log_total_r)
+        if DIV == 1:   # KL(q || p) = E_q[ur - big_r] - E_q[u - big] - log total_r + log total
+            sq = tl.load(p + 9, mask=ok, other=0.0) * LN2
+            sqr = tl.load(p + 10, mask=ok, other=0.0) * LN2
+            eq_r = tl.sum(tl.where(mr > neg_inf, sqr + (mr - big_r) * sr, 0.0) * wr, 0) / total_r
+            eq_u = tl.sum(tl.where(m > neg_inf, sq + (m - big) * sr, 0.0) * wr, 0) / total_r
+            tl.store(kl_ptr + row, tl.maximum(eq_r - eq_u - log_total_r + log_total, 0.0))
+
+
+@triton.jit
+def _jsd_partials_kernel(z_ptr, zr_ptr, inv_t_ptr, lse_ptr, lse_r_ptr, out_ptr, V, n_splits, stride_z, stride_zr,
+                         log_1mb, log_b, SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The generalized JSD's sums over one (row, split), once both heads' lse are known: sum q (log q - log m)
+    and sum p (log p - log m), m = (1 - b) p + b q. Both heads mask the same (-inf) rows: p = q = 0 there."""
+    pid, row, v0 = program_split(n_splits, SPLIT_V)
+    z_row = z_ptr + row * stride_z
+    zr_row = zr_ptr + row * stride_zr
+    inv_t = tl.load(inv_t_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    lse_r = tl.load(lse_r_ptr + row)
+    offs = tl.arange(0, BLOCK_V)
+    acc_q = tl.zeros([BLOCK_V], tl.float32)
+    acc_p = tl.zeros([BLOCK_V], tl.float32)
+    for i in range(0, SPLIT_V, BLOCK_V):
+        idx = v0 + i + offs
+        inside = idx < V
+        lp = tl.load(z_row + idx, mask=inside, other=float("-inf")).to(tl.float32) * inv_t - lse
+        lq = tl.load(zr_row + idx, mask=inside, other=float("-inf")).to(tl.float32) * inv_t - lse_r
+        lm = log_mixture(lp, lq, log_1mb, log_b, FAST)
+        q = exp2(lq * LOG2E, FAST)
+        p = exp2(lp * LOG2E, FAST)
+        acc_q += tl.where(q > 0, q * (lq - lm), 0.0)
+        acc_p += tl.where(p > 0, p * (lp - lm), 0.0)
+    out = out_ptr + pid.to(tl.int64) * 2
+    tl.store(out, tl.sum(acc_q, 0))
+    tl.store(out + 1, tl.sum(acc_p, 0))
 
 
 _row_partials_tuned = triton.autotune(
-    CONFIGS, key=["V", "WANT_REL", "HAS_REF", "WANT_P2", "HAS_CAP", "HAS_TAU", "WANT_MEAN", "HAS_CW"],
+    CONFIGS, key=["V", "WANT_REL", "HAS_REF", "WANT_P2", "HAS_CAP", "HAS_TAU", "WANT_MEAN", "HAS_CW", "DIV"],
     prune_configs_by=PRUNE)(_row_partials_kernel)
+_jsd_partials_tuned = triton.autotune(CONFIGS, key=["V"], prune_configs_by=PRUNE)(_jsd_partials_kernel)
 
 
 def row_partials(z, zr, y, inv_t, *, want_rel: bool, want_p2: bool = False, want_mean: bool = False, cap=None,
-                 tau=None, class_weight=None) -> torch.Tensor:
+                 tau=None, class_weight=None, divergence: str = "reverse_kl") -> torch.Tensor:
     """Partial sums of each (row, vocabulary split) of z [n, V] (and zr): [n, splits, NF] fp32.
     `want_rel`: the relative sums the entropy and the KL need (always with zr). inv_t: 1 / T, a float
     or per row; cap: the soft cap c or None; tau [n]: each row's kept-set threshold on the raw
-    logits or None; class_weight [V]: the mean log-prob's w."""
+    logits or None; class_weight [V]: the mean log-prob's w; divergence: what zr's statistic is
+    (`launch.DIVERGENCES`; a teacher's forward_kl / jsd: no cap, no truncation)."""
     z, zr = rowmajor(z), rowmajor(zr)
     n, vocab = z.shape
     warn_if_unaligned(vocab)
@@ -212,36 +282,69 @@ def row_partials(z, zr, y, inv_t, *, want_rel: bool, want_p2: bool = False, want
                 z.stride(0), 0 if zr is None else zr.stride(0), float(cap or 1.0))
         flags = dict(WANT_REL=want_rel or zr is not None, HAS_REF=zr is not None, WANT_P2=want_p2,
                      HAS_CAP=cap is not None, HAS_TAU=tau is not None, WANT_MEAN=want_mean,
-                     HAS_CW=class_weight is not None and want_mean, SPLIT_V=sv)
+                     HAS_CW=class_weight is not None and want_mean, DIV=DIVERGENCES[divergence], SPLIT_V=sv)
         launch(_row_partials_tuned, _row_partials_kernel, (n * n_splits,), args, flags)
     return partials
 
 
 def finish_row_stats(partials, z, y, inv_t, *, lse, logp, top1, ent=None, kl=None, ekl=None, sum_p2=None,
-                     mean_logp=None, cap=None) -> None:
+                     mean_logp=None, cap=None, divergence: str = "reverse_kl", lse_r=None) -> None:
     """Combine each row's partials and write lse, logp and top1 (and the entropy, sum_v p_v^2, the
-    mean log-prob, and with reference partials the exact KL and E_p[u - ur]) of every row of z."""
+    mean log-prob, and with reference partials the exact KL and E_p[u - ur]) of every row of z. A
+    teacher's partials (divergence forward_kl / jsd) give its lse (`lse_r`), and the forward KL `kl`."""
     z = rowmajor(z)
     n, n_splits, _ = partials.shape
     if n == 0:
         return
     args = (partials, z, y, per_row(inv_t, n, z.device), lse, logp, top1, lse if ent is None else ent,
             lse if kl is None else kl, lse if ekl is None else ekl, lse if sum_p2 is None else sum_p2,
-            lse if mean_logp is None else mean_logp, z.shape[1], n_splits, z.stride(0), float(cap or 1.0))
-    _row_finish_kernel[(n,)](*args, WANT_ENT=ent is not None, HAS_REF=kl is not None, WANT_P2=sum_p2 is not None,
-                             HAS_CAP=cap is not None, WANT_MEAN=mean_logp is not None,
-                             BLOCK_S=triton.next_power_of_2(n_splits))
+            lse if mean_logp is None else mean_logp, lse if lse_r is None else lse_r, z.shape[1], n_splits,
+            z.stride(0), float(cap or 1.0))
+    _row_finish_kernel[(n,)](*args, WANT_ENT=ent is not None, HAS_REF=lse_r is not None or kl is not None,
+                             WANT_P2=sum_p2 is not None, HAS_CAP=cap is not None, WANT_MEAN=mean_logp is not None,
+                             DIV=DIVERGENCES[divergence], BLOCK_S=triton.next_power_of_2(n_splits))
+
+
+def jsd_sums(z, zr, inv_t, *, lse, lse_r, jsd_beta: float) -> torch.Tensor:
+    """[n, 2]: sum q (log q - log m) and sum p (log p - log m) of every row of z / zr (the generalized
+    JSD, m = (1 - b) p + b q), from both heads' lse: a second read of the two chunks."""
+    z, zr = rowmajor(z), rowmajor(zr)
+    n, vocab = z.shape
+    sv = split_v()
+    n_splits = triton.cdiv(vocab, sv)
+    sums = torch.empty(n, n_splits, 2, dtype=torch.float32, device=z.device)
+    if n:
+        args = (z, zr, per_row(inv_t, n, z.device), lse, lse_r, sums, vocab, n_splits, z.stride(0), zr.stride(0),
+                *mixture_logs(jsd_beta))
+        launch(_jsd_partials_tuned, _jsd_partials_kernel, (n * n_splits,), args, dict(SPLIT_V=sv))
+    return sums.sum(1)
 
 
 def row_stats(z, zr, y, inv_t, *, lse, logp, top1, ent=None, kl=None, ekl=None, sum_p2=None, mean_logp=None,
-              cap=None, tau=None, class_weight=None) -> None:
-    """Both steps: the statistics of every row of z (with zr: kl and ekl must be given)."""
-    if (zr is None) != (kl is None) or (kl is None) != (ekl is None):
-        raise ValueError("a reference chunk zr comes with both kl and ekl outputs")
+              cap=None, tau=None, class_weight=None, divergence: str = "reverse_kl", jsd_beta: float = 0.5,
+              lse_r=None, e_pm=None) -> None:
+    """Both steps: the statistics of every row of z. With zr, kl and the divergence's own outputs must be
+    given: ekl (reverse_kl: a reference, or a teacher's reverse KL), lse_r (a teacher's forward_kl), lse_r
+    and e_pm = E_p[log p - log m] (jsd, mixture weight jsd_beta: a second read of both chunks)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
+    wants = dict(reverse_kl=(ekl,), forward_kl=(lse_r,), jsd=(lse_r, e_pm))[divergence]
+    if (zr is None) != (kl is None) or any((t is None) != (zr is None) for t in wants):
+        raise ValueError(f"a second-head chunk zr comes with kl and {divergence}'s outputs "
+                         f"({dict(reverse_kl='ekl', forward_kl='lse_r', jsd='lse_r, e_pm')[divergence]})")
+    teacher = zr is not None and divergence != "reverse_kl"
+    if teacher and (cap is not None or tau is not None):
+        raise ValueError(f"divergence={divergence!r} takes no soft cap and no truncation")
     partials = row_partials(z, zr, y, inv_t, want_rel=ent is not None, want_p2=sum_p2 is not None,
-                            want_mean=mean_logp is not None, cap=cap, tau=tau, class_weight=class_weight)
-    finish_row_stats(partials, z, y, inv_t, lse=lse, logp=logp, top1=top1, ent=ent, kl=kl, ekl=ekl, sum_p2=sum_p2,
-                     mean_logp=mean_logp, cap=cap)
+                            want_mean=mean_logp is not None, cap=cap, tau=tau, class_weight=class_weight,
+                            divergence=divergence if zr is not None else "reverse_kl")
+    finish_row_stats(partials, z, y, inv_t, lse=lse, logp=logp, top1=top1, ent=ent,
+                     kl=kl if divergence != "jsd" else None, ekl=ekl, sum_p2=sum_p2, mean_logp=mean_logp, cap=cap,
+                     divergence=divergence if zr is not None else "reverse_kl", lse_r=lse_r if teacher else None)
+    if teacher and divergence == "jsd":
+        s = jsd_sums(z, zr, inv_t, lse=lse, lse_r=lse_r, jsd_beta=jsd_beta)
+        e_pm.copy_(s[:, 1])
+        kl.copy_((jsd_beta * s[:, 0] + (1 - jsd_beta) * s[:, 1]).clamp_min(0))
 
 
 def check(n=7, vocab=1500, device=None, seed=0) -> float:

@@ -8,12 +8,13 @@ reshapes the results. The math lives in the backends (`naive.py`, `chunked.py`,
                 ref_hidden[N,dr]|None, ref_weight[V,dr]|None, ref_bias[V]|None, *,
                 transform (transform.Transform of the N tokens), head_precision, ignore_index,
                 return_entropy, return_kl, return_sum_p2, return_mean_logp, class_weight[V]|None,
+                teacher=(hidden[N,dt], weight[V,dt], bias[V]|None)|None, divergence=engine.Divergence|None,
                 **backend_options)
-        -> dict logp, entropy, kl, lse, sum_p2, mean_logp (each [N] or None), is_top1 ([N] bool)
+        -> dict logp, entropy, kl, lse, sum_p2, mean_logp, distill (each [N] or None), is_top1 ([N] bool)
 
 all float32 (float64 when the inputs are float64), exactly 0 at ignored positions, and
-differentiable in hidden, weight and bias. The reference head is frozen: no gradient
-flows into ref_hidden / ref_weight / ref_bias. `transform.py` defines the soft cap, temperature
+differentiable in hidden, weight and bias. The reference and teacher heads are frozen: no
+gradient flows into them. `transform.py` defines the soft cap, temperature
 and truncation every backend applies.
 """
 from __future__ import annotations
@@ -26,12 +27,14 @@ from typing import Optional
 
 import torch
 
+from .engine import Divergence
 from ..argdocs import document
 from . import chunked, naive
 from .rows import STAT_NAMES
 from .transform import check_head_options
 
 BACKENDS = ("naive", "torch", "triton")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class TokenStats:
     mean_logp: (1/V) sum_v w_v log q_v over the whole vocabulary (w: class_weight, else 1; label
         smoothing's term), differentiable, or None when not asked for.
     is_top1: bool, the target's logit is the row's largest (ties count; token accuracy), no gradient.
+    distill: the exact divergence to the teacher head over the whole vocabulary (`divergence`), or None
+        without a teacher head.
     """
 
     logp: torch.Tensor
@@ -57,6 +62,7 @@ class TokenStats:
     sum_p2: Optional[torch.Tensor] = None
     mean_logp: Optional[torch.Tensor] = None
     is_top1: Optional[torch.Tensor] = None
+    distill: Optional[torch.Tensor] = None
 
 
 def interpreting() -> bool:
@@ -152,7 +158,8 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device):
 
 @document(("hidden", "weight", "targets", "bias", "temperature", "softcap", "top_k", "top_p", "min_p", "head_precision",
            "ignore_index", "return_entropy", "return_sum_p2", "return_mean_logp", "class_weight",
-           "ref_hidden", "ref_weight", "ref_bias", "tp_group", "vocab_start", "sequence_parallel", "backend",
+           "ref_hidden", "ref_weight", "ref_bias", "teacher_hidden", "teacher_weight", "teacher_bias",
+           "divergence", "jsd_beta", "tp_group", "vocab_start", "sequence_parallel", "backend",
            "**backend_options"), {
     "temperature": "float > 0, or a tensor shaped like targets (per token) or like its first dim (per "
                    "sequence), default 1.0. Applied to log-probs, entropy and both heads of the KL alike; a "
@@ -185,6 +192,11 @@ def token_logprobs(
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
     tp_group=None,
     vocab_start: Optional[int] = None,
     sequence_parallel: bool = False,
@@ -204,13 +216,15 @@ def token_logprobs(
 
     Returns:
         TokenStats: logp, entropy (or None), kl (the exact KL, or None without a reference head),
-        lse (log normalizer), sum_p2 (or None), mean_logp (or None), is_top1; each shaped like
-        `targets`, float32 (float64 for float64 input; is_top1 bool), exactly 0 at ignored positions.
+        lse (log normalizer), sum_p2 (or None), mean_logp (or None), is_top1, distill (the divergence
+        to the teacher, or None without a teacher head); each shaped like `targets`, float32 (float64
+        for float64 input; is_top1 bool), exactly 0 at ignored positions.
 
     Raises:
         TypeError, ValueError: naming the argument; ImportError naming triton for backend="triton"
         where triton is not installed.
     """
+    refuse_teacher_with_tp_group(teacher_hidden, teacher_weight, tp_group)
     shard = vocab_shard(weight, tp_group, vocab_start, sequence_parallel, bias)
     h2, w, y, b, rh2, rw, rb, tf = check_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature=temperature,
@@ -221,6 +235,8 @@ def token_logprobs(
         check_mean_logp(tf, b, shard)
     if cw is not None and not return_mean_logp:
         raise ValueError("class_weight weights the mean log-prob over the vocabulary: pass return_mean_logp=True")
+    teacher = check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, w.shape[0], b, tf)
+    div = teacher_divergence(divergence, jsd_beta, teacher is not None)
     device, lead = targets.device, targets.shape
     name = resolve_backend(backend, device)
     fn = _backend_fn(name)
@@ -232,10 +248,75 @@ def token_logprobs(
             h2, w, y, b, rh2, rw, rb,
             transform=tf, head_precision=head_precision, ignore_index=ignore_index,
             return_entropy=bool(return_entropy), return_kl=rh2 is not None, return_sum_p2=bool(return_sum_p2),
-            return_mean_logp=bool(return_mean_logp), class_weight=cw, **backend_options,
+            return_mean_logp=bool(return_mean_logp), class_weight=cw, teacher=teacher, divergence=div,
+            **backend_options,
         )
     shape = tuple(lead)
     return TokenStats(**{k: None if out.get(k) is None else out[k].reshape(shape) for k in STAT_NAMES})
+
+
+def teacher_divergence(divergence, jsd_beta, has_teacher: bool) -> Optional[Divergence]:
+    """The engine's Divergence for (divergence, jsd_beta); None without a teacher (then both must be left at
+    their defaults)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be a number in [0, 1], got {jsd_beta!r}")
+    if not has_teacher:
+        if divergence != "reverse_kl" or jsd_beta != 0.5:
+            raise ValueError("divergence / jsd_beta apply to the teacher head: pass teacher_hidden and teacher_weight")
+        return None
+    return Divergence.named(divergence, float(jsd_beta))
+
+
+def _check_teacher_masked_rows(bias, teacher_bias) -> None:
+    """-inf rows of the teacher's bias must be the policy's: a row one head masks and the other keeps makes
+    the reverse or the forward KL infinite (the JSD stays finite, but one rule for every divergence)."""
+    if teacher_bias is None:
+        if bias is not None and bool(torch.isneginf(bias).any()):
+            raise ValueError("bias masks vocabulary rows (-inf) the teacher keeps (no teacher_bias): mask the same "
+                             "rows with teacher_bias")
+        return
+    if bool((torch.isnan(teacher_bias) | torch.isposinf(teacher_bias)).any()) or bool(torch.isneginf(teacher_bias).all()):
+        raise ValueError("teacher_bias must be finite, or -inf on the vocabulary rows it masks (not on all of them)")
+    mine = torch.isneginf(bias) if bias is not None else torch.zeros_like(teacher_bias, dtype=torch.bool)
+    rows = torch.nonzero(mine != torch.isneginf(teacher_bias))[:5, 0].tolist()
+    if rows:
+        raise ValueError(f"teacher_bias and bias mask (-inf) different vocabulary rows, e.g. {rows}: a row one head "
+                         "masks and the other keeps makes the KL to the teacher infinite; mask the same rows in both")
+
+
+def check_teacher(teacher_hidden, teacher_weight, teacher_bias, targets, vocab, bias=None, tf=None):
+    """The teacher head flattened (hidden [N, dt], weight [V, dt], bias), or None; errors name the argument.
+    A teacher takes no soft cap and no truncation (the policy's would not be the teacher's)."""
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight must be given together (the teacher head)")
+    if teacher_hidden is None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias was given without teacher_hidden/teacher_weight")
+        return None
+    th, tw, tb = _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, targets.shape, targets.device)
+    if tf is not None and tf.cap is not None:
+        raise ValueError("softcap applies to the policy's head; the teacher head takes none (a teacher of another model "
+                         "has its own): the divergence to a teacher is not offered with softcap")
+    if tf is not None and tf.truncates:
+        raise ValueError("top_k / top_p / min_p truncate the policy's distribution; the divergence to a teacher is over "
+                         "the whole vocabulary: not offered with truncation")
+    _check_teacher_masked_rows(bias, tb)
+    if tw.shape[0] != vocab:
+        raise ValueError(f"teacher_weight has vocabulary {tw.shape[0]} but weight has {vocab} (a teacher must share "
+                         "the policy's tokenizer; pad the smaller head's rows with a -inf bias)")
+    return th, tw, tb
+
+
+
+def refuse_teacher_with_tp_group(teacher_hidden, teacher_weight, tp_group) -> None:
+    """A teacher head with tp_group is refused before any collective (every rank raises alike): its
+    divergence is not combined across vocabulary shards."""
+    if tp_group is not None and (teacher_hidden is not None or teacher_weight is not None):
+        raise ValueError("teacher_hidden / teacher_weight (a teacher head) do not take tp_group: the divergence to "
+                         "the teacher is computed over both heads' whole vocabulary on one device; gather the heads "
+                         "and drop tp_group (cp_group and sequence_ids do take a teacher)")
 
 
 def vocab_shard(weight, tp_group, vocab_start, sequence_parallel, bias=None):

@@ -64,7 +64,7 @@ def _compact(tf: Transform, rows) -> Transform:
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, tf, precision,
-                return_entropy, return_sum_p2, return_mean_logp, class_weight, options, backend, shard):
+                return_entropy, return_sum_p2, return_mean_logp, class_weight, options, backend, div, shard):
         n_all = targets.shape[0]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
@@ -74,12 +74,12 @@ class _TokenStats(torch.autograd.Function):
         with gemm_precision(precision, hidden.device):
             st = engine.forward_stats(head, ref, y, tf=tf, want_entropy=return_entropy, epilogue=epi, lay=lay,
                                       want_sum_p2=return_sum_p2, want_mean_logp=return_mean_logp,
-                                      class_weight=class_weight)
+                                      class_weight=class_weight, div=div)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows,
-                              st.lse, st.entropy, st.ekl)
+                              st.lse, st.entropy, st.ekl, st.lse_r, st.e_pm)
         # the backward's transform: 1/T per row, the soft cap, the kept-set thresholds found here
         ctx.tf = Transform(inv_t=tf.inv_t, cap=tf.cap, tau=tf.tau)
-        ctx.config = (precision, class_weight, options, backend, shard)
+        ctx.config = (precision, class_weight, options, backend, div, shard)
         ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None: skip their terms
         outs = (st.logp, st.entropy, st.kl, st.lse, st.sum_p2, st.mean_logp, st.top1)
         empty = torch.zeros(0, dtype=st.lse.dtype, device=hidden.device)
@@ -97,12 +97,13 @@ class _TokenStats(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_logp, g_ent, g_kl, g_lse, g_mean):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl = ctx.saved_tensors
-        precision, class_weight, options, backend, shard = ctx.config
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, lse, ent, ekl, lse_r,
+         e_pm) = ctx.saved_tensors
+        precision, class_weight, options, backend, div, shard = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         head, ref = _heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows, precision)
         y = take_rows(targets, rows)
-        st = engine.Stats(logp=lse, lse=lse, entropy=ent, ekl=ekl)
+        st = engine.Stats(logp=lse, lse=lse, entropy=ent, ekl=ekl, lse_r=lse_r, e_pm=e_pm)
 
         def gather(g, present=True):
             return None if (g is None or g.numel() == 0 or not present) else take_rows(g, rows).to(lse.dtype)
@@ -112,8 +113,8 @@ class _TokenStats(torch.autograd.Function):
         lay = _layout(head, y.shape[0], options, shard)
         grads = engine.Grads(head, need_h, need_w, need_b, lay)
         coefs = engine.coefficients_from_upstream(st, gather(g_logp), gather(g_ent, ent is not None),
-                                                  gather(g_kl, ekl is not None), gather(g_lse), tf,
-                                                  gather(g_mean), class_weight, engine.vocab_size(head, epi),
+                                                  gather(g_kl, ref_hidden is not None), gather(g_lse), tf,
+                                                  gather(g_mean), class_weight, engine.vocab_size(head, epi), div,
                                                   with_size=grads.scaled)
         with gemm_precision(precision, hidden.device):
             engine.backward_grads(head, ref, y, coefs, tf=tf, lse=lse, grads=grads, epilogue=epi, lay=lay,
@@ -122,7 +123,7 @@ class _TokenStats(torch.autograd.Function):
         if shard is not None:
             dh = shard.reduce_dh(dh)
         return (scatter_rows(dh, rows, hidden.shape[0]) if dh is not None else None, _cast(dw, weight),
-                _cast(db, bias)) + (None,) * 14
+                _cast(db, bias)) + (None,) * 15
 
 
 def _cast(g, like):
@@ -144,27 +145,42 @@ def _check_options(backend, options):
 
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform, head_precision,
                 ignore_index, return_entropy, return_kl, return_sum_p2=False, return_mean_logp=False,
-                class_weight=None, backend="torch", **options):
-    """See `gro_kernels.logprobs.api`. Returns the dict of statistics, each [N] or None."""
+                class_weight=None, teacher=None, divergence=None, backend="torch", **options):
+    """See `gro_kernels.logprobs.api`. Returns the dict of statistics, each [N] or None. The engine holds
+    one second head per sweep: with both a reference and a teacher head the teacher's divergence takes a
+    second sweep (its own recomputation in the backward)."""
     layout_options, shard = _check_options(backend, dict(options))
+    if teacher is not None and shard is not None:
+        raise ValueError("teacher_hidden (a teacher head) is single-device: it does not take tp_group")
     rows = valid_rows(targets, ignore_index)
     if not return_kl:
         ref_hidden = ref_weight = ref_bias = None
-    logp, ent, kl, lse, p2, mean, top1 = _TokenStats.apply(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, transform, head_precision,
-        bool(return_entropy), bool(return_sum_p2), bool(return_mean_logp), class_weight, layout_options, backend,
-        shard)
+    flags = (bool(return_entropy), bool(return_sum_p2), bool(return_mean_logp), class_weight, layout_options, backend)
+    distill = None
+    if teacher is not None and ref_hidden is None:  # the teacher is the one second head
+        logp, ent, distill, lse, p2, mean, top1 = _TokenStats.apply(
+            hidden, weight, bias, *teacher, targets, rows, transform, head_precision, *flags, divergence, shard)
+        kl = None
+    else:
+        logp, ent, kl, lse, p2, mean, top1 = _TokenStats.apply(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, rows, transform, head_precision, *flags,
+            engine.REVERSE_KL, shard)
+        if teacher is not None:
+            distill = _TokenStats.apply(hidden, weight, bias, *teacher, targets, rows, transform, head_precision,
+                                        False, False, False, class_weight, layout_options, backend, divergence,
+                                        shard)[2]
     return dict(logp=logp, entropy=ent if return_entropy else None, kl=kl if return_kl else None, lse=lse,
                 sum_p2=p2 if return_sum_p2 else None, mean_logp=mean if return_mean_logp else None,
-                is_top1=top1 != 0)
+                is_top1=top1 != 0, distill=distill)
 
 
 def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform, head_precision,
                      ignore_index, return_entropy, coefficients, need_grads, want_mean_logp=False, class_weight=None,
-                     backend="torch", **options):
+                     backend="torch", divergence=engine.REVERSE_KL, **options):
     """One sweep: statistics, then `coefficients(positions, chunk_stats) -> (g_logp, g_entropy|None,
     g_kl|None, g_lse|None, g_mean_logp|None)` per chunk, then the gradients. `positions` are the
-    chunk's token indices in [N]. Returns (dict of statistics each [N] detached or None, grads):
+    chunk's token indices in [N]. The second head (ref_*) is a reference or a teacher: `divergence`
+    (engine.Divergence) is what its "kl" is. Returns (dict of statistics each [N] detached or None, grads):
     `grads` is an `engine.GradsOut` over all N rows, which `PrecomputedGrad` finishes once the
     upstream gradient is known (fp16 gradients are rounded after it)."""
     layout_options, shard = _check_options(backend, dict(options))
@@ -181,7 +197,7 @@ def fused_token_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_
         st = engine.fused_pass(head, ref, y, tf=_compact(transform, rows), want_entropy=return_entropy,
                                coefficients=lambda s, e, cs: coefficients(positions[s:e], cs),
                                grads=grads, epilogue=_epilogue(backend, hidden.dtype, bias, ref_bias, shard), lay=lay,
-                               want_mean_logp=want_mean_logp, class_weight=class_weight)
+                               want_mean_logp=want_mean_logp, class_weight=class_weight, div=divergence)
     outs = {k: None if getattr(st, k) is None else scatter_rows(getattr(st, k), rows, n_all)
             for k in ("logp", "entropy", "kl", "lse", "mean_logp")}
     outs["is_top1"] = scatter_rows(st.top1, rows, n_all) != 0

@@ -44,6 +44,16 @@ ur the reference head's transformed logits, w the class weights (1 without), W =
     dz = du / T * (1 - tanh^2(z / c))   (the last factor with a soft cap c), 0 outside the kept set
     but for the onehot and eta terms' own tokens (the target is always kept; eta only without truncation).
 
+The second head is a frozen reference (the exact KL above) or a teacher, whose divergence D
+(`Divergence`) replaces KL in the statistics ("kl") and in gK (a teacher takes no soft cap and
+no truncation: api.py refuses them):
+    reverse_kl  D = KL(p || q), as above (q = softmax(ur))
+    forward_kl  D = KL(q || p) = E_q[ur - u] - lse_ref + lse,      dD/du = p - q
+    jsd         D = b KL(q || m) + (1 - b) KL(p || m),  m = (1 - b) p + b q,
+                dD/du = (1 - b) p (log p - log m - E_p[log p - log m])
+so that gK*dD/du = p*(alpha' + ...) + extra with alpha' += gK (forward) or -gK (1 - b) E_p[log(p/m)]
+(jsd), and extra = -delta q (forward) or delta p log(p/m) (jsd), delta = gK or gK (1 - b).
+
 Head precision: "native" keeps the GEMMs above (16-bit inputs: fp32-output GEMMs where the device
 has them, else fp32 GEMMs on upcast weights; dz in the weight's dtype); "fp32" and "tf32" run all
 three on fp32 copies (the weight whole when it fits FP32_COPY_ELEMENTS, else cast a vocabulary
@@ -171,6 +181,35 @@ def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
             ok = False
         _ACCUMULATE_PROBE[key] = ok
     return _ACCUMULATE_PROBE[key]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """What the statistics pass computes against the second head (module docstring): `reverse_kl`
+    (a reference head's exact KL, or a teacher's reverse KL), `forward_kl`, or `jsd` with mixture weight
+    `beta` in (0, 1) (TRL's / Liger's generalized JSD; their end points 0 and 1 are the two KLs)."""
+
+    kind: str = "reverse_kl"
+    beta: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in ("reverse_kl", "forward_kl", "jsd"):
+            raise ValueError(f"divergence must be reverse_kl, forward_kl or jsd, got {self.kind!r}")
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"the jsd kernel takes 0 < beta < 1 (0 and 1 are forward_kl / reverse_kl), got {self.beta}")
+
+    @classmethod
+    def named(cls, kind: str, jsd_beta: float = 0.5) -> "Divergence":
+        """The user-facing (divergence, jsd_beta): jsd's end points beta 0 / 1 are forward / reverse KL,
+        as TRL's and Liger's generalized JSD define them."""
+        if kind == "jsd" and jsd_beta in (0.0, 1.0):
+            return cls("forward_kl" if jsd_beta == 0.0 else "reverse_kl")
+        if kind == "jsd" and not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
+        return cls(kind, float(jsd_beta))
+
+
+REVERSE_KL = Divergence()
 
 
 @contextmanager
@@ -443,16 +482,20 @@ class Stats:
     sum_p2: Optional[torch.Tensor] = None   # sum_v p_v^2 (verl's optimal token baseline), no gradient
     mean_logp: Optional[torch.Tensor] = None  # (1/V) sum_v w_v log p_v (label smoothing's term)
     top1: Optional[torch.Tensor] = None     # 1.0 where the target's logit is the row's largest, no gradient
+    lse_r: Optional[torch.Tensor] = None    # the second head's lse (forward_kl, jsd: q in the gradient)
+    e_pm: Optional[torch.Tensor] = None     # E_p[log p - log m] (jsd's gradient)
 
     @classmethod
     def zeros(cls, n, *, dtype, device, entropy: bool, ref: bool, sum_p2: bool = False,
-              mean_logp: bool = False) -> "Stats":
+              mean_logp: bool = False, div: Divergence = REVERSE_KL) -> "Stats":
         """Room for n rows: the vectors asked for, the others None."""
         def vec(want=True):
             return torch.zeros(n, dtype=dtype, device=device) if want else None
 
-        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(ref), sum_p2=vec(sum_p2),
-                   mean_logp=vec(mean_logp), top1=vec())
+        kind = div.kind if ref else None
+        return cls(logp=vec(), lse=vec(), entropy=vec(entropy), kl=vec(ref), ekl=vec(kind == "reverse_kl"),
+                   sum_p2=vec(sum_p2), mean_logp=vec(mean_logp), top1=vec(),
+                   lse_r=vec(kind in ("forward_kl", "jsd")), e_pm=vec(kind == "jsd"))
 
     def rows(self, sl: slice) -> "Stats":
         """A view of rows `sl` (the chunk's part)."""
@@ -461,13 +504,27 @@ class Stats:
 
         return Stats(logp=self.logp[sl], lse=self.lse[sl], entropy=part(self.entropy), kl=part(self.kl),
                      ekl=part(self.ekl), sum_p2=part(self.sum_p2), mean_logp=part(self.mean_logp),
-                     top1=part(self.top1))
+                     top1=part(self.top1), lse_r=part(self.lse_r), e_pm=part(self.e_pm))
+
+
+@dataclass
+class Extra:
+    """The second head's gradient term beyond p (alpha + beta u + gamma ur), for forward_kl and jsd
+    (module docstring): per-row delta (scaled by 1/T), the second head's lse, and the divergence."""
+
+    div: Divergence
+    delta: torch.Tensor
+    lse_r: torch.Tensor
+
+    def rows(self, s: int, e: int) -> "Extra":
+        return Extra(self.div, self.delta[s:e], self.lse_r[s:e])
 
 
 @dataclass
 class Coefs:
-    """The per-token coefficients of dz = gl onehot + p (alpha + beta u + gamma ur) + eta w, already
-    scaled by 1/T; `size` = max |upstream gradient| / T per token (what sets an fp16 row's scale)."""
+    """The per-token coefficients of dz = gl onehot + p (alpha + beta u + gamma ur) + eta w (+ a teacher's
+    forward_kl / jsd term, `extra`), already scaled by 1/T; `size` = max |upstream gradient| / T per token
+    (what sets an fp16 row's scale)."""
 
     gl: torch.Tensor
     alpha: torch.Tensor
@@ -475,36 +532,44 @@ class Coefs:
     gamma: Optional[torch.Tensor] = None
     eta: Optional[torch.Tensor] = None
     size: Optional[torch.Tensor] = None
+    extra: Optional[Extra] = None
 
     def rows(self, s: int, e: int) -> "Coefs":
         def part(t):
             return None if t is None else t[s:e]
 
-        return Coefs(*(part(t) for t in (self.gl, self.alpha, self.beta, self.gamma, self.eta, self.size)))
+        return Coefs(*(part(t) for t in (self.gl, self.alpha, self.beta, self.gamma, self.eta, self.size)),
+                     extra=None if self.extra is None else self.extra.rows(s, e))
 
     def times(self, k: torch.Tensor) -> "Coefs":
         """Every coefficient multiplied by k per row (dz scales with them)."""
         def mul(t):
             return None if t is None else t * k
 
+        extra = None if self.extra is None else replace(self.extra, delta=self.extra.delta * k)
         return replace(self, gl=mul(self.gl), alpha=mul(self.alpha), beta=mul(self.beta), gamma=mul(self.gamma),
-                       eta=mul(self.eta))
+                       eta=mul(self.eta), extra=extra)
 
 
-def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, tf: Transform, gm=None, class_weight=None, vocab=None, *,
-                               with_size: bool = False) -> Coefs:
-    """The `Coefs` of the module docstring's math for upstream per-token gradients (None = 0)."""
+def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, tf: Transform, gm=None, class_weight=None, vocab=None,
+                               div: Divergence = REVERSE_KL, *, with_size: bool = False) -> Coefs:
+    """The `Coefs` of the module docstring's math for upstream per-token gradients (None = 0); `extra`
+    is None unless gk is the gradient of a teacher's forward_kl or jsd divergence."""
     zeros = torch.zeros_like(st.lse)
     gl = zeros if gl is None else gl.to(st.lse.dtype)
     alpha = -gl if gs is None else gs.to(st.lse.dtype) - gl
-    beta = gamma = eta = None
+    beta = gamma = eta = extra = None
     if gh is not None:
         alpha = alpha + gh * (st.lse - st.entropy)   # E_p[u]
         beta = -gh
-    if gk is not None:
+    if gk is not None and div.kind == "reverse_kl":
         alpha = alpha - gk * st.ekl
         beta = gk if beta is None else beta + gk
         gamma = -gk
+    elif gk is not None:
+        delta = gk if div.kind == "forward_kl" else gk * (1 - div.beta)
+        alpha = alpha + (gk if div.kind == "forward_kl" else -delta * st.e_pm)
+        extra = Extra(div, tf.scale(delta), st.lse_r)
     if gm is not None:
         total = float(vocab) if class_weight is None else class_weight.sum(dtype=st.lse.dtype)
         alpha = alpha - gm * (total / vocab)
@@ -521,7 +586,7 @@ def coefficients_from_upstream(st: Stats, gl, gh, gk, gs, tf: Transform, gm=None
             mean_w = torch.as_tensor(total / vocab, dtype=gm.dtype, device=gm.device)
             size = torch.maximum(size, gm.abs() * mean_w.clamp(min=1.0))
         size = tf.scale(size)
-    return Coefs(*(tf.scale(t) for t in (gl, alpha, beta, gamma, eta)), size=size)
+    return Coefs(*(tf.scale(t) for t in (gl, alpha, beta, gamma, eta)), size=size, extra=extra)
 
 
 def _chunk_transform(tf: Transform, z: torch.Tensor, s: int, e: int, epilogue) -> Transform:
@@ -548,29 +613,30 @@ def with_thresholds(tf: Transform, n: int, dtype, device) -> Transform:
 
 def forward_stats(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
                   epilogue, lay: Layout, want_sum_p2: bool = False, want_mean_logp: bool = False,
-                  class_weight: Optional[torch.Tensor] = None) -> Stats:
-    """Statistics of every row, GEMM 1 (and the reference's) per chunk."""
+                  class_weight: Optional[torch.Tensor] = None, div: Divergence = REVERSE_KL) -> Stats:
+    """Statistics of every row, GEMM 1 (and the second head's) per chunk."""
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     sum_p2=want_sum_p2, mean_logp=want_mean_logp)
+                     sum_p2=want_sum_p2, mean_logp=want_mean_logp, div=div)
     with_thresholds(tf, n, head.stat, y.device)
     for s, e in lay.chunks(0, n):
-        _chunk_stats(head, ref, y, s, e, tf, st, epilogue, class_weight)
+        _chunk_stats(head, ref, y, s, e, tf, st, epilogue, class_weight, div)
     return st
 
 
-def _chunk_stats(head, ref, y, s, e, tf, st, epilogue, class_weight):
+def _chunk_stats(head, ref, y, s, e, tf, st, epilogue, class_weight, div):
     # A function, so that z dies at its return: the next chunk's z is never allocated beside it.
     z = head.logits(s, e)
     zr = None if ref is None else ref.logits(s, e)
-    epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e, epilogue), st, s, class_weight)
+    epilogue.stats(z, zr, y[s:e], _chunk_transform(tf, z, s, e, epilogue), st, s, class_weight, div=div)
 
 
 ChunkCoefs = Callable[[int, int, Stats, Transform], Coefs]
 
 
 def _sweep(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, chunk_coefs: ChunkCoefs, *,
-           tf: Transform, grads: Grads, epilogue, lay: Layout, stats: bool, class_weight=None) -> None:
+           tf: Transform, grads: Grads, epilogue, lay: Layout, stats: bool, class_weight=None,
+           div: Divergence = REVERSE_KL) -> None:
     """The loop of the module docstring: per group, each chunk's z (its statistics when `stats`),
     coefficients and dz into the group's buffer; then the group's gradient GEMMs."""
     n, vocab = y.shape[0], head.w.shape[0]
@@ -585,20 +651,20 @@ def _sweep(head: Head, ref: Optional[Head], y: torch.Tensor, st: Stats, chunk_co
         for s, e in lay.chunks(g0, g1):
             out = None if dz_buf is None else dz_buf[s - g0:e - g0]
             sc = None if scale_buf is None else scale_buf[s - g0:e - g0]
-            dz = _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, sc, class_weight)
+            dz = _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, sc, class_weight, div)
         if dz_buf is not None:
             dz = dz_buf[:g1 - g0]
         grads.add(dz, g0, g1, None if scale_buf is None else scale_buf[:g1 - g0])
         del dz
 
 
-def _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, scale_out, class_weight):
+def _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, scale_out, class_weight, div):
     # A function, so that z, zr and the epilogue's state die at its return (only dz lives on).
     z = head.logits(s, e)
     zr = None if ref is None else ref.logits(s, e)
     if stats:
         tc = _chunk_transform(tf, z, s, e, epilogue)
-        state = epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True)
+        state = epilogue.stats(z, zr, y[s:e], tc, st, s, class_weight, for_grad=True, div=div)
     else:
         tc, state = tf.rows(slice(s, e)), None
     chunk = st.rows(slice(s, e))
@@ -606,17 +672,18 @@ def _chunk_grad(head, ref, y, st, chunk_coefs, s, e, tf, epilogue, stats, out, s
     if scale_out is not None:
         scale_out.copy_(fp16_row_scale(coefs.size))
         coefs = coefs.times(scale_out)
-    if coefs.gamma is None:
-        zr = None  # the reference chunk matters only through gamma
+    if coefs.gamma is None and coefs.extra is None:
+        zr = None  # the second head's chunk matters only through gamma (a teacher's: its extra term)
     return epilogue.grad(z, zr, y[s:e], tc, chunk.lse, coefs.gl, coefs.alpha, coefs.beta, coefs.gamma, out,
-                         eta=coefs.eta, class_weight=class_weight, state=state)
+                         eta=coefs.eta, class_weight=class_weight, state=state, extra=coefs.extra)
 
 
 def backward_grads(head: Head, ref: Optional[Head], y: torch.Tensor, coefs: Coefs, *, tf: Transform,
                    lse: torch.Tensor, grads: Grads, epilogue, lay: Layout, class_weight=None) -> None:
     """Recompute each chunk's logits and accumulate the gradients for fixed per-token coefficients."""
     st = Stats(logp=lse, lse=lse)
-    _sweep(head, ref if coefs.gamma is not None else None, y, st, lambda s, e, _, __: coefs.rows(s, e),
+    second = ref if (coefs.gamma is not None or coefs.extra is not None) else None
+    _sweep(head, second, y, st, lambda s, e, _, __: coefs.rows(s, e),
            tf=tf, grads=grads, epilogue=epilogue, lay=lay, stats=False, class_weight=class_weight)
 
 
@@ -625,8 +692,8 @@ CoefficientFn = Callable[[int, int, Stats], tuple]
 
 def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transform, want_entropy: bool,
                coefficients: CoefficientFn, grads: Grads, epilogue, lay: Layout, want_mean_logp: bool = False,
-               class_weight=None) -> Stats:
-    """Statistics, coefficients and gradients in one sweep: 3 GEMMs per token (plus the reference's).
+               class_weight=None, div: Divergence = REVERSE_KL) -> Stats:
+    """Statistics, coefficients and gradients in one sweep: 3 GEMMs per token (plus the second head's).
 
     `coefficients(s, e, chunk_stats)` gets the chunk's Stats (rows s..e) and returns the upstream
     per-token gradients (g_logp, g_entropy or None, g_kl or None, g_lse or None, g_mean_logp or None)
@@ -634,14 +701,15 @@ def fused_pass(head: Head, ref: Optional[Head], y: torch.Tensor, *, tf: Transfor
     """
     n = y.shape[0]
     st = Stats.zeros(n, dtype=head.stat, device=y.device, entropy=want_entropy, ref=ref is not None,
-                     mean_logp=want_mean_logp)
+                     mean_logp=want_mean_logp, div=div)
     with_thresholds(tf, n, head.stat, y.device)
     vocab = vocab_size(head, epilogue)
 
     def chunk_coefs(s, e, chunk, tc):
         gl, gh, gk, gs, gm = coefficients(s, e, chunk)
-        return coefficients_from_upstream(chunk, gl, gh, gk, gs, tc, gm, class_weight, vocab, with_size=grads.scaled)
+        return coefficients_from_upstream(chunk, gl, gh, gk, gs, tc, gm, class_weight, vocab, div,
+                                          with_size=grads.scaled)
 
     _sweep(head, ref, y, st, chunk_coefs, tf=tf, grads=grads, epilogue=epilogue, lay=lay, stats=True,
-           class_weight=class_weight)
+           class_weight=class_weight, div=div)
     return st

@@ -1,18 +1,22 @@
 """The two epilogues of the chunked engine: what happens to a logits chunk between the GEMMs.
 
 Both implement
-    stats(z, zr, y, tf, st, s, class_weight, for_grad) -> state
-        fill st.logp / lse / entropy / kl / ekl / sum_p2 / mean_logp / top1 at rows s.. from z [ct, V]
-        (tf: the chunk's `transform.Transform`; for_grad: `grad` follows on the same chunk, the fused
-        pass, and may reuse `state`, what stats computed: the torch epilogue's exp(z - max), or None)
-    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta, class_weight, state) -> dz [ct, V]
+    stats(z, zr, y, tf, st, s, class_weight, for_grad, div) -> state
+        fill st.logp / lse / entropy / kl / ekl / sum_p2 / mean_logp / top1 / lse_r / e_pm at rows s..
+        from z [ct, V] (tf: the chunk's `transform.Transform`; for_grad: `grad` follows on the same
+        chunk, the fused pass, and may reuse `state`, what stats computed: the torch epilogue's
+        exp(z - max), or None; div: the divergence to the second head, `engine.Divergence`)
+    grad(z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta, class_weight, state, extra) -> dz [ct, V]
         written into `out`, a buffer of its own in dz's dtype; out=None only where `in_place`: then
-        dz may be left in z's memory (in the statistics dtype)
+        dz may be left in z's memory (in the statistics dtype); extra: a teacher's forward_kl / jsd
+        gradient term (`engine.Extra`), or None
 with the math of `engine.py`'s docstring. `TorchEpilogue` is torch ops (any device: the CPU path);
 `TritonEpilogue` launches the Triton kernels of `gro_kernels.kernels` (the GPU path, or the CPU
 under TRITON_INTERPRET=1), which never write over memory they read.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -54,7 +58,7 @@ class TorchEpilogue:
     def __init__(self, masked_rows: bool = False):
         self.masked_rows = masked_rows
 
-    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False, div=None):
         e = s + z.shape[0]
         inv_t = tf.inv_t
         keep = kept_mask(z, y, tf.tau)               # on the raw logits (None: not truncated)
@@ -86,8 +90,13 @@ class TorchEpilogue:
             else:
                 sw, total = d @ class_weight.to(d.dtype), class_weight.sum(dtype=d.dtype)
             st.mean_logp[s:e] = (sw - total * log_se) / vocab
-        mur = None
-        if zr is not None:
+        mur = aux = None
+        if zr is not None and div is not None and div.kind != "reverse_kl":   # a teacher (no cap, no truncation)
+            mr = zr.amax(1, keepdim=True)
+            dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
+            mur = mr[:, 0] * inv_t
+            aux = self._teacher_stats(div, p, se, log_se, d, dr, mur, st, s, e)
+        elif zr is not None:
             if tf.cap is not None:
                 softcap_(zr, tf.cap, derivative=False)
             mr = zr.amax(1, keepdim=True)
@@ -102,30 +111,67 @@ class TorchEpilogue:
             st.kl[s:e] = (ekl_rel - log_se + log_se_r).clamp_min(0)
         if st.sum_p2 is not None:
             st.sum_p2[s:e] = _rowdot(p, p) / (se * se)
-        return (p, se, mu, mur, g) if for_grad else None
+        return (p, se, mu, mur, g, aux) if for_grad else None
 
-    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
+    def _teacher_stats(self, div, p, se, log_se, d, dr, mur, st, s, e):
+        """forward_kl / jsd against the teacher; returns what the gradient reuses: q (forward_kl) or
+        log p - log m (jsd), one chunk-sized buffer. With -inf bias rows (the same in both heads, api.py)
+        d and dr are 0 there: every term there is then finite and multiplied by p = q = 0."""
+        q = dr.exp()
+        if self.masked_rows:
+            _zero_masked(dr)
+        se_r = q.sum(1)
+        log_se_r = se_r.log()
+        q.div_(se_r[:, None])                        # q = softmax(ur)
+        st.lse_r[s:e] = mur + log_se_r
+        if div.kind == "forward_kl":                 # KL(q || p) = E_q[dr - d] - log se_r + log se
+            st.kl[s:e] = (_rowdot(q, dr) - _rowdot(q, d) - log_se_r + log_se).clamp_min(0)
+            return q
+        b = div.beta
+        log_q = dr.sub_(log_se_r[:, None])           # dr is log q from here on
+        log_m = torch.logaddexp(d - log_se[:, None] + math.log1p(-b), log_q + math.log(b))
+        lqm = log_q.sub_(log_m)                      # log q - log m
+        s_q = _rowdot(q, lqm)
+        lpm = log_m.neg_().add_(d).sub_(log_se[:, None])   # log p - log m
+        s_p = _rowdot(p, lpm) / se
+        st.e_pm[s:e] = s_p
+        st.kl[s:e] = (b * s_q + (1 - b) * s_p).clamp_min(0)
+        return lpm
+
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None,
+             extra=None):
         # dz = (gl onehot + p (alpha + beta u + gamma ur) + eta w) * g; the coefficients are already scaled by 1/T.
         inv_t = tf.inv_t
         keep = None
         if state is not None:  # z holds d = u - max u, zr holds ur - max ur, p = exp(d) unnormalized (0 outside the kept set)
-            p, se, mu, mur, g = state
+            p, se, mu, mur, g, aux = state
             # Normalized by the lse given, which is the whole vocabulary's when this chunk is one slice
             # of it (vocab_parallel.py): p / se times `share`, this slice's part of the probability
             # mass. On one device the given lse is mu + log se bit for bit, so `share` is exactly 1
-            # and the result is the same to the last bit as without it.
+            # and the result is the same to the last bit as without it. (A teacher's forward_kl / jsd
+            # term, `extra`, is single-device only: vocab_parallel refuses it.)
             share = torch.exp(mu + se.log() - lse)
             # a slice may keep none of its tokens (truncation over the whole vocabulary): p = 0 and
             # share = 0 there, and 0 / 0 must not make the row NaN (on one device se >= 1: the max is kept)
             se = torch.where(se > 0, se, torch.ones_like(se))
-            if beta is None:
+            if beta is None and extra is None:
                 dz = p.mul_((alpha * share / se)[:, None])
             else:
-                shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
-                t = z.mul_((beta * share)[:, None]).add_((shift * share)[:, None])
+                if beta is None:
+                    t = z.zero_().add_((alpha * share)[:, None])
+                else:
+                    shift = alpha + beta * mu + (0.0 if gamma is None else gamma * mur)
+                    t = z.mul_((beta * share)[:, None]).add_((shift * share)[:, None])
                 if gamma is not None:
                     t.add_(zr.mul_((gamma * share)[:, None]))
+                if extra is not None and extra.div.kind == "jsd":   # + delta (log p - log m), times p below
+                    t.add_(aux.mul_(extra.delta[:, None]))
                 dz = t.mul_(p.div_(se[:, None]))
+                if extra is not None and extra.div.kind == "forward_kl":   # - delta q
+                    dz.sub_(aux.mul_(extra.delta[:, None]))
+        elif extra is not None:  # the composable backward with a teacher's forward_kl / jsd (no cap, no truncation)
+            g = None
+            dz = self._grad_recomputed(z, zr, tf.inv_t, lse, alpha, beta, gamma, extra)
         else:  # z is the raw logits chunk (the composable backward)
             keep = kept_mask(z, y, tf.tau)
             g = None if tf.cap is None else softcap_(z, tf.cap)
@@ -152,6 +198,29 @@ class TorchEpilogue:
             dz.mul_(g)                                                 # the soft cap's chain rule
         return dz if out is None else out.copy_(dz)
 
+    def _grad_recomputed(self, z, zr, inv_t, lse, alpha, beta, gamma, extra):
+        """p (alpha + beta u + gamma ur) + extra from the raw chunks (no cache: the composable backward)."""
+        u, ur = _scale_(z, inv_t), _scale_(zr, inv_t)
+        log_p, log_q = u - lse[:, None], ur - extra.lse_r[:, None]
+        p = log_p.exp()
+        t = alpha[:, None].expand_as(u).clone()
+        if extra.div.kind == "jsd":
+            b = extra.div.beta
+            lpm = log_p.sub_(torch.logaddexp(log_p + math.log1p(-b), log_q + math.log(b)))
+            if self.masked_rows:   # -inf - (-inf) at rows both heads mask, where p = 0
+                lpm.nan_to_num_(nan=0.0)
+            t.add_(lpm.mul_(extra.delta[:, None]))
+        if self.masked_rows:       # p = 0 at -inf bias rows: their u may not make inf * 0 below
+            _zero_masked(u)
+        if beta is not None:
+            t.add_(u * beta[:, None])
+        if gamma is not None:
+            t.add_(ur * gamma[:, None])
+        dz = t.mul_(p)
+        if extra.div.kind == "forward_kl":
+            dz.sub_(log_q.exp_().mul_(extra.delta[:, None]))
+        return dz
+
 
 def _col(inv_t):
     return inv_t[:, None] if isinstance(inv_t, torch.Tensor) else inv_t
@@ -159,7 +228,8 @@ def _col(inv_t):
 
 class TritonEpilogue:
     """The Triton kernels: row statistics (`kernels/row_stats.py`), the logits gradient into its
-    own buffer (`kernels/logits_grad.py`). Their -inf guards cost no extra pass."""
+    own buffer (`kernels/logits_grad.py`). Their -inf guards cost no extra pass. A teacher's forward KL
+    and generalized JSD are constexpr variants of both (the JSD's statistics read both chunks twice)."""
 
     in_place = False
 
@@ -168,17 +238,22 @@ class TritonEpilogue:
         from ..kernels import logits_grad, row_stats
         self.row_stats, self.logits_grad = row_stats.row_stats, logits_grad.logits_grad
 
-    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False, div=None):
         e = s + z.shape[0]
 
         def part(t):
             return None if t is None else t[s:e]
 
+        teacher = {} if zr is None or div is None else dict(divergence=div.kind, jsd_beta=div.beta,
+                                                             lse_r=part(st.lse_r), e_pm=part(st.e_pm))
         self.row_stats(z, zr, y, tf.inv_t, lse=part(st.lse), logp=part(st.logp), top1=part(st.top1),
                        ent=part(st.entropy), kl=part(st.kl), ekl=part(st.ekl), sum_p2=part(st.sum_p2),
-                       mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight)
+                       mean_logp=part(st.mean_logp), cap=tf.cap, tau=tf.tau, class_weight=class_weight, **teacher)
         return None
 
-    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None,
+             extra=None):
+        teacher = {} if extra is None else dict(divergence=extra.div.kind, delta=extra.delta, lse_r=extra.lse_r,
+                                                jsd_beta=extra.div.beta)
         return self.logits_grad(z, zr, y, tf.inv_t, lse=lse, gl=gl, alpha=alpha, beta=beta, gamma=gamma,
-                                cap=tf.cap, tau=tf.tau, eta=eta, class_weight=class_weight, out=out)
+                                cap=tf.cap, tau=tf.tau, eta=eta, class_weight=class_weight, out=out, **teacher)

@@ -8,6 +8,8 @@ are `transform.py`'s.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import transform as head
@@ -37,9 +39,26 @@ def _logits(hidden, weight, bias, dtype):
     return z if bias is None else z + bias.to(dtype)
 
 
+def divergence_to(logprobs, teacher_logprobs, div):
+    """The per-row divergence to the teacher, from both log-softmaxes (engine.Divergence). 0 log 0 = 0 at
+    vocabulary rows a -inf bias masks: the logs are replaced before any product (as for the entropy)."""
+    p, q = logprobs.exp(), teacher_logprobs.exp()
+    live_p, live_q = p > 0, q > 0
+    if div.kind == "reverse_kl":
+        return (p * torch.where(live_p, logprobs - teacher_logprobs, 0.0)).sum(-1)
+    if div.kind == "forward_kl":
+        return (q * torch.where(live_q, teacher_logprobs - logprobs, 0.0)).sum(-1)
+    b = div.beta
+    dead = ~live_p & ~live_q                      # masked in both heads: m = 0 too
+    lp, lq = torch.where(dead, 0.0, logprobs), torch.where(dead, 0.0, teacher_logprobs)
+    log_m = torch.logaddexp(lp + math.log1p(-b), lq + math.log(b))
+    return (b * (q * torch.where(live_q, lq - log_m, 0.0)).sum(-1)
+            + (1 - b) * (p * torch.where(live_p, lp - log_m, 0.0)).sum(-1))
+
+
 def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, transform: head.Transform,
                 head_precision, ignore_index, return_entropy, return_kl, return_sum_p2=False,
-                return_mean_logp=False, class_weight=None, **options):
+                return_mean_logp=False, class_weight=None, teacher=None, divergence=None, **options):
     if options.pop("shard", None) is not None:
         raise ValueError("backend='naive' does not take tp_group (it materializes one device's logits): "
                          "use backend='torch' or 'triton'")
@@ -87,4 +106,10 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
     if return_mean_logp:
         w = 1.0 if class_weight is None else class_weight.to(dtype)
         stats["mean_logp"] = out((w * logprobs).sum(-1) / logprobs.shape[-1])
+    if teacher is not None:
+        t_hidden, t_weight, t_bias = teacher
+        with torch.no_grad(), head.gemm_precision(head_precision, hidden.device):  # the teacher is frozen
+            zt = _logits(take_rows(t_hidden, rows), t_weight, t_bias, dtype)
+        t_logprobs = torch.log_softmax(head.transform(zt, tf.without_truncation()), dim=-1)
+        stats["distill"] = out(divergence_to(logprobs, t_logprobs, divergence))
     return stats

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 # The per-token statistics every backend's token_stats returns, in this order (None: not asked for).
-STAT_NAMES = ("logp", "entropy", "kl", "lse", "sum_p2", "mean_logp", "is_top1")
+STAT_NAMES = ("logp", "entropy", "kl", "lse", "sum_p2", "mean_logp", "is_top1", "distill")
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

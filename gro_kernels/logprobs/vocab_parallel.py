@@ -221,7 +221,10 @@ class VocabParallelEpilogue:
             z_max, arg = z.max(1)
         return torch.where(own, y_local, arg), own, (z_max < tf.tau) & ~own
 
-    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False):
+    def stats(self, z, zr, y, tf, st, s, class_weight=None, for_grad=False, div=None):
+        # the second head here is a reference (its reverse KL): a teacher's divergences are refused with
+        # tp_group before any collective (api.refuse_teacher_with_tp_group)
+        _only_reverse_kl(div)
         e = s + z.shape[0]
         local = Stats.zeros(e - s, dtype=st.lse.dtype, device=z.device, entropy=st.entropy is not None,
                             ref=zr is not None, sum_p2=st.sum_p2 is not None, mean_logp=st.mean_logp is not None)
@@ -254,7 +257,9 @@ class VocabParallelEpilogue:
                            mean_weights=weights)
         return state
 
-    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None):
+    def grad(self, z, zr, y, tf, lse, gl, alpha, beta, gamma, out, eta=None, class_weight=None, state=None,
+             extra=None):
+        _only_reverse_kl(None if extra is None else extra.div)
         if self.padding:
             return z.zero_() if out is None else out.zero_()
         cached, self._chunk = self._chunk, None
@@ -267,3 +272,8 @@ class VocabParallelEpilogue:
         if empty is not None:
             dz[empty] = 0
         return dz
+
+
+def _only_reverse_kl(div) -> None:
+    if div is not None and div.kind != "reverse_kl":
+        raise ValueError(f"divergence={div.kind!r} (a teacher head) does not take tp_group")

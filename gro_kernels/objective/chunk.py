@@ -9,6 +9,8 @@ chunk's [n] vectors and differentiates it by autograd: the loss math keeps one c
 
     coefficients = ChunkCoefficients(opts, objective_kwargs, zeros=..., layout=..., want_entropy=...)
     g_logp, g_entropy, g_kl, g_lse, g_mean_logp = coefficients(positions, chunk_stats)
+
+(g_kl: the derivative wrt the second head's statistic, the exact KL or a teacher's divergence.)
 """
 from __future__ import annotations
 
@@ -27,20 +29,23 @@ class ChunkCoefficients:
     keys) on stand-in `zeros` [B, T]: a token-local plan gets no logp, H, KL, lse or mean log-prob at
     all (`before_pass`; reading them raises `split.NotYetComputed`). `layout`: the token layout of
     packed rows or a context-parallel group (`objective.core.token_layout`), or None; `positions`
-    index this process's tokens, flattened. `want_*`: which statistics the chunks carry."""
+    index this process's tokens, flattened. `want_*`: which statistics the chunks carry. `teacher`: the
+    chunks' second-head statistic (`kl`) is the divergence to a teacher head (the loss's `distill`), not
+    the exact KL to a reference."""
 
     def __init__(self, opts: Options, objective: dict, *, zeros: torch.Tensor, layout, want_entropy: bool,
-                 want_kl: bool, want_lse: bool, want_mean_logp: bool):
+                 want_kl: bool, want_lse: bool, want_mean_logp: bool, teacher: bool = False):
         _, b, plan = prepare_objective(zeros, entropy=zeros if want_entropy else None, kl=zeros if want_kl else None,
                                        lse=zeros if want_lse else None, mean_logp=zeros if want_mean_logp else None,
-                                       layout=layout, before_pass=True, **objective)
+                                       distill=zeros if teacher else None, layout=layout, before_pass=True,
+                                       **objective)
         local = (lambda t: t) if layout is None else layout.local
 
         def flat(t):
             return None if t is None else local(t).reshape(-1)
 
-        self.opts, self.plan = opts, plan
-        self.want = dict(entropy=opts.entropy_coef != 0, kl=want_kl and opts.kl_coef != 0, lse=want_lse,
+        self.opts, self.plan, self.teacher = opts, plan, teacher
+        self.want = dict(entropy=opts.entropy_coef != 0, kl=(want_kl and opts.kl_coef != 0) or teacher, lse=want_lse,
                          mean_logp=want_mean_logp)
         self.advantages, self.coef, self.ref_logp = flat(plan.weights.advantages), flat(plan.coef), flat(b.ref_logp)
         # Per-token inputs of token_loss formed before the pass (rollout correction, entropy weights, ...).
@@ -65,15 +70,16 @@ class ChunkCoefficients:
 
             l = leaf(cs.logp, True)
             H, K = leaf(cs.entropy, self.want["entropy"]), leaf(cs.kl, self.want["kl"])
+            K_kl, K_distill = (None, K) if self.teacher else (K, None)
             Z, M = leaf(cs.lse, self.want["lse"]), leaf(cs.mean_logp, self.want["mean_logp"])
             leaves = [l, H, K, Z, M]
             lo = l.detach() if self.old_logp is None else torch.where(self.online[pos], self.old_logp[pos], l.detach())
             terms = token_loss(self.opts, logp=l[None], old_logp=lo[None], ref_logp=pick(self.ref_logp),
-                               entropy=one(H), kl=one(K), advantages=self.advantages[pos][None],
+                               entropy=one(H), kl=one(K_kl), advantages=self.advantages[pos][None],
                                coef=self.coef[pos][None], online=self.online[pos][None], mask=None,
                                kl_in_loss=self.plan.kl_in_loss, policy_weight=pick(self.policy_weight),
                                entropy_weight=pick(self.entropy_weight), abs_kl_coef=pick(self.abs_kl_coef),
-                               lse=one(Z), mean_logp=one(M), lse_coef=pick(self.lse_coef))
+                               lse=one(Z), mean_logp=one(M), lse_coef=pick(self.lse_coef), distill=one(K_distill))
             present = [x for x in leaves if x is not None]
             g = dict(zip(map(id, present), torch.autograd.grad(terms.loss, present, allow_unused=True)))
         out = []

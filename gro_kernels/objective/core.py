@@ -13,11 +13,12 @@ import torch
 
 from . import corrections
 from .aggregation import token_coefficients
+from .offline import scale_offline, sft_plan
 from ..argdocs import document, options_entry
 from ..logprobs.rows import stat_dtype
 from .inputs import Batch, check_mask, check_requirements, kl_is_used, prepare_batch, truncation_mask
 from .layout import TokenLayout
-from .options import OPTIONS, Options, resolve_options
+from .options import COMPUTED_WITH_LOGP, OPTIONS, Options, resolve_options
 from .split import NotYetComputed, token_loss
 from .surrogates import kl_estimate
 from .weights import Weights, sequence_weights, token_weights
@@ -103,25 +104,36 @@ def _token_weights(opts: Options, b: Batch, A: torch.Tensor, c: torch.Tensor):
     return g, e, a
 
 
+def _weights(method: str, opts: Options, b: Batch, kl_used: bool) -> Weights:
+    """The weights of every row of b: given advantages, rewards (sequence or token returns), or none at all
+    (method='distill' without rewards: pure distillation)."""
+    m = b.mask
+    if b.advantages is not None:  # offline rows' given advantages scaled as formed weights would be
+        A = scale_offline(opts, b.advantages, b.offline[:, None])
+        return Weights(advantages=A, weights=A, units=m.shape[0])
+    if b.rewards is None and method == "distill":
+        return Weights(advantages=torch.zeros_like(m), weights=torch.zeros_like(b.lengths), units=m.shape[0])
+    reward_kl = None
+    if kl_used and opts.kl_placement == "reward":
+        # The KL of the sampled tokens, under the behaviour policy, enters the reward.
+        reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
+    if opts.score == "token_return":
+        return token_weights(opts, b, reward_kl)
+    return sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
+
+
 def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
     """Weights and aggregation coefficients for a validated batch. Reads b.logp only (detached)
     for the methods `split.needs_policy_logp` names; the rest never look at it."""
     m = b.mask
     kl_used = kl_is_used(opts, b.advantages is not None)
-    if b.advantages is not None:
-        A = torch.where(b.offline[:, None], b.advantages * opts.offline_coef, b.advantages)
-        w = Weights(advantages=A, weights=A, units=m.shape[0])
+    if opts.offline_role == "sft":  # CHORD, HPT: the online rows' weights alone, offline rows SFT (offline.py)
+        A, c, _ = sft_plan(method, opts, b, lambda sub: _weights(method, opts, sub, kl_used))
+        w = Weights(advantages=A, weights=(A * m).sum(1) / b.lengths.clamp(min=1), units=m.shape[0])
     else:
-        reward_kl = None
-        if kl_used and opts.kl_placement == "reward":
-            # The KL of the sampled tokens, under the behaviour policy, enters the reward.
-            reward_kl = kl_estimate(opts.kl_estimator, b.old_logp, b.ref_logp, b.kl).detach() * m
-        if opts.score == "token_return":
-            w = token_weights(opts, b, reward_kl)
-        else:
-            w = sequence_weights(method, opts, b, None if reward_kl is None else reward_kl.sum(1))
-    c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
-                           num_items=b.num_items)
+        w = _weights(method, opts, b, kl_used)
+        c = token_coefficients(opts.loss_agg, m, units=w.units, max_completion_length=opts.max_completion_length,
+                               num_items=b.num_items)
     lse_coef = None
     if b.target_weight is not None:
         # SFT's class weights, as torch's cross-entropy: each target's log-likelihood times its class weight,
@@ -139,7 +151,7 @@ def sequence_plan(method: str, opts: Options, b: Batch) -> SequencePlan:
 # ---- layouts other than one padded batch (layout.py) --------------------------------------------------
 # The objective's per-token arguments (shaped like logp; advantages also [B]) and per-sequence ones.
 _PER_TOKEN = ("mask", "entropy", "kl", "advantages", "old_logp", "ref_logp", "rollout_logp", "log_sum_sq_probs", "lse",
-              "mean_logp", "target_weight")
+              "mean_logp", "target_weight", "distill")
 _PER_SEQUENCE = ("rewards", "advantages", "group_ids", "labels", "baselines", "offline", "truncated")
 
 
@@ -201,20 +213,20 @@ def _to_local(layout, out: GROOutput) -> GROOutput:
 
 def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                       offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, truncated=None,
-                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, layout=None,
-                      before_pass=False, **options):
+                      log_sum_sq_probs=None, lse=None, mean_logp=None, target_weight=None, distill=None,
+                      layout=None, before_pass=False, **options):
     """Resolve the options, validate the inputs, form the sequence plan: (opts, batch, plan). With a
     `layout` (`token_layout`), the batch and the plan are those of the whole [S, W] batch.
 
-    before_pass=True (the one pass of gro_loss): logp, entropy and kl are placeholders for shapes only;
+    before_pass=True (the one pass of gro_loss): logp, entropy, kl and distill are placeholders for shapes only;
     the plan gets `NotYetComputed` in their place (and in place of sg[l] as the behaviour log-prob),
     so reading them raises, and any non-finite plan output is an error too."""
     if layout is not None:
         values = (mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs, lse, mean_logp,
-                  target_weight)
+                  target_weight, distill)
         logp, full = _to_full(layout, logp, dict(zip(_PER_TOKEN, values)))
         (mask, entropy, kl, advantages, old_logp, ref_logp, rollout_logp, log_sum_sq_probs, lse, mean_logp,
-         target_weight) = (full[k] for k in _PER_TOKEN)
+         target_weight, distill) = (full[k] for k in _PER_TOKEN)
     opts = resolve_options(method, options)
     if (truncated is not None) != opts.mask_truncated_completions:
         raise ValueError("mask_truncated_completions=True and truncated [B] (bool) go together: "
@@ -226,7 +238,7 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         logp, mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages,
         group_ids=group_ids, labels=labels, baselines=baselines, offline=offline,
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
-        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight,
+        log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight, distill=distill,
     )
     check_requirements(method, opts, b, given=options)
     if not before_pass:
@@ -248,7 +260,8 @@ def _before_pass(b: Batch, *, given_old_logp: bool) -> Batch:
                    entropy=None if b.entropy is None else NotYetComputed("entropies"),
                    kl=None if b.kl is None else NotYetComputed("exact KL"),
                    lse=None if b.lse is None else NotYetComputed("log normalizers"),
-                   mean_logp=None if b.mean_logp is None else NotYetComputed("mean log-probs over the vocabulary"))
+                   mean_logp=None if b.mean_logp is None else NotYetComputed("mean log-probs over the vocabulary"),
+                   distill=None if b.distill is None else NotYetComputed("divergence to the teacher"))
 
 
 def _check_plan(plan: SequencePlan) -> None:
@@ -261,8 +274,8 @@ def _check_plan(plan: SequencePlan) -> None:
 
 @document(("logp", "method", "mask", "entropy", "kl", "rewards", "advantages", "group_ids", "labels", "baselines",
            "offline", "old_logp", "ref_logp", "num_items_in_batch", "rollout_logp", "truncated", "log_sum_sq_probs",
-           "lse", "mean_logp", "target_weight", "sequence_ids", "positions", "cp_group", "**options"),
-          {"**options": options_entry(o for o in OPTIONS if o != "temperature")})
+           "lse", "mean_logp", "target_weight", "distill", "sequence_ids", "positions", "cp_group", "**options"),
+          {"**options": options_entry(o for o in OPTIONS if o not in COMPUTED_WITH_LOGP)})
 def gro_objective(
     logp: torch.Tensor,
     *,
@@ -285,6 +298,7 @@ def gro_objective(
     lse: Optional[torch.Tensor] = None,
     mean_logp: Optional[torch.Tensor] = None,
     target_weight: Optional[torch.Tensor] = None,
+    distill: Optional[torch.Tensor] = None,
     sequence_ids: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
     cp_group=None,
@@ -306,16 +320,20 @@ def gro_objective(
 
     Raises:
         TypeError, ValueError: naming the argument or option; an option the configuration does not
-        read is one (docs/options.md), `temperature` too: it applies where the log-probs are computed
-        (gro_loss, token_logprobs), and gro_objective gets them computed.
+        read is one (docs/options.md), and so are `temperature`, `divergence` and `jsd_beta`: they apply
+        where the log-probs and the divergence to a teacher are computed (gro_loss, token_logprobs), and
+        gro_objective gets them computed (`logp`, `distill`).
     """
-    if "temperature" in options:
-        raise ValueError("option temperature is not read by gro_objective: it applies where the log-probs are "
-                         "computed (gro_loss, token_logprobs); gro_objective gets them computed")
+    for name in COMPUTED_WITH_LOGP:
+        if name in options:
+            raise ValueError(f"option {name} is not read by gro_objective: it applies where the log-probs and the "
+                             "divergence to a teacher are computed (gro_loss, token_logprobs(temperature=..., "
+                             "divergence=..., jsd_beta=...)); gro_objective gets them computed (logp, distill)")
     inputs = dict(mask=mask, entropy=entropy, kl=kl, rewards=rewards, advantages=advantages, group_ids=group_ids,
                   labels=labels, baselines=baselines, offline=offline, old_logp=old_logp, ref_logp=ref_logp,
                   num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp, truncated=truncated,
-                  log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight)
+                  log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight,
+                  distill=distill)
     layout = token_layout(logp, opts=resolve_options(method, options), sequence_ids=sequence_ids,
                           positions=positions, cp_group=cp_group, inputs=inputs)
     return objective_in_layout(layout, logp, method=method, **inputs, **options)
@@ -336,7 +354,7 @@ def _objective(logp, *, method, layout=None, **kwargs) -> GROOutput:
                        advantages=plan.weights.advantages, coef=plan.coef, online=online, mask=m,
                        kl_in_loss=plan.kl_in_loss, policy_weight=plan.policy_weight,
                        entropy_weight=plan.entropy_weight, abs_kl_coef=plan.abs_kl_coef,
-                       lse=b.lse, mean_logp=b.mean_logp, lse_coef=plan.lse_coef)
+                       lse=b.lse, mean_logp=b.mean_logp, lse_coef=plan.lse_coef, distill=b.distill)
     loss = terms.loss if opts.reduction != "none" else terms.per_token
     w, surrogate = plan.weights, terms.surrogate
     policy = terms.policy
@@ -352,6 +370,8 @@ def _objective(logp, *, method, layout=None, **kwargs) -> GROOutput:
         metrics["kl"] = _masked_mean(terms.kl.detach(), m)
     if b.entropy is not None:
         metrics["entropy"] = _masked_mean(b.entropy.detach(), m)
+    if b.distill is not None:
+        metrics["distill"] = _masked_mean(b.distill.detach(), m)
     if surrogate.ratio is not None:
         on = m * online.to(m.dtype)
         metrics["ratio_mean"] = _masked_mean(surrogate.ratio, on)

@@ -38,6 +38,7 @@ class Batch:
     lse: Optional[torch.Tensor] = None          # [B,T] differentiable: the head's log normalizer (z-loss)
     mean_logp: Optional[torch.Tensor] = None    # [B,T] differentiable: (1/V) sum_v w_v log p_v (SFT label smoothing)
     target_weight: Optional[torch.Tensor] = None  # [B,T] detached: the class weight of each target (SFT)
+    distill: Optional[torch.Tensor] = None      # [B,T] differentiable: the divergence to the teacher head
 
 
 def _tensor(name, t, device, against="logp"):
@@ -138,18 +139,26 @@ def _offline(offline, B, device):
 def _num_items(n):
     if n is None:
         return None
+    if isinstance(n, (tuple, list)):  # offline_role='sft': (online tokens, offline tokens), each may be 0
+        if len(n) != 2:
+            raise ValueError(f"num_items_in_batch as a pair holds (online tokens, offline tokens), got {n!r}")
+        return tuple(_count(x) for x in n)
+    return _count(n, positive=True)
+
+
+def _count(n, positive=False):
     if isinstance(n, torch.Tensor):
         if n.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
         n = n.item()
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not n > 0 or not math.isfinite(n):
-        raise ValueError(f"num_items_in_batch must be a positive finite number, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or not (n > 0 or (n == 0 and not positive)):
+        raise ValueError(f"num_items_in_batch must be a {'positive' if positive else 'non-negative'} finite number, got {n!r}")
     return float(n)
 
 
 def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, labels, baselines,
                   offline, old_logp, ref_logp, num_items_in_batch, rollout_logp=None, log_sum_sq_probs=None,
-                  lse=None, mean_logp=None, target_weight=None) -> Batch:
+                  lse=None, mean_logp=None, target_weight=None, distill=None) -> Batch:
     """Validate every input against logp [B,T] and return them cast to the statistics dtype."""
     if not isinstance(logp, torch.Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
@@ -203,6 +212,7 @@ def prepare_batch(logp, *, mask, entropy, kl, rewards, advantages, group_ids, la
         mean_logp=_per_token("mean_logp", mean_logp, (B, T), valid, dtype, device, detach=False, finite=True),
         target_weight=_per_token("target_weight", target_weight, (B, T), valid, dtype, device, detach=True,
                                  finite=True),
+        distill=_per_token("distill", distill, (B, T), valid, dtype, device, detach=False),
     )
 
 
@@ -276,6 +286,21 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -
     if "kl_estimator" in given and opts.kl_coef == 0 and b.ref_logp is None and b.kl is None:
         raise ValueError("option kl_estimator is not read: kl_coef is 0 and there is no reference (ref_logp, kl, or "
                          "the reference head) to report a KL for")
+    if opts.distill_coef != 0 and b.distill is None:
+        raise ValueError(f"{who} with distill_coef={opts.distill_coef} needs the divergence to the teacher: pass distill "
+                         "[B, T] (or teacher_hidden and teacher_weight to gro_loss)")
+    if b.distill is not None and opts.distill_coef == 0:
+        raise ValueError("distill (the divergence to a teacher) was given but distill_coef is 0: use method='distill' "
+                         "or set distill_coef")
+    if isinstance(b.num_items, tuple) and opts.offline_role != "sft":
+        raise ValueError("num_items_in_batch is one number (a pair only with offline_role='sft', whose online and "
+                         f"offline rows have their own token means); got {b.num_items!r}")
+    if opts.offline_role == "sft" and b.num_items is not None and not isinstance(b.num_items, tuple):
+        raise ValueError("offline_role='sft' has two token means (online rows, offline rows): pass num_items_in_batch "
+                         "as a pair (online tokens, offline tokens), e.g. from objective.offline.sft_token_counts")
+    if opts.switch_threshold is not None and (b.rewards is None or b.group is None):
+        raise ValueError(f"switch_threshold={opts.switch_threshold} (HPT) switches each group by its mean online "
+                         "reward: pass rewards [B] and group_ids [B] (not advantages)")
     if b.advantages is not None:
         unread = [name for name in WEIGHT_OPTIONS if name in given]
         if opts.kl_coef != 0 and opts.kl_placement == "reward" and ("kl_coef" in given or "kl_placement" in given):
@@ -285,6 +310,8 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -
                              "given advantages replace those weights, so they would be ignored: leave them out, or "
                              "fold them into the advantages (a KL: kl_placement='loss')")
         return  # steps 1-4 (scores, anchors, separation, weighting) are replaced
+    if method == "distill" and b.rewards is None:
+        return  # pure distillation: no policy-gradient term
     if opts.score in ("reward", "token_return") and b.rewards is None:
         raise ValueError(f"{who} scores sequences by reward: pass rewards [B] (or advantages)")
     if opts.score == "implicit" and IMPLICIT_REFERENCE.get(method) and b.ref_logp is None:

@@ -12,6 +12,8 @@ METHODS = (
     "dpo", "ipo", "cpl", "simpo", "kto", "sft", "gro",
     # issue 9: the trainers' other loss types (docs/methods.md has each one's definition and source)
     "bnpo", "sapo", "luspo", "vespo", "gpg", "clip_cov", "kl_cov", "geo_mean", "apo_zero_unpaired", "dft",
+    # issue 19: offline data and teachers (docs/methods.md, "Offline data and teachers")
+    "luffy", "chord", "hpt", "orpo", "cpo", "distill",
 )
 
 # Options whose value is one of a fixed set of names. `surrogate`, score `token_return`/`none` and
@@ -21,7 +23,7 @@ CHOICES = {
     "score": ("reward", "implicit", "token_return", "none"),
     "anchor": ("group_mean", "leave_one_out", "batch_mean", "baseline", "pair", "constant", "none"),
     "separation": ("anchor", "label", "positive"),
-    "weighting": ("linear", "sigmoid", "sigmoid_bell", "squared", "constant"),
+    "weighting": ("linear", "sigmoid", "sigmoid_bell", "squared", "constant", "odds_ratio"),
     "scale": ("group_std", "batch_std", "none", "nonzero_fraction"),
     "surrogate": ("logp", "ratio_clip", "cispo", "sapo", "vespo", "geo_mean", "clip_cov", "kl_cov", "dft"),
     "importance_sampling": ("token", "sequence"),
@@ -34,7 +36,16 @@ CHOICES = {
     "kl_placement": ("loss", "reward"),
     "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_sum"),
     "reduction": (None, "mean", "sum", "none"),
+    # how offline rows enter: members of their prompt's group (GRO, LUFFY) or SFT rows beside it (CHORD, HPT)
+    "offline_role": ("group", "sft"),
+    "offline_surrogate": ("logp", "shaping", "phi"),
+    # the per-token divergence to a teacher head (on-policy distillation)
+    "divergence": ("reverse_kl", "forward_kl", "jsd"),
 }
+
+# Options applied where the log-probs and the teacher's divergence are computed (gro_loss, token_logprobs):
+# gro_objective receives those computed and refuses these.
+COMPUTED_WITH_LOGP = ("temperature", "divergence", "jsd_beta")
 
 DEFAULTS = {
     # weights (docs/objective.md, "How the weights are formed")
@@ -101,6 +112,19 @@ DEFAULTS = {
     # read by gro_loss (applied inside token_logprobs); accepted here so presets can carry it. A float,
     # or a positive tensor [B] / [B, T] (per sequence / per token)
     "temperature": 1.0,
+    # offline rows (objective/offline.py)
+    "offline_role": "group",           # "sft": SFT rows outside the group statistics (CHORD, HPT)
+    "offline_surrogate": "logp",       # "shaping": A p / (p + shaping_gamma) (LUFFY); "phi": sg[p (1 - p)] A l (CHORD)
+    "shaping_gamma": 0.1,              # LUFFY's policy shaping constant
+    "mu": None,                        # CHORD: (1 - mu) x the online loss + mu x the offline (SFT) loss
+    "switch_threshold": None,          # HPT: a group at or below this mean online reward learns its offline rows by SFT
+    "offline_neg_coef": 1.0,           # scales the weight of offline rows below their group's anchor (0: never pushed down)
+    # preference losses with an NLL term (ORPO, CPO)
+    "nll_coef": 0.0,                   # weight of the chosen rows' token-mean negative log-likelihood
+    # distillation from a teacher head
+    "distill_coef": 0.0,               # weight of the per-token divergence to the teacher
+    "divergence": "reverse_kl",        # KL(student || teacher), KL(teacher || student), or generalized JSD
+    "jsd_beta": 0.5,                   # JSD's mixture weight (0: forward KL, 1: reverse KL, as TRL / Liger)
 }
 OPTIONS = tuple(DEFAULTS)
 
@@ -135,6 +159,12 @@ _TABLE = {
     "geo_mean":     ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "geo_mean",   "loss",   "seq_mean_token_mean"),
     "apo_zero_unpaired": ("implicit", "constant",      "label",    "sigmoid_bell", "none",      "logp",       "loss",   "seq_mean_token_sum"),
     "dft":          ("none",         "none",           "positive", "constant",     "none",      "dft",        "loss",   "token_mean"),
+    "luffy":        ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "token_mean"),
+    "chord":        ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "token_mean"),
+    "hpt":          ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "token_mean"),
+    "orpo":         ("implicit",     "pair",           "label",    "odds_ratio",   "none",      "logp",       "loss",   "seq_mean_token_sum"),
+    "cpo":          ("implicit",     "pair",           "label",    "sigmoid",      "none",      "logp",       "loss",   "seq_mean_token_sum"),
+    "distill":      ("reward",       "group_mean",     "anchor",   "linear",       "group_std", "ratio_clip", "loss",   "token_mean"),
 }
 # Per-method values that differ from DEFAULTS outside the table's columns.
 _EXTRA = {
@@ -150,6 +180,12 @@ _EXTRA = {
     "simpo": {"length_normalize": True},
     "luspo": {"importance_sampling": "sequence", "eps_low": 3e-4, "eps_high": 4e-4},
     "geo_mean": {"eps_low": 0.4, "eps_high": 0.4},   # GMPO's clip range, on the log-ratio
+    "luffy": {"offline_surrogate": "shaping"},       # offline rows in the group, A p / (p + 0.1), no clip
+    "chord": {"offline_role": "sft", "offline_surrogate": "phi", "mu": 0.1},   # CHORD-phi (Trinity-RFT defaults)
+    "hpt": {"offline_role": "sft", "switch_threshold": 0.0},   # SFT for the groups no online sample solved
+    "orpo": {"length_normalize": True, "nll_coef": 1.0},       # mean log-probs in the odds; NLL of the chosen rows
+    "cpo": {"nll_coef": 1.0},                                  # TRL's cpo_alpha
+    "distill": {"distill_coef": 1.0},
 }
 PRESETS = {m: {**dict(zip(_COLUMNS, row)), **_EXTRA.get(m, {})} for m, row in _TABLE.items()}
 
@@ -180,7 +216,10 @@ WEIGHT_OPTIONS = ("score", "anchor", "anchor_value", "separation", "weighting", 
 
 # How the implicit score X_i uses the reference: True = D_i (ref_logp required), False = S_i
 # (reference-free, ref_logp is not used for the score). Methods not listed use D_i when ref_logp is given.
-IMPLICIT_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "apo_zero_unpaired": True, "cpl": False, "simpo": False}
+IMPLICIT_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "apo_zero_unpaired": True, "cpl": False, "simpo": False,
+                      "orpo": False, "cpo": False}
+# The pairwise weightings (each compares the two members of a labelled pair).
+PAIR_WEIGHTINGS = ("sigmoid", "squared", "odds_ratio")
 
 
 class Options(dict):
@@ -227,7 +266,7 @@ def resolve_options(method: str, options: dict) -> Options:
         if o[name] not in allowed:
             raise ValueError(f"option {name} must be one of {allowed}, got {o[name]!r}")
     for name in ("eps_low", "eps_high", "kl_coef", "entropy_coef", "std_eps", "pos_coef", "neg_coef", "offline_coef",
-                 "z_loss_coef"):
+                 "z_loss_coef", "offline_neg_coef", "nll_coef", "distill_coef"):
         o[name] = _number(name, o[name], low=0.0)
     for name in ("anchor_value", "margin"):
         o[name] = _number(name, o[name])
@@ -248,10 +287,12 @@ def resolve_options(method: str, options: dict) -> Options:
     _check_policy_options(o, options)
     _check_pair_options(o, options)
     _check_sft_options(o, options)
+    _check_offline_options(o, options)
+    _check_teacher_options(o, options)
     _check_weight_options(o, options)
 
     # Combinations that have no meaning.
-    if o["weighting"] in ("sigmoid", "squared") and (o["anchor"] != "pair" or o["separation"] != "label"):
+    if o["weighting"] in PAIR_WEIGHTINGS and (o["anchor"] != "pair" or o["separation"] != "label"):
         raise ValueError(
             f"weighting={o['weighting']!r} compares the two members of a labelled pair: it needs "
             f"anchor='pair' and separation='label' (got anchor={o['anchor']!r}, separation={o['separation']!r})"
@@ -368,7 +409,7 @@ def _check_policy_options(o: Options, given: dict) -> None:
                              f"token-level rollout_correction {_TOKEN_ROLLOUT_MODES}, got {mode!r}")
     reweighting = [name for name, off in (("rollout_correction", None), ("off_policy_mask_threshold", None),
                                           ("top_entropy_quantile", 1.0)) if o[name] != off]
-    if reweighting and o["weighting"] in ("sigmoid", "squared", "sigmoid_bell"):
+    if reweighting and o["weighting"] in PAIR_WEIGHTINGS + ("sigmoid_bell",):
         raise ValueError(f"option {reweighting[0]} reweights sampled tokens of an RL loss; it has no meaning for "
                          f"the preference weighting {o['weighting']!r}")
     if "entropy_agg" in given and o["entropy_coef"] == 0:
@@ -418,6 +459,51 @@ def _check_pair_options(o: Options, given: dict) -> None:
     if "f_alpha_divergence_coef" in given and o["f_divergence_type"] != "alpha_divergence":
         raise ValueError("option f_alpha_divergence_coef applies to f_divergence_type='alpha_divergence' only")
 
+
+def _check_offline_options(o: Options, given: dict) -> None:
+    """The offline-row options (LUFFY, CHORD, HPT, the no-push-down ablation): each only where it is read."""
+    o["shaping_gamma"] = _number("shaping_gamma", o["shaping_gamma"], low=0.0, low_open=True)
+    _optional(o, "mu", low=0.0, high=1.0)
+    _optional(o, "switch_threshold")
+    if "shaping_gamma" in given and o["offline_surrogate"] != "shaping":
+        raise ValueError("option shaping_gamma is LUFFY's policy shaping constant: it needs offline_surrogate='shaping', "
+                         f"got {o['offline_surrogate']!r}")
+    if o["offline_role"] == "sft":
+        if o["score"] != "reward" or o["weighting"] != "linear":
+            raise ValueError("offline_role='sft' (offline rows as SFT rows beside the online groups, CHORD / HPT) needs "
+                             f"a reward-scored method with weighting='linear', got score={o['score']!r}, "
+                             f"weighting={o['weighting']!r}")
+        if o["offline_neg_coef"] != 1.0:
+            raise ValueError("option offline_neg_coef scales offline rows below their group's anchor: it needs "
+                             "offline_role='group' (with offline_role='sft' offline rows are never pushed down)")
+    else:
+        if o["separation"] == "positive" and "offline_neg_coef" in given:
+            raise ValueError("option offline_neg_coef scales offline rows of negative weight, and separation='positive' "
+                             "gives none")
+        for name in ("mu", "switch_threshold"):
+            if o[name] is not None:
+                raise ValueError(f"option {name} mixes the online loss with offline SFT rows: it needs "
+                                 f"offline_role='sft' (got offline_role={o['offline_role']!r})")
+
+
+def _check_teacher_options(o: Options, given: dict) -> None:
+    """nll_coef needs a pairwise preference weighting; the divergence options need distill_coef; odds_ratio's
+    unread options are refused."""
+    o["jsd_beta"] = _number("jsd_beta", o["jsd_beta"], low=0.0, high=1.0)
+    if o["nll_coef"] != 0 and (o["weighting"] not in PAIR_WEIGHTINGS or o["pair_loss"] is not None):
+        raise ValueError("option nll_coef adds the chosen rows' negative log-likelihood to a pairwise preference loss "
+                         f"(weighting in {PAIR_WEIGHTINGS}, no pair_loss; TRL's pair_loss 'sft' is the same term there); "
+                         f"got weighting={o['weighting']!r}, pair_loss={o['pair_loss']!r}")
+    if o["distill_coef"] == 0:
+        for name in ("divergence", "jsd_beta"):
+            if name in given:
+                raise ValueError(f"option {name} shapes the teacher term: set distill_coef (method='distill' sets 1.0)")
+    if "jsd_beta" in given and o["divergence"] != "jsd":
+        raise ValueError(f"option jsd_beta is read with divergence='jsd' only, got divergence={o['divergence']!r}")
+    if o["weighting"] == "odds_ratio":
+        for name, neutral in (("label_smoothing", 0.0), ("margin", 0.0), ("neg_coef", 1.0), ("pos_coef", 1.0)):
+            if o[name] != neutral:
+                raise ValueError(f"option {name} is not read by weighting='odds_ratio' (ORPO); leave it at {neutral!r}")
 
 def _check_weight_options(o: Options, given: dict) -> None:
     """Options given that the configured weights or loss never read: an error naming each, so that

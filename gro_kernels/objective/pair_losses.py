@@ -118,3 +118,27 @@ def pair_loss_weights(opts: Options, b: Batch, y, partner):
     grad = torch.zeros_like(S) if grad is None else grad              # only `sft` given
     grad_sft = torch.zeros_like(S) if grad_sft is None else grad_sft  # no `sft` given
     return -(grad[:, None] * u + grad_sft[:, None] * m), total.detach(), opts.beta * (S.detach() - R)
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (each branch sees only its own side, so
+    the unused one never puts an infinite gradient through torch.where)."""
+    cut = -math.log(2)
+    return torch.where(x < cut, torch.log1p(-torch.exp(x.clamp(max=cut))), torch.log(-torch.expm1(x.clamp(min=cut))))
+
+
+def odds_ratio_weights(opts: Options, x, y, partner):
+    """ORPO's odds-ratio term per pair, beta log sigma(log odds(y_w) - log odds(y_l)) with
+    log odds(y) = x - log(1 - exp(x)), x the (mean) log-likelihood: (w_i = -dL/dx_i [B], per-pair losses).
+    The loss is written once and differentiated by autograd on the detached scores. x = 0 (probability 1,
+    e.g. an empty row) has infinite odds: x is capped at -eps (the dtype's machine epsilon), so nothing
+    is NaN or infinite."""
+    chosen = torch.nonzero(y > 0).flatten()
+    rejected = partner[chosen]
+    with torch.enable_grad():
+        xs = x.detach().clamp(max=-torch.finfo(x.dtype).eps).requires_grad_()
+        xw, xl = xs[chosen], xs[rejected]
+        log_odds = (xw - xl) - (_log1mexp(xw) - _log1mexp(xl))
+        losses = -opts.beta * F.logsigmoid(log_odds)
+        (grad,) = torch.autograd.grad(losses.sum(), xs)
+    return -grad, losses.detach()

@@ -98,9 +98,9 @@ class TokenTerms:
 
 def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantages, coef, online,
                mask, kl_in_loss: bool, policy_weight=None, entropy_weight=None, abs_kl_coef=None,
-               lse=None, mean_logp=None, lse_coef=None) -> TokenTerms:
+               lse=None, mean_logp=None, lse_coef=None, distill=None) -> TokenTerms:
     """sum c * ( -g * (surrogate(A, l, lo) - a |l - lo|) + kl_coef * k(l, lr) [* r] ) - entropy_coef * sum e * H
-    + z_loss_coef * sum c_z lse^2.
+    + z_loss_coef * sum c_z lse^2 + distill_coef * sum c D.
 
     Every argument is shaped like `logp` ([B,T], or one chunk of tokens as [1, n]); `online` is
     broadcastable to it (False on offline rows, which use the plain A l surrogate). `mask` is used
@@ -120,6 +120,7 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
       lse, lse_coef  the head's log normalizer and its z-loss coefficient c_z (None: c);
       mean_logp      (1/V) sum_v w_v log p_v: SFT's label smoothing eps makes its surrogate
                      (1 - eps) A l + eps mean_logp (torch's cross-entropy with label_smoothing).
+      distill        D, the exact per-token divergence to the teacher head (differentiable).
     """
     surrogate = policy_surrogate(opts, logp, old_logp, advantages, mask, online)
     value = surrogate.value
@@ -149,5 +150,8 @@ def token_loss(opts: Options, *, logp, old_logp, ref_logp, entropy, kl, advantag
         loss, per_token = loss - term.sum(), per_token - term
     if lse is not None and opts.z_loss_coef != 0:
         term = opts.z_loss_coef * ((coef if lse_coef is None else lse_coef) * lse * lse)
+        loss, per_token = loss + term.sum(), per_token + term
+    if distill is not None and opts.distill_coef != 0:
+        term = opts.distill_coef * (coef * distill)
         loss, per_token = loss + term.sum(), per_token + term
     return TokenTerms(loss=loss, policy=policy, surrogate=surrogate, kl=k, per_token=per_token)

@@ -64,6 +64,19 @@ def _geo_mean(opts: Options, log_ratio, A, mask):
     return (a_bar * rho).expand_as(A), clip & (A < 0), clip & (A > 0)
 
 
+def offline_term(opts: Options, A, logp):
+    """The term an offline token maximizes (`offline_surrogate`): A l; LUFFY's policy shaping
+    A f(p), f(p) = p / (p + shaping_gamma), p = exp(l) with its gradient; CHORD-phi's sg[p (1 - p)] A l."""
+    kind = opts.offline_surrogate
+    if kind == "logp":
+        return A * logp
+    p = torch.exp(logp)
+    if kind == "shaping":
+        return A * p / (p + opts.shaping_gamma)
+    q = p.detach()
+    return q * (1 - q) * A * logp
+
+
 def policy_surrogate(opts: Options, logp, old_logp, advantages, mask, online) -> Surrogate:
     """The term the loss maximizes per token, by `opts.surrogate`:
 
@@ -78,16 +91,18 @@ def policy_surrogate(opts: Options, logp, old_logp, advantages, mask, online) ->
     geo_mean    A_bar_i rho_i (GMPO; whole rows)
     dft         A sg[exp(l)] l (Dynamic Fine-Tuning), on every row
 
-    Offline rows (`online` False, broadcastable to logp) use A l: they were not sampled from the old
-    policy. Elementwise except for the sequence ratio and geo_mean, which read whole rows.
+    Offline rows (`online` False, broadcastable to logp) were not sampled from the old policy: they use
+    `offline_term` (A l by default; `dft` keeps its own term on every row unless offline_surrogate is set).
+    Elementwise except for the sequence ratio and geo_mean, which read whole rows.
     """
     A = advantages
     plain = A * logp
     kind = opts.surrogate
-    if kind in ("logp", "vespo"):
-        return Surrogate(value=plain)
-    if kind == "dft":
-        return Surrogate(value=plain * torch.exp(logp.detach()))
+    if kind in ("logp", "vespo", "dft"):
+        value = plain * torch.exp(logp.detach()) if kind == "dft" else plain
+        if opts.offline_surrogate != "logp":
+            value = torch.where(online, value, offline_term(opts, A, logp))
+        return Surrogate(value=value)
 
     log_ratio = logp - old_logp
     if kind == "geo_mean":
@@ -118,6 +133,6 @@ def policy_surrogate(opts: Options, logp, old_logp, advantages, mask, online) ->
         value = ratio * A
         low = high = torch.zeros_like(ratio, dtype=torch.bool)
 
-    return Surrogate(value=torch.where(online, value, plain), ratio=ratio.detach(),
+    return Surrogate(value=torch.where(online, value, offline_term(opts, A, logp)), ratio=ratio.detach(),
                      clipped_low=low & online, clipped_high=high & online,
                      live_ratio=torch.where(online, ratio, torch.ones_like(ratio)))

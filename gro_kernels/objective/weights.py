@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .inputs import Batch, uses_reference_score
-from .options import Options
-from .pair_losses import pair_loss_weights
+from .offline import scale_offline
+from .options import PAIR_WEIGHTINGS, Options
+from .pair_losses import odds_ratio_weights, pair_loss_weights
 
 
 @dataclass
@@ -182,10 +183,20 @@ def _squared_pair(opts, x, y, partner):
     return -2 * gap, (gap ** 2)[y > 0]
 
 
+def _add_chosen_nll(opts, b: Batch, y, A, unit_losses, units):
+    """ORPO / CPO's NLL term: nll_coef x the mean negative log-likelihood of every chosen token. With the
+    pair aggregation c = m / pairs, it is the weight nll_coef pairs / (chosen tokens) on each chosen token."""
+    chosen = (y > 0)[:, None] * b.mask
+    tokens = chosen.sum().clamp(min=1)
+    A = A + opts.nll_coef * max(units, 1) / tokens * chosen
+    nll = -(chosen * b.logp.detach()).sum() / tokens
+    return A, unit_losses + opts.nll_coef * nll
+
+
 def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     """w_i per sequence, broadcast over its tokens as A[i,t] = w_i."""
     x, g = sequence_scores(method, opts, b, reward_kl)
-    pairwise = opts.weighting in ("sigmoid", "squared")
+    pairwise = opts.weighting in PAIR_WEIGHTINGS
     partner = pair_partner(b.group, b.num_groups) if opts.anchor == "pair" else None
     a = anchors(opts, x, b, partner)
     y = _signs(opts, x, a, b)
@@ -211,6 +222,8 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     elif kind == "squared":
         phi, unit_losses = _squared_pair(opts, x, y, partner)
         w = y * coef * phi
+    elif kind == "odds_ratio":  # ORPO: w_i = -dL/dx_i by autograd on the pair loss
+        w, unit_losses = odds_ratio_weights(opts, x, y, partner)
     else:  # sigmoid_bell (KTO): u = beta y (X - a); loss coef (1 - sigma(u))
         u = opts.beta * y * (x - a)
         w = y * coef * opts.beta * torch.sigmoid(u) * torch.sigmoid(-u)
@@ -224,13 +237,15 @@ def sequence_weights(method, opts: Options, b: Batch, reward_kl) -> Weights:
     if opts.length_normalize:
         w = w / b.lengths.clamp(min=1)
     w = torch.where(b.lengths > 0, w, 0.0)  # an empty sequence has nothing to push
-    w = torch.where(b.offline, w * opts.offline_coef, w)
+    w = scale_offline(opts, w, b.offline)
     _check_finite(w)
     units = b.num_groups if pairwise else x.numel()
     if token_A is None:
         A = w[:, None] * b.mask
     else:
-        A = torch.where(b.offline[:, None], token_A * opts.offline_coef, token_A)
+        A = scale_offline(opts, token_A, b.offline[:, None])
+    if opts.nll_coef != 0:
+        A, unit_losses = _add_chosen_nll(opts, b, y, A, unit_losses, units)
     return Weights(advantages=A, weights=w, units=units, unit_losses=unit_losses,
                    scores=scores, anchors=anchor_scores, signs=y)
 
@@ -263,6 +278,6 @@ def token_weights(opts: Options, b: Batch, token_kl) -> Weights:
     A = coef * _divide(diff * m, scale)
     if opts.length_normalize:
         A = A / b.lengths.clamp(min=1)[:, None]
-    A = torch.where(b.offline[:, None], A * opts.offline_coef, A) * m
+    A = scale_offline(opts, A, b.offline[:, None]) * m
     _check_finite(A)
     return Weights(advantages=A, weights=A, units=m.shape[0], scores=returns * m, anchors=a * m, signs=y * m)

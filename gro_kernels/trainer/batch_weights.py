@@ -30,6 +30,9 @@ def forms_weights_from_rewards(opts) -> bool:
     """Whether the weights come from rewards alone (so they can be formed on the whole batch)."""
     if opts.score not in ("reward", "token_return"):
         return False
+    if opts.offline_role == "sft":
+        return False  # CHORD / HPT: group statistics over online rows, per-group switching: formed in the loss,
+        #               on whole groups (micro_batches keeps them together), with the batch's token counts
     # an exact (full-vocabulary) KL in the reward needs the policy's head: left to the loss
     return not (kl_is_used(opts, False) and opts.kl_placement == "reward" and opts.kl_estimator == "full")
 
@@ -105,6 +108,8 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
         rows, start = _gather(rows, world)
     mask = rows.pop("mask")
     opts = weight_options(options, resolved)
+    if resolved.distill_coef != 0:
+        opts["distill_coef"] = 0.0  # the teacher's divergence is the loss's own term, not part of the weights
     if not needs_behaviour_logp(resolved):
         opts["kl_coef"] = 0.0  # a KL in the loss does not enter the weights
     # The weights of a reward-scored method do not depend on the current log-probs, except through a

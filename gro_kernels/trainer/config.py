@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
@@ -47,6 +48,12 @@ class GROConfig:
         max_grad_norm: Gradient clipping norm; None for none. Default 1.0.
         warmup_steps: Linear learning-rate warm-up steps, then constant. Default 0.
         use_reference: A frozen reference copy of the model; None: when the method or the KL needs one.
+        mu_peak: CHORD's mu schedule (methods with offline_role="sft" and mu): the peak of mu, reached
+            after mu_warmup_steps, then a cosine down to mu_valley over mu_decay_steps. None: mu stays
+            the loss option's value. Default None.
+        mu_valley: The value mu decays to; None: mu_peak (no decay). Default None.
+        mu_warmup_steps: Steps of mu's linear warm-up from 0 to mu_peak. Default 0.
+        mu_decay_steps: Steps of mu's cosine from mu_peak to mu_valley. Default 0.
         steps: Optimizer steps. Default 100.
         seed: The run's seed. Default 0.
         output_dir: Where metrics and checkpoints go. Default "runs/gro".
@@ -97,6 +104,14 @@ class GROConfig:
     # --- reference policy ----------------------------------------------------------------------
     use_reference: Optional[bool] = None  # None: a frozen copy iff the method or kl_coef needs one
 
+    # --- CHORD's mu schedule (offline_role="sft" with mu; Trinity-RFT's mu_schedule_function) ---
+    # None: mu stays the loss option's value. Else per step: linear warm-up from 0 to mu_peak over
+    # mu_warmup_steps, then a cosine from mu_peak down to mu_valley over mu_decay_steps, then mu_valley.
+    mu_peak: Optional[float] = None
+    mu_valley: Optional[float] = None   # None: mu_peak (no decay)
+    mu_warmup_steps: int = 0
+    mu_decay_steps: int = 0
+
     # --- run -----------------------------------------------------------------------------------
     steps: int = 100
     seed: int = 0
@@ -133,6 +148,30 @@ class GROConfig:
             raise ValueError("min_p with top_p < 1: transformers' generate applies top_p before min_p, the loss's "
                              "kept set (vLLM's order) min_p first, so the two would differ; use one of them")
         self.adam_betas = tuple(self.adam_betas)
+        if self.mu_peak is not None:
+            if self.resolved_options().offline_role != "sft":
+                raise ValueError("mu_peak schedules CHORD's mu: it needs a method with offline_role='sft' (chord)")
+            for name in ("mu_peak", "mu_valley"):
+                v = getattr(self, name)
+                if v is not None and not 0.0 <= v <= 1.0:
+                    raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        elif self.mu_valley is not None or self.mu_warmup_steps or self.mu_decay_steps:
+            raise ValueError("mu_valley / mu_warmup_steps / mu_decay_steps shape the mu schedule: set mu_peak")
+        if self.mu_warmup_steps < 0 or self.mu_decay_steps < 0:
+            raise ValueError("mu_warmup_steps and mu_decay_steps must be >= 0")
+
+    def mu_at(self, step: int) -> Optional[float]:
+        """CHORD's mu at optimizer step `step` (0-based), or None without a schedule."""
+        if self.mu_peak is None:
+            return None
+        peak = self.mu_peak
+        valley = peak if self.mu_valley is None else self.mu_valley
+        if step < self.mu_warmup_steps:
+            return step / self.mu_warmup_steps * peak
+        after = step - self.mu_warmup_steps
+        if after >= self.mu_decay_steps:
+            return valley
+        return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * after / self.mu_decay_steps))
 
     # Resolved settings (the objective's own option table decides, so the two never disagree) ---
     def resolved_options(self):

@@ -31,6 +31,8 @@ from torch import nn
 
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
+from ..objective.inputs import prepare_batch
+from ..objective.offline import sft_token_counts
 from . import distributed as gdist
 from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
                             needs_behaviour_logp, options_beside_advantages)
@@ -142,6 +144,11 @@ class PolicyLoss(nn.Module):
         return out.loss, logp, out.metrics
 
 
+def no_reward(prompts, completions, **_):
+    """Every completion scores 0 (pure on-policy distillation: the teacher term is the whole loss)."""
+    return [0.0] * len(completions)
+
+
 # ---- files ----------------------------------------------------------------------------------------
 def truncate_metrics(path: str, step: int) -> None:
     """Keep only the lines of steps <= `step` (a resumed run rewrites the steps after its checkpoint)."""
@@ -182,11 +189,16 @@ class GROTrainer:
             column named by `config.offline_column`); offline: see `offline.py`.
         ref_model: the frozen reference; by default a copy of `model` made here when the method or
             `kl_coef` needs one (`config.use_reference`).
+        teacher_model: a frozen teacher (an HF causal LM with the policy's tokenizer; its size may
+            differ) for on-policy distillation (`method="distill"`, or any method with `distill_coef`):
+            its final hidden states and lm_head give the per-token divergence in `gro_loss`'s fused pass.
+            Without reward functions the trainer still samples, every completion scores 0, and the loss
+            is the distillation term alone.
         reward_weights: one weight per reward function (default 1).
     """
 
     def __init__(self, model, tokenizer, *, reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None,
-                 config: Optional[GROConfig] = None, ref_model=None, reward_weights=None,
+                 config: Optional[GROConfig] = None, ref_model=None, teacher_model=None, reward_weights=None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None):
         self.config = cfg = config or GROConfig()
         self.dist = gdist.info()
@@ -195,6 +207,19 @@ class GROTrainer:
         check_head(self.model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.tokenizer = tokenizer
         self.reward_funcs = list(reward_funcs or [])
+        self.teacher_model = teacher_model
+        if (teacher_model is not None) != (cfg.resolved_options().distill_coef != 0):
+            raise ValueError("teacher_model and distill_coef go together (method='distill' sets distill_coef=1): got "
+                             f"teacher_model {'given' if teacher_model is not None else 'None'}, distill_coef="
+                             f"{cfg.resolved_options().distill_coef}")
+        if teacher_model is not None:
+            self.teacher_model = teacher_model.to(self.device).eval().requires_grad_(False)
+            check_head(self.teacher_model, final_hidden, lm_head)
+            if not self.reward_funcs:  # pure on-policy distillation: sample, no reward
+                self.reward_funcs = [no_reward]
+        if cfg.resolved_options().offline_role == "sft" and cfg.resolved_options().loss_agg != "token_mean":
+            raise ValueError("offline_role='sft' in GROTrainer needs loss_agg='token_mean' (its online and offline "
+                             "token means are made exact across micro-batches and processes with the batch's counts)")
         self.reward_weights = reward_weights
         self.dataset = train_dataset
         self.online = bool(self.reward_funcs)
@@ -229,7 +254,8 @@ class GROTrainer:
         if cfg.gradient_checkpointing:  # keep only each layer's input; the loss keeps only the final states
             enable_checkpointing(self.model)
         if cfg.pack_sequences:
-            for m in [self.model] + ([self.ref_model] if ref_model is not None else []):
+            probed = [self.ref_model] if ref_model is not None else []
+            for m in [self.model] + probed + ([self.teacher_model] if teacher_model is not None else []):
                 check_packing(m, final_hidden)
         self.policy = PolicyLoss(self.model, self.autocast_dtype, pack=cfg.pack_sequences)
         self.wrapped = (gdist.wrap_fsdp(self.policy, self.model) if cfg.fsdp
@@ -432,6 +458,9 @@ class GROTrainer:
                 options["entropy_coef"] = opts.entropy_coef * tokens * self.dist.world_size / (max(tokens_global, 1) * scale)
         kw = dict(method=cfg.method, backend=cfg.backend, group_ids=mb.group_ids, head_precision=cfg.head_precision,
                   **cfg.sampler(), **options)
+        mu = cfg.mu_at(self.step)
+        if mu is not None:  # CHORD's schedule
+            kw["mu"] = mu
         if self._z0 is not None:
             kw["anchor_value"] = self._z0
         if mb.advantages is not None:
@@ -459,12 +488,27 @@ class GROTrainer:
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                th, tw, tb = policy_inputs(self.teacher_model, mb.input_ids, mb.attention_mask, mb.position_ids,
+                                           mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
+            kw.update(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb)
         if opts.loss_agg == "token_mean":
             kw["num_items_in_batch"] = tokens_global
         if opts.loss_agg == "seq_mean_token_sum_norm" and opts.max_completion_length is None:
             # the same normalizer on every micro-batch and process (the default, T, varies with padding)
             kw["max_completion_length"] = cfg.max_new_tokens
         return kw
+
+    def _sft_counts(self, batch: Batch) -> tuple:
+        """offline_role='sft': this process's (online RL, offline SFT) token counts (objective.offline); else ()."""
+        if self.options.offline_role != "sft":
+            return ()
+        mask = self._counted(batch)
+        b = prepare_batch(torch.zeros(mask.shape, device=self.device), mask=mask, entropy=None, kl=None,
+                          rewards=batch.rewards, advantages=None, group_ids=batch.group_ids, labels=None,
+                          baselines=None, offline=batch.offline, old_logp=None, ref_logp=None, num_items_in_batch=None)
+        return sft_token_counts(self.options, b)
 
     def _truncated(self, batch: Batch) -> torch.Tensor:
         """[N] bool: sampled completions cut at max_new_tokens, i.e. not ending in an EOS (TRL's
@@ -486,9 +530,12 @@ class GROTrainer:
         batch = batch.to(self.device)
         if self.options.mask_truncated_completions:
             batch.truncated = self._truncated(batch)
-        counts = torch.tensor([len(batch), float(self._counted(batch).sum())], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([len(batch), float(self._counted(batch).sum()), *self._sft_counts(batch)],
+                              dtype=torch.float64, device=self.device)
         gdist.all_reduce(counts)
         rows_global, tokens_global = int(counts[0]), int(counts[1])
+        if self.options.offline_role == "sft":  # two token means: (online RL tokens, offline SFT tokens)
+            tokens_global = (float(counts[2]), float(counts[3]))
         token_mean = self.options.loss_agg == "token_mean"
 
         if cfg.num_iterations > 1:

@@ -23,13 +23,14 @@ batch = dict(
 with torch.no_grad():
     ref_logp = gro_loss(hidden, weight + 0.01 * torch.randn(V, d), targets, method="sft").logp
     old_logp = ref_logp + 0.05 * torch.randn(B, T)
+teacher_hidden, teacher_weight = torch.randn(B, T, 96), torch.randn(V, 96) / 96**0.5
 
 print(f"{'method':>17}  {'loss':>10}  {'|grad hidden|':>13}  notes")
 for method in METHODS:
     kw = dict(ref_logp=ref_logp, old_logp=old_logp)
     if method in ("remax", "reinforce"):
         kw.update(baselines=batch["baselines"], anchor="baseline")
-    if method in ("dpo", "ipo", "cpl", "simpo"):
+    if method in ("dpo", "ipo", "cpl", "simpo", "orpo", "cpo"):
         kw.update(labels=batch["labels"], group_ids=batch["group_ids"])
     elif method == "kto":  # KTO's reference point z0: a batch estimate of KL(policy || reference)
         kw.update(labels=batch["labels"], anchor_value=0.05)
@@ -37,8 +38,10 @@ for method in METHODS:
         kw.update(labels=batch["labels"])
     elif method not in ("sft", "dft"):
         kw.update(rewards=batch["rewards"], group_ids=batch["group_ids"])
-    if method == "gro":
+    if method in ("gro", "luffy", "chord", "hpt"):  # a dataset answer in the first group
         kw["offline"] = torch.tensor([True, False, False, False, False, False, False, False])
+    if method == "distill":  # a teacher head (its hidden size may differ): the exact reverse KL per token
+        kw.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
     hidden.grad = None
     out = gro_loss(hidden, weight, targets, method=method, **kw)
     out.loss.backward()
