@@ -98,6 +98,7 @@ PY
 
 install_wheels() {  # the peers' wheels, without their dependencies (the image's torch stays)
   local found=0 w
+  export PIP_QUIET=0  # the log says what was (or would be) installed, whatever the caller's pip config
   for w in "$WHEELS"/*.whl; do
     [ -e "$w" ] || continue
     found=1
