@@ -240,7 +240,10 @@ def prepare_objective(logp, *, method, mask, entropy, kl, rewards, advantages, g
         old_logp=old_logp, ref_logp=ref_logp, num_items_in_batch=num_items_in_batch, rollout_logp=rollout_logp,
         log_sum_sq_probs=log_sum_sq_probs, lse=lse, mean_logp=mean_logp, target_weight=target_weight, distill=distill,
     )
-    check_requirements(method, opts, b, given=options)
+    present = {name for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rewards", rewards),
+                                    ("labels", labels), ("group_ids", group_ids), ("offline", offline),
+                                    ("baselines", baselines), ("rollout_logp", rollout_logp)) if t is not None}
+    check_requirements(method, opts, b, given=options, present=present)
     if not before_pass:
         return opts, b, sequence_plan(method, opts, b)
     b = _before_pass(b, given_old_logp=old_logp is not None)

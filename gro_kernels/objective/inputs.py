@@ -240,14 +240,84 @@ def kl_is_used(opts: Options, given_advantages: bool) -> bool:
     return opts.kl_placement == "loss" or (not given_advantages and opts.score in ("reward", "token_return"))
 
 
-def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -> None:
+def reads_old_logp(opts: Options, given_advantages: bool = False) -> bool:
+    """Whether the configuration reads the behaviour log-probs `old_logp` of its online rows: an importance
+    ratio (every surrogate but logp and dft), the rollout correction's train-side log-prob, the off-policy
+    mask's behaviour, a sampled KL in the reward (at the behaviour policy), or the ratio on the KL term."""
+    reward_kl = (kl_is_used(opts, given_advantages) and opts.kl_placement == "reward"
+                 and opts.kl_estimator != "full")
+    bias_corrected_kl = opts.use_bias_correction_kl and opts.kl_coef != 0 and opts.kl_placement == "loss"
+    return (opts.surrogate not in ("logp", "dft") or opts.rollout_correction is not None
+            or opts.off_policy_mask_threshold is not None or reward_kl or bias_corrected_kl)
+
+
+def reads_group_ids(opts: Options, given_advantages: bool = False) -> bool:
+    """Whether the weights read the groups: a group anchor, a group scale, HPT's per-group switch
+    (given advantages replace the weights)."""
+    return not given_advantages and (opts.anchor in ("group_mean", "leave_one_out", "pair")
+                                     or opts.scale in ("group_std", "nonzero_fraction")
+                                     or opts.switch_threshold is not None)
+
+
+def reads_offline(opts: Options, given_advantages: bool = False) -> bool:
+    """Whether marking rows offline changes anything: their own role or coefficients, their own surrogate
+    (the ratio surrogates' rows without a ratio, offline_surrogate), no rollout correction / off-policy mask
+    on them, or their sampled reward KL at sg[l]."""
+    return (opts.offline_role == "sft" or opts.offline_coef != 1 or opts.offline_neg_coef != 1
+            or opts.surrogate not in ("logp", "dft") or opts.offline_surrogate != "logp"
+            or opts.rollout_correction is not None or opts.off_policy_mask_threshold is not None
+            or (kl_is_used(opts, given_advantages) and opts.kl_placement == "reward"))
+
+
+def unread_inputs(method: str, opts: Options, present, given_advantages: bool) -> dict:
+    """The inputs among `present` (names of the tensor inputs passed) that the configuration does not read,
+    each with what would read it. gro_objective and gro_loss refuse them (docs/options.md, "Inputs")."""
+    out = {}
+    if "old_logp" in present and not reads_old_logp(opts, given_advantages):
+        out["old_logp"] = (f"surrogate={opts.surrogate!r} has no importance ratio (old_logp is read by the ratio "
+                           "surrogates, rollout_correction, off_policy_mask_threshold, a sampled KL in the reward, "
+                           "use_bias_correction_kl)")
+    if "labels" in present and (given_advantages or opts.separation != "label"):
+        out["labels"] = ("given advantages replace the weights labels form" if given_advantages else
+                         f"separation={opts.separation!r} (labels are read by separation='label': dpo, kto, ...)")
+    if "rewards" in present and opts.score not in ("reward", "token_return"):
+        out["rewards"] = f"score={opts.score!r} (rewards are read by score='reward' or 'token_return': grpo, rloo, ...)"
+    if "baselines" in present and (given_advantages or opts.anchor != "baseline"):
+        out["baselines"] = ("given advantages replace the weights baselines anchor" if given_advantages else
+                            f"anchor={opts.anchor!r} (baselines are read by anchor='baseline': remax)")
+    if "group_ids" in present and not reads_group_ids(opts, given_advantages):
+        out["group_ids"] = ("given advantages replace the weights groups form" if given_advantages else
+                            f"anchor={opts.anchor!r} and scale={opts.scale!r} read no groups (group_ids are read by "
+                            "anchor='group_mean' / 'leave_one_out' / 'pair', scale='group_std' / 'nonzero_fraction', "
+                            "switch_threshold)")
+    if "offline" in present and not reads_offline(opts, given_advantages):
+        out["offline"] = (f"its offline rows would be trained exactly as online ones (surrogate={opts.surrogate!r}, "
+                          "offline_role='group', offline_coef=1; offline is read by the ratio surrogates, "
+                          "offline_surrogate, offline_coef, offline_role='sft': gro, luffy, chord, hpt, ...)")
+    if "ref_head" in present:
+        reads_ref = opts.kl_estimator == "full" or ("ref_logp" not in present and uses_ref_logp(method, opts))
+        if not reads_ref:
+            out["ref_hidden"] = ("the reference head gives ref_logp for kl_coef != 0 or a reference-scored method "
+                                 "(dpo, kto, ...), or the exact KL with kl_estimator='full'"
+                                 + ("; ref_logp was given too" if "ref_logp" in present else ""))
+    return out
+
+
+def refuse_unread_inputs(method: str, opts: Options, present, given_advantages: bool) -> None:
+    unread = unread_inputs(method, opts, present, given_advantages)
+    if unread:
+        name, why = next(iter(unread.items()))
+        raise ValueError(f"{name} was given but method={method!r} does not read it: {why}. Leave it out "
+                         f"(unread inputs are refused, not ignored; docs/options.md)")
+
+
+def check_requirements(method: str, opts: Options, b: Batch, given: dict = (), present=None) -> None:
     """Errors for inputs the configured method needs but did not get, or cannot use. `given`: the
-    options the caller passed (a preset's value is not a choice the caller made)."""
+    options the caller passed (a preset's value is not a choice the caller made); `present`: the names of
+    the tensor inputs passed (None: not checked for unread ones)."""
     who = f"method={method!r}"
     if b.advantages is not None and b.rewards is not None:
         raise ValueError("pass either rewards or advantages: given advantages replace the weights formed from rewards")
-    if b.baselines is not None and opts.anchor != "baseline":
-        raise ValueError(f"baselines were given but anchor={opts.anchor!r} does not use them (use anchor='baseline')")
     if kl_is_used(opts, b.advantages is not None):
         if opts.kl_estimator == "full" and b.kl is None:
             raise ValueError(f"{who} with kl_estimator='full' needs the exact KL: pass kl (or ref_hidden and ref_weight to gro_loss)")
@@ -281,6 +351,13 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = ()) -
             raise ValueError(f"target_weight (class weights) applies to the SFT preset (method='sft'), got {who}")
         if (b.target_weight < 0).any():
             raise ValueError("target_weight must be >= 0 (class weights)")
+    if present is not None:
+        refuse_unread_inputs(method, opts, present, b.advantages is not None)
+    if (opts.off_policy_mask_threshold is not None and present is not None and "rollout_logp" not in present
+            and "old_logp" not in present):
+        raise ValueError(f"off_policy_mask_threshold={opts.off_policy_mask_threshold} masks sequences whose behaviour "
+                         "policy is far from the current one: pass rollout_logp [B, T] (the sampler's log-probs) or "
+                         "old_logp; without either the behaviour is the current policy and nothing is masked")
     if b.rollout_logp is not None and opts.rollout_correction is None and opts.off_policy_mask_threshold is None:
         raise ValueError("rollout_logp was given but nothing uses it: set rollout_correction and/or off_policy_mask_threshold")
     if "kl_estimator" in given and opts.kl_coef == 0 and b.ref_logp is None and b.kl is None:
