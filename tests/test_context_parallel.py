@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 from gro_kernels import gro_loss
 from gro_kernels.objective.options import METHODS
+from gro_kernels.objective.inputs import read_inputs
 from gro_kernels.trainer.distributed import free_port
 
 from test_one_pass import IGNORE, OFFLINE, B, T, _teacher, batch, options
@@ -50,7 +51,8 @@ def config(method, extra=None):
         kw.pop("ref_hidden"), kw.pop("ref_weight")
     if opts.get("rollout_correction") or opts.get("off_policy_mask_threshold") is not None:
         kw["rollout_logp"] = kw["old_logp"] + 0.2 * torch.cos(kw["old_logp"])
-    return hidden, weight, bias, targets, kw, opts
+    read = read_inputs(method, {**kw, **opts})  # the inputs the method reads (the rest are refused)
+    return hidden, weight, bias, targets, {k: v for k, v in kw.items() if k in read}, opts
 
 
 # Beyond the presets: options that read whole rows or the whole batch (LD-DPO reads the order of the

@@ -12,6 +12,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from gro_kernels import gro_loss  # noqa: E402
+from gro_kernels.objective.inputs import read_inputs  # noqa: E402
 
 # The unification table's presets (the strategies below know their inputs); issue 9's loss types
 # have their own formula and peer tests (tests/test_loss_types*.py).
@@ -148,6 +149,7 @@ def _inputs(c):
 
 def _run(c, backend, backend_options):
     hidden, weight, bias, targets, kw = _inputs(c)
+    kw = {k: v for k, v in kw.items() if k in read_inputs(c["method"], {**kw, **c["options"]})}  # else refused
     leaves = [hidden.requires_grad_(), weight.requires_grad_()] + ([bias.requires_grad_()] if bias is not None else [])
     out = gro_loss(hidden, weight, targets, bias=bias, method=c["method"], backend=backend,
                    backend_options=backend_options, return_entropy=True, **kw, **c["options"])

@@ -4,6 +4,7 @@ import torch
 
 from gro_kernels.loss import GROLoss, gro_loss
 from gro_kernels.objective import gro_objective
+from gro_kernels.objective.inputs import read_inputs
 
 from helpers_objective import IGNORE, tiny_batch
 
@@ -21,6 +22,8 @@ def good():
 
 def call(method="gro", **changes):
     kw = good()
+    if method in ("remax", "kto"):  # they read no groups (refused)
+        kw.pop("group_ids")
     kw.update(changes)
     return gro_objective(kw.pop("logp"), method=method, **kw)
 
@@ -173,13 +176,16 @@ def test_fully_masked_sequence_contributes_zero_and_never_nan(method, options):
     targets[1] = IGNORE  # row 1: nothing to score
     old = torch.full((4, 5), float("-inf"), dtype=F64)  # garbage everywhere, including the empty row
     old[targets != IGNORE] = -2.0
-    kw = dict(backend="naive", old_logp=old, ref_hidden=d.ref_hidden, ref_weight=d.ref_weight, **options)
+    kw = dict(backend="naive", ref_hidden=d.ref_hidden, ref_weight=d.ref_weight, **options)
+    if method not in ("dpo", "kto", "simpo", "cpl", "sft"):  # their surrogate has no ratio (old_logp refused)
+        kw["old_logp"] = old
     if method in ("dpo", "cpl", "simpo"):
         kw.update(group_ids=torch.tensor([0, 0, 1, 1]), labels=torch.tensor([1, -1, -1, 1]))
     elif method == "kto":
         kw.update(labels=torch.tensor([1, -1, -1, 1]), anchor_value=0.1)
     elif method != "sft":
         kw.update(rewards=torch.tensor([1.0, 0.5, 0.0, 0.3], dtype=F64), group_ids=torch.tensor([0, 0, 1, 1]))
+    kw = read_inputs(method, kw)  # the reference head only where read
     out = gro_loss(d.hidden, d.weight, targets, method=method, **kw)
     assert torch.isfinite(out.loss)
     assert (out.per_token["advantages"][1] == 0).all(), "an empty sequence has zero weight"
@@ -204,8 +210,8 @@ def test_whole_batch_masked_gives_zero_loss():
 def test_zero_variance_group_gives_zero_weights_and_finite_loss(method):
     d = lm()
     rewards = torch.tensor([0.7, 0.7, 0.7, 0.7], dtype=F64)  # every sample equally good
-    out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards,
-                   group_ids=torch.tensor([0, 0, 0, 0]), kl_coef=0.0, backend="naive")
+    groups = {} if method == "reinforce_pp" else dict(group_ids=torch.tensor([0, 0, 0, 0]))  # batch_mean anchor
+    out = gro_loss(d.hidden, d.weight, d.targets, method=method, rewards=rewards, kl_coef=0.0, backend="naive", **groups)
     assert torch.isfinite(out.loss)
     assert (out.per_token["advantages"] == 0).all()
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.loss, (d.hidden, d.weight)))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gro_kernels import gro_loss, token_logprobs
+from gro_kernels.objective.inputs import read_inputs
 
 IGNORE = -100
 B, T, D, V = 3, 4, 5, 13
@@ -117,8 +118,9 @@ def test_gro_loss_equals_the_head_without_masked_rows(backend, dtype, method, op
         h, w, b = (head[k].to(dtype).clone().requires_grad_() for k in ("hidden", "weight", "bias"))
         ref = dict(ref_hidden=head["ref_hidden"][:rows].to(dtype), ref_weight=head["ref_weight"].to(dtype),
                    ref_bias=head["ref_bias"].to(dtype))
+        kw = read_inputs(method, {**ref, **extra, **options})  # old_logp, the reference head only where read
         out = gro_loss(h[:rows], w, y[:rows], bias=b, method=method, backend=backend, backend_options=bo,
-                       return_entropy=True, **ref, **extra, **options)
+                       return_entropy=True, **kw)
         assert torch.isfinite(out.loss)
         results.append((out, torch.autograd.grad(out.loss, (h, w, b))))
     (full, (dh, dw, db)), (small, (dh_r, dw_r, db_r)) = results

@@ -9,6 +9,7 @@ import torch
 
 from gro_kernels import METHODS, gro_loss
 from gro_kernels.objective import gro_objective
+from gro_kernels.objective.inputs import read_inputs
 
 from helpers_objective import IGNORE, pairs, plain_token_logp, tiny_batch
 
@@ -39,7 +40,7 @@ def inputs(method, d):
         kw["offline"] = torch.arange(B) % 2 == 1
     if method == "distill":  # the reference head as a teacher
         kw.update(teacher_hidden=d.ref_hidden, teacher_weight=d.ref_weight)
-    return kw
+    return read_inputs(method, kw)  # old_logp, group_ids, ... only where the method reads them (else refused)
 
 
 @pytest.mark.parametrize("method", METHODS)

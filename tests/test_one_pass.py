@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gro_kernels import gro_loss, gro_objective, token_logprobs
+from gro_kernels.objective.inputs import read_inputs
 from gro_kernels.objective.options import resolve_options
 from gro_kernels.objective.split import needs_policy_logp
 
@@ -77,6 +78,12 @@ def options(method):
     return opts
 
 
+def only_read(method, kw, opts=None):
+    """kw without the per-row inputs the configuration does not read (batch() gives them to every method)."""
+    read = read_inputs(method, {**kw, **(opts or {})})
+    return {k: v for k, v in kw.items() if k in read}
+
+
 def run(method, backend, *, chunk_elements=None, inputs=None, **extra):
     hidden, weight, bias, targets, kw = batch(method)
     kw.update(inputs or {})
@@ -85,6 +92,7 @@ def run(method, backend, *, chunk_elements=None, inputs=None, **extra):
     if opts.get("kl_estimator") != "full":
         kw.pop("ref_hidden"), kw.pop("ref_weight")
     bo = {"chunk_elements": chunk_elements} if chunk_elements else None
+    kw = only_read(method, kw, opts)
     out = gro_loss(h, w, targets, method=method, bias=b, backend=backend, backend_options=bo, **kw, **opts)
     return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
 
@@ -99,6 +107,7 @@ def composable(method, inputs=None, **extra):
     full = opts.get("kl_estimator") == "full"
     st = token_logprobs(h, w, targets, bias=b, temperature=opts.pop("temperature"), return_entropy=True,
                         backend="naive", **(ref if full else {}))
+    kw = only_read(method, kw, opts)
     out = gro_objective(st.logp, mask=targets != IGNORE, entropy=st.entropy, kl=st.kl, method=method, **kw, **opts)
     return (out.loss, *torch.autograd.grad(out.loss, (h, w, b))), out
 
@@ -202,6 +211,7 @@ def test_gemm_flops_of_one_forward_and_backward(method):
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))  # every token counts
     n = targets.numel()
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    kw = only_read(method, kw)
     with MatmulFlops() as counter:
         out = gro_loss(h, w, targets, method=method, backend="torch", backend_options={"chunk_elements": 7 * V}, **kw)
         out.loss.backward()
@@ -262,7 +272,7 @@ def test_issue9_token_local_types_in_the_fused_pass(config):
     kw = {k: v.float() if v.is_floating_point() else v for k, v in {**kw, **inputs}.items()
           if k not in ("ref_hidden", "ref_weight") and v is not None}
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h, w, kw = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), only_read(method, kw, extra)
     with MatmulFlops() as counter:
         gro_loss(h, w, targets, method=method, backend="torch", **kw, **extra).loss.backward()
     assert counter.flops == 3 * 2 * targets.numel() * D * V
@@ -351,7 +361,11 @@ def test_issue15_reproducer_exact_reward_kl():
                ref_weight=weight + 0.3 * torch.randn(Vq, dq, generator=g, **f64))
     targets = torch.randint(0, Vq, (Bq, Tq), generator=g)
     kw = dict(method="rloo", rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]), group_ids=torch.tensor([0, 0, 1, 1]),
-              old_logp=torch.full((Bq, Tq), -2.5, **f64), kl_estimator="full", **ref)
+              kl_estimator="full", **ref)
+    # The old_logp that sent it to the one pass is not read by rloo (logp surrogate, the exact KL in the
+    # reward is the policy's own): refused now.
+    with pytest.raises(ValueError, match="old_logp"):
+        gro_loss(hidden, weight, targets, backend="torch", kl_coef=0.5, old_logp=torch.full((Bq, Tq), -2.5, **f64), **kw)
     grads = {}
     for backend, kl_coef in (("naive", 0.5), ("torch", 0.5), ("naive", 0.0)):
         h = hidden.clone().requires_grad_()
@@ -371,7 +385,7 @@ def test_a_plan_that_reads_the_pass_statistics_is_an_error(monkeypatch, method, 
     hidden, weight, bias, targets, kw = batch(method)
     if extra.get("kl_estimator") != "full":
         kw.pop("ref_hidden"), kw.pop("ref_weight")
-    h = hidden.clone().requires_grad_()
+    h, kw = hidden.clone().requires_grad_(), only_read(method, kw, extra)
     with pytest.raises(RuntimeError, match="not token-local"):
         gro_loss(h, weight, targets, method=method, backend="torch", return_entropy=True, **kw, **extra)
 

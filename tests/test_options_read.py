@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gro_kernels import gro_loss, gro_objective
+from gro_kernels.objective.inputs import read_inputs
 from gro_kernels.objective.options import OPTIONS, resolve_options
 
 F64 = dict(dtype=torch.float64)
@@ -96,6 +97,7 @@ def _call(method, base, options, advantages):
         kw.update(ref_hidden=d["ref_hidden"], ref_weight=d["ref_weight"])
     if o.distill_coef != 0:
         kw.update(teacher_hidden=d["teacher_hidden"], teacher_weight=d["teacher_weight"])
+    kw = {k: v for k, v in kw.items() if k in read_inputs(method, {**kw, **base, **options})}  # else refused
     h, w = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
     out = gro_loss(h, w, d["targets"], method=method, backend="naive", return_entropy=True, **kw, **base, **options)
     return out.loss.detach(), torch.autograd.grad(out.loss, (h, w)), out.metrics.get("kl")
@@ -183,6 +185,7 @@ def _path(path, method, options):
     kw = dict(group_ids=torch.arange(B) // 2, old_logp=d["old_logp"], offline=torch.tensor([False] * 7 + [True]),
               rewards=torch.tensor([1.0, 0.2, 0.5, 0.9, 0.0, 0.7, 0.4, 0.3], **F64), labels=torch.tensor([1, -1] * 4))
     teacher = dict(teacher_hidden=d["teacher_hidden"], teacher_weight=d["teacher_weight"]) if o.distill_coef else {}
+    kw = {k: v for k, v in kw.items() if k in read_inputs(method, {**kw, **options})}  # else refused
     h, w = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
     small = dict(chunk_elements=3 * V)
     if path == "module":

@@ -26,6 +26,7 @@ from types import SimpleNamespace  # noqa: E402
 
 from gro_kernels.logprobs import chunked, naive, token_logprobs  # noqa: E402
 from gro_kernels.logprobs.transform import Transform  # noqa: E402
+from gro_kernels.objective.inputs import read_inputs  # noqa: E402
 
 # The backends as modules with token_stats, as `run` expects.
 triton_op = SimpleNamespace(token_stats=functools.partial(chunked.token_stats, backend="triton"))
@@ -308,7 +309,8 @@ def _preset_inputs(method, B=8, T=6, d=16, V=40, seed=0):
             logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
             noise = torch.tensor([0.0, 1e-4, 0.3, 2.0, 5e-4, 0.1, 0.5, 1e-3])[:, None]
             kw["old_logp"] = torch.where(targets != IGNORE, logp + noise * torch.randn(B, T, generator=g), 0.0)
-    return hidden, weight, targets, kw
+    read = read_inputs(method, {**kw, **_EXTRA_OPTIONS.get(method, {})})  # the rest are refused
+    return hidden, weight, targets, {k: v for k, v in kw.items() if k in read}
 
 
 @pytest.mark.parametrize("method", PRESET_METHODS)

@@ -34,6 +34,7 @@ except ImportError as e:
 
 from ..logprobs import token_logprobs
 from ..objective import gro_objective
+from ..objective.inputs import read_inputs
 from .sharded import gathered
 
 __all__ = ["register", "VERL_LOSSES", "VERL_NOT_COVERED", "gro_policy_loss", "gro_linear_cross_entropy"]
@@ -161,8 +162,10 @@ def gro_policy_loss(name):
         else:
             agg, factor = _normalization(spec.get("agg") or loss_agg_mode, mask, config.global_batch_info)
         num_items = agg.pop("num_items_in_batch", None)
-        out = gro_objective(log_prob, method="gro", mask=mask, advantages=adv, old_logp=old_log_prob,
-                            num_items_in_batch=num_items, kl_coef=0.0, entropy_coef=0.0, **options, **agg)
+        # old_logp only where the surrogate reads it (gpg, cispo: the logp surrogate; the objective refuses it there)
+        call = read_inputs("gro", dict(mask=mask, advantages=adv, old_logp=old_log_prob, num_items_in_batch=num_items,
+                                       kl_coef=0.0, entropy_coef=0.0, **options, **agg))
+        out = gro_objective(log_prob, method="gro", **call)
         return out.loss * factor, _metrics(name, old_log_prob, log_prob, advantages, mask, low, high, clip_c, out)
 
     loss_fn.__name__ = f"gro_policy_loss_{name}"

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..logprobs.rows import stat_dtype  # float32 statistics, float64 when given float64
-from .options import IMPLICIT_REFERENCE, WEIGHT_OPTIONS, Options, ce_smoothing_reader
+from .options import IMPLICIT_REFERENCE, OPTIONS, WEIGHT_OPTIONS, Options, ce_smoothing_reader, resolve_options
 
 
 @dataclass
@@ -301,6 +301,21 @@ def unread_inputs(method: str, opts: Options, present, given_advantages: bool) -
                                  "(dpo, kto, ...), or the exact KL with kl_estimator='full'"
                                  + ("; ref_logp was given too" if "ref_logp" in present else ""))
     return out
+
+
+def read_inputs(method: str, kwargs: dict) -> dict:
+    """`kwargs` of a gro_loss / gro_objective call without the per-row inputs its configuration does not read
+    (the objective refuses them). For callers whose batch carries group ids, offline flags, behaviour log-probs
+    for every method (GROTrainer, the verl integration): they pass each only where it is read."""
+    opts = resolve_options(method, {k: v for k, v in kwargs.items() if k in OPTIONS})
+    present = {k for k in ("old_logp", "ref_logp", "rewards", "labels", "group_ids", "offline", "baselines")
+               if kwargs.get(k) is not None}
+    if kwargs.get("ref_hidden") is not None:
+        present.add("ref_head")
+    unread = set(unread_inputs(method, opts, present, kwargs.get("advantages") is not None))
+    if "ref_hidden" in unread:  # the reference head
+        unread |= {"ref_weight", "ref_bias"}
+    return {k: v for k, v in kwargs.items() if k not in unread}
 
 
 def refuse_unread_inputs(method: str, opts: Options, present, given_advantages: bool) -> None:

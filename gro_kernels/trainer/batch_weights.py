@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..objective import gro_objective
-from ..objective.inputs import kl_is_used
+from ..objective.inputs import kl_is_used, read_inputs
 from ..objective.options import WEIGHT_OPTIONS, resolve_options
 from .rollout import IGNORE_INDEX, Batch
 
@@ -116,7 +116,7 @@ def batch_advantages(method: str, options: dict, batch: Batch, behaviour_logp: O
     # KL in the reward, which the objective evaluates at the behaviour log-probs (on offline rows: at
     # the policy's, equal to them before the first update). Zeros stand in when there is no such KL.
     logp = rows["old_logp"] if rows["old_logp"] is not None else torch.zeros(mask.shape, dtype=torch.float32)
-    out = gro_objective(logp, method=method, mask=mask, **rows, **opts)
+    out = gro_objective(logp, method=method, mask=mask, **read_inputs(method, {**rows, **opts}))
     n, width = batch.targets.shape
     return out.per_token["advantages"][start:start + n, :width].float().to(batch.targets.device)
 

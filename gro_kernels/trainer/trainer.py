@@ -31,7 +31,7 @@ from torch import nn
 
 from ..logprobs import token_logprobs
 from ..loss import gro_loss
-from ..objective.inputs import prepare_batch
+from ..objective.inputs import prepare_batch, read_inputs
 from ..objective.offline import sft_token_counts
 from . import distributed as gdist
 from .batch_weights import (batch_advantages, forms_weights_from_rewards, kto_reference_point, mismatched_pairs,
@@ -498,7 +498,7 @@ class GROTrainer:
         if opts.loss_agg == "seq_mean_token_sum_norm" and opts.max_completion_length is None:
             # the same normalizer on every micro-batch and process (the default, T, varies with padding)
             kw["max_completion_length"] = cfg.max_new_tokens
-        return kw
+        return read_inputs(cfg.method, kw)  # group ids, offline flags, old_logp only where the method reads them
 
     def _sft_counts(self, batch: Batch) -> tuple:
         """offline_role='sft': this process's (online RL, offline SFT) token counts (objective.offline); else ()."""

@@ -6,6 +6,7 @@ chosen/rejected label (for the preference methods), so one batch feeds every pre
 import torch
 
 from gro_kernels import METHODS, gro_loss
+from gro_kernels.objective.inputs import read_inputs
 
 torch.manual_seed(0)
 B, T, d, V = 8, 12, 64, 1000
@@ -42,6 +43,7 @@ for method in METHODS:
         kw["offline"] = torch.tensor([True, False, False, False, False, False, False, False])
     if method == "distill":  # a teacher head (its hidden size may differ): the exact reverse KL per token
         kw.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    kw = read_inputs(method, kw)  # old_logp, group_ids, ... only where the method reads them (else refused)
     hidden.grad = None
     out = gro_loss(hidden, weight, targets, method=method, **kw)
     out.loss.backward()
