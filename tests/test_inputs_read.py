@@ -9,7 +9,7 @@ inputs must succeed and adding any one unread input must raise a ValueError nami
 import pytest
 import torch
 
-from gro_kernels import gro_loss
+from gro_kernels import GROLoss, gro_loss, gro_objective
 from gro_kernels.objective import inputs as inputs_module
 from gro_kernels.objective.options import METHODS, resolve_options
 
@@ -105,11 +105,21 @@ def test_the_brief_cases_are_refused():
              ("dpo", dict(labels=INPUTS["labels"](), group_ids=g, ref_logp=DATA["ref_logp"]), "rewards"),
              ("sft", {}, "group_ids"), ("grpo", dict(rewards=r, group_ids=g, kl_coef=0.0), "labels"),
              ("sft", {}, "offline"), ("gpg", dict(rewards=r, group_ids=g), "old_logp")]
+    logp, mask = DATA["old_logp"], DATA["targets"] != -100
     for method, kw, extra in cases:
         h, w = DATA["hidden"].clone().requires_grad_(), DATA["weight"].clone().requires_grad_()
-        gro_loss(h, w, DATA["targets"], method=method, backend="naive", **kw)
+        given = {extra: INPUTS[extra]()}
+        for backend in ("naive", "torch"):  # the torch backend's one pass and composable path check it too
+            gro_loss(h, w, DATA["targets"], method=method, backend=backend, **kw)
+            with pytest.raises(ValueError, match=extra):
+                gro_loss(h, w, DATA["targets"], method=method, backend=backend, **kw, **given)
+        options = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
         with pytest.raises(ValueError, match=extra):
-            gro_loss(h, w, DATA["targets"], method=method, backend="naive", **kw, **{extra: INPUTS[extra]()})
+            GROLoss(method=method, **options)(h, w, DATA["targets"], **tensors, **given)
+        gro_objective(logp, mask=mask, method=method, **kw)
+        with pytest.raises(ValueError, match=extra):
+            gro_objective(logp, mask=mask, method=method, **kw, **given)
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])

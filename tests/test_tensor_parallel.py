@@ -32,7 +32,7 @@ from gro_kernels import gro_loss, gro_objective, token_logprobs
 from gro_kernels.objective.options import METHODS
 from gro_kernels.trainer.distributed import free_port
 
-from test_one_pass import IGNORE, OFFLINE, _teacher, batch, options
+from test_one_pass import IGNORE, OFFLINE, _teacher, batch, only_read, options
 
 WORLD = 4
 TP_METHODS = [m for m in METHODS if m != "distill"]   # a teacher head is refused with tp_group (refusals)
@@ -88,6 +88,7 @@ def preset_run(method, rows, group=None, backend="torch", dtype=torch.float64, p
         inputs.pop("ref_hidden"), inputs.pop("ref_weight")
     h, w, b = hidden.clone().requires_grad_(), weight[s:e].clone().requires_grad_(), bias[s:e].clone().requires_grad_()
     torch.manual_seed(0)  # clip_cov draws its tokens from the default generator
+    inputs = only_read(method, inputs, {**opts, **kw})
     out = gro_loss(h, w, targets, method=method, bias=b, backend=backend, tp_group=group, **inputs, **{**opts, **kw})
     total = out.loss if out.loss.dim() == 0 else out.loss.sum()   # reduction="none": per token
     return (out.loss.detach(), out.logp, out.metrics["token_accuracy"][None], *torch.autograd.grad(total, (h, w, b)))

@@ -145,6 +145,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, method, options)
     and a group's mean/std are the same whether or not the micro-batches cut through them. The
     reference is one `gro_loss` call on the whole batch."""
     from gro_kernels import gro_loss, token_logprobs
+    from gro_kernels.objective.inputs import read_inputs
     from gro_kernels.trainer.trainer import policy_inputs
 
     batch = group_batch([1.0, 0.5, 0.0, 0.25, 0.75, 0.0, 1.0, 0.5], groups=[0, 0, 0, 0, 1, 1, 1, 1],
@@ -157,8 +158,9 @@ def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, method, options)
         ref_logp = token_logprobs(rh, rw, batch.targets, bias=rb, backend="torch").logp
     model = tiny_model()
     h, w, b = policy_inputs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
-    loss = gro_loss(h, w, batch.targets, bias=b, method=method, rewards=batch.rewards, group_ids=batch.group_ids,
-                    offline=batch.offline, ref_logp=ref_logp, backend="torch", **options).loss
+    inputs = read_inputs(method, dict(rewards=batch.rewards, group_ids=batch.group_ids, offline=batch.offline,
+                                      ref_logp=ref_logp, **options))  # reinforce_pp reads no groups
+    loss = gro_loss(h, w, batch.targets, bias=b, method=method, backend="torch", **inputs).loss
     params = list(model.parameters())
     want = _flat_grads(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
 
