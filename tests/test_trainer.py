@@ -511,3 +511,15 @@ def test_distillation_from_a_teacher_model_of_another_size(tmp_path):
     with pytest.raises(ValueError, match="teacher_model and distill_coef go together"):
         GROTrainer(tiny_model(), TOK, reward_funcs=[reversal_reward], train_dataset=make_prompts(8, 4, seed=2),
                    config=GROConfig(**base))
+
+
+@pytest.mark.parametrize("method", ["gpg", "reinforce"])
+def test_trainer_passes_only_the_inputs_the_method_reads(tmp_path, method):
+    """The trainer's batch carries group ids and (num_iterations=2) behaviour log-probs for every method; gro_loss
+    refuses the ones a method does not read (gpg: no ratio; reinforce: no groups, no ratio), so the trainer passes
+    each only where it is read and the step trains."""
+    batch = group_batch([1.0, 0.5, 0.0, 0.25], completions=["4321", "4312", "1234", "98"])
+    trainer = trainer_for(tiny_model(), tmp_path, method=method, num_iterations=2, loss_options={"kl_coef": 0.0})
+    trainer.train_step(batch)
+    grads = _flat_grads((p, p.grad) for p in trainer.model.parameters())
+    assert torch.isfinite(grads).all() and grads.abs().sum() > 0
