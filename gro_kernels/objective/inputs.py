@@ -323,7 +323,9 @@ def refuse_unread_inputs(method: str, opts: Options, present, given_advantages: 
     if unread:
         name, why = next(iter(unread.items()))
         raise ValueError(f"{name} was given but method={method!r} does not read it: {why}. Leave it out "
-                         f"(unread inputs are refused, not ignored; docs/options.md)")
+                         f"(unread inputs are refused, not ignored; docs/options.md). A batch that carries every "
+                         f"field for every method can pass gro_kernels.objective.inputs.read_inputs(method, kwargs), "
+                         f"which keeps the inputs the method reads")
 
 
 def check_requirements(method: str, opts: Options, b: Batch, given: dict = (), present=None) -> None:

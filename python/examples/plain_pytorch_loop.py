@@ -20,6 +20,7 @@ import random
 import torch
 
 from gro_kernels.loss import gro_loss
+from gro_kernels.objective.inputs import read_inputs
 
 
 def reward_fn(completions, answers):
@@ -88,9 +89,11 @@ def main():
         hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=pos).last_hidden_state
         hidden = hidden[:, P - 1:-1]                     # the states that predict the completion tokens
         targets = comp.masked_fill(~comp_mask, -100)     # -100: not a response token
-        out = gro_loss(hidden, head.weight, targets, method=args.method, rewards=rewards, group_ids=group_ids,
-                       kl_coef=0.0,                      # grpo's default KL needs ref_logp; off here
-                       return_entropy=True)              # out.metrics["entropy"]: the policy's mean entropy
+        # group_ids only where --method reads them (rloo, grpo: yes; reinforce: no, and it would be refused)
+        inputs = read_inputs(args.method, dict(rewards=rewards, group_ids=group_ids,
+                                               kl_coef=0.0))  # grpo's default KL needs ref_logp; off here
+        out = gro_loss(hidden, head.weight, targets, method=args.method,
+                       return_entropy=True, **inputs)    # out.metrics["entropy"]: the policy's mean entropy
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
