@@ -23,8 +23,7 @@ from .logprobs.transform import HEAD_PRECISIONS, check_head_options
 from .objective import GROOutput, gro_objective
 from .objective.chunk import ChunkCoefficients
 from .objective.core import objective_in_layout, token_layout
-from .objective import inputs as _inputs
-from .objective.inputs import check_mask, uses_ref_logp
+from .objective.inputs import check_mask, refuse_unread_inputs, uses_ref_logp
 from .objective.options import COMPUTED_WITH_LOGP, OPTIONS, ce_smoothing_reader, resolve_options
 from .objective.split import needs_policy_logp
 
@@ -158,8 +157,8 @@ def gro_loss(
         targets = targets.masked_fill(~valid, ignore_index)
 
     if has_ref_head:  # the reference head is read for ref_logp or the exact KL, or refused (inputs.py)
-        _inputs.refuse_unread_inputs(method, opts, {"ref_head"} | ({"ref_logp"} if ref_logp is not None else set()),
-                                     advantages is not None)
+        refuse_unread_inputs(method, opts, {"ref_head"} | ({"ref_logp"} if ref_logp is not None else set()),
+                             advantages is not None)
     ref_head = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if (full_kl and has_ref_head) else {}
     # The entropy: for the bonus, for top-entropy token selection, or asked for (metrics).
     want_entropy = bool(return_entropy) or opts.entropy_coef != 0 or opts.top_entropy_quantile < 1

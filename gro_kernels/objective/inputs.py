@@ -328,10 +328,10 @@ def refuse_unread_inputs(method: str, opts: Options, present, given_advantages: 
                          f"which keeps the inputs the method reads")
 
 
-def check_requirements(method: str, opts: Options, b: Batch, given: dict = (), present=None) -> None:
+def check_requirements(method: str, opts: Options, b: Batch, *, given: dict, present: set) -> None:
     """Errors for inputs the configured method needs but did not get, or cannot use. `given`: the
     options the caller passed (a preset's value is not a choice the caller made); `present`: the names of
-    the tensor inputs passed (None: not checked for unread ones)."""
+    the tensor inputs passed (the batch fills some in, e.g. old_logp)."""
     who = f"method={method!r}"
     if b.advantages is not None and b.rewards is not None:
         raise ValueError("pass either rewards or advantages: given advantages replace the weights formed from rewards")
@@ -368,10 +368,8 @@ def check_requirements(method: str, opts: Options, b: Batch, given: dict = (), p
             raise ValueError(f"target_weight (class weights) applies to the SFT preset (method='sft'), got {who}")
         if (b.target_weight < 0).any():
             raise ValueError("target_weight must be >= 0 (class weights)")
-    if present is not None:
-        refuse_unread_inputs(method, opts, present, b.advantages is not None)
-    if (opts.off_policy_mask_threshold is not None and present is not None and "rollout_logp" not in present
-            and "old_logp" not in present):
+    refuse_unread_inputs(method, opts, present, b.advantages is not None)
+    if opts.off_policy_mask_threshold is not None and "rollout_logp" not in present and "old_logp" not in present:
         raise ValueError(f"off_policy_mask_threshold={opts.off_policy_mask_threshold} masks sequences whose behaviour "
                          "policy is far from the current one: pass rollout_logp [B, T] (the sampler's log-probs) or "
                          "old_logp; without either the behaviour is the current policy and nothing is masked")
