@@ -27,14 +27,14 @@ from typing import Optional
 
 import torch
 
-from .engine import Divergence
+from .engine import DIVERGENCES, Divergence
 from ..argdocs import document
 from . import chunked, naive
 from .rows import STAT_NAMES
 from .transform import check_head_options
+from .vocab_parallel import VocabShard
 
 BACKENDS = ("naive", "torch", "triton")
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
 
 @dataclass
@@ -325,7 +325,6 @@ def vocab_shard(weight, tp_group, vocab_start, sequence_parallel, bias=None):
         if vocab_start is not None or sequence_parallel:
             raise ValueError("vocab_start and sequence_parallel describe a vocabulary shard: they need tp_group")
         return None
-    from .vocab_parallel import VocabShard  # torch.distributed only when asked for
     rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
     device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
     masked = isinstance(bias, torch.Tensor) and bool(torch.isneginf(bias).any())

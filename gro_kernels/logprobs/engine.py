@@ -183,6 +183,9 @@ def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     return _ACCUMULATE_PROBE[key]
 
 
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+
 @dataclass(frozen=True)
 class Divergence:
     """What the statistics pass computes against the second head (module docstring): `reverse_kl`
@@ -193,8 +196,8 @@ class Divergence:
     beta: float = 0.5
 
     def __post_init__(self):
-        if self.kind not in ("reverse_kl", "forward_kl", "jsd"):
-            raise ValueError(f"divergence must be reverse_kl, forward_kl or jsd, got {self.kind!r}")
+        if self.kind not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.kind!r}")
         if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
             raise ValueError(f"the jsd kernel takes 0 < beta < 1 (0 and 1 are forward_kl / reverse_kl), got {self.beta}")
 

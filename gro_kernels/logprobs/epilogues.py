@@ -91,17 +91,15 @@ class TorchEpilogue:
                 sw, total = d @ class_weight.to(d.dtype), class_weight.sum(dtype=d.dtype)
             st.mean_logp[s:e] = (sw - total * log_se) / vocab
         mur = aux = None
-        if zr is not None and div is not None and div.kind != "reverse_kl":   # a teacher (no cap, no truncation)
-            mr = zr.amax(1, keepdim=True)
-            dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
-            mur = mr[:, 0] * inv_t
-            aux = self._teacher_stats(div, p, se, log_se, d, dr, mur, st, s, e)
-        elif zr is not None:
-            if tf.cap is not None:
+        if zr is not None:
+            if tf.cap is not None:                   # (a teacher head takes no cap: api.py refuses it)
                 softcap_(zr, tf.cap, derivative=False)
             mr = zr.amax(1, keepdim=True)
             dr = _scale_(zr.sub_(mr), inv_t)         # in place: zr is ur - max ur from here on
             mur = mr[:, 0] * inv_t
+        if zr is not None and div is not None and div.kind != "reverse_kl":   # a teacher (no cap, no truncation)
+            aux = self._teacher_stats(div, p, se, log_se, d, dr, mur, st, s, e)
+        elif zr is not None:
             log_se_r = dr.exp().sum(1).log()
             if self.masked_rows:                     # rows the reference masks, the policy masks too (api.py)
                 _zero_masked(dr)

@@ -13,6 +13,7 @@ import math
 import torch
 
 from . import transform as head
+from .engine import REVERSE_KL
 from .rows import STAT_NAMES, scatter_rows, stat_dtype, take_rows, valid_rows
 
 
@@ -42,10 +43,12 @@ def _logits(hidden, weight, bias, dtype):
 def divergence_to(logprobs, teacher_logprobs, div):
     """The per-row divergence to the teacher, from both log-softmaxes (engine.Divergence). 0 log 0 = 0 at
     vocabulary rows a -inf bias masks: the logs are replaced before any product (as for the entropy)."""
-    p, q = logprobs.exp(), teacher_logprobs.exp()
-    live_p, live_q = p > 0, q > 0
+    p = logprobs.exp()
+    live_p = p > 0
     if div.kind == "reverse_kl":
         return (p * torch.where(live_p, logprobs - teacher_logprobs, 0.0)).sum(-1)
+    q = teacher_logprobs.exp()
+    live_q = q > 0
     if div.kind == "forward_kl":
         return (q * torch.where(live_q, teacher_logprobs - logprobs, 0.0)).sum(-1)
     b = div.beta
@@ -100,7 +103,7 @@ def token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         stats["entropy"] = out(-(p * kept_logprobs).sum(-1))
     if return_kl:
         ref_logprobs = torch.log_softmax(head.transform(zr, tf.without_truncation()), dim=-1)
-        stats["kl"] = out((p * torch.where(live, logprobs - ref_logprobs, 0.0)).sum(-1))
+        stats["kl"] = out(divergence_to(logprobs, ref_logprobs, REVERSE_KL))
     if return_sum_p2:
         stats["sum_p2"] = out((p * p).sum(-1)).detach()
     if return_mean_logp:
