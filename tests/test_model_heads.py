@@ -164,3 +164,16 @@ def test_an_unknown_head_transform_is_caught_by_the_probe(tmp_path):
         model.lm_head.weight.mul_(20.0)
     with pytest.raises(ValueError, match="not lm_head"):
         trainer_for(model, tmp_path)
+
+
+@pytest.mark.parametrize("capped", ["teacher_model", "model"])
+def test_distillation_from_or_to_a_softcapped_gemma_is_refused_at_construction(tmp_path, capped):
+    # The divergence to a teacher head takes no soft cap: the trainer refuses it when built, naming the model
+    # (a teacher's own cap never reached the loss: it was trained against an uncapped teacher without a word).
+    gemma = build(transformers.Gemma2Config, head_dim=8, final_logit_softcapping=3.0)
+    plain = build(transformers.LlamaConfig)
+    model, teacher = (plain, gemma) if capped == "teacher_model" else (gemma, plain)
+    cfg = GROConfig(method="distill", steps=1, num_generations=2, prompts_per_step=1, max_new_tokens=4,
+                    output_dir=str(tmp_path), metrics_file=None, save_final=False, progress=False, backend="torch")
+    with pytest.raises(ValueError, match=f"{capped} soft-caps its logits"):
+        GROTrainer(model, TOK, train_dataset=make_prompts(4, 3, seed=0), config=cfg, teacher_model=teacher)

@@ -395,6 +395,8 @@ INVALID = [
     ("top_p offline", dict(method="dpo", top_p=0.9), False, "top_p"),
     ("kl_estimator without KL", dict(method="dapo", loss_options={"kl_estimator": "k2"}), True, "kl_estimator"),
     ("unread loss option", dict(method="grpo", loss_options={"margin": 0.5}), True, "margin"),
+    ("mu beside its schedule", dict(method="chord", offline_column="answer", mu_peak=0.5, loss_options={"mu": 0.3}),
+     True, "mu_peak"),
 ]
 
 
@@ -404,6 +406,15 @@ def test_invalid_settings_fail_at_construction_naming_them(tmp_path, config, onl
     dataset = None if online else PAIRS
     with pytest.raises(ValueError, match=name):
         trainer_for(tiny_model(), tmp_path, reward_funcs=funcs, dataset=dataset, **config)
+
+
+@pytest.mark.parametrize("setting", [dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)])
+def test_sampler_truncation_with_a_teacher_fails_at_construction(tmp_path, setting):
+    # the divergence to a teacher is over the whole vocabulary: refused when the trainer is built (it was refused
+    # only at the first step, by gro_loss)
+    teacher = build_model(len(TOK), 7, hidden=64, layers=1)
+    with pytest.raises(ValueError, match=f"GROConfig.{next(iter(setting))} truncates"):
+        trainer_for(tiny_model(), tmp_path, teacher_model=teacher, method="distill", **setting)
 
 
 def test_mask_truncated_completions_offline_is_an_error(tmp_path):

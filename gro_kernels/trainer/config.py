@@ -157,6 +157,9 @@ class GROConfig:
                     raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         elif self.mu_valley is not None or self.mu_warmup_steps or self.mu_decay_steps:
             raise ValueError("mu_valley / mu_warmup_steps / mu_decay_steps shape the mu schedule: set mu_peak")
+        if self.mu_peak is not None and "mu" in self.loss_options:
+            raise ValueError("loss_options['mu'] and mu_peak both set CHORD's mu: the schedule (mu_peak) replaces "
+                             "it at every step; set one of them")
         if self.mu_warmup_steps < 0 or self.mu_decay_steps < 0:
             raise ValueError("mu_warmup_steps and mu_decay_steps must be >= 0")
 
@@ -218,6 +221,9 @@ class GROConfig:
             for name in ("offline_per_group", "offline_reward"):
                 if name in changed:
                     raise ValueError(f"GROConfig.{name} applies to the gold rows of offline_column, which is not set")
+        if opts.offline_role == "sft" and opts.loss_agg != "token_mean":
+            raise ValueError("offline_role='sft' in GROTrainer needs loss_agg='token_mean' (its online and offline "
+                             "token means are made exact across micro-batches and processes with the batch's counts)")
         if online and opts.separation == "label":
             raise ValueError(f"GROConfig.method={self.method!r} learns from labelled rows (pairs or desirable / "
                              "undesirable completions): train it offline, from a dataset of {prompt, chosen, rejected} "

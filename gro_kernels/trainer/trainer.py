@@ -177,6 +177,22 @@ def replace_dir(src: str, dst: str) -> None:
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
+def _check_teacher_heads(cfg: GROConfig, model, teacher_model) -> None:
+    """The divergence to a teacher head takes no soft cap and no sampler truncation (gro_loss refuses them):
+    refused when the trainer is built, naming the model or setting, not at the first step (and a teacher's
+    own cap, which gro_loss never sees, is not dropped without a word)."""
+    for who, m in (("model", model), ("teacher_model", teacher_model)):
+        cap = logit_softcap(m)
+        if cap is not None:
+            raise ValueError(f"GROTrainer: {who} soft-caps its logits (final_logit_softcapping={cap}); the divergence "
+                             "to a teacher head takes no soft cap")
+    truncation = cfg.sampler()
+    if truncation:
+        name = next(iter(truncation))
+        raise ValueError(f"GROConfig.{name} truncates the sampling distribution; the divergence to a teacher head "
+                         "is over the whole vocabulary and takes no truncation: leave it off with teacher_model")
+
+
 class GROTrainer:
     """Train `model` (an HF causal LM) with `gro_loss`.
 
@@ -207,19 +223,18 @@ class GROTrainer:
         check_head(self.model, final_hidden, lm_head)  # log-probs from hidden states must be the model's own
         self.tokenizer = tokenizer
         self.reward_funcs = list(reward_funcs or [])
+        self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
         self.teacher_model = teacher_model
-        if (teacher_model is not None) != (cfg.resolved_options().distill_coef != 0):
+        if (teacher_model is not None) != (self.options.distill_coef != 0):
             raise ValueError("teacher_model and distill_coef go together (method='distill' sets distill_coef=1): got "
                              f"teacher_model {'given' if teacher_model is not None else 'None'}, distill_coef="
-                             f"{cfg.resolved_options().distill_coef}")
+                             f"{self.options.distill_coef}")
         if teacher_model is not None:
             self.teacher_model = teacher_model.to(self.device).eval().requires_grad_(False)
             check_head(self.teacher_model, final_hidden, lm_head)
+            _check_teacher_heads(cfg, self.model, self.teacher_model)
             if not self.reward_funcs:  # pure on-policy distillation: sample, no reward
                 self.reward_funcs = [no_reward]
-        if cfg.resolved_options().offline_role == "sft" and cfg.resolved_options().loss_agg != "token_mean":
-            raise ValueError("offline_role='sft' in GROTrainer needs loss_agg='token_mean' (its online and offline "
-                             "token means are made exact across micro-batches and processes with the batch's counts)")
         self.reward_weights = reward_weights
         self.dataset = train_dataset
         self.online = bool(self.reward_funcs)
@@ -228,7 +243,6 @@ class GROTrainer:
         if cfg.prompts_per_step % self.dist.world_size:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
                              f"processes ({self.dist.world_size})")
-        self.options = cfg.resolved_options()  # validates method and loss_options now, not at the first step
         cfg.check_for(online=self.online, world_size=self.dist.world_size)
         check_precision(cfg.head_precision, self.device, next(model.parameters()).dtype)  # tf32 needs CUDA
 
