@@ -40,7 +40,7 @@ try:
     from trl import DistillationTrainer, DPOTrainer, GRPOTrainer, KTOTrainer
     from trl.trainer.utils import nanmax, nanmin
 
-    from .hf_head import GROCall, add_gro_head, check_plain_head
+    from .hf_head import GROCall, _head_weights, add_gro_head, check_plain_head
 except ImportError as e:
     raise missing_dependency(__name__, e, "pip install 'gro_kernels[integrations]'   (from a clone: pip install "
                                           "'.[integrations]'; or only TRL: pip install trl==1.16.0)") from e
@@ -663,7 +663,7 @@ class GROKTOTrainer(_GROKTOLoss, KTOTrainer):
 
 def _distill_kwargs(trainer, teacher_hidden, teacher, num_items_in_batch):
     """gro_loss options of TRL's generalized JSD (`beta`: 0 forward KL, 1 reverse KL, as TRL)."""
-    weight, bias = teacher.get_output_embeddings().weight, teacher.get_output_embeddings().bias
+    weight, bias = _head_weights(teacher)  # whole under FSDP2; a clear error for a ZeRO-3 placeholder
     return dict(method="distill", divergence="jsd", jsd_beta=float(trainer.beta), teacher_hidden=teacher_hidden,
                 teacher_weight=weight.to(teacher_hidden.dtype),
                 teacher_bias=None if bias is None else bias.to(teacher_hidden.dtype),
@@ -686,8 +686,7 @@ class _GRODistillationLoss:
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
                                                        teacher, input_ids, attention_mask, keep)
-        head = unwrapped_student.get_output_embeddings()
-        weight, bias = head.weight, head.bias
+        weight, bias = _head_weights(unwrapped_student)  # FSDP2: the whole head, its gradient back on the shards
         targets = inputs["completion_ids"].to(weight.device).masked_fill(mask.to(weight.device) == 0, -100)
         hidden = hidden.to(weight.device)
         if hidden.dtype != weight.dtype:
