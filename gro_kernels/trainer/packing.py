@@ -43,17 +43,16 @@ class PackedTokens:
 
 
 def packed_hidden(final_hidden, model, input_ids, attention_mask, position_ids, prompt_len: int,
-                  scored: torch.Tensor) -> torch.Tensor:
-    """The final hidden states that predict the `scored [N, C]` completion tokens, the rows run as one
-    packed sequence: `[1, K, d]` in `PackedTokens(scored)` order."""
+                  packed: PackedTokens) -> torch.Tensor:
+    """The final hidden states that predict the `packed` completion tokens, the rows run as one packed
+    sequence: `[1, K, d]` in `packed`'s order."""
     real = attention_mask.bool()
     h = final_hidden(model, input_ids[real][None], None, position_ids[real][None])[0]
     place = torch.full(real.shape, -1, dtype=torch.long, device=real.device)
     place[real] = torch.arange(h.shape[0], device=real.device)  # each real token's index in the packed sequence
     # completion token j of a row is predicted by the state at column P - 1 + j: the token before it,
     # real since prompts are left-padded and completions right-padded
-    rows, cols = scored.nonzero(as_tuple=True)
-    return h[place[rows, prompt_len - 1 + cols]][None]
+    return h[place[packed.rows, prompt_len - 1 + packed.cols]][None]
 
 
 @torch.no_grad()

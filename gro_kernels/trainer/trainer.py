@@ -97,15 +97,15 @@ def enable_checkpointing(model) -> None:
 
 
 def policy_inputs(model, input_ids, attention_mask, position_ids, prompt_len: int, autocast_dtype=None,
-                  scored: Optional[torch.Tensor] = None):
+                  packed: Optional[PackedTokens] = None):
     """(hidden [N, C, d], weight, bias): the states that predict the completion tokens, and the head.
-    With `scored` ([N, C] bool, the tokens the loss reads) the rows run as one sequence without
-    padding and hidden is `[1, K, d]`, the states that predict the scored tokens (`packing.py`)."""
+    With `packed` (`PackedTokens` of the tokens the loss reads) the rows run as one sequence without
+    padding and hidden is `[1, K, d]`, the states that predict those tokens (`packing.py`)."""
     ctx = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx:
-        if scored is not None:
-            hidden = packed_hidden(final_hidden, model, input_ids, attention_mask, position_ids, prompt_len, scored)
+        if packed is not None:
+            hidden = packed_hidden(final_hidden, model, input_ids, attention_mask, position_ids, prompt_len, packed)
         else:
             hidden = final_hidden(model, input_ids, attention_mask, position_ids)[:, prompt_len - 1:-1]
     weight, bias = lm_head(model)
@@ -131,16 +131,15 @@ class PolicyLoss(nn.Module):
         self.pack = pack
 
     def forward(self, input_ids, attention_mask, position_ids, targets, prompt_len: int, loss_kwargs: dict):
-        scored = targets != IGNORE_INDEX if self.pack else None
+        packed = PackedTokens(targets != IGNORE_INDEX) if self.pack else None
         hidden, weight, bias = policy_inputs(self.model, input_ids, attention_mask, position_ids, prompt_len,
-                                             self.autocast_dtype, scored=scored)
-        if scored is not None:  # the packed row of scored tokens goes to the loss as it is (sequence_ids)
-            packed = PackedTokens(scored)
+                                             self.autocast_dtype, packed=packed)
+        if packed is not None:  # the packed row of scored tokens goes to the loss as it is (sequence_ids)
             targets, loss_kwargs = packed.take(targets), packed.loss_inputs(loss_kwargs)
         # return_entropy: the progress bar and metrics.jsonl report the policy's entropy.
         out = gro_loss(hidden, weight, targets, bias=bias, softcap=logit_softcap(self.model), return_entropy=True,
                        **loss_kwargs)
-        logp = out.logp.detach() if scored is None else packed.put(out.logp.detach())
+        logp = out.logp.detach() if packed is None else packed.put(out.logp.detach())
         return out.loss, logp, out.metrics
 
 
@@ -431,17 +430,17 @@ class GROTrainer:
     def _logprobs_into(self, out, model, batch: Batch, head: dict) -> None:
         for idx in self.micro_batches(batch):
             mb = batch.select(idx)
-            scored = self._scored(mb)
+            packed = self._packed(mb)
             h, w, b = policy_inputs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                    self.autocast_dtype, scored=scored)
-            targets = mb.targets if scored is None else PackedTokens(scored).take(mb.targets)
+                                    self.autocast_dtype, packed=packed)
+            targets = mb.targets if packed is None else packed.take(mb.targets)
             lp = token_logprobs(h, w, targets, bias=b, backend=self.config.backend, **head).logp
-            lp = lp if scored is None else PackedTokens(scored).put(lp)
+            lp = lp if packed is None else packed.put(lp)
             out[torch.as_tensor(idx, device=self.device)] = lp.float()
 
-    def _scored(self, mb: Batch):
+    def _packed(self, mb: Batch) -> Optional[PackedTokens]:
         """With `pack_sequences`, the tokens the loss reads (the packed row holds their states only)."""
-        return mb.targets != IGNORE_INDEX if self.config.pack_sequences else None
+        return PackedTokens(mb.targets != IGNORE_INDEX) if self.config.pack_sequences else None
 
     # -- the update -------------------------------------------------------------------------------
     def _loss_options(self) -> dict:
@@ -492,20 +491,23 @@ class GROTrainer:
             kw["truncated"] = mb.truncated
         if mb.old_logp is not None:
             kw["old_logp"] = mb.old_logp
-        if opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None:
+        full_kl = opts.kl_estimator == "full" and opts.kl_coef != 0 and self.ref_model is not None
+        # the reference's and the teacher's packed rows, found once for both (the policy's: PolicyLoss)
+        packed = self._packed(mb) if full_kl or self.teacher_model is not None else None
+        if full_kl:
             if logit_softcap(self.ref_model) != logit_softcap(self.model):
                 raise ValueError("kl_estimator='full' soft-caps both heads with the policy's cap: the reference "
                                  f"model's final_logit_softcapping ({logit_softcap(self.ref_model)}) differs")
             with torch.no_grad():
                 rh, rw, rb = policy_inputs(self.ref_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
+                                           mb.prompt_len, self.autocast_dtype, packed=packed)
             kw.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         elif mb.ref_logp is not None:
             kw["ref_logp"] = mb.ref_logp
         if self.teacher_model is not None:
             with torch.no_grad():
                 th, tw, tb = policy_inputs(self.teacher_model, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                           mb.prompt_len, self.autocast_dtype, scored=self._scored(mb))
+                                           mb.prompt_len, self.autocast_dtype, packed=packed)
             kw.update(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb)
         if opts.loss_agg == "token_mean":
             kw["num_items_in_batch"] = tokens_global
