@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .methods import ABLATIONS, METHODS
+from .methods import ABLATIONS, ALL_METHODS, METHODS
 from .report import plot, table
 from .runner import RunConfig, require_transformers
 from .suite import make_pool, run_regime
@@ -21,7 +21,7 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, default=5, help="seeds per method (reported numbers)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated, from " + ", ".join(METHODS + ABLATIONS) + f" (default: all but {', '.join(ABLATIONS)})")
+                   help="comma-separated, from " + ", ".join(ALL_METHODS) + f" (default: all but {', '.join(ABLATIONS)})")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
     p.add_argument("--no-tune", action="store_true", help="use each knob's middle grid value instead of tuning")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
@@ -34,8 +34,8 @@ def parse(argv=None):
             p.error(f"argument --regime: unknown regime {r!r}; choose from {', '.join(REGIMES)} or 'all'")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS + ABLATIONS:
-            p.error(f"argument --methods: unknown method {m!r}; choose from {', '.join(METHODS + ABLATIONS)}")
+        if m not in ALL_METHODS:
+            p.error(f"argument --methods: unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     for name in ("seeds", "steps", "workers", "prompts", "generations"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")

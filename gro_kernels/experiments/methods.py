@@ -36,6 +36,7 @@ from .. import gro_loss
 
 METHODS = ("grpo", "sft", "sft_then_grpo", "grpo_sft", "luffy", "chord", "hpt", "distill", "gro")
 ABLATIONS = ("gro_nodown",)
+ALL_METHODS = METHODS + ABLATIONS  # what --methods and RunConfig.method accept
 KNOBS = {
     "sft_then_grpo": ("sft_fraction", (0.25, 0.5, 0.75)),
     "grpo_sft": ("sft_weight", (0.1, 0.3, 1.0)),
@@ -94,4 +95,4 @@ def method_loss(method: str, knob: Optional[float], *, hidden, weight, targets, 
         if off.any():
             loss = loss + knob * gro_loss(hidden[off], weight, targets[off], method="sft", backend=backend).loss
         return loss
-    raise ValueError(f"method must be one of {', '.join(METHODS + ABLATIONS)}; got {method!r}")
+    raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}; got {method!r}")

@@ -17,7 +17,7 @@ import torch
 
 from ..trainer.rollout import collate, generate
 from ..trainer.trainer import policy_inputs
-from .methods import ABLATIONS, METHODS, method_loss, uses_rows
+from .methods import ALL_METHODS, method_loss, uses_rows
 from .tasks import REGIMES, CharTokenizer, correct_answers, regime_data
 
 
@@ -108,8 +108,8 @@ def run(cfg: RunConfig, on_step: Optional[Callable[[dict], None]] = None) -> dic
     "samples", "prompts", "offline_answers"}
     (the demo writes its metrics and progress from it, so an interrupted run leaves its steps so far).
     """
-    if cfg.method not in METHODS + ABLATIONS:
-        raise ValueError(f"method must be one of {', '.join(METHODS + ABLATIONS)}; got {cfg.method!r}")
+    if cfg.method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}; got {cfg.method!r}")
     regime = REGIMES[cfg.regime]
     data = regime_data(cfg.regime, cfg.seed)
     tok = CharTokenizer()
