@@ -103,6 +103,27 @@ def test_gradient_kernel_refuses_an_output_over_its_logits():
         lg.logits_grad(z, zr, y, 1.0, **kw, beta=vec, gamma=vec, out=zr)
 
 
+@triton.jit
+def _split_starts(out_ptr, n_splits, SPLIT_V: triton.language.constexpr, BLOCK_V: triton.language.constexpr):
+    pid, _, v0 = launch.program_split(n_splits, SPLIT_V, BLOCK_V)
+    triton.language.store(out_ptr + pid, v0)
+
+
+def test_a_block_that_does_not_divide_its_split_does_not_run():
+    # Each program walks [v0, v0 + SPLIT_V) in BLOCK_V steps, masked only at V: a BLOCK_V that did not divide
+    # SPLIT_V would count (statistics) or write (gradient) the next split's first entries twice. program_split,
+    # which every split kernel calls, refuses it when the kernel is compiled (here: traced by the interpreter).
+    out = torch.zeros(4, dtype=torch.int64)
+    _split_starts[(4,)](out, 2, SPLIT_V=512, BLOCK_V=256)
+    assert out.tolist() == [0, 512, 0, 512]
+    for block in (1024, 384):
+        with pytest.raises(Exception, match="BLOCK_V must divide SPLIT_V"):
+            _split_starts[(4,)](out, 2, SPLIT_V=512, BLOCK_V=block)
+    # and the shipped sizes pass it: every autotuning config on the GPU's split, the interpreter's pair
+    assert all(launch.SPLIT_V % c.kwargs["BLOCK_V"] == 0 for c in launch.CONFIGS)
+    assert launch.INTERPRETER_SPLIT_V % launch.INTERPRETER_BLOCK_V == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", [CHUNK, GROUPS, ONE_GROUP], ids=["chunk", "groups", "one-group"])
 def test_engine_gives_the_kernel_a_buffer_of_its_own(monkeypatch, dtype, options):

@@ -55,8 +55,11 @@ def exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def program_split(n_splits, SPLIT_V: tl.constexpr):
-    """This program's (id, row, first vocabulary entry) on the grid of rows x vocabulary splits."""
+def program_split(n_splits, SPLIT_V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's (id, row, first vocabulary entry) on the grid of rows x vocabulary splits. Its
+    kernel walks [v0, v0 + SPLIT_V) in BLOCK_V steps masking only at V: a BLOCK_V that did not divide
+    SPLIT_V would run into the next split (entries counted or written twice), so it does not compile."""
+    tl.static_assert(SPLIT_V % BLOCK_V == 0, "BLOCK_V must divide SPLIT_V")
     pid = tl.program_id(0)
     return pid, (pid // n_splits).to(tl.int64), (pid % n_splits) * SPLIT_V
 

@@ -38,7 +38,7 @@ def _logits_grad_kernel(z_ptr, zr_ptr, dz_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr
                         HAS_BETA: tl.constexpr, HAS_REF: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TAU: tl.constexpr,
                         HAS_ETA: tl.constexpr, HAS_CW: tl.constexpr, DIV: tl.constexpr, SPLIT_V: tl.constexpr,
                         FAST: tl.constexpr, BLOCK_V: tl.constexpr):
-    _, row, v0 = program_split(n_splits, SPLIT_V)
+    _, row, v0 = program_split(n_splits, SPLIT_V, BLOCK_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     dz_row = dz_ptr + row * stride_dz

@@ -59,7 +59,7 @@ def _row_partials_kernel(z_ptr, zr_ptr, y_ptr, inv_t_ptr, tau_ptr, cw_ptr, part_
                          cap, WANT_REL: tl.constexpr, HAS_REF: tl.constexpr, WANT_P2: tl.constexpr,
                          HAS_CAP: tl.constexpr, HAS_TAU: tl.constexpr, WANT_MEAN: tl.constexpr, HAS_CW: tl.constexpr,
                          DIV: tl.constexpr, SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid, row, v0 = program_split(n_splits, SPLIT_V)
+    pid, row, v0 = program_split(n_splits, SPLIT_V, BLOCK_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     inv_t = tl.load(inv_t_ptr + row)
@@ -233,7 +233,7 @@ def _jsd_partials_kernel(z_ptr, zr_ptr, inv_t_ptr, lse_ptr, lse_r_ptr, out_ptr, 
                          log_1mb, log_b, SPLIT_V: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
     """The generalized JSD's sums over one (row, split), once both heads' lse are known: sum q (log q - log m)
     and sum p (log p - log m), m = (1 - b) p + b q. Both heads mask the same (-inf) rows: p = q = 0 there."""
-    pid, row, v0 = program_split(n_splits, SPLIT_V)
+    pid, row, v0 = program_split(n_splits, SPLIT_V, BLOCK_V)
     z_row = z_ptr + row * stride_z
     zr_row = zr_ptr + row * stride_zr
     inv_t = tl.load(inv_t_ptr + row)
